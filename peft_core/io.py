@@ -1,0 +1,70 @@
+"""Atomic file writes and safetensors/JSON I/O (never pickle).
+
+Every write goes to a temporary file in the same folder, is fsynced, and then renamed over the
+destination, so a crash leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from peft_core.errors import AdapterError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path} does not exist; expected an adapter folder written by peft_core (save())")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterError(f"{path} is not valid JSON ({error}); the file is damaged, re-save or re-export it") from None
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    # Own, contiguous CPU copies: safetensors refuses views and shared storage.
+    owned = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
+    atomic_write_bytes(path, safetensors_save(owned, metadata=metadata))
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path} does not exist; expected the adapter's weights next to its config")
+    try:
+        return safetensors_load(path.read_bytes())
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise AdapterError(f"{path} is not a readable safetensors file ({error}); it may be truncated") from None

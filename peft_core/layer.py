@@ -1,0 +1,188 @@
+"""The two module types every method shares.
+
+`Adapter` is one named adapter's tensors and math for one base layer; each method subclasses it.
+`AdaptedModule` replaces a targeted layer in the model: it keeps the frozen base layer and any
+number of named adapters, and decides per call how to run them:
+
+- one active adapter that offers a fused path (`Adapter.fused_forward`, e.g. LoRA's single
+  autograd Function or PaCA's resident columns) -> that path;
+- otherwise -> base output + sum_i weight_i * adapter_i.delta_forward(x), which never touches
+  the base weight and is exact for any mix of methods, weights and disabled adapters.
+
+A fused path may keep state inside the base weight (PaCA's resident columns). The wrapper owns
+that state's lifetime: before any other path, a merge, or a `state_dict()` it calls
+`release_fused()`, which restores the base weight bit-exactly.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from peft_core.config import AdapterConfig
+from peft_core.errors import AdapterError
+
+
+class Adapter(nn.Module):
+    """One named adapter on one base layer. Subclasses implement the method's math."""
+
+    supported_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+
+    def __init__(self, base: nn.Module, config: AdapterConfig, module_name: str) -> None:
+        super().__init__()
+        self.module_name = module_name
+
+    # -- required -------------------------------------------------------------------------
+    def delta_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's additive contribution to base(x), at weight 1."""
+        raise AdapterError(f"{type(self).__name__} does not define delta_forward")
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        """The dense update of base.weight (same shape, float32), at weight 1."""
+        raise AdapterError(f"{type(self).__name__} has no dense weight update, so it cannot be merged")
+
+    # -- optional -------------------------------------------------------------------------
+    def fused_forward(self, base: nn.Module, x: torch.Tensor, weight: float) -> torch.Tensor | None:
+        """A faster path for when this is the only active adapter; None if it does not apply."""
+        return None
+
+    def release(self, base: nn.Module) -> None:
+        """Undo any state `fused_forward` left in the base layer (restore it bit-exactly)."""
+
+    def mark_stale(self) -> None:
+        """The adapter's tensors changed behind autograd's back; rebuild any cached state."""
+
+    def lora_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B) with delta_weight == B @ A exactly (conv: A is a conv kernel, B a 1x1 one), or None."""
+        return None
+
+    def merge_into(self, base: nn.Module, weight: float) -> torch.Tensor:
+        """Add weight * delta_weight to the base weight; return what `unmerge_from` needs to undo it."""
+        backup = base.weight.detach().clone()
+        with torch.no_grad():
+            merged = base.weight.float() + weight * self.delta_weight(base).to(base.weight.device)
+            base.weight.copy_(merged.to(base.weight.dtype))
+        return backup
+
+    def unmerge_from(self, base: nn.Module, backup: torch.Tensor) -> None:
+        with torch.no_grad():
+            base.weight.copy_(backup)
+
+
+class AdaptedModule(nn.Module):
+    """A targeted layer: the frozen `base_layer` plus named adapters with per-adapter weights."""
+
+    is_adapted_module = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.adapter_weights: dict[str, float] = {}
+        self.disabled: set[str] = set()
+        self.merged: list[tuple[str, torch.Tensor]] = []  # (name, backup), in merge order
+        self._fused_owner: str | None = None
+        # model.state_dict() must see the true base weight, never a fused path's resident state.
+        self.register_state_dict_pre_hook(lambda module, *args, **kwargs: module.release_fused())
+        for parameter in base_layer.parameters():
+            parameter.requires_grad_(False)
+
+    # -- adapters ---------------------------------------------------------------------------
+    def add_adapter(self, name: str, adapter: Adapter, weight: float = 1.0) -> None:
+        if name in self.adapters:
+            raise AdapterError(f"module {adapter.module_name!r} already has an adapter named {name!r}")
+        self.release_fused()
+        self.adapters[name] = adapter
+        self.adapter_weights[name] = float(weight)
+
+    def remove_adapter(self, name: str) -> None:
+        if any(merged_name == name for merged_name, _ in self.merged):
+            raise AdapterError(f"adapter {name!r} is merged; unmerge it before removing it")
+        self.release_fused()
+        del self.adapters[name]
+        del self.adapter_weights[name]
+        self.disabled.discard(name)
+
+    def is_merged(self, name: str) -> bool:
+        return any(merged_name == name for merged_name, _ in self.merged)
+
+    def active_adapters(self) -> list[tuple[str, Adapter]]:
+        return [
+            (name, adapter)
+            for name, adapter in self.adapters.items()
+            if name not in self.disabled and not self.is_merged(name)
+        ]
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        active = self.active_adapters()
+        if len(active) == 1 and not args and not kwargs:
+            name, adapter = active[0]
+            if self._fused_owner not in (None, name):
+                self.release_fused()
+            output = adapter.fused_forward(self.base_layer, x, self.adapter_weights[name])
+            if output is not None:
+                self._fused_owner = name
+                return output
+        self.release_fused()
+        output = self.base_layer(x, *args, **kwargs)
+        for name, adapter in active:
+            delta = adapter.delta_forward(self.base_layer, x)
+            weight = self.adapter_weights[name]
+            output = output + (delta if weight == 1.0 else weight * delta)
+        return output
+
+    def release_fused(self) -> None:
+        if self._fused_owner is not None:
+            self.adapters[self._fused_owner].release(self.base_layer)
+            self._fused_owner = None
+
+    # -- merge ------------------------------------------------------------------------------
+    def merge(self, name: str) -> None:
+        if self.is_merged(name):
+            return
+        self.release_fused()
+        backup = self.adapters[name].merge_into(self.base_layer, self.adapter_weights[name])
+        self.merged.append((name, backup))
+
+    def unmerge_all(self) -> None:
+        """Undo every merge in reverse order, so the base weight comes back bit-exactly."""
+        self.release_fused()
+        while self.merged:
+            name, backup = self.merged.pop()
+            self.adapters[name].unmerge_from(self.base_layer, backup)
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters)}, weights={self.adapter_weights}, merged={[n for n, _ in self.merged]}"
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype adapter math runs in: the autocast dtype if autocast is on, else the input's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def cast_like_input(tensor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return tensor.to(compute_dtype(x))
+
+
+_FP32_OUT_MM_WORKS: bool | None = None
+
+
+def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result: adapter gradients stay fp32 even when activations are bf16/fp16."""
+    global _FP32_OUT_MM_WORKS
+    if a.dtype in (torch.float32, torch.float64):
+        return a @ b
+    if a.is_cuda and _FP32_OUT_MM_WORKS is not False:
+        try:
+            result = torch.mm(a, b, out_dtype=torch.float32)
+            _FP32_OUT_MM_WORKS = True
+            return result
+        except (TypeError, RuntimeError):
+            _FP32_OUT_MM_WORKS = False
+    return a.float() @ b.float()

@@ -1,0 +1,258 @@
+"""PaCA, partial connection adaptation (Woo et al., ICLR 2025; spec: shared/specs/paca.md).
+
+PaCA trains r randomly chosen input columns of W (every outgoing connection of r input
+neurons) and adds no side branch:
+
+    W_eff = W with columns idx replaced by W[:, idx] + s * delta,   s = alpha / r,  delta: (out, r)
+
+so forward and backward stay one GEMM each, and dDelta = s * g^T x[..., idx] needs only the r
+selected input channels: autograd keeps a T x r slice instead of LoRA's T x in input. It is LoRA
+with A frozen to a 0/1 column selector, so it exports to a rank-r LoRA exactly.
+
+Two ways to run it (both exact, chosen per call by `AdaptedModule`):
+- resident (training default, one active adapter): the adapted columns live inside the base
+  weight, so the forward is a plain GEMM. They are rewritten only when delta changes: its
+  version counter moves on every in-place update (optimizer step, load), and
+  `AdapterHandle.track_optimizer` covers optimizers that write behind autograd's back. The
+  original columns are kept and put back bit-exactly when the adapter stops being resident.
+- additive (several adapters, weights, disabled adapters, or resident=False):
+  base(x) + s * x[..., idx] @ delta^T, never touching the base weight.
+
+Beyond the paper: one column set per sibling group (q/k/v, gate/up read the same input), and
+nn.Conv2d by input channel (delta is (out, r, kh, kw); its gradient is a conv weight-gradient
+on the selected channels).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peft_core.config import AdapterConfig, register_method
+from peft_core.errors import AdapterError
+from peft_core.layer import Adapter, cast_like_input, compute_dtype, mm_float32
+from peft_core.targets import sibling_key
+
+
+@dataclass
+class PacaConfig(AdapterConfig):
+    """r: trained input columns per layer (parameter-match LoRA r with 2r on square layers);
+    alpha: s = alpha / r; seed: column choice is randperm seeded by seed + crc32(layer or group);
+    share_siblings: one column set per sibling group (q/k/v, gate/up, to_q/to_k/to_v);
+    resident: keep the adapted columns inside the base weight while training (fastest)."""
+
+    method: ClassVar[str] = "paca"
+
+    r: int = 8
+    alpha: float = 8.0
+    seed: int = 0
+    share_siblings: bool = True
+    resident: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r < 1:
+            raise AdapterError(f"paca: r must be >= 1, got {self.r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+# ---------------------------------------------------------------------------------------------
+# The math: pure tensor functions.
+# ---------------------------------------------------------------------------------------------
+def select_columns(in_features: int, r: int, seed: int, key: str) -> torch.Tensor:
+    """r distinct sorted input columns, deterministic from (seed, key) on every machine."""
+    generator = torch.Generator().manual_seed((seed + zlib.crc32(key.encode())) % (2**63))
+    return torch.randperm(in_features, generator=generator)[:r].sort().values
+
+
+def paca_delta_weight(delta: torch.Tensor, columns: torch.Tensor, weight_shape: torch.Size, scaling: float) -> torch.Tensor:
+    """The dense update: zeros except columns idx, which hold s * delta (float32)."""
+    dense = torch.zeros(weight_shape, dtype=torch.float32, device=delta.device)
+    return dense.index_copy_(1, columns.to(delta.device), scaling * delta.float())
+
+
+class PacaLinearFunction(torch.autograd.Function):
+    """y = x W_eff^T + b, where the caller has already written W_eff's columns into `weight`.
+
+    `delta` is an input only so autograd routes dDelta to it. Saved: x[..., idx] (T x r) and a
+    reference to the weight, whose version counter makes autograd refuse a stale backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, columns, scaling: float):
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            y = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+            x_selected = x.index_select(-1, columns)  # (..., r)
+        ctx.save_for_backward(x_selected, weight)
+        ctx.scaling, ctx.dtype = scaling, dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x_selected, weight = ctx.saved_tensors
+        g = grad_output.to(ctx.dtype)
+        grad_x = grad_delta = grad_bias = None
+        with torch.autocast(g.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_x = g @ weight.to(ctx.dtype)  # one GEMM, as for a frozen layer
+            g2 = g.reshape(-1, g.shape[-1])  # (T, out)
+            if ctx.needs_input_grad[3]:
+                grad_delta = mm_float32(g2.t(), x_selected.reshape(-1, x_selected.shape[-1])) * ctx.scaling
+            if ctx.needs_input_grad[2]:
+                grad_bias = g2.sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias, grad_delta, None, None
+
+
+class PacaConv2dFunction(torch.autograd.Function):
+    """conv2d(x, W_eff) + b with W_eff's input channels idx already written into `weight`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, columns, scaling: float, conv_args: tuple):
+        dtype = compute_dtype(x)
+        stride, padding, dilation = conv_args
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            y = F.conv2d(x, weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding, dilation)
+            x_selected = x.index_select(1, columns)  # (N, r, H, W)
+        ctx.save_for_backward(x_selected, weight)
+        ctx.scaling, ctx.dtype, ctx.conv_args, ctx.input_shape = scaling, dtype, conv_args, x.shape
+        ctx.delta_shape, ctx.bias_dtype = delta.shape, None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x_selected, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv_args
+        g = grad_output.to(ctx.dtype)
+        grad_x = grad_delta = grad_bias = None
+        with torch.autocast(g.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight.to(ctx.dtype), g, stride, padding, dilation)
+            if ctx.needs_input_grad[3]:
+                grad_delta = torch.nn.grad.conv2d_weight(
+                    x_selected.float(), ctx.delta_shape, g.float(), stride, padding, dilation
+                ) * ctx.scaling
+            if ctx.needs_input_grad[2]:
+                grad_bias = g.sum((0, 2, 3)).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias, grad_delta, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The module.
+# ---------------------------------------------------------------------------------------------
+class PacaAdapter(Adapter):
+    supported_types = (nn.Linear, nn.Conv2d)
+
+    def __init__(self, base: nn.Module, config: PacaConfig, module_name: str) -> None:
+        super().__init__(base, config, module_name)
+        self.is_conv = isinstance(base, nn.Conv2d)
+        if self.is_conv and (base.groups != 1 or base.padding_mode != "zeros"):
+            raise AdapterError(
+                f"paca: {module_name!r} is a conv with groups={base.groups}, padding_mode={base.padding_mode!r}; "
+                "only groups=1 and zero padding are supported"
+            )
+        in_features = base.in_channels if self.is_conv else base.in_features
+        if config.r > in_features:
+            raise AdapterError(
+                f"paca: r={config.r} is larger than {module_name!r}'s {in_features} input columns; "
+                f"use r <= {in_features} or exclude this layer"
+            )
+        self.scaling, self.resident = config.scaling, config.resident
+        key = sibling_key(module_name) if config.share_siblings else module_name
+        self.register_buffer("columns", select_columns(in_features, config.r, config.seed, key).to(base.weight.device))
+        delta_shape = (base.weight.shape[0], config.r, *base.weight.shape[2:])
+        self.delta = nn.Parameter(torch.zeros(delta_shape, dtype=torch.float32, device=base.weight.device))
+        # Resident-mode state: the base weight's own columns while ours are written in, and the
+        # (delta version, weight) pair those written columns were computed from.
+        self._original_columns: torch.Tensor | None = None
+        self._written_for: tuple[int, float] | None = None
+
+    # -- additive path ----------------------------------------------------------------------
+    def delta_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        delta = cast_like_input(self.delta * self.scaling, x)
+        if self.is_conv:
+            return F.conv2d(x.index_select(1, self.columns), delta, None, base.stride, base.padding, base.dilation)
+        return F.linear(x.index_select(-1, self.columns), delta)
+
+    # -- resident path ----------------------------------------------------------------------
+    def fused_forward(self, base: nn.Module, x: torch.Tensor, weight: float) -> torch.Tensor | None:
+        if not self.resident:
+            return None
+        self._write_columns(base, weight)
+        scaling = self.scaling * weight
+        if self.is_conv:
+            conv_args = (base.stride, base.padding, base.dilation)
+            return PacaConv2dFunction.apply(x, base.weight, base.bias, self.delta, self.columns, scaling, conv_args)
+        return PacaLinearFunction.apply(x, base.weight, base.bias, self.delta, self.columns, scaling)
+
+    def _write_columns(self, base: nn.Module, weight: float) -> None:
+        state = (self.delta._version, weight)
+        if self._original_columns is not None and self._original_columns.device != base.weight.device:
+            self._original_columns = self._original_columns.to(base.weight.device)  # model.to() moved it
+        if self._original_columns is not None and self._written_for == state:
+            return
+        with torch.no_grad():
+            if self._original_columns is None:
+                self._original_columns = base.weight.index_select(1, self.columns).clone()
+            adapted = self._original_columns.float() + (self.scaling * weight) * self.delta
+            base.weight.index_copy_(1, self.columns, adapted.to(base.weight.dtype))
+        self._written_for = (self.delta._version, weight)
+
+    def mark_stale(self) -> None:
+        """Force a rewrite of the resident columns on the next forward."""
+        self._written_for = None
+
+    def release(self, base: nn.Module) -> None:
+        if self._original_columns is not None:
+            with torch.no_grad():
+                base.weight.index_copy_(1, self.columns, self._original_columns)
+        self._original_columns, self._written_for = None, None
+
+    # -- merge / export ---------------------------------------------------------------------
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        return paca_delta_weight(self.delta, self.columns, base.weight.shape, self.scaling)
+
+    def merge_into(self, base: nn.Module, weight: float) -> torch.Tensor:
+        # Only the r adapted columns change, so only they are backed up.
+        backup = base.weight.detach().index_select(1, self.columns).clone()
+        with torch.no_grad():
+            merged = backup.float() + (self.scaling * weight) * self.delta
+            base.weight.index_copy_(1, self.columns, merged.to(base.weight.dtype))
+        return backup
+
+    def unmerge_from(self, base: nn.Module, backup: torch.Tensor) -> None:
+        with torch.no_grad():
+            base.weight.index_copy_(1, self.columns, backup)
+
+    def lora_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """A one-hot selector A and B = s * delta, so B @ A is exactly the dense update.
+
+        Conv: one LoRA rank per (selected channel, kernel position), so rank r * kh * kw.
+        """
+        delta = self.delta.detach().float() * self.scaling
+        r, in_features = self.columns.numel(), base.weight.shape[1]
+        if not self.is_conv:
+            A = torch.zeros(r, in_features, device=delta.device)
+            A[torch.arange(r, device=delta.device), self.columns] = 1.0
+            return A, delta
+        out, _, kh, kw = delta.shape
+        A = torch.zeros(r, kh, kw, in_features, kh, kw, device=delta.device)
+        for c, channel in enumerate(self.columns.tolist()):
+            for i in range(kh):
+                for j in range(kw):
+                    A[c, i, j, channel, i, j] = 1.0
+        return A.reshape(r * kh * kw, in_features, kh, kw), delta.reshape(out, r * kh * kw, 1, 1)
+
+
+register_method(PacaConfig, PacaAdapter)

@@ -1,0 +1,277 @@
+"""attach / load and the AdapterHandle: the one contract every method shares.
+
+    handle = attach(model, LoraConfig(targets=["q_proj", "v_proj"]), name="style")
+    ... train handle.trainable_parameters() ...
+    handle.save("runs/style/adapter")
+    handle = load(fresh_model, "runs/style/adapter")   # same outputs
+    handle.merge(); handle.unmerge()                   # exact round trip
+
+The handle wraps each targeted module in an `AdaptedModule` (in place, so the model object is
+the same) and keeps one config per named adapter. Nothing here knows a particular method: the
+registry gives the adapter class, and the adapter class supplies the math.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peft_core.config import AdapterConfig, config_from_dict, get_method
+from peft_core.errors import AdapterError
+from peft_core.io import read_json, read_safetensors, write_json, write_safetensors
+from peft_core.layer import AdaptedModule
+from peft_core.targets import find_targets
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+class AdapterHandle:
+    """Named adapters on one model: add, enable/disable, weigh, train, merge, save, export."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.configs: dict[str, AdapterConfig] = {}
+
+    # -- adding and removing ----------------------------------------------------------------
+    def add(self, config: AdapterConfig, name: str = "default", weight: float = 1.0, trainable: bool = True) -> AdapterHandle:
+        """Attach a new named adapter to every module `config.targets` selects."""
+        if name in self.configs:
+            raise AdapterError(f"an adapter named {name!r} already exists; pick another name or remove it first")
+        if not name.isidentifier():
+            raise AdapterError(f"adapter name {name!r} must be a Python identifier (letters, digits, _)")
+        spec = get_method(config.method)
+        module_names = find_targets(self.model, config.targets, config.exclude, spec.adapter_class.supported_types)
+        # Build every adapter before inserting any, so a failure leaves the model untouched.
+        wrappers = {module_name: self._wrapper(module_name, create=False) for module_name in module_names}
+        adapters = {}
+        for module_name in module_names:
+            base = wrappers[module_name].base_layer if wrappers[module_name] else self.model.get_submodule(module_name)
+            adapters[module_name] = spec.adapter_class(base, config, module_name)
+        if not self.configs:
+            for parameter in self.model.parameters():  # the base model is frozen once adapters exist
+                parameter.requires_grad_(False)
+        for module_name, adapter in adapters.items():
+            self._wrapper(module_name, create=True).add_adapter(name, adapter, weight)
+            adapter.requires_grad_(trainable)
+        self.configs[name] = config
+        return self
+
+    def remove(self, name: str) -> None:
+        self._check_name(name)
+        for _, wrapper in self.wrappers():
+            if name in wrapper.adapters:
+                wrapper.remove_adapter(name)
+        del self.configs[name]
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.configs)
+
+    def enable(self, name: str) -> None:
+        self._check_name(name)
+        for _, wrapper in self.wrappers(name):
+            wrapper.disabled.discard(name)
+
+    def disable(self, name: str) -> None:
+        self._check_name(name)
+        for _, wrapper in self.wrappers(name):
+            wrapper.disabled.add(name)
+
+    def set_weight(self, name: str, weight: float) -> None:
+        """Scale adapter `name`'s update (composition: output = base + sum_i weight_i * update_i)."""
+        self._check_name(name)
+        for _, wrapper in self.wrappers(name):
+            if wrapper.is_merged(name):
+                raise AdapterError(f"adapter {name!r} is merged; unmerge before changing its weight")
+            wrapper.adapter_weights[name] = float(weight)
+
+    def set_trainable(self, names: str | Iterable[str]) -> None:
+        """Make exactly these adapters trainable (all others frozen)."""
+        names = {names} if isinstance(names, str) else set(names)
+        for name in names:
+            self._check_name(name)
+        for _, wrapper in self.wrappers():
+            for name, adapter in wrapper.adapters.items():
+                adapter.requires_grad_(name in names)
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, parameter in self.model.named_parameters():
+            if parameter.requires_grad:
+                yield name, parameter
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [parameter for _, parameter in self.named_trainable_parameters()]
+
+    def parameter_count(self, name: str) -> int:
+        self._check_name(name)
+        return sum(p.numel() for _, w in self.wrappers(name) for p in w.adapters[name].parameters())
+
+    def track_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Tell adapters that keep state in base weights (PaCA resident columns) about every step.
+
+        Torch optimizers already bump the parameters' version counters, which adapters watch;
+        this also covers optimizers that write parameters behind autograd (e.g. fused 8-bit ones).
+        """
+
+        def after_step(*_args, **_kwargs) -> None:
+            for _, wrapper in self.wrappers():
+                for adapter in wrapper.adapters.values():
+                    adapter.mark_stale()
+
+        optimizer.register_step_post_hook(after_step)
+
+    # -- merge ------------------------------------------------------------------------------
+    def merge(self, names: Iterable[str] | None = None) -> None:
+        """Fold the given (default: all enabled) adapters into the base weights, at their weights."""
+        names = self._enabled_names() if names is None else list(names)
+        for name in names:
+            self._check_name(name)
+            for _, wrapper in self.wrappers(name):
+                wrapper.merge(name)
+
+    def unmerge(self) -> None:
+        """Undo every merge; base weights come back bit-exactly."""
+        for _, wrapper in self.wrappers():
+            wrapper.unmerge_all()
+
+    def unload(self, merge: bool = True) -> nn.Module:
+        """Remove every wrapper (merging the enabled adapters first if `merge`); returns the plain model."""
+        if merge:
+            self.merge()
+        for module_name, wrapper in list(self.wrappers()):
+            wrapper.release_fused()
+            if not merge:
+                wrapper.unmerge_all()
+            wrapper.merged.clear()
+            self._replace(module_name, wrapper.base_layer)
+        self.configs.clear()
+        return self.model
+
+    # -- save / load ------------------------------------------------------------------------
+    def state_dict(self, name: str = "default") -> dict[str, torch.Tensor]:
+        """Adapter `name`'s tensors, keyed "<module name>.<tensor name>"."""
+        self._check_name(name)
+        return {
+            f"{module_name}.{key}": value
+            for module_name, wrapper in self.wrappers(name)
+            for key, value in wrapper.adapters[name].state_dict().items()
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], name: str = "default") -> None:
+        """Copy tensors into adapter `name`, checking that every module and shape matches first."""
+        expected = self.state_dict(name)
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if unexpected:
+            module = unexpected[0].rsplit(".", 1)[0]
+            raise AdapterError(
+                f"the checkpoint has weights for module {module!r} ({len(unexpected)} tensors in all) that adapter "
+                f"{name!r} on this model does not have; was it trained on another base model or with other targets?"
+            )
+        if missing:
+            raise AdapterError(
+                f"the checkpoint lacks {missing[0]!r} ({len(missing)} tensors missing); it does not match adapter {name!r}"
+            )
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(expected[key].shape):
+                raise AdapterError(
+                    f"module {key.rsplit('.', 1)[0]!r}: {key.rsplit('.', 1)[1]} has shape {tuple(value.shape)} in the "
+                    f"checkpoint but {tuple(expected[key].shape)} in this model; was the adapter trained on another base model?"
+                )
+        with torch.no_grad():
+            for key, value in state.items():
+                expected[key].copy_(value)
+        for _, wrapper in self.wrappers(name):
+            wrapper.release_fused()  # resident state must be rebuilt from the new tensors
+
+    def save(self, directory: str | os.PathLike, name: str = "default") -> Path:
+        """Write adapter `name` as <directory>/adapter_config.json + adapter_model.safetensors."""
+        self._check_name(name)
+        directory = Path(directory)
+        config = {"format_version": FORMAT_VERSION, "adapter_name": name, "config": self.configs[name].to_dict()}
+        write_safetensors(directory / WEIGHTS_NAME, self.state_dict(name), metadata={"format": "peft_core"})
+        write_json(directory / CONFIG_NAME, config)
+        return directory
+
+    def export(self, directory: str | os.PathLike, format: str = "peft", name: str = "default", **options) -> Path:
+        """Write adapter `name` in another library's format ("peft" or "diffusers"); see peft_core.export."""
+        from peft_core.export import export_adapter
+
+        return export_adapter(self, directory, format=format, name=name, **options)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def wrappers(self, name: str | None = None) -> Iterator[tuple[str, AdaptedModule]]:
+        """(module name, wrapper) for every adapted module (that holds adapter `name`, if given)."""
+        for module_name, module in self.model.named_modules():
+            if isinstance(module, AdaptedModule) and (name is None or name in module.adapters):
+                yield module_name, module
+
+    def _enabled_names(self) -> list[str]:
+        disabled = {n for _, w in self.wrappers() for n in w.disabled}
+        return [name for name in self.configs if name not in disabled]
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.configs:
+            raise AdapterError(f"no adapter named {name!r}; this model has {self.adapter_names or 'none'}")
+
+    def _wrapper(self, module_name: str, create: bool) -> AdaptedModule | None:
+        module = self.model.get_submodule(module_name)
+        if isinstance(module, AdaptedModule):
+            return module
+        if not create:
+            return None
+        wrapper = AdaptedModule(module)
+        self._replace(module_name, wrapper)
+        return wrapper
+
+    def _replace(self, module_name: str, new_module: nn.Module) -> None:
+        parent_name, _, child_name = module_name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child_name, new_module)
+
+
+def get_handle(model: nn.Module) -> AdapterHandle | None:
+    return getattr(model, "_peft_core_handle", None)
+
+
+def attach(model: nn.Module, config: AdapterConfig, name: str = "default", weight: float = 1.0, trainable: bool = True) -> AdapterHandle:
+    """Add adapter `name` described by `config` to `model` (in place) and return the model's handle."""
+    handle = get_handle(model)
+    if handle is None:
+        handle = AdapterHandle(model)
+        object.__setattr__(model, "_peft_core_handle", handle)  # a plain attribute, not a submodule
+    return handle.add(config, name=name, weight=weight, trainable=trainable)
+
+
+def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, str]:
+    """The config and saved name of an adapter folder written by `AdapterHandle.save`."""
+    data = read_json(Path(directory) / CONFIG_NAME)
+    if not isinstance(data, dict) or "config" not in data:
+        raise AdapterError(
+            f"{Path(directory) / CONFIG_NAME} is not a peft_core adapter config"
+            " (a PEFT-format folder? load it with peft, or re-save it with peft_core)"
+        )
+    if data.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterError(f"{directory} was written by a newer peft_core (format {data['format_version']}); upgrade peft-studio")
+    return config_from_dict(data["config"]), data.get("adapter_name", "default")
+
+
+def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None, weight: float = 1.0, trainable: bool = False) -> AdapterHandle:
+    """Attach the adapter saved in `directory` to `model` and load its weights (all-or-nothing)."""
+    config, saved_name = read_adapter_config(directory)
+    state = read_safetensors(Path(directory) / WEIGHTS_NAME)
+    name = name or saved_name
+    handle = attach(model, config, name=name, weight=weight, trainable=trainable)
+    try:
+        handle.load_state_dict(state, name=name)
+    except AdapterError:
+        handle.remove(name)  # leave the model as it was
+        raise
+    return handle
