@@ -40,7 +40,7 @@ class Adapter(nn.Module):
         raise AdapterError(f"{type(self).__name__} does not define delta_forward")
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        """The dense update of base.weight (same shape, float32), at weight 1."""
+        """The dense update of base.weight (same shape, in `master_dtype`), at weight 1."""
         raise AdapterError(f"{type(self).__name__} has no dense weight update, so it cannot be merged")
 
     # -- optional -------------------------------------------------------------------------
@@ -62,7 +62,7 @@ class Adapter(nn.Module):
         """Add weight * delta_weight to the base weight; return what `unmerge_from` needs to undo it."""
         backup = base.weight.detach().clone()
         with torch.no_grad():
-            merged = base.weight.float() + weight * self.delta_weight(base).to(base.weight.device)
+            merged = base.weight.to(master_dtype(base.weight)) + weight * self.delta_weight(base).to(base.weight.device)
             base.weight.copy_(merged.to(base.weight.dtype))
         return backup
 
@@ -156,6 +156,11 @@ class AdaptedModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, weights={self.adapter_weights}, merged={[n for n, _ in self.merged]}"
+
+
+def master_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    """Adapter tensors and merges use at least float32 (Adam's small steps vanish in bf16)."""
+    return torch.promote_types(base_weight.dtype, torch.float32)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

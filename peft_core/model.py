@@ -64,9 +64,10 @@ class AdapterHandle:
 
     def remove(self, name: str) -> None:
         self._check_name(name)
-        for _, wrapper in self.wrappers():
-            if name in wrapper.adapters:
-                wrapper.remove_adapter(name)
+        for module_name, wrapper in list(self.wrappers(name)):
+            wrapper.remove_adapter(name)
+            if not wrapper.adapters and not wrapper.merged:
+                self._replace(module_name, wrapper.base_layer)  # no adapter left: unwrap
         del self.configs[name]
 
     # -- state ------------------------------------------------------------------------------
@@ -179,7 +180,8 @@ class AdapterHandle:
             raise AdapterError(
                 f"the checkpoint lacks {missing[0]!r} ({len(missing)} tensors missing); it does not match adapter {name!r}"
             )
-        for key, value in state.items():
+        for key in expected:  # model order, so the first mismatch reported is the first in the model
+            value = state[key]
             if tuple(value.shape) != tuple(expected[key].shape):
                 raise AdapterError(
                     f"module {key.rsplit('.', 1)[0]!r}: {key.rsplit('.', 1)[1]} has shape {tuple(value.shape)} in the "

@@ -7,7 +7,7 @@ layout HF PEFT and diffusers use, so exports are a rename).
 Speed: with one active adapter and no dropout, nn.Linear runs one autograd Function that saves
 the input once (plus the r-wide projection) and adds the low-rank product into the base GEMM's
 output in place, instead of autograd's chain of five ops and two extra full-size tensors.
-Adapter weights are float32 (Adam on bf16 weights loses small updates); the math runs in the
+Adapter weights are float32 or wider (Adam on bf16 weights loses small updates); the math runs in the
 activations' dtype and the gradients come back in float32.
 """
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from peft_core.config import AdapterConfig, register_method
 from peft_core.errors import AdapterError
-from peft_core.layer import Adapter, cast_like_input, compute_dtype, mm_float32
+from peft_core.layer import Adapter, cast_like_input, compute_dtype, master_dtype, mm_float32
 
 
 @dataclass
@@ -96,8 +96,8 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 def lora_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """s * B @ A in float32; for conv, B is (out, r, 1, 1) and A (r, in, kh, kw)."""
-    A, B = lora_A.float(), lora_B.float()
+    """s * B @ A (in the factors' dtype); for conv, B is (out, r, 1, 1) and A (r, in, kh, kw)."""
+    A, B = lora_A, lora_B
     if A.dim() == 4:
         return scaling * torch.einsum("or,rikl->oikl", B[:, :, 0, 0], A)
     return scaling * (B @ A)
@@ -113,7 +113,7 @@ class LoraAdapter(Adapter):
         super().__init__(base, config, module_name)
         self.r, self.scaling = config.r, config.scaling
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        device = base.weight.device
+        device, dtype = base.weight.device, master_dtype(base.weight)
         if isinstance(base, nn.Conv2d):
             if base.groups != 1:
                 raise AdapterError(f"lora: {module_name!r} is a grouped conv (groups={base.groups}); only groups=1 is supported")
@@ -121,8 +121,8 @@ class LoraAdapter(Adapter):
             b_shape = (base.out_channels, config.r, 1, 1)
         else:
             a_shape, b_shape = (config.r, base.in_features), (base.out_features, config.r)
-        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=torch.float32))
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
         if config.init_A == "kaiming":
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         else:
@@ -145,7 +145,7 @@ class LoraAdapter(Adapter):
         return lora_delta_weight(self.lora_A, self.lora_B, self.scaling)
 
     def lora_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_A.detach().float(), self.lora_B.detach().float() * self.scaling
+        return self.lora_A.detach().clone(), self.lora_B.detach() * self.scaling
 
 
 register_method(LoraConfig, LoraAdapter)

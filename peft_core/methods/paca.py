@@ -35,7 +35,7 @@ from torch import nn
 
 from peft_core.config import AdapterConfig, register_method
 from peft_core.errors import AdapterError
-from peft_core.layer import Adapter, cast_like_input, compute_dtype, mm_float32
+from peft_core.layer import Adapter, cast_like_input, compute_dtype, master_dtype, mm_float32
 from peft_core.targets import sibling_key
 
 
@@ -74,9 +74,9 @@ def select_columns(in_features: int, r: int, seed: int, key: str) -> torch.Tenso
 
 
 def paca_delta_weight(delta: torch.Tensor, columns: torch.Tensor, weight_shape: torch.Size, scaling: float) -> torch.Tensor:
-    """The dense update: zeros except columns idx, which hold s * delta (float32)."""
-    dense = torch.zeros(weight_shape, dtype=torch.float32, device=delta.device)
-    return dense.index_copy_(1, columns.to(delta.device), scaling * delta.float())
+    """The dense update (in delta's dtype): zeros except columns idx, which hold s * delta."""
+    dense = torch.zeros(weight_shape, dtype=delta.dtype, device=delta.device)
+    return dense.index_copy_(1, columns.to(delta.device), scaling * delta)
 
 
 class PacaLinearFunction(torch.autograd.Function):
@@ -140,8 +140,9 @@ class PacaConv2dFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight.to(ctx.dtype), g, stride, padding, dilation)
             if ctx.needs_input_grad[3]:
+                accumulate = torch.promote_types(ctx.dtype, torch.float32)  # fp32 gradient for bf16 runs
                 grad_delta = torch.nn.grad.conv2d_weight(
-                    x_selected.float(), ctx.delta_shape, g.float(), stride, padding, dilation
+                    x_selected.to(accumulate), ctx.delta_shape, g.to(accumulate), stride, padding, dilation
                 ) * ctx.scaling
             if ctx.needs_input_grad[2]:
                 grad_bias = g.sum((0, 2, 3)).to(ctx.bias_dtype)
@@ -172,7 +173,7 @@ class PacaAdapter(Adapter):
         key = sibling_key(module_name) if config.share_siblings else module_name
         self.register_buffer("columns", select_columns(in_features, config.r, config.seed, key).to(base.weight.device))
         delta_shape = (base.weight.shape[0], config.r, *base.weight.shape[2:])
-        self.delta = nn.Parameter(torch.zeros(delta_shape, dtype=torch.float32, device=base.weight.device))
+        self.delta = nn.Parameter(torch.zeros(delta_shape, dtype=master_dtype(base.weight), device=base.weight.device))
         # Resident-mode state: the base weight's own columns while ours are written in, and the
         # (delta version, weight) pair those written columns were computed from.
         self._original_columns: torch.Tensor | None = None
@@ -205,7 +206,7 @@ class PacaAdapter(Adapter):
         with torch.no_grad():
             if self._original_columns is None:
                 self._original_columns = base.weight.index_select(1, self.columns).clone()
-            adapted = self._original_columns.float() + (self.scaling * weight) * self.delta
+            adapted = self._original_columns.to(self.delta.dtype) + (self.scaling * weight) * self.delta
             base.weight.index_copy_(1, self.columns, adapted.to(base.weight.dtype))
         self._written_for = (self.delta._version, weight)
 
@@ -227,7 +228,7 @@ class PacaAdapter(Adapter):
         # Only the r adapted columns change, so only they are backed up.
         backup = base.weight.detach().index_select(1, self.columns).clone()
         with torch.no_grad():
-            merged = backup.float() + (self.scaling * weight) * self.delta
+            merged = backup.to(self.delta.dtype) + (self.scaling * weight) * self.delta
             base.weight.index_copy_(1, self.columns, merged.to(base.weight.dtype))
         return backup
 
@@ -240,14 +241,14 @@ class PacaAdapter(Adapter):
 
         Conv: one LoRA rank per (selected channel, kernel position), so rank r * kh * kw.
         """
-        delta = self.delta.detach().float() * self.scaling
+        delta = self.delta.detach() * self.scaling
         r, in_features = self.columns.numel(), base.weight.shape[1]
         if not self.is_conv:
-            A = torch.zeros(r, in_features, device=delta.device)
+            A = torch.zeros(r, in_features, dtype=delta.dtype, device=delta.device)
             A[torch.arange(r, device=delta.device), self.columns] = 1.0
             return A, delta
         out, _, kh, kw = delta.shape
-        A = torch.zeros(r, kh, kw, in_features, kh, kw, device=delta.device)
+        A = torch.zeros(r, kh, kw, in_features, kh, kw, dtype=delta.dtype, device=delta.device)
         for c, channel in enumerate(self.columns.tolist()):
             for i in range(kh):
                 for j in range(kw):
