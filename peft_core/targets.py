@@ -65,6 +65,12 @@ def find_targets(
                 f"supported layer types: {', '.join(t.__name__ for t in supported_types)}. "
                 "Narrow `targets` to those layers."
             )
+        parent_name = name.rpartition(".")[0]
+        if isinstance(model.get_submodule(parent_name) if parent_name else model, nn.MultiheadAttention):
+            raise AdapterError(
+                f"target {name!r} belongs to an nn.MultiheadAttention, which reads its projection weights directly "
+                "instead of calling them, so an adapter there would be silently ignored; exclude it"
+            )
         selected.append(name)
     # Names inside an already-adapted wrapper ("x.base_layer") are never targets themselves.
     selected = [n for n in selected if ".base_layer" not in n and not n.endswith("base_layer")]
