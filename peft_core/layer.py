@@ -60,6 +60,11 @@ class Adapter(nn.Module):
 
     def merge_into(self, base: nn.Module, weight: float) -> torch.Tensor:
         """Add weight * delta_weight to the base weight; return what `unmerge_from` needs to undo it."""
+        if not has_dense_weight(base):
+            raise AdapterError(
+                f"{self.module_name!r} has a quantized base weight; merging would requantize it and perturb every "
+                "weight. Load the base model in bf16/fp32 to merge, or keep the adapter unmerged."
+            )
         backup = base.weight.detach().clone()
         with torch.no_grad():
             merged = base.weight.to(master_dtype(base.weight)) + weight * self.delta_weight(base).to(base.weight.device)
@@ -158,8 +163,21 @@ class AdaptedModule(nn.Module):
         return f"adapters={list(self.adapters)}, weights={self.adapter_weights}, merged={[n for n, _ in self.merged]}"
 
 
+def is_4bit(base: nn.Module) -> bool:
+    """A bitsandbytes 4-bit (NF4/FP4) layer; detected by name so peft_core never imports bitsandbytes."""
+    return type(getattr(base, "weight", None)).__name__ == "Params4bit"
+
+
+def has_dense_weight(base: nn.Module) -> bool:
+    """The base weight is a plain float tensor that fused paths may read (and PaCA may write)."""
+    weight = getattr(base, "weight", None)
+    return type(weight) in (nn.Parameter, torch.Tensor) and weight.is_floating_point()
+
+
 def master_dtype(base_weight: torch.Tensor) -> torch.dtype:
     """Adapter tensors and merges use at least float32 (Adam's small steps vanish in bf16)."""
+    if not base_weight.is_floating_point():  # packed quantized storage
+        return torch.float32
     return torch.promote_types(base_weight.dtype, torch.float32)
 
 

@@ -23,7 +23,14 @@ from torch import nn
 
 from peft_core.config import AdapterConfig, register_method
 from peft_core.errors import AdapterError
-from peft_core.layer import Adapter, cast_like_input, compute_dtype, master_dtype, mm_float32
+from peft_core.layer import (
+    Adapter,
+    cast_like_input,
+    compute_dtype,
+    has_dense_weight,
+    master_dtype,
+    mm_float32,
+)
 
 
 @dataclass
@@ -137,7 +144,7 @@ class LoraAdapter(Adapter):
         return F.linear(F.linear(x, A), B) * self.scaling
 
     def fused_forward(self, base: nn.Module, x: torch.Tensor, weight: float) -> torch.Tensor | None:
-        if not isinstance(base, nn.Linear) or (self.training and not isinstance(self.dropout, nn.Identity)):
+        if not isinstance(base, nn.Linear) or not has_dense_weight(base) or (self.training and not isinstance(self.dropout, nn.Identity)):
             return None
         return LoraLinearFunction.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling * weight)
 

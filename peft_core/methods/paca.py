@@ -35,7 +35,15 @@ from torch import nn
 
 from peft_core.config import AdapterConfig, register_method
 from peft_core.errors import AdapterError
-from peft_core.layer import Adapter, cast_like_input, compute_dtype, master_dtype, mm_float32
+from peft_core.layer import (
+    Adapter,
+    cast_like_input,
+    compute_dtype,
+    has_dense_weight,
+    is_4bit,
+    master_dtype,
+    mm_float32,
+)
 from peft_core.targets import sibling_key
 
 
@@ -73,7 +81,7 @@ def select_columns(in_features: int, r: int, seed: int, key: str) -> torch.Tenso
     return torch.randperm(in_features, generator=generator)[:r].sort().values
 
 
-def paca_delta_weight(delta: torch.Tensor, columns: torch.Tensor, weight_shape: torch.Size, scaling: float) -> torch.Tensor:
+def paca_delta_weight(delta: torch.Tensor, columns: torch.Tensor, weight_shape: tuple[int, ...], scaling: float) -> torch.Tensor:
     """The dense update (in delta's dtype): zeros except columns idx, which hold s * delta."""
     dense = torch.zeros(weight_shape, dtype=delta.dtype, device=delta.device)
     return dense.index_copy_(1, columns.to(delta.device), scaling * delta)
@@ -149,6 +157,49 @@ class PacaConv2dFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_delta, None, None, None
 
 
+def dequantized_effective_weight(base: nn.Module, delta: torch.Tensor, columns: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """QPaCA's W_eff: the dequantized 4-bit weight with columns idx replaced by W[:, idx] + s * delta."""
+    import bitsandbytes.functional as bnb_functional  # only reached with a bitsandbytes base layer
+
+    weight = bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)  # (out, in)
+    adapted = weight.index_select(1, columns).to(delta.dtype) + scaling * delta
+    return weight.index_copy_(1, columns, adapted.to(dtype))
+
+
+class QPacaLinearFunction(torch.autograd.Function):
+    """PaCA on a bitsandbytes 4-bit base: dequantize, write the adapted columns, one dense GEMM.
+
+    The 4-bit storage is never modified; backward dequantizes again instead of keeping the dense
+    weight alive. Saved: x[..., idx] only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, delta, base, columns, scaling: float):
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            weight = dequantized_effective_weight(base, delta.detach(), columns, scaling, dtype)
+            y = F.linear(x, weight, None if base.bias is None else base.bias.to(dtype))
+            x_selected = x.index_select(-1, columns)
+        ctx.save_for_backward(x_selected, delta)
+        ctx.base, ctx.columns, ctx.scaling, ctx.dtype = base, columns, scaling, dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x_selected, delta = ctx.saved_tensors
+        g = grad_output.to(ctx.dtype)
+        grad_x = grad_delta = None
+        with torch.autocast(g.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                weight = dequantized_effective_weight(ctx.base, delta.detach(), ctx.columns, ctx.scaling, ctx.dtype)
+                grad_x = g @ weight
+            if ctx.needs_input_grad[1]:
+                g2, x2 = g.reshape(-1, g.shape[-1]), x_selected.reshape(-1, x_selected.shape[-1])
+                grad_delta = mm_float32(g2.t(), x2) * ctx.scaling
+        return grad_x, grad_delta, None, None, None
+
+
 # ---------------------------------------------------------------------------------------------
 # The module.
 # ---------------------------------------------------------------------------------------------
@@ -169,10 +220,13 @@ class PacaAdapter(Adapter):
                 f"paca: r={config.r} is larger than {module_name!r}'s {in_features} input columns; "
                 f"use r <= {in_features} or exclude this layer"
             )
-        self.scaling, self.resident = config.scaling, config.resident
+        self.scaling, self.resident, self.quantized = config.scaling, config.resident, is_4bit(base)
+        if not self.quantized and not has_dense_weight(base):
+            raise AdapterError(f"paca: {module_name!r} has a {type(base.weight).__name__} weight; only dense and bitsandbytes 4-bit bases are supported")
         key = sibling_key(module_name) if config.share_siblings else module_name
         self.register_buffer("columns", select_columns(in_features, config.r, config.seed, key).to(base.weight.device))
-        delta_shape = (base.weight.shape[0], config.r, *base.weight.shape[2:])
+        self.weight_shape = tuple(base.weight.shape) if self.is_conv else (base.out_features, base.in_features)
+        delta_shape = (self.weight_shape[0], config.r, *self.weight_shape[2:])
         self.delta = nn.Parameter(torch.zeros(delta_shape, dtype=master_dtype(base.weight), device=base.weight.device))
         # Resident-mode state: the base weight's own columns while ours are written in, and the
         # (delta version, weight) pair those written columns were computed from.
@@ -190,6 +244,8 @@ class PacaAdapter(Adapter):
     def fused_forward(self, base: nn.Module, x: torch.Tensor, weight: float) -> torch.Tensor | None:
         if not self.resident:
             return None
+        if self.quantized:
+            return QPacaLinearFunction.apply(x, self.delta, base, self.columns, self.scaling * weight)
         self._write_columns(base, weight)
         scaling = self.scaling * weight
         if self.is_conv:
@@ -222,9 +278,11 @@ class PacaAdapter(Adapter):
 
     # -- merge / export ---------------------------------------------------------------------
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return paca_delta_weight(self.delta, self.columns, base.weight.shape, self.scaling)
+        return paca_delta_weight(self.delta, self.columns, self.weight_shape, self.scaling)
 
     def merge_into(self, base: nn.Module, weight: float) -> torch.Tensor:
+        if self.quantized:
+            return super().merge_into(base, weight)  # refuses, with the reason
         # Only the r adapted columns change, so only they are backed up.
         backup = base.weight.detach().index_select(1, self.columns).clone()
         with torch.no_grad():
@@ -242,7 +300,7 @@ class PacaAdapter(Adapter):
         Conv: one LoRA rank per (selected channel, kernel position), so rank r * kh * kw.
         """
         delta = self.delta.detach() * self.scaling
-        r, in_features = self.columns.numel(), base.weight.shape[1]
+        r, in_features = self.columns.numel(), self.weight_shape[1]
         if not self.is_conv:
             A = torch.zeros(r, in_features, dtype=delta.dtype, device=delta.device)
             A[torch.arange(r, device=delta.device), self.columns] = 1.0
