@@ -80,8 +80,8 @@ def lora_factors(handle: AdapterHandle, name: str = "default") -> Factors:
         pair = wrapper.adapters[name].lora_factors(wrapper.base_layer)
         if pair is None:
             raise AdapterError(
-                f"adapter {name!r} ({method}) has no exact low-rank form on {module_name!r}, so it cannot be "
-                "exported as a LoRA; keep it in peft_core's format (handle.save) or merge it into the base weights"
+                f"adapter {name!r} ({method}): its update of {module_name!r} is not exactly low-rank, so it cannot "
+                "be exported as a LoRA; keep it in peft_core's format (handle.save) or merge it (handle.merge)"
             )
         factors[module_name] = tuple(t.detach().float().cpu() for t in pair)
     return factors
@@ -133,6 +133,7 @@ def _export_peft(
 ) -> Path:
     if task_type is not None and task_type not in PEFT_TASK_TYPES:
         raise AdapterError(f"task_type {task_type!r} is not a PEFT task type; use one of {', '.join(PEFT_TASK_TYPES)} or None")
+    dtype = _export_dtype(dtype)
     factors = lora_factors(handle, name)
     config = {
         "peft_type": "LORA",
@@ -144,7 +145,7 @@ def _export_peft(
         **_lora_config_fields(handle.model, factors),
     }
     # PeftModel wraps the model as base_model.model; its LoRA layers hold lora_A / lora_B modules.
-    tensors = _lora_tensors(factors, "base_model.model.", _export_dtype(dtype))
+    tensors = _lora_tensors(factors, "base_model.model.", dtype)
     # Weights first: a folder whose config is present always has weights next to it.
     write_safetensors(directory / PEFT_WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     write_json(directory / PEFT_CONFIG_NAME, config)
