@@ -1,0 +1,207 @@
+"""Helpers shared by the benchmarks in bench/: timing, GPU memory, OOM-safe probing, output.
+
+Every bench is a plain script (`python bench/<name>.py`), run from the repository root or not;
+`repo_on_path()` makes `import peft_core` work without installing the project (the GPU machine
+gets a bare copy of the working tree).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GIB = float(1 << 30)
+
+
+def repo_on_path() -> None:
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device) -> None:
+    """Drop everything unreachable and give cached blocks back, so the next measurement starts clean."""
+    import torch
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def allocated_gib(device) -> float | None:
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.memory_allocated(device) / GIB
+
+
+def time_steps(step: Callable[[], Any], device, warmup: int, steps: int) -> dict[str, Any]:
+    """Run `warmup` untimed then `steps` timed calls of `step` (each synchronized).
+
+    Returns the median/min/mean ms per step, every step's ms, the peak allocated GPU memory
+    (GiB) over the timed steps only (None on CPU), and `step`'s first and last return values.
+    """
+    import torch
+
+    is_cuda = torch.device(device).type == "cuda"
+    first = last = None
+    for _ in range(warmup):
+        last = step()
+        if first is None:
+            first = last
+    sync(device)
+    if is_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        last = step()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+        if first is None:
+            first = last
+    peak = torch.cuda.max_memory_allocated(device) / GIB if is_cuda else None
+    return {
+        "ms_per_step": statistics.median(times),
+        "ms_min": min(times),
+        "ms_mean": statistics.fmean(times),
+        "ms_all": [round(t, 3) for t in times],
+        "peak_gib": peak,
+        "first": first,
+        "last": last,
+    }
+
+
+def is_oom(error: BaseException) -> bool:
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def try_step(run: Callable[..., Any], device, *args: Any) -> tuple[bool, float]:
+    """Run `run(*args)` once; (False, seconds) on out-of-memory, (True, seconds) otherwise.
+
+    The exception (and its traceback, which pins every tensor of the failed step) is dropped
+    before memory is cleaned up.
+    """
+    start = time.perf_counter()
+    ok = True
+    try:
+        run(*args)
+        sync(device)
+    except Exception as error:  # noqa: BLE001 - only OOM is swallowed, see below
+        if not is_oom(error):
+            raise
+        ok = False
+    seconds = time.perf_counter() - start
+    if not ok:
+        free_memory(device)
+    return ok, seconds
+
+
+def max_fitting(
+    fits: Callable[[int], bool],
+    known_fit: int,
+    cap: int,
+    granularity: int,
+    report: Callable[[str], None] = log,
+) -> dict[str, Any]:
+    """The largest multiple of `granularity` in [known_fit, cap] for which `fits` holds.
+
+    Doubles from `known_fit` until a probe fails (or `cap`), then bisects on multiples of
+    `granularity`. Assumes monotonicity. Returns {"max": int, "probes": [[value, ok], ...],
+    "capped": bool} where capped means `cap` itself fit.
+    """
+    probes: list[list[Any]] = []
+
+    def probe(value: int) -> bool:
+        ok = fits(value)
+        probes.append([value, ok])
+        report(f"    probe {value:>7d}: {'fits' if ok else 'OOM'}")
+        return ok
+
+    lo, hi = known_fit, None
+    value = known_fit
+    while hi is None:
+        value = min(value * 2, cap)
+        if value <= lo:
+            break
+        if probe(value):
+            lo = value
+            if value >= cap:
+                break
+        else:
+            hi = value
+    if hi is not None:
+        while hi - lo > granularity:
+            mid = lo + max(granularity, ((hi - lo) // 2) // granularity * granularity)
+            if mid >= hi:
+                break
+            if probe(mid):
+                lo = mid
+            else:
+                hi = mid
+    return {"max": lo, "probes": probes, "capped": hi is None and lo >= cap}
+
+
+def ratio(numerator: float | None, denominator: float | None, digits: int = 3) -> float | None:
+    if numerator is None or denominator is None or denominator == 0 or math.isnan(numerator):
+        return None
+    return round(numerator / denominator, digits)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    return str(value)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` as indented JSON via a temporary file and a rename (never half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+        return str(value)
+
+    text = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in text)) if text else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += [
+        "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in text
+    ]
+    return "\n".join(lines)
