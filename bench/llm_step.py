@@ -243,10 +243,6 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
 
         log(f"[{name}] skipped: peft {peft.__version__} has no PacaConfig")
         return None
-    # peft_core.layer.mm_float32 disables its fp32-output GEMM for the whole process after any
-    # RuntimeError, OOM included (a max-seq probe can trigger that): let each variant start fresh.
-    if hasattr(peft_core_layer, "_FP32_OUT_MM_WORKS"):
-        peft_core_layer._FP32_OUT_MM_WORKS = None
     start = time.perf_counter()
     log(f"[{name}] building {args.config} on {device} ({dtype})")
     model = build_model(args.config, device, dtype, args.seed)
@@ -276,7 +272,7 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         f"peak {result['peak_gib'] if result['peak_gib'] is not None else '-'} GiB, loss {first_loss:.4f} -> {last_loss:.4f}"
     )
 
-    fp32_out_mm = getattr(peft_core_layer, "_FP32_OUT_MM_WORKS", None) if name in ("lora", "paca") else None
+    fp32_out_mm = peft_core_layer._FP32_OUT_MM.get(device.type) if name in ("lora", "paca") else None
     if name in MAX_SEQ_VARIANTS:
         if args.no_max_seq or device.type != "cuda":
             result["max_seq_len"] = None
@@ -301,12 +297,8 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
             "loss_last": last_loss,
             "finite": math.isfinite(first_loss) and math.isfinite(last_loss),
             "build_s": round(build_s, 2),
-            # peft_core's bf16 x bf16 -> fp32 GEMM for adapter gradients during the timed steps
-            # (False: it fell back to float32 copies of the inputs), and after the max-seq search.
+            # whether peft_core's adapter gradients used the bf16 x bf16 -> fp32 GEMM on this device
             "fp32_out_mm": fp32_out_mm,
-            "fp32_out_mm_after_max_seq": getattr(peft_core_layer, "_FP32_OUT_MM_WORKS", None)
-            if name in ("lora", "paca")
-            else None,
             "wall_s": round(time.perf_counter() - start, 2),
             **prepared.info,
         }

@@ -9,6 +9,7 @@ from peft_core.errors import AdapterError
 from peft_core.layer import AdaptedModule, Adapter
 from peft_core.methods.lora import LoraConfig
 from peft_core.methods.paca import PacaConfig
+from peft_core.methods.plp import PlpConfig, make_joint
 from peft_core.model import AdapterHandle, attach, get_handle, load, read_adapter_config
 
 __all__ = [
@@ -19,12 +20,14 @@ __all__ = [
     "AdapterHandle",
     "LoraConfig",
     "PacaConfig",
+    "PlpConfig",
     "attach",
     "available_methods",
     "config_from_dict",
     "get_handle",
     "get_method",
     "load",
+    "make_joint",
     "read_adapter_config",
     "register_method",
 ]

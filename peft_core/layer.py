@@ -193,19 +193,24 @@ def cast_like_input(tensor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return tensor.to(compute_dtype(x))
 
 
-_FP32_OUT_MM_WORKS: bool | None = None
+_FP32_OUT_MM: dict[str, bool] = {}  # device type -> does torch.mm(..., out_dtype=float32) work there
+
+
+def _fp32_out_mm_supported(device: torch.device) -> bool:
+    """Probe once per device type on tiny tensors (never on real ones, so an OOM is never mistaken for it)."""
+    if device.type not in _FP32_OUT_MM:
+        probe = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+        try:
+            _FP32_OUT_MM[device.type] = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, NotImplementedError, RuntimeError):
+            _FP32_OUT_MM[device.type] = False
+    return _FP32_OUT_MM[device.type]
 
 
 def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with a float32 result: adapter gradients stay fp32 even when activations are bf16/fp16."""
-    global _FP32_OUT_MM_WORKS
     if a.dtype in (torch.float32, torch.float64):
         return a @ b
-    if a.is_cuda and _FP32_OUT_MM_WORKS is not False:
-        try:
-            result = torch.mm(a, b, out_dtype=torch.float32)
-            _FP32_OUT_MM_WORKS = True
-            return result
-        except (TypeError, RuntimeError):
-            _FP32_OUT_MM_WORKS = False
-    return a.float() @ b.float()
+    if a.is_cuda and _fp32_out_mm_supported(a.device):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()  # fp32 accumulation inside, rounded once to the input dtype

@@ -119,12 +119,14 @@ class AdapterHandle:
 
         Torch optimizers already bump the parameters' version counters, which adapters watch;
         this also covers optimizers that write parameters behind autograd (e.g. fused 8-bit ones).
+        Call it after adding the adapters the optimizer trains.
         """
 
+        adapters = [adapter for _, wrapper in self.wrappers() for adapter in wrapper.adapters.values()]
+
         def after_step(*_args, **_kwargs) -> None:
-            for _, wrapper in self.wrappers():
-                for adapter in wrapper.adapters.values():
-                    adapter.mark_stale()
+            for adapter in adapters:
+                adapter.mark_stale()
 
         optimizer.register_step_post_hook(after_step)
 

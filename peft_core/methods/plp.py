@@ -1,0 +1,147 @@
+"""PLP, partly learnable projections (Break-for-Make, Xu et al. 2024; spec: shared/specs/break_for_make.md).
+
+One rank-r LoRA per layer, dW = U V (no alpha/r scaling), with half of each factor frozen:
+
+    U = [A; B]   (out x r)   A: first out/2 rows, frozen      B: learnable  -> the *style* PLP
+    V = [C | D]  (r x in)    C: first in/2 columns, frozen    D: learnable  -> the *content* PLP
+
+    dW = [[A C, A D],
+          [B C, B D]]
+
+A and C come from one orthonormal basis Q (N x r, N = max(r, out/2 + in/2)) drawn from
+(seed, layer name): A = Q[S_A], C = Q[S_C]^T with disjoint random row sets, so A^T A + C C^T <= I.
+They are buffers, not parameters, so no optimizer (weight decay included) can move them, and any
+two adapters made with the same seed share them bit for bit; that is what lets `make_joint` pair
+the style run's B with the content run's D. D starts N(0, 1/r^2), B at zero.
+
+The joint adapter is still a plain rank-r LoRA (A_lora = V, B_lora = U), so it exports exactly.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peft_core.config import AdapterConfig, register_method
+from peft_core.errors import AdapterError
+from peft_core.layer import Adapter, cast_like_input, master_dtype
+
+if TYPE_CHECKING:
+    from peft_core.model import AdapterHandle
+
+
+@dataclass
+class PlpConfig(AdapterConfig):
+    """r: rank of U V (the paper uses 64 on SDXL); seed: frozen bases are a function of (seed, layer),
+    so content and style runs must share it; orthogonal_init: draw A, C from one orthonormal basis
+    on every layer (the official code does so only on square layers; see spec pitfall 7)."""
+
+    method: ClassVar[str] = "plp"
+
+    r: int = 64
+    seed: int = 0
+    orthogonal_init: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r < 1:
+            raise AdapterError(f"plp: r must be >= 1, got {self.r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The math: pure tensor functions.
+# ---------------------------------------------------------------------------------------------
+def frozen_bases(out_features: int, in_features: int, r: int, seed: int, key: str, orthogonal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, C): A (out//2, r) and C (r, in//2), deterministic from (seed, key) on every machine."""
+    generator = torch.Generator().manual_seed((seed + zlib.crc32(key.encode())) % (2**63))
+    rows_a, rows_c = out_features // 2, in_features // 2
+    if not orthogonal:
+        return torch.zeros(rows_a, r), torch.randn(r, rows_c, generator=generator) / r
+    n = max(r, rows_a + rows_c)
+    q, _ = torch.linalg.qr(torch.randn(n, r, generator=generator, dtype=torch.float64))  # (n, r), q^T q = I
+    rows = torch.randperm(n, generator=generator)
+    a = q[rows[:rows_a]]  # (out//2, r)
+    c = q[rows[rows_a : rows_a + rows_c]].t()  # (r, in//2)
+    return a.float().contiguous(), c.float().contiguous()
+
+
+def plp_factors(frozen_up: torch.Tensor, learnable_up: torch.Tensor, frozen_down: torch.Tensor, learnable_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """U = [A; B] (out x r) and V = [C | D] (r x in)."""
+    return torch.cat([frozen_up, learnable_up], dim=0), torch.cat([frozen_down, learnable_down], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The module.
+# ---------------------------------------------------------------------------------------------
+class PlpAdapter(Adapter):
+    supported_types = (nn.Linear,)
+
+    def __init__(self, base: nn.Module, config: PlpConfig, module_name: str) -> None:
+        super().__init__(base, config, module_name)
+        out_features, in_features = base.out_features, base.in_features
+        if out_features < 2 or in_features < 2:
+            raise AdapterError(f"plp: {module_name!r} ({in_features}->{out_features}) is too small to split in halves")
+        dtype, device = master_dtype(base.weight), base.weight.device
+        a, c = frozen_bases(out_features, in_features, config.r, config.seed, module_name, config.orthogonal_init)
+        self.register_buffer("frozen_up", a.to(device, dtype))  # A
+        self.register_buffer("frozen_down", c.to(device, dtype))  # C
+        generator = torch.Generator().manual_seed((config.seed + zlib.crc32(("D:" + module_name).encode())) % (2**63))
+        d = torch.randn(config.r, in_features - c.shape[1], generator=generator) / config.r
+        self.learnable_up = nn.Parameter(torch.zeros(out_features - a.shape[0], config.r, device=device, dtype=dtype))  # B, style
+        self.learnable_down = nn.Parameter(d.to(device, dtype))  # D, content
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return plp_factors(self.frozen_up, self.learnable_up, self.frozen_down, self.learnable_down)
+
+    def delta_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        up, down = self.factors()
+        return F.linear(F.linear(x, cast_like_input(down, x)), cast_like_input(up, x))
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        up, down = self.factors()
+        return up @ down
+
+    def lora_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        up, down = self.factors()
+        return down.detach().clone(), up.detach().clone()
+
+
+def make_joint(handle: AdapterHandle, content: str = "content", style: str = "style", name: str = "joint") -> None:
+    """Break-for-Make's *make* init: a new adapter U* = [A; B_style], V* = [C | D_content].
+
+    Refuses adapters whose frozen bases differ (other seed, other layers): pairing them would be
+    meaningless. The new adapter's B and D are trainable; the two source adapters are disabled.
+    """
+    for source in (content, style):
+        if handle.configs.get(source) is None or handle.configs[source].method != "plp":
+            raise AdapterError(f"make_joint needs a PLP adapter named {source!r}; this model has {handle.adapter_names}")
+    content_config, style_config = handle.configs[content], handle.configs[style]
+    if (content_config.r, content_config.seed) != (style_config.r, style_config.seed):
+        raise AdapterError(
+            f"content (r={content_config.r}, seed={content_config.seed}) and style (r={style_config.r}, "
+            f"seed={style_config.seed}) PLPs were made with different frozen bases; train both with the same r and seed"
+        )
+    content_layers = {module for module, _ in handle.wrappers(content)}
+    if content_layers != {module for module, _ in handle.wrappers(style)}:
+        raise AdapterError("content and style PLPs adapt different layers; train both with the same targets")
+    for module_name, wrapper in handle.wrappers(content):
+        a, b = wrapper.adapters[content], wrapper.adapters[style]
+        if not (torch.equal(a.frozen_up, b.frozen_up) and torch.equal(a.frozen_down, b.frozen_down)):
+            raise AdapterError(f"{module_name!r}: the content and style PLPs have different frozen bases; they cannot be paired")
+
+    handle.add(content_config, name=name)
+    with torch.no_grad():
+        for _, wrapper in handle.wrappers(name):
+            wrapper.adapters[name].learnable_up.copy_(wrapper.adapters[style].learnable_up)
+            wrapper.adapters[name].learnable_down.copy_(wrapper.adapters[content].learnable_down)
+    handle.set_trainable(name)
+    handle.disable(content)
+    handle.disable(style)
+
+
+register_method(PlpConfig, PlpAdapter)
