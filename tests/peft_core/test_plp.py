@@ -1,0 +1,121 @@
+"""PLP (Break-for-Make) against the spec's CPU verifications (shared/specs/break_for_make.md §6)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peft_core import AdapterError, LoraConfig, PlpConfig, attach, make_joint
+from peft_core.methods.plp import frozen_bases
+
+
+def two_layer_model() -> nn.Module:
+    model = nn.Sequential()
+    model.add_module("to_q", nn.Linear(12, 10).double())
+    model.add_module("to_k", nn.Linear(10, 8).double())
+    return model
+
+
+def test_forward_is_base_plus_u_v_and_rank_is_at_most_r():
+    model = two_layer_model()
+    attach(model, PlpConfig(targets=["to_q"], r=3))
+    adapter, base = model.to_q.adapters["default"], model.to_q.base_layer
+    with torch.no_grad():
+        adapter.learnable_up.normal_()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    up = torch.cat([adapter.frozen_up, adapter.learnable_up])  # (10, 3)
+    down = torch.cat([adapter.frozen_down, adapter.learnable_down], dim=1)  # (3, 12)
+    assert up.shape == (10, 3) and down.shape == (3, 12)
+    assert adapter.frozen_up.shape == (5, 3) and adapter.frozen_down.shape == (3, 6)
+    torch.testing.assert_close(model.to_q(x), F.linear(x, base.weight, base.bias) + x @ down.t() @ up.t(), rtol=1e-12, atol=1e-12)
+    assert torch.linalg.matrix_rank(adapter.delta_weight(base)) <= 3
+
+
+def test_bases_are_orthonormal_and_reproducible_in_a_new_process():
+    a, c = frozen_bases(320, 768, 16, seed=0, key="down.attn2.to_k")
+    # A and C^T are disjoint row blocks of one orthonormal Q, so A^T A + C C^T <= I.
+    eigenvalues = torch.linalg.eigvalsh((a.t() @ a + c @ c.t()).double())
+    assert eigenvalues.min() >= -1e-6 and eigenvalues.max() <= 1 + 1e-5
+    full = torch.cat([a, c.t()])  # rows of Q, here covering all of it (n = 160 + 384 >= r)
+    torch.testing.assert_close(full.t() @ full, torch.eye(16), atol=1e-5, rtol=0)
+    code = (
+        "import torch; from peft_core.methods.plp import frozen_bases as f; "
+        "a, c = f(320, 768, 16, seed=0, key='down.attn2.to_k'); print(float(a.double().sum()), float(c.double().sum()))"
+    )
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert [float(v) for v in printed] == [float(a.double().sum()), float(c.double().sum())]
+
+
+def test_frozen_halves_stay_bit_identical_under_adamw_weight_decay():
+    model = two_layer_model()
+    handle = attach(model, PlpConfig(targets=["to_q", "to_k"], r=4))
+    frozen = {k: v.clone() for k, v in handle.state_dict().items() if "frozen" in k}
+    learnable_before = {k: v.clone() for k, v in handle.state_dict().items() if "learnable" in k}
+    optimizer = torch.optim.AdamW(handle.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    x, target = torch.randn(16, 12, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
+    for _ in range(50):
+        optimizer.zero_grad()
+        F.mse_loss(model(x), target).backward()
+        optimizer.step()
+    state = handle.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())
+    assert all(not torch.equal(state[k], v) for k, v in learnable_before.items())
+    assert {n.rsplit(".", 1)[1] for n, _ in handle.named_trainable_parameters()} == {"learnable_up", "learnable_down"}
+
+
+def train_half(model, handle, name: str, which: str, steps: int = 20) -> None:
+    """Train only one half (B = "learnable_up" for style, D = "learnable_down" for content)."""
+    handle.set_trainable(name)
+    parameters = [p for n, p in handle.named_trainable_parameters() if n.endswith(which)]
+    optimizer = torch.optim.AdamW(parameters, lr=5e-2)
+    x, target = torch.randn(16, 12, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.mse_loss(model(x), target).backward()
+        optimizer.step()
+
+
+def test_make_joint_pairs_style_up_with_content_down():
+    model = two_layer_model()
+    handle = attach(model, PlpConfig(targets=["to_q", "to_k"], r=4), name="content")
+    handle.add(PlpConfig(targets=["to_q", "to_k"], r=4), name="style")
+    handle.disable("style")
+    train_half(model, handle, "content", "learnable_down")
+    handle.enable("style")
+    handle.disable("content")
+    train_half(model, handle, "style", "learnable_up")
+    handle.enable("content")
+    # A content run with no style partner leaves B exactly zero.
+    assert all(torch.count_nonzero(w.adapters["content"].learnable_up) == 0 for _, w in handle.wrappers())
+
+    make_joint(handle, content="content", style="style", name="joint")
+    assert handle.adapter_names == ["content", "style", "joint"]
+    for _, wrapper in handle.wrappers():
+        base, joint = wrapper.base_layer, wrapper.adapters["joint"]
+        content, style = wrapper.adapters["content"], wrapper.adapters["style"]
+        rows, cols = joint.frozen_up.shape[0], joint.frozen_down.shape[1]
+        dw_joint, dw_content, dw_style = (a.delta_weight(base) for a in (joint, content, style))
+        a, c = joint.frozen_up, joint.frozen_down
+        torch.testing.assert_close(dw_joint[:rows, :cols], a @ c)  # shared AC
+        torch.testing.assert_close(dw_joint[:rows, cols:], dw_content[:rows, cols:])  # A D_c from content
+        torch.testing.assert_close(dw_joint[rows:, :cols], dw_style[rows:, :cols])  # B_s C from style
+        torch.testing.assert_close(dw_joint[rows:, cols:], style.learnable_up @ content.learnable_down)
+        assert not torch.allclose(dw_joint, dw_content + dw_style)  # a product pairing, not a sum
+    trainable = {n.split(".adapters.")[1].split(".")[0] for n, _ in handle.named_trainable_parameters()}
+    assert trainable == {"joint"}
+
+
+def test_make_joint_refuses_mismatched_bases():
+    model = two_layer_model()
+    handle = attach(model, PlpConfig(targets=["to_q"], r=4, seed=0), name="content")
+    handle.add(PlpConfig(targets=["to_q"], r=4, seed=1), name="style")
+    with pytest.raises(AdapterError, match="different frozen bases"):
+        make_joint(handle)
+    handle.add(LoraConfig(targets=["to_q"]), name="lora")
+    with pytest.raises(AdapterError, match="needs a PLP adapter named 'lora'"):
+        make_joint(handle, content="lora")
