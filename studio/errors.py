@@ -1,5 +1,8 @@
-"""Errors the studio reports to users as one actionable line (no traceback)."""
+"""Errors the studio reports to users as one actionable line (no traceback).
 
+UserError is defined in pipelines (the lower layer) so both layers raise the same type.
+"""
 
-class UserError(Exception):
-    """Bad input from the user: the message says what was wrong and what to do."""
+from pipelines.errors import UserError
+
+__all__ = ["UserError"]

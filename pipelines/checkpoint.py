@@ -1,0 +1,147 @@
+"""Training checkpoints that resume exactly, written atomically, without pickle.
+
+A checkpoint is a folder `<run>/checkpoints/step-<N>/` holding
+- `adapter/`                      the adapter (peft_core's format),
+- `optimizer.safetensors` + `.json` the optimizer state (tensors / everything else),
+- `rng.safetensors`               torch CPU and CUDA generator states,
+- `state.json`                    step, scheduler state, Python and NumPy RNG states, extras.
+
+The folder is first written as a hidden sibling, fsynced, then renamed into place, so a crash
+leaves either no checkpoint or a complete one; `latest_checkpoint` ignores the hidden ones.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from peft_core import AdapterHandle
+from peft_core.io import read_json, read_safetensors, write_json, write_safetensors
+from pipelines.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    handle: AdapterHandle,
+    adapter_names: list[str],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically and keep only the newest `keep` ones."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"step-{step:08d}"
+    staging = root / f".step-{step:08d}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in adapter_names:
+        handle.save(staging / "adapter" / name, name=name)
+    tensors, structure = _flatten_optimizer(optimizer.state_dict())
+    write_safetensors(staging / "optimizer.safetensors", tensors)
+    write_json(staging / "optimizer.json", structure)
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"torch_cuda_{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    write_safetensors(staging / "rng.safetensors", rng)
+    numpy_state = np.random.get_state()
+    write_json(
+        staging / "state.json",
+        {
+            "step": step,
+            "adapters": adapter_names,
+            "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
+            "python_random": _to_json(random.getstate()),
+            "numpy_random": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+            "extra": extra or {},
+        },
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    _fsync_dir(root)
+    for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    complete = sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(
+    checkpoint: str | os.PathLike,
+    handle: AdapterHandle,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> dict[str, Any]:
+    """Restore adapters, optimizer, scheduler and every RNG; returns state.json (step, extra)."""
+    checkpoint = Path(checkpoint)
+    state = read_json(checkpoint / "state.json")
+    for name in state["adapters"]:
+        if name not in handle.adapter_names:
+            raise UserError(f"{checkpoint} holds adapter {name!r}, which this run does not have; resume with the same config")
+        handle.load_state_dict(read_safetensors(checkpoint / "adapter" / name / "adapter_model.safetensors"), name=name)
+    structure = read_json(checkpoint / "optimizer.json")
+    optimizer.load_state_dict(_unflatten_optimizer(read_safetensors(checkpoint / "optimizer.safetensors"), structure))
+    if lr_scheduler is not None and state["lr_scheduler"] is not None:
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+    rng = read_safetensors(checkpoint / "rng.safetensors")
+    torch.set_rng_state(rng["torch_cpu"])
+    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    random.setstate(_from_json(state["python_random"]))
+    kind, keys, *rest = state["numpy_random"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    return state
+
+
+# -- optimizer state <-> (tensors, JSON) ------------------------------------------------------
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, per_param in state_dict["state"].items():
+        scalars[str(index)] = {}
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}/{key}"] = value
+            else:
+                scalars[str(index)][key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(i): dict(values) for i, values in structure["scalars"].items()}
+    for key, tensor in tensors.items():
+        index, name = key.split("/", 1)
+        state.setdefault(int(index), {})[name] = tensor
+    return {"state": state, "param_groups": structure["param_groups"]}
+
+
+def _to_json(value: Any) -> Any:
+    return [_to_json(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _from_json(value: Any) -> Any:
+    return tuple(_from_json(v) for v in value) if isinstance(value, list) else value
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
