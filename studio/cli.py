@@ -1,7 +1,9 @@
 """The `studio` command line: one entry point, one subcommand per job.
 
-Each subcommand lives in its own module, which exposes `add_arguments(parser)` and
-`run(args) -> int`; this file only wires them together so `studio --help` lists them all.
+Each subcommand lives in a module that exposes `add_arguments(parser, **options)` and
+`run(args) -> int` (one module may serve several subcommands through `options`, e.g.
+train-style and train-content); this file only wires them together so `studio --help` lists
+them all. Modules keep heavy imports (diffusers, transformers) inside `run`.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import sys
 from peft_core.errors import AdapterError
 from studio.errors import UserError
 
-# subcommand name -> (module path, one-line help). Modules are imported lazily so that
-# `studio --help` stays fast and a missing optional dependency only breaks its own command.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
+# subcommand name -> (module path, one-line help[, options for add_arguments]).
+SUBCOMMANDS: dict[str, tuple] = {
+    "train-style": ("studio.train_diffusion", "Train a style adapter on images (no arguments: the embedded demo).",
+                    {"kind": "style"}),
+    "train-content": ("studio.train_diffusion", "Train a content adapter on images of one subject.", {"kind": "content"}),
+    "pretrain-base": ("studio.pretrain", "Recipe that pretrains the embedded tiny SD, tiny LM and judges in assets/."),
     "demo": ("studio.demo", "Quickest real demo of peft_core: attach, train, merge, save, reload."),
 }
 
@@ -23,10 +28,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="peft-studio: parameter-efficient fine-tuning studio.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_path, help_text) in SUBCOMMANDS.items():
+    for name, (module_path, help_text, *options) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(_module=module_path)
-        importlib.import_module(module_path).add_arguments(sub)
+        importlib.import_module(module_path).add_arguments(sub, **(options[0] if options else {}))
     return parser
 
 

@@ -1,0 +1,116 @@
+"""Runs on disk: every training job is one folder the CLI, the UI and `--resume` all understand.
+
+    runs/<name>/
+        config.yaml          the resolved config (what was asked + every default), enough to rerun
+        run.json             status (running / finished / failed / interrupted), step, loss, timestamps
+        logs/events.jsonl    one JSON line per progress event
+        logs/tensorboard/    scalars, when the tensorboard package is installed
+        samples/             sample grids written during and after training
+        checkpoints/         atomic checkpoints (pipelines.checkpoint)
+        adapter/<name>/      the final adapter (peft_core format)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peft_core.io import atomic_write_bytes, read_json, write_json
+from pipelines.errors import UserError
+
+
+def safe_run_name(name: str) -> str:
+    """Letters, digits, '-', '_' and '.' only, never a path: names come from users and browsers."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")
+    if not cleaned:
+        raise UserError(f"run name {name!r} has no usable characters; use letters, digits, '-' or '_'")
+    return cleaned[:100]
+
+
+@dataclasses.dataclass
+class Run:
+    directory: Path
+
+    # -- creation ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | os.PathLike, name: str, kind: str, config: dict[str, Any]) -> Run:
+        """A new run folder `root/name` (suffixed -2, -3, ... if taken)."""
+        root = Path(root)
+        base = safe_run_name(name)
+        directory, counter = root / base, 1
+        while directory.exists():
+            counter += 1
+            directory = root / f"{base}-{counter}"
+        (directory / "logs").mkdir(parents=True)
+        run = cls(directory)
+        atomic_write_bytes(directory / "config.yaml", yaml.safe_dump({"kind": kind, **config}, sort_keys=False).encode())
+        run.update(status="running", kind=kind, created=time.time(), step=0)
+        return run
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> Run:
+        directory = Path(directory)
+        if not (directory / "run.json").is_file():
+            raise UserError(f"{directory} is not a run folder (no run.json); pass a folder made by `studio train-*`")
+        return cls(directory)
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        return yaml.safe_load((self.directory / "config.yaml").read_text())
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return read_json(self.directory / "run.json")
+
+    def update(self, **fields: Any) -> None:
+        path = self.directory / "run.json"
+        info = read_json(path) if path.is_file() else {}
+        info.update(fields, updated=time.time())
+        write_json(path, info)
+
+    def log_event(self, event: Any) -> None:
+        """Append one progress event (a dataclass or dict) and keep run.json's progress current."""
+        record = dataclasses.asdict(event) if dataclasses.is_dataclass(event) else dict(event)
+        record["time"] = time.time()
+        with open(self.directory / "logs" / "events.jsonl", "a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+        if record.get("kind") == "step":
+            self.update(step=record["step"], total_steps=record["total_steps"], loss=record["loss"], eta_s=record.get("eta_s"))
+        elif record.get("kind") == "sample":
+            self.update(latest_sample=record["path"])
+        self._tensorboard(record)
+
+    def _tensorboard(self, record: dict[str, Any]) -> None:
+        if record.get("kind") != "step":
+            return
+        if not hasattr(self, "_writer"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.directory / "logs" / "tensorboard"))
+            except ImportError:  # tensorboard is optional; events.jsonl always has everything
+                self._writer = None
+        if self._writer is not None:
+            self._writer.add_scalar("loss", record["loss"], record["step"])
+            if record.get("lr") is not None:
+                self._writer.add_scalar("lr", record["lr"], record["step"])
+
+
+def list_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every run under `root`, newest first, with its run.json."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    runs = []
+    for directory in root.iterdir():
+        if (directory / "run.json").is_file():
+            runs.append({"path": str(directory), "name": directory.name, **read_json(directory / "run.json")})
+    return sorted(runs, key=lambda r: r.get("created", 0), reverse=True)
