@@ -94,9 +94,16 @@ class PlpAdapter(Adapter):
         d = torch.randn(config.r, in_features - c.shape[1], generator=generator) / config.r
         self.learnable_up = nn.Parameter(torch.zeros(out_features - a.shape[0], config.r, device=device, dtype=dtype))  # B, style
         self.learnable_down = nn.Parameter(d.to(device, dtype))  # D, content
+        self.up_weight, self.down_weight = 1.0, 1.0  # composition weights of B (style) and D (content)
+
+    def set_factor_weights(self, up: float = 1.0, down: float = 1.0) -> None:
+        """Scale the learnable halves at generation time: dW = [A; up*B] [C | down*D]."""
+        self.up_weight, self.down_weight = float(up), float(down)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return plp_factors(self.frozen_up, self.learnable_up, self.frozen_down, self.learnable_down)
+        up = self.learnable_up if self.up_weight == 1.0 else self.up_weight * self.learnable_up
+        down = self.learnable_down if self.down_weight == 1.0 else self.down_weight * self.learnable_down
+        return plp_factors(self.frozen_up, up, self.frozen_down, down)
 
     def delta_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         up, down = self.factors()

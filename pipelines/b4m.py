@@ -1,0 +1,192 @@
+"""Break-for-Make (Xu et al. 2024; spec: shared/specs/break_for_make.md) on any SD pipeline.
+
+    b4m = BreakForMakePipeline(load_base("embedded"), BreakForMakeConfig())
+    b4m(content=moon_images, style=neon_images, aux_styles=[...], aux_contents=[...], run_dir="runs/b4m")
+    images = b4m.generate(["a moon in neon style"], content_weight=1.0, style_weight=1.0)
+    b4m.save("runs/b4m/final"); BreakForMakePipeline.from_pretrained(pipe, "runs/b4m/final")
+
+Every targeted layer gets a PLP (peft_core.methods.plp): dW = [A; B] [C | D] with A, C frozen.
+1. break / content: D learns the content images; B, at a 10x lower learning rate, learns several
+   *other* styles, so D must work with many style partners (multi-correspondence projection).
+2. break / style: the mirror image: B learns the style, D learns other contents at 10x lower LR.
+3. make: a joint adapter [A; B_style] [C | D_content], fine-tuned briefly on both sets.
+4. compose: generate with the joint adapter; content_weight scales D and style_weight scales B.
+
+Each loss steps only the factor it belongs to (torch.autograd.grad on that factor, one optimizer
+per factor), unlike the official code where gradients leak between the two (spec pitfall 5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peft_core import PlpConfig, attach, get_handle, load, make_joint
+from peft_core.io import read_json, write_json
+from pipelines.errors import UserError
+from pipelines.train import (
+    UNET_ATTENTION_TARGETS,
+    TrainEvent,
+    diffusion_loss,
+    generate,
+    sample_batch,
+    step_generator,
+)
+
+UP, DOWN = "learnable_up", "learnable_down"  # B (style) and D (content)
+
+
+@dataclass
+class BreakForMakeConfig:
+    """Defaults suit the embedded tiny SD; the paper used r=64, lr 1e-4, 1000 + <=200 steps on SDXL."""
+
+    rank: int = 8
+    seed: int = 0
+    targets: list[str] = field(default_factory=lambda: list(UNET_ATTENTION_TARGETS))
+    break_steps: int = 300
+    make_steps: int = 100
+    batch_size: int = 4
+    main_lr: float = 1e-3
+    partner_lr_ratio: float = 0.1  # the partner PLP's learning rate relative to the main one
+    make_lr: float = 1e-3
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+
+
+class BreakForMakePipeline:
+    def __init__(self, pipe, config: BreakForMakeConfig | None = None) -> None:
+        self.pipe = pipe
+        self.config = config or BreakForMakeConfig()
+
+    @property
+    def handle(self):
+        return get_handle(self.pipe.unet)
+
+    def __call__(
+        self,
+        content,
+        style,
+        aux_styles: Sequence = (),
+        aux_contents: Sequence = (),
+        run_dir: str | os.PathLike | None = None,
+        on_event: Callable[[TrainEvent], Any] | None = None,
+    ) -> BreakForMakePipeline:
+        """Run break (content, style) and make; datasets yield {"pixel_values", "prompt"} items."""
+        # 1. Check inputs.
+        for label, dataset in [("content", content), ("style", style), *[("aux style", d) for d in aux_styles],
+                               *[("aux content", d) for d in aux_contents]]:
+            if len(dataset) == 0:
+                raise UserError(f"the {label} dataset is empty")
+        if self.handle is not None and set(self.handle.adapter_names) & {"content", "style", "joint"}:
+            raise UserError("this pipeline's UNet already has B4M adapters; load a fresh base model to train again")
+        emit = on_event or (lambda event: None)
+        self.pipe.unet.requires_grad_(False)
+        self.pipe.text_encoder.requires_grad_(False)
+        self.pipe.vae.requires_grad_(False)
+        plp = PlpConfig(targets=self.config.targets, r=self.config.rank, seed=self.config.seed)
+
+        # 2. Break: content run (main D on content, partner B on other styles).
+        self._break("content", plp, content, list(aux_styles), main=DOWN, partner=UP, emit=emit)
+        # 3. Break: style run (main B on style, partner D on other contents).
+        self._break("style", plp, style, list(aux_contents), main=UP, partner=DOWN, emit=emit)
+        # 4. Make: pair style's B with content's D and fine-tune both on both sets.
+        make_joint(self.handle, content="content", style="style", name="joint")
+        self._make(content, style, emit)
+        if run_dir is not None:
+            self.save(Path(run_dir) / "b4m")
+        return self
+
+    # -- stages -----------------------------------------------------------------------------
+    def _break(self, name: str, plp: PlpConfig, main_data, partner_sets: list, main: str, partner: str, emit) -> None:
+        config, device = self.config, self.pipe.unet.device
+        if self.handle is None:
+            attach(self.pipe.unet, plp, name=name)
+        else:
+            self.handle.add(plp, name=name)
+        handle = self.handle
+        for other in handle.adapter_names:
+            (handle.enable if other == name else handle.disable)(other)
+        handle.set_trainable(name)
+        main_params = [p for n, p in handle.named_trainable_parameters() if n.endswith(main)]
+        partner_params = [p for n, p in handle.named_trainable_parameters() if n.endswith(partner)]
+        main_opt = torch.optim.AdamW(main_params, lr=config.main_lr, weight_decay=config.weight_decay)
+        partner_opt = torch.optim.AdamW(partner_params, lr=config.main_lr * config.partner_lr_ratio, weight_decay=config.weight_decay)
+        self.pipe.unet.train()
+        for step in range(config.break_steps):
+            generator = step_generator(config.seed, step)
+            loss = diffusion_loss(self.pipe, self.pipe.unet, sample_batch(main_data, config.batch_size, config.seed, step),
+                                  generator, device, torch.float32)
+            self._step(loss, main_params, main_opt)
+            if partner_sets:  # the partner learns the mean loss over the other concepts
+                partner_loss = sum(
+                    diffusion_loss(self.pipe, self.pipe.unet, sample_batch(data, config.batch_size, config.seed + 1 + k, step),
+                                   generator, device, torch.float32)
+                    for k, data in enumerate(partner_sets)
+                ) / len(partner_sets)
+                self._step(partner_loss, partner_params, partner_opt)
+            emit(TrainEvent(f"break-{name}", step + 1, config.break_steps, loss=loss.item(), lr=config.main_lr))
+
+    def _make(self, content, style, emit) -> None:
+        config, device, handle = self.config, self.pipe.unet.device, self.handle
+        params = handle.trainable_parameters()
+        optimizer = torch.optim.AdamW(params, lr=config.make_lr, weight_decay=config.weight_decay)
+        for step in range(config.make_steps):
+            # One noise draw for both halves of the step (spec §2: same noise and timestep).
+            seed = config.seed + 10_000
+            content_loss = diffusion_loss(self.pipe, self.pipe.unet, sample_batch(content, config.batch_size, seed, step),
+                                          step_generator(seed, step), device, torch.float32)
+            style_loss = diffusion_loss(self.pipe, self.pipe.unet, sample_batch(style, config.batch_size, seed, step),
+                                        step_generator(seed, step), device, torch.float32)
+            loss = content_loss + style_loss
+            self._step(loss, params, optimizer)
+            emit(TrainEvent("make", step + 1, config.make_steps, loss=loss.item(), lr=config.make_lr))
+
+    def _step(self, loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+        """Gradient of `loss` for `params` only; nothing else receives (or keeps) a gradient."""
+        grads = torch.autograd.grad(loss, params)
+        for parameter, grad in zip(params, grads):
+            parameter.grad = grad
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # -- compose ----------------------------------------------------------------------------
+    def set_mix(self, content_weight: float = 1.0, style_weight: float = 1.0, adapter: str = "joint") -> None:
+        """Scale the joint adapter's content factor D and style factor B (1, 1: as trained)."""
+        handle = self.handle
+        if handle is None or adapter not in handle.adapter_names:
+            raise UserError(f"no {adapter!r} adapter yet; run the pipeline (break -> make) or load a saved one")
+        for other in handle.adapter_names:
+            (handle.enable if other == adapter else handle.disable)(other)
+        for _, wrapper in handle.wrappers(adapter):
+            wrapper.adapters[adapter].set_factor_weights(up=style_weight, down=content_weight)
+
+    def generate(self, prompts: Sequence[str], content_weight: float = 1.0, style_weight: float = 1.0,
+                 adapter: str = "joint", **options) -> list:
+        """Images of `prompts` with one adapter ("joint", or "content"/"style" alone)."""
+        self.set_mix(content_weight, style_weight, adapter)
+        return generate(self.pipe, prompts, **options)
+
+    # -- save / load ------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        for name in self.handle.adapter_names:
+            self.handle.save(directory / name, name=name)
+        write_json(directory / "b4m.json", {"config": dataclasses.asdict(self.config), "adapters": self.handle.adapter_names})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, pipe, directory: str | os.PathLike) -> BreakForMakePipeline:
+        directory = Path(directory)
+        record = read_json(directory / "b4m.json")
+        b4m = cls(pipe, BreakForMakeConfig(**record["config"]))
+        for name in record["adapters"]:
+            load(pipe.unet, directory / name, name=name)
+        return b4m
