@@ -20,6 +20,11 @@ SUBCOMMANDS: dict[str, tuple] = {
     "train-style": ("studio.train_diffusion", "Train a style adapter on images (no arguments: the embedded demo).",
                     {"kind": "style"}),
     "train-content": ("studio.train_diffusion", "Train a content adapter on images of one subject.", {"kind": "content"}),
+    "break-for-make": ("studio.b4m_cli", "Break-for-Make: content PLP + style PLP (break), joint adapter (make), compose."),
+    "generate": ("studio.generate", "Generate images with a base model and any adapters (with weights).", {"mode": "generate"}),
+    "compose": ("studio.generate", "Compose a content and a style adapter (or a B4M folder) at generation time.",
+                {"mode": "compose"}),
+    "export": ("studio.export", "Export an adapter to the diffusers or HF PEFT format."),
     "pretrain-base": ("studio.pretrain", "Recipe that pretrains the embedded tiny SD, tiny LM and judges in assets/."),
     "demo": ("studio.demo", "Quickest real demo of peft_core: attach, train, merge, save, reload."),
 }
