@@ -104,6 +104,8 @@ def sample_batch(dataset, batch_size: int, seed: int, step: int, process_index: 
         position = step * global_batch + process_index * batch_size + k
         epoch, offset = divmod(position, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch))
+        if hasattr(dataset, "set_epoch"):  # new random crops/flips each epoch, reproducibly
+            dataset.set_epoch(epoch)
         items.append(dataset[int(order[offset])])
     return Batch(torch.stack([item["pixel_values"] for item in items]), [item["prompt"] for item in items])
 
@@ -228,6 +230,8 @@ def train_adapter(
     config.check()
     if len(dataset) == 0:
         raise UserError("the dataset is empty; add images (and captions) to the folder")
+    if len(set(getattr(dataset, "bucket_ids", [0]))) > 1:
+        raise UserError("this training loop batches square crops only; build the dataset with buckets=False")
     if config.train_text_encoder and text_encoder_adapter is None:  # same method, the text encoder's projections
         text_encoder_adapter = config_from_dict({**adapter_config.to_dict(), "targets": TEXT_ENCODER_TARGETS, "exclude": []})
     run_dir = Path(run_dir)
