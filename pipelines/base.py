@@ -1,0 +1,114 @@
+"""Loading base models: the embedded tiny ones shipped in assets/, or any Stable Diffusion the user names.
+
+`load_base(spec)` accepts, in the order it tries them:
+  1. the embedded name ("embedded", "embedded-tiny-sd") or None: the tiny SD in assets/tiny-sd/;
+  2. a local diffusers folder (it has a model_index.json);
+  3. a single-file checkpoint (.safetensors / .ckpt), through `from_single_file`;
+  4. a Hugging Face hub id ("owner/name"), through `from_pretrained` (cache or network).
+Whatever the source, the result is a diffusers `StableDiffusionPipeline`, so the code after it is
+the same for the demo model and for a real SD 1.x. Failures say which of the four was meant.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from pipelines.errors import UserError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EMBEDDED_SD = ASSETS / "tiny-sd"
+EMBEDDED_LM = ASSETS / "tiny-lm"
+EMBEDDED_NAMES = ("embedded", "embedded-tiny-sd")
+EMBEDDED_LM_NAMES = ("embedded", "embedded-tiny-lm")
+DEFAULT_BASE = "embedded"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+def load_base(spec: str | os.PathLike | None = DEFAULT_BASE, torch_dtype=None, **kwargs):
+    """A `StableDiffusionPipeline` from the embedded name, a folder, a single file or a hub id.
+
+    `torch_dtype` and other keyword arguments go to diffusers' loader unchanged.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    if spec is None or str(spec) in EMBEDDED_NAMES:
+        return _load_folder(StableDiffusionPipeline, _embedded_folder(EMBEDDED_SD, "tiny SD"), kwargs)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"{path} is a folder but not a diffusers pipeline (no model_index.json); "
+                            "pass a diffusers folder, a .safetensors/.ckpt file, a hub id or 'embedded'")
+        return _load_folder(StableDiffusionPipeline, path, kwargs)
+    if path.is_file():
+        if path.suffix not in _SINGLE_FILE_SUFFIXES:
+            raise UserError(f"{path} is not a checkpoint file (expected one of {', '.join(_SINGLE_FILE_SUFFIXES)})")
+        # Converting an original-format checkpoint needs its config; offline, diffusers can only
+        # build it from the cache, so say so rather than surface a hub error.
+        try:
+            return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        except Exception as error:
+            raise UserError(f"could not load single-file checkpoint {path}: {error}") from error
+    looks_like_path = str(spec).startswith((".", "/", "~")) or path.suffix in _SINGLE_FILE_SUFFIXES
+    if looks_like_path or not _HUB_ID.match(str(spec)):
+        raise UserError(f"base model {str(spec)!r} not found: no such folder or file, and not a hub id "
+                        f"(owner/name); use 'embedded' for the built-in tiny model")
+    return _load_hub(StableDiffusionPipeline, str(spec), kwargs)
+
+
+def load_embedded_lm(spec: str | os.PathLike | None = DEFAULT_BASE, torch_dtype=None):
+    """(model, tokenizer) of a causal LM: the embedded tiny Llama by default, else a folder or hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec is None or str(spec) in EMBEDDED_LM_NAMES:
+        source = str(_embedded_folder(EMBEDDED_LM, "tiny LM"))
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists() and (str(spec).startswith((".", "/", "~")) or not _HUB_ID.match(str(spec))):
+            raise UserError(f"language model {str(spec)!r} not found: no such folder, and not a hub id (owner/name)")
+        source = str(path) if path.exists() else str(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except OSError as error:
+        raise UserError(f"could not load language model {source!r}: {_offline_hint(error)}") from error
+    return model, tokenizer
+
+
+def embedded_lm_data(name: str) -> Path:
+    """Path of a file shipped with the tiny LM (task_add_train.jsonl, knowledge_probe.jsonl, heldout.txt, ...)."""
+    path = EMBEDDED_LM / "data" / name
+    if not path.is_file():
+        available = sorted(p.name for p in (EMBEDDED_LM / "data").glob("*")) if (EMBEDDED_LM / "data").is_dir() else []
+        raise UserError(f"no embedded LM data file {name!r}; available: {', '.join(available) or 'none'}")
+    return path
+
+
+def _embedded_folder(folder: Path, what: str) -> Path:
+    if not (folder / "config.json").is_file() and not (folder / "model_index.json").is_file():
+        raise UserError(f"the embedded {what} is missing from {folder}; rebuild it with `studio pretrain-base`")
+    return folder
+
+
+def _load_folder(pipeline_class, folder: Path, kwargs: dict):
+    # A local folder never needs the network; local_files_only makes that explicit and fast.
+    return pipeline_class.from_pretrained(str(folder), local_files_only=True, **kwargs)
+
+
+def _load_hub(pipeline_class, hub_id: str, kwargs: dict):
+    try:
+        return pipeline_class.from_pretrained(hub_id, **kwargs)
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not load {hub_id!r} from the Hugging Face hub: {_offline_hint(error)}") from error
+
+
+def _offline_hint(error: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    hint = ("HF_HUB_OFFLINE is set, so only models already in the local cache can load"
+            if offline else "check the id, your network, and that the model is public or you are logged in")
+    return f"{str(error).splitlines()[0]} ({hint}; 'embedded' works offline)"

@@ -1,0 +1,1 @@
+"""Procedural worlds the embedded base models are pretrained on: pictures (`image`) and text (`text`)."""
