@@ -7,6 +7,7 @@
 from peft_core.config import AdapterConfig, available_methods, config_from_dict, get_method, register_method
 from peft_core.errors import AdapterError
 from peft_core.layer import AdaptedModule, Adapter
+from peft_core.methods.compacter import CompacterConfig
 from peft_core.methods.lora import LoraConfig
 from peft_core.methods.paca import PacaConfig
 from peft_core.methods.plp import PlpConfig, make_joint
@@ -18,6 +19,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterError",
     "AdapterHandle",
+    "CompacterConfig",
     "LoraConfig",
     "PacaConfig",
     "PlpConfig",

@@ -7,7 +7,8 @@ number of named adapters, and decides per call how to run them:
 - one active adapter that offers a fused path (`Adapter.fused_forward`, e.g. LoRA's single
   autograd Function or PaCA's resident columns) -> that path;
 - otherwise -> base output + sum_i weight_i * adapter_i.delta_forward(x), which never touches
-  the base weight and is exact for any mix of methods, weights and disabled adapters.
+  the base weight and is exact for any mix of methods, weights and disabled adapters. (Methods
+  placed after a layer read base(x) too, through `Adapter.output_delta`.)
 
 A fused path may keep state inside the base weight (PaCA's resident columns). The wrapper owns
 that state's lifetime: before any other path, a merge, or a `state_dict()` it calls
@@ -44,6 +45,24 @@ class Adapter(nn.Module):
         raise AdapterError(f"{type(self).__name__} has no dense weight update, so it cannot be merged")
 
     # -- optional -------------------------------------------------------------------------
+    def output_delta(self, base: nn.Module, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        """delta_forward, given base(x) too: methods placed *after* a layer (Compacter) read its output."""
+        return self.delta_forward(base, x)
+
+    @classmethod
+    def tie_shared(cls, adapters: list[Adapter]) -> None:
+        """Called once per named adapter with its per-layer adapters (model order), right after they
+        are built: tie tensors shared across layers, registered in one of them only, so they are
+        saved, loaded, counted and optimized once (Compacter's slow weights)."""
+
+    def check_mergeable(self, base: nn.Module) -> None:
+        """Raise AdapterError if this adapter cannot be merged into `base` (checked before any merge)."""
+        if not has_dense_weight(base):
+            raise AdapterError(
+                f"{self.module_name!r} has a quantized base weight; merging would requantize it and perturb every "
+                "weight. Load the base model in bf16/fp32 to merge, or keep the adapter unmerged."
+            )
+
     def fused_forward(self, base: nn.Module, x: torch.Tensor, weight: float) -> torch.Tensor | None:
         """A faster path for when this is the only active adapter; None if it does not apply."""
         return None
@@ -60,11 +79,7 @@ class Adapter(nn.Module):
 
     def merge_into(self, base: nn.Module, weight: float) -> torch.Tensor:
         """Add weight * delta_weight to the base weight; return what `unmerge_from` needs to undo it."""
-        if not has_dense_weight(base):
-            raise AdapterError(
-                f"{self.module_name!r} has a quantized base weight; merging would requantize it and perturb every "
-                "weight. Load the base model in bf16/fp32 to merge, or keep the adapter unmerged."
-            )
+        self.check_mergeable(base)
         backup = base.weight.detach().clone()
         with torch.no_grad():
             merged = base.weight.to(master_dtype(base.weight)) + weight * self.delta_weight(base).to(base.weight.device)
@@ -93,6 +108,15 @@ class AdaptedModule(nn.Module):
         self.register_state_dict_pre_hook(lambda module, *args, **kwargs: module.release_fused())
         for parameter in base_layer.parameters():
             parameter.requires_grad_(False)
+
+    # Models read their layers' weights directly (T5 casts to `wo.weight.dtype`); show the base's.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
 
     # -- adapters ---------------------------------------------------------------------------
     def add_adapter(self, name: str, adapter: Adapter, weight: float = 1.0) -> None:
@@ -132,9 +156,9 @@ class AdaptedModule(nn.Module):
                 self._fused_owner = name
                 return output
         self.release_fused()
-        output = self.base_layer(x, *args, **kwargs)
+        output = base_output = self.base_layer(x, *args, **kwargs)
         for name, adapter in active:
-            delta = adapter.delta_forward(self.base_layer, x)
+            delta = adapter.output_delta(self.base_layer, x, base_output)
             weight = self.adapter_weights[name]
             output = output + (delta if weight == 1.0 else weight * delta)
         return output

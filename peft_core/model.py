@@ -53,6 +53,7 @@ class AdapterHandle:
         for module_name in module_names:
             base = wrappers[module_name].base_layer if wrappers[module_name] else self.model.get_submodule(module_name)
             adapters[module_name] = spec.adapter_class(base, config, module_name)
+        spec.adapter_class.tie_shared(list(adapters.values()))
         if not self.configs:
             for parameter in self.model.parameters():  # the base model is frozen once adapters exist
                 parameter.requires_grad_(False)
@@ -136,6 +137,10 @@ class AdapterHandle:
         names = self._enabled_names() if names is None else list(names)
         for name in names:
             self._check_name(name)
+        for name in names:  # all or nothing: a refusal (4-bit base, nonlinear adapter) merges none
+            for _, wrapper in self.wrappers(name):
+                wrapper.adapters[name].check_mergeable(wrapper.base_layer)
+        for name in names:
             for _, wrapper in self.wrappers(name):
                 wrapper.merge(name)
 

@@ -13,6 +13,7 @@ from torch import nn
 from peft_core import (
     AdaptedModule,
     AdapterError,
+    CompacterConfig,
     LoraConfig,
     PacaConfig,
     PlpConfig,
@@ -48,9 +49,12 @@ CONFIGS = {
     "paca": lambda: PacaConfig(targets=TARGETS, r=3, alpha=5.0),
     "paca_additive": lambda: PacaConfig(targets=TARGETS, r=3, alpha=5.0, resident=False),
     "plp": lambda: PlpConfig(targets=LINEAR_TARGETS, r=4),
+    "compacter": lambda: CompacterConfig(targets=LINEAR_TARGETS, n=2, bottleneck=2),
 }
 # PLP's frozen halves make dW = A C + A D nonzero at step 0 (spec §2); every other method starts at the base.
 NOT_IDENTITY_AT_INIT = {"plp"}
+# Compacter's bottleneck is nonlinear: no weight update exists, so merge refuses (and merges nothing).
+NOT_MERGEABLE = {"compacter"}
 
 
 def test_every_registered_method_is_covered():
@@ -104,6 +108,11 @@ def test_merge_equals_unmerged_and_unmerge_is_bit_exact(method, image):
     handle = attach(model, CONFIGS[method]())
     randomize(handle)
     unmerged = model(image)
+    if method in NOT_MERGEABLE:
+        with pytest.raises(AdapterError, match="cannot be merged"):
+            handle.merge()
+        assert torch.equal(model(image), unmerged)
+        return
     handle.merge()
     torch.testing.assert_close(model(image), unmerged, rtol=1e-10, atol=1e-10)
     handle.unmerge()
@@ -119,6 +128,13 @@ def test_unload_returns_plain_model_with_merged_weights(method, image):
     handle = attach(model, CONFIGS[method]())
     randomize(handle)
     expected = model(image)
+    if method in NOT_MERGEABLE:
+        with pytest.raises(AdapterError, match="cannot be merged"):
+            handle.unload()
+        plain = handle.unload(merge=False)
+        assert not any(isinstance(m, AdaptedModule) for m in plain.modules())
+        torch.testing.assert_close(plain(image), make_model()(image), rtol=1e-12, atol=1e-12)
+        return
     plain = handle.unload()
     assert not any(isinstance(m, AdaptedModule) for m in plain.modules())
     torch.testing.assert_close(plain(image), expected, rtol=1e-10, atol=1e-10)
@@ -161,14 +177,15 @@ def test_two_named_adapters_with_weights_give_the_weighted_sum(method, image):
     # so compare the per-layer behaviour on a single linear layer too (below) and the whole block
     # against the merged weights here.
     combined = model(image)
-    handle.merge()
-    torch.testing.assert_close(model(image), combined, rtol=1e-10, atol=1e-10)
-    handle.unmerge()
+    if method not in NOT_MERGEABLE:
+        handle.merge()
+        torch.testing.assert_close(model(image), combined, rtol=1e-10, atol=1e-10)
+        handle.unmerge()
     assert not torch.allclose(combined, content_out) and not torch.allclose(combined, style_out)
     assert not torch.allclose(combined, base_out)
 
     layer = nn.Sequential()
-    layer.add_module("q_proj", nn.Linear(8, 5).double())
+    layer.add_module("q_proj", nn.Linear(8, 6).double())  # even widths: Compacter's n=2 divides them
     x = torch.randn(4, 8, dtype=torch.float64)
     base = layer(x)
     h = attach(layer, CONFIGS[method](), name="a", weight=0.7)
@@ -276,7 +293,7 @@ def test_config_errors_name_the_key():
         config_from_dict({"method": "lora", "targets": ["q"], "rank": 4})
     with pytest.raises(AdapterError, match="'r' expects int, got '4'"):
         config_from_dict({"method": "lora", "targets": ["q"], "r": "4"})
-    with pytest.raises(AdapterError, match="unknown method 'dora'; available methods: lora, paca, plp"):
+    with pytest.raises(AdapterError, match="unknown method 'dora'; available methods: .*lora, paca, plp"):
         config_from_dict({"method": "dora", "targets": ["q"]})
     assert config_from_dict({"method": "paca", "targets": ["q"], "alpha": 16}).alpha == 16.0
 
