@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -55,17 +56,24 @@ class MethodSpec:
     name: str
     config_class: type[AdapterConfig]
     adapter_class: type  # a peft_core.layer.Adapter subclass
+    # For methods that must look at data first (CorDA, SPT): prepare(model, config, batches, step=None)
+    # returns a mapping module name -> what that module's adapter needs; attach(..., prepared=) takes it.
+    prepare: Callable[..., Any] | None = None
+
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register_method(config_class: type[AdapterConfig], adapter_class: type) -> None:
-    """Make a method known by its `config_class.method` name."""
+def register_method(config_class: type[AdapterConfig], adapter_class: type, prepare: Callable[..., Any] | None = None) -> None:
+    """Make a method known by its `config_class.method` name.
+
+    `prepare`: only for methods that need data before attach; its result goes to attach(..., prepared=).
+    """
     name = config_class.method
     if not name:
         raise ValueError(f"{config_class.__name__} must set the class attribute `method`")
-    _REGISTRY[name] = MethodSpec(name, config_class, adapter_class)
+    _REGISTRY[name] = MethodSpec(name, config_class, adapter_class, prepare)
 
 
 def available_methods() -> list[str]:
