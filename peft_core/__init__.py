@@ -8,9 +8,11 @@ from peft_core.config import AdapterConfig, available_methods, config_from_dict,
 from peft_core.errors import AdapterError
 from peft_core.layer import AdaptedModule, Adapter
 from peft_core.methods.compacter import CompacterConfig
+from peft_core.methods.corda import CordaConfig
 from peft_core.methods.lora import LoraConfig
 from peft_core.methods.paca import PacaConfig
 from peft_core.methods.plp import PlpConfig, make_joint
+from peft_core.methods.spt import SptConfig
 from peft_core.model import AdapterHandle, attach, get_handle, load, read_adapter_config
 
 __all__ = [
@@ -20,9 +22,11 @@ __all__ = [
     "AdapterError",
     "AdapterHandle",
     "CompacterConfig",
+    "CordaConfig",
     "LoraConfig",
     "PacaConfig",
     "PlpConfig",
+    "SptConfig",
     "attach",
     "available_methods",
     "config_from_dict",

@@ -61,7 +61,6 @@ class MethodSpec:
     prepare: Callable[..., Any] | None = None
 
 
-
 _REGISTRY: dict[str, MethodSpec] = {}
 
 

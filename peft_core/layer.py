@@ -32,8 +32,17 @@ class Adapter(nn.Module):
     supported_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
 
     def __init__(self, base: nn.Module, config: AdapterConfig, module_name: str) -> None:
+        # Methods registered with a `prepare` step take one more keyword, `prepared`: their
+        # module's entry of prepare()'s result (or of `prepared_from_state`, when loading).
         super().__init__()
         self.module_name = module_name
+
+    @classmethod
+    def prepared_from_state(cls, state: dict[str, torch.Tensor], base: nn.Module, config: AdapterConfig) -> object:
+        """Methods with a `prepare` step: the `prepared` entry that rebuilds this module's adapter
+        with the shapes of its saved tensors `state` (keys without the module prefix), so `load`
+        works without the calibration data. The loaded tensors then overwrite every value."""
+        raise AdapterError(f"{cls.__name__} does not say how to rebuild itself from a checkpoint")
 
     # -- required -------------------------------------------------------------------------
     def delta_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:

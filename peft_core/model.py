@@ -14,13 +14,14 @@ registry gives the adapter class, and the adapter class supplies the math.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from peft_core.config import AdapterConfig, config_from_dict, get_method
+from peft_core.config import AdapterConfig, MethodSpec, config_from_dict, get_method
 from peft_core.errors import AdapterError
 from peft_core.io import read_json, read_safetensors, write_json, write_safetensors
 from peft_core.layer import AdaptedModule
@@ -39,20 +40,33 @@ class AdapterHandle:
         self.configs: dict[str, AdapterConfig] = {}
 
     # -- adding and removing ----------------------------------------------------------------
-    def add(self, config: AdapterConfig, name: str = "default", weight: float = 1.0, trainable: bool = True) -> AdapterHandle:
-        """Attach a new named adapter to every module `config.targets` selects."""
+    def add(
+        self,
+        config: AdapterConfig,
+        name: str = "default",
+        weight: float = 1.0,
+        trainable: bool = True,
+        prepared: Mapping[str, Any] | None = None,
+    ) -> AdapterHandle:
+        """Attach a new named adapter to every module `config.targets` selects.
+
+        prepared: for methods with a data-driven `prepare` step (CorDA, SPT), its result: a mapping
+            module name -> that module's entry, handed to the module's adapter constructor.
+        """
         if name in self.configs:
             raise AdapterError(f"an adapter named {name!r} already exists; pick another name or remove it first")
         if not name.isidentifier():
             raise AdapterError(f"adapter name {name!r} must be a Python identifier (letters, digits, _)")
         spec = get_method(config.method)
         module_names = find_targets(self.model, config.targets, config.exclude, spec.adapter_class.supported_types)
+        _check_prepared(spec, module_names, prepared)
         # Build every adapter before inserting any, so a failure leaves the model untouched.
         wrappers = {module_name: self._wrapper(module_name, create=False) for module_name in module_names}
         adapters = {}
         for module_name in module_names:
             base = wrappers[module_name].base_layer if wrappers[module_name] else self.model.get_submodule(module_name)
-            adapters[module_name] = spec.adapter_class(base, config, module_name)
+            extra = {} if spec.prepare is None else {"prepared": prepared[module_name]}
+            adapters[module_name] = spec.adapter_class(base, config, module_name, **extra)
         spec.adapter_class.tie_shared(list(adapters.values()))
         if not self.configs:
             for parameter in self.model.parameters():  # the base model is frozen once adapters exist
@@ -246,17 +260,87 @@ class AdapterHandle:
         setattr(parent, child_name, new_module)
 
 
+def _check_prepared(spec: MethodSpec, module_names: list[str], prepared: Mapping[str, Any] | None) -> None:
+    if spec.prepare is None:
+        if prepared is not None:
+            raise AdapterError(f"method {spec.name!r} has no prepare step; attach it without `prepared`")
+        return
+    if prepared is None:
+        raise AdapterError(
+            f"method {spec.name!r} must look at data before it attaches: run "
+            f"peft_core.methods.{spec.name}.prepare(model, config, batches) and pass its result as `prepared=`"
+        )
+    missing = [module_name for module_name in module_names if module_name not in prepared]
+    extra = sorted(set(prepared) - set(module_names))
+    if missing or extra:
+        which = f"has nothing for {missing[0]!r}" if missing else f"was made for {extra[0]!r}, which these targets do not select"
+        raise AdapterError(
+            f"{spec.name}: the prepared data {which} ({len(missing)} missing, {len(extra)} extra); "
+            "run prepare with the same config on this model"
+        )
+
+
+def calibration_outputs(model: nn.Module, batches: Iterable[Any], step: Callable[[nn.Module, Any], Any] | None, method: str) -> Iterator[Any]:
+    """What `prepare` steps share: run `step(model, batch)` on each batch and yield its result.
+
+    The default step calls model(batch), model(**batch) for a dict, model(*batch) for a tuple or list.
+    A failing batch becomes an AdapterError naming the batch and its shapes; no batch at all is an error.
+    """
+    step = step or _call_model
+    count = 0
+    for index, batch in enumerate(batches):
+        try:
+            output = step(model, batch)
+        except (RuntimeError, ValueError, IndexError, TypeError) as error:
+            raise AdapterError(
+                f"{method}.prepare: the model failed on calibration batch {index} ({_describe(batch)}): {error}; "
+                "pass batches shaped like the model's training inputs (or a `step` that feeds them)"
+            ) from error
+        count += 1
+        yield output
+    if count == 0:
+        raise AdapterError(f"{method}.prepare: the calibration data is empty; pass at least one batch")
+
+
+def _call_model(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"a {batch.dtype} tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, Mapping):
+        return ", ".join(f"{key}: {_describe(value)}" for key, value in batch.items())
+    if isinstance(batch, (tuple, list)):
+        return "(" + ", ".join(_describe(item) for item in batch) + ")"
+    return type(batch).__name__
+
+
 def get_handle(model: nn.Module) -> AdapterHandle | None:
     return getattr(model, "_peft_core_handle", None)
 
 
-def attach(model: nn.Module, config: AdapterConfig, name: str = "default", weight: float = 1.0, trainable: bool = True) -> AdapterHandle:
-    """Add adapter `name` described by `config` to `model` (in place) and return the model's handle."""
+def attach(
+    model: nn.Module,
+    config: AdapterConfig,
+    name: str = "default",
+    weight: float = 1.0,
+    trainable: bool = True,
+    prepared: Mapping[str, Any] | None = None,
+) -> AdapterHandle:
+    """Add adapter `name` described by `config` to `model` (in place) and return the model's handle.
+
+    Methods with a prepare step need its result: `attach(model, config, prepared=prepare(model, config, batches))`.
+    """
     handle = get_handle(model)
     if handle is None:
         handle = AdapterHandle(model)
         object.__setattr__(model, "_peft_core_handle", handle)  # a plain attribute, not a submodule
-    return handle.add(config, name=name, weight=weight, trainable=trainable)
+    return handle.add(config, name=name, weight=weight, trainable=trainable, prepared=prepared)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, str]:
@@ -272,12 +356,31 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, st
     return config_from_dict(data["config"]), data.get("adapter_name", "default")
 
 
+def _prepared_from_state(model: nn.Module, config: AdapterConfig, state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """For methods with a prepare step: each module's `prepared` entry, rebuilt from the checkpoint's shapes."""
+    spec = get_method(config.method)
+    if spec.prepare is None:
+        return None
+    adapter_class = spec.adapter_class
+    prepared = {}
+    for module_name in find_targets(model, config.targets, config.exclude, adapter_class.supported_types):
+        prefix = module_name + "."
+        module_state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+        if not module_state:
+            raise AdapterError(f"the checkpoint has no {spec.name} tensors for module {module_name!r}; it does not match this model")
+        module = model.get_submodule(module_name)
+        base = module.base_layer if isinstance(module, AdaptedModule) else module
+        prepared[module_name] = adapter_class.prepared_from_state(module_state, base, config)
+    return prepared
+
+
 def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None, weight: float = 1.0, trainable: bool = False) -> AdapterHandle:
     """Attach the adapter saved in `directory` to `model` and load its weights (all-or-nothing)."""
     config, saved_name = read_adapter_config(directory)
     state = read_safetensors(Path(directory) / WEIGHTS_NAME)
     name = name or saved_name
-    handle = attach(model, config, name=name, weight=weight, trainable=trainable)
+    prepared = _prepared_from_state(model, config, state)
+    handle = attach(model, config, name=name, weight=weight, trainable=trainable, prepared=prepared)
     try:
         handle.load_state_dict(state, name=name)
     except AdapterError:

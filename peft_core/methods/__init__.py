@@ -1,3 +1,3 @@
 """Built-in methods. Importing a method module registers it (see peft_core.config)."""
 
-from peft_core.methods import compacter, lora, paca, plp  # noqa: F401
+from peft_core.methods import compacter, corda, lora, paca, plp, spt  # noqa: F401

@@ -14,14 +14,17 @@ from peft_core import (
     AdaptedModule,
     AdapterError,
     CompacterConfig,
+    CordaConfig,
     LoraConfig,
     PacaConfig,
     PlpConfig,
+    SptConfig,
     attach,
     available_methods,
     config_from_dict,
     load,
 )
+from peft_core.methods import corda, spt
 
 
 class TinyBlock(nn.Module):
@@ -49,12 +52,41 @@ CONFIGS = {
     "paca": lambda: PacaConfig(targets=TARGETS, r=3, alpha=5.0),
     "paca_additive": lambda: PacaConfig(targets=TARGETS, r=3, alpha=5.0, resident=False),
     "plp": lambda: PlpConfig(targets=LINEAR_TARGETS, r=4),
+    "corda": lambda: CordaConfig(targets=TARGETS, r=3, alpha=5.0),
+    "corda_kpm": lambda: CordaConfig(targets=TARGETS, r=3, alpha=5.0, mode="kpm"),
+    "spt": lambda: SptConfig(targets=TARGETS, budget=0.25, r=2, alpha=4.0, n_batches=2),
+    "spt_sparse": lambda: SptConfig(targets=TARGETS, budget=40, alpha=1.0, structured_vector=False, n_batches=2),
     "compacter": lambda: CompacterConfig(targets=LINEAR_TARGETS, n=2, bottleneck=2),
 }
 # PLP's frozen halves make dW = A C + A D nonzero at step 0 (spec §2); every other method starts at the base.
 NOT_IDENTITY_AT_INIT = {"plp"}
 # Compacter's bottleneck is nonlinear: no weight update exists, so merge refuses (and merges nothing).
 NOT_MERGEABLE = {"compacter"}
+
+
+def calibration_batches(model: nn.Module) -> list[torch.Tensor]:
+    """Random inputs for a method's prepare step: images for TinyBlock, feature rows otherwise."""
+    generator = torch.Generator().manual_seed(1)
+    if isinstance(model, TinyBlock):
+        return [torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64) for _ in range(3)]
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    return [torch.randn(6, first.in_features, generator=generator, dtype=torch.float64) for _ in range(3)]
+
+
+# Methods that look at data before they attach (DESIGN.md: an explicit prepare step): how this
+# suite feeds them. The rest of the suite is the same for every method.
+PREPARE = {
+    "corda": lambda model, config: corda.prepare(model, config, calibration_batches(model)),
+    "spt": lambda model, config: spt.prepare(model, config, calibration_batches(model), step=lambda m, x: m(x).square().mean()),
+}
+
+
+def add(model: nn.Module, method: str, name: str = "default", weight: float = 1.0):
+    """attach(model, CONFIGS[method]()) as a user would: the method's prepare step first, if it has one."""
+    config = CONFIGS[method]()
+    prepare = PREPARE.get(config.method)
+    prepared = prepare(model, config) if prepare else None
+    return attach(model, config, name=name, weight=weight, prepared=prepared)
 
 
 def test_every_registered_method_is_covered():
@@ -82,7 +114,7 @@ def image() -> torch.Tensor:
 def test_identity_at_init(method, image):
     model = make_model()
     expected = model(image)
-    attach(model, CONFIGS[method]())
+    add(model, method)
     if method in NOT_IDENTITY_AT_INIT:
         assert not torch.allclose(model(image), expected)
     else:
@@ -92,7 +124,7 @@ def test_identity_at_init(method, image):
 @pytest.mark.parametrize("method", CONFIGS)
 def test_only_adapter_parameters_get_gradients(method, image):
     model = make_model()
-    handle = attach(model, CONFIGS[method]())
+    handle = add(model, method)
     model(image).square().sum().backward()
     trainable = dict(handle.named_trainable_parameters())
     assert trainable and all(".adapters.default." in name for name in trainable)
@@ -105,7 +137,7 @@ def test_only_adapter_parameters_get_gradients(method, image):
 def test_merge_equals_unmerged_and_unmerge_is_bit_exact(method, image):
     model = make_model()
     base_weights = {k: v.clone() for k, v in model.state_dict().items()}
-    handle = attach(model, CONFIGS[method]())
+    handle = add(model, method)
     randomize(handle)
     unmerged = model(image)
     if method in NOT_MERGEABLE:
@@ -125,7 +157,7 @@ def test_merge_equals_unmerged_and_unmerge_is_bit_exact(method, image):
 @pytest.mark.parametrize("method", CONFIGS)
 def test_unload_returns_plain_model_with_merged_weights(method, image):
     model = make_model()
-    handle = attach(model, CONFIGS[method]())
+    handle = add(model, method)
     randomize(handle)
     expected = model(image)
     if method in NOT_MERGEABLE:
@@ -143,7 +175,7 @@ def test_unload_returns_plain_model_with_merged_weights(method, image):
 @pytest.mark.parametrize("method", CONFIGS)
 def test_save_load_round_trip(method, image, tmp_path):
     model = make_model()
-    handle = attach(model, CONFIGS[method](), name="style")
+    handle = add(model, method, name="style")
     randomize(handle, "style")
     expected = model(image)
     handle.save(tmp_path / "style", name="style")
@@ -161,8 +193,8 @@ def test_save_load_round_trip(method, image, tmp_path):
 def test_two_named_adapters_with_weights_give_the_weighted_sum(method, image):
     model = make_model()
     base_out = model(image)
-    handle = attach(model, CONFIGS[method](), name="content")
-    handle.add(CONFIGS[method](), name="style")
+    handle = add(model, method, name="content")
+    add(model, method, name="style")
     randomize(handle, "content")
     randomize(handle, "style")
     handle.disable("style")
@@ -188,8 +220,8 @@ def test_two_named_adapters_with_weights_give_the_weighted_sum(method, image):
     layer.add_module("q_proj", nn.Linear(8, 6).double())  # even widths: Compacter's n=2 divides them
     x = torch.randn(4, 8, dtype=torch.float64)
     base = layer(x)
-    h = attach(layer, CONFIGS[method](), name="a", weight=0.7)
-    h.add(CONFIGS[method](), name="b", weight=-0.4)
+    h = add(layer, method, name="a", weight=0.7)
+    add(layer, method, name="b", weight=-0.4)
     randomize(h, "a")
     randomize(h, "b")
     h.disable("b")
