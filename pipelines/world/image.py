@@ -104,9 +104,11 @@ def flat_tuples() -> list[tuple[str, str, str, str]]:
 def heldout_prompt_scenes(count: int = 64) -> list[Scene]:
     """A fixed list of held-out full-caption scenes (never in pretraining), for prompt accuracy."""
     heldout = [t for t in flat_tuples() if _is_heldout(*t)]
-    # Spread the pick over the list deterministically so every shape and colour shows up.
-    step = max(1, len(heldout) // count)
-    return [Scene(*t) for t in heldout[::step][:count]]
+    if count > len(heldout):
+        raise ValueError(f"only {len(heldout)} held-out compositions exist; asked for {count}")
+    # Evenly spaced over the (shape-major) list, so every shape and colour shows up.
+    picks = np.linspace(0, len(heldout) - 1, count).round().astype(int)
+    return [Scene(*heldout[i]) for i in picks]
 
 
 def _flat_scene(rng: np.random.Generator, contents: tuple[str, ...], exclude_heldout: bool) -> Scene:
