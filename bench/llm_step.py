@@ -261,6 +261,11 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         f"{args.warmup} warm-up + {args.steps} timed steps at batch {args.batch} x seq {args.seq_len}"
     )
 
+    if args.gc_freeze:
+        import gc
+
+        gc.collect()
+        gc.freeze()
     timing = time_steps(lambda: step(ids, labels), device, args.warmup, args.steps)
     first_loss, last_loss = float(timing["first"]), float(timing["last"])
     result: dict[str, Any] = {
@@ -273,6 +278,9 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
     )
 
     fp32_out_mm = peft_core_layer._FP32_OUT_MM.get(device.type) if name in ("lora", "paca") else None
+    if args.profile and device.type == "cuda":
+        result["profile"] = profile_steps(lambda: step(ids, labels), device)
+        log(f"[{name}] profile: {result['profile']['summary']}")
     if name in MAX_SEQ_VARIANTS:
         if args.no_max_seq or device.type != "cuda":
             result["max_seq_len"] = None
@@ -304,6 +312,32 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         }
     )
     return result
+
+
+def profile_steps(step: Callable, device: torch.device, steps: int = 3) -> dict[str, Any]:
+    """Where a step's time goes: GPU kernel time vs wall time (a gap means the CPU cannot keep up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events) / steps
+    kernels = sum(e.count for e in events if e.self_device_time_total > 0) / steps
+    top_gpu = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+    top_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    return {
+        "wall_ms_per_step_profiled": round(wall_ms, 2),
+        "gpu_busy_ms_per_step": round(gpu_us / 1e3, 2),
+        "gpu_ops_per_step": round(kernels),
+        "top_gpu": [(e.key[:80], round(e.self_device_time_total / steps / 1e3, 3), e.count // steps) for e in top_gpu],
+        "top_cpu": [(e.key[:80], round(e.self_cpu_time_total / steps / 1e3, 3), e.count // steps) for e in top_cpu],
+        "summary": f"wall {wall_ms:.1f} ms/step (profiled), GPU busy {gpu_us / 1e3:.1f} ms/step, {kernels:.0f} GPU ops/step",
+    }
 
 
 def search_max_seq(name: str, step: Callable, args, device: torch.device, vocab: int) -> dict[str, Any]:
@@ -624,6 +658,10 @@ def parse_args(argv=None):
     )
     parser.add_argument("--autocast", action="store_true", help="run forward under torch.autocast(bfloat16)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile 3 steps per variant: GPU-busy ms/step vs wall ms/step, top ops")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.collect(); gc.freeze() after building each model (fewer, shorter GC pauses)")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "llm_step.json"))
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

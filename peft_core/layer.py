@@ -17,6 +17,7 @@ that state's lifetime: before any other path, a merge, or a `state_dict()` it ca
 
 from __future__ import annotations
 
+import contextlib
 from typing import ClassVar
 
 import torch
@@ -82,6 +83,16 @@ class Adapter(nn.Module):
     def mark_stale(self) -> None:
         """The adapter's tensors changed behind autograd's back; rebuild any cached state."""
 
+    @classmethod
+    def after_optimizer_step(cls, items: list[tuple[Adapter, nn.Module, float]]) -> None:
+        """Called with every (adapter, base layer, weight) of this class after each optimizer step.
+
+        One call per class lets a method batch its work across layers (PaCA rewrites all its
+        resident columns with a few fused kernels here instead of lazily, layer by layer).
+        """
+        for adapter, _, _ in items:
+            adapter.mark_stale()
+
     def lora_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(A, B) with delta_weight == B @ A exactly (conv: A is a conv kernel, B a 1x1 one), or None."""
         return None
@@ -113,6 +124,7 @@ class AdaptedModule(nn.Module):
         self.disabled: set[str] = set()
         self.merged: list[tuple[str, torch.Tensor]] = []  # (name, backup), in merge order
         self._fused_owner: str | None = None
+        self._active: list[tuple[str, Adapter, float]] | None = None  # cached; see active_adapters
         # model.state_dict() must see the true base weight, never a fused path's resident state.
         self.register_state_dict_pre_hook(lambda module, *args, **kwargs: module.release_fused())
         for parameter in base_layer.parameters():
@@ -134,6 +146,7 @@ class AdaptedModule(nn.Module):
         self.release_fused()
         self.adapters[name] = adapter
         self.adapter_weights[name] = float(weight)
+        self._active = None
 
     def remove_adapter(self, name: str) -> None:
         if any(merged_name == name for merged_name, _ in self.merged):
@@ -142,33 +155,47 @@ class AdaptedModule(nn.Module):
         del self.adapters[name]
         del self.adapter_weights[name]
         self.disabled.discard(name)
+        self._active = None
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        (self.disabled.discard if enabled else self.disabled.add)(name)
+        self._active = None
+
+    def set_weight(self, name: str, weight: float) -> None:
+        self.adapter_weights[name] = float(weight)
+        self._active = None
 
     def is_merged(self, name: str) -> bool:
         return any(merged_name == name for merged_name, _ in self.merged)
 
-    def active_adapters(self) -> list[tuple[str, Adapter]]:
-        return [
-            (name, adapter)
-            for name, adapter in self.adapters.items()
-            if name not in self.disabled and not self.is_merged(name)
-        ]
+    def active_adapters(self) -> list[tuple[str, Adapter, float]]:
+        """(name, adapter, weight) of every enabled, unmerged adapter; cached because forward
+        runs per layer per step (hundreds of times) and Python overhead there is real time."""
+        if self._active is None:
+            merged = {name for name, _ in self.merged}
+            self._active = [
+                (name, adapter, self.adapter_weights[name])
+                for name, adapter in self.adapters.items()
+                if name not in self.disabled and name not in merged
+            ]
+        return self._active
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = self.active_adapters()
+        base = self.base_layer
         if len(active) == 1 and not args and not kwargs:
-            name, adapter = active[0]
-            if self._fused_owner not in (None, name):
+            name, adapter, weight = active[0]
+            if self._fused_owner is not None and self._fused_owner != name:
                 self.release_fused()
-            output = adapter.fused_forward(self.base_layer, x, self.adapter_weights[name])
+            output = adapter.fused_forward(base, x, weight)
             if output is not None:
                 self._fused_owner = name
                 return output
         self.release_fused()
-        output = base_output = self.base_layer(x, *args, **kwargs)
-        for name, adapter in active:
-            delta = adapter.output_delta(self.base_layer, x, base_output)
-            weight = self.adapter_weights[name]
+        output = base_output = base(x, *args, **kwargs)
+        for _, adapter, weight in active:
+            delta = adapter.output_delta(base, x, base_output)
             output = output + (delta if weight == 1.0 else weight * delta)
         return output
 
@@ -184,6 +211,7 @@ class AdaptedModule(nn.Module):
         self.release_fused()
         backup = self.adapters[name].merge_into(self.base_layer, self.adapter_weights[name])
         self.merged.append((name, backup))
+        self._active = None
 
     def unmerge_all(self) -> None:
         """Undo every merge in reverse order, so the base weight comes back bit-exactly."""
@@ -191,6 +219,7 @@ class AdaptedModule(nn.Module):
         while self.merged:
             name, backup = self.merged.pop()
             self.adapters[name].unmerge_from(self.base_layer, backup)
+        self._active = None
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, weights={self.adapter_weights}, merged={[n for n, _ in self.merged]}"
@@ -224,6 +253,13 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def cast_like_input(tensor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return tensor.to(compute_dtype(x))
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Switch autocast off inside an autograd Function that casts explicitly (a no-op context when it is off)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 _FP32_OUT_MM: dict[str, bool] = {}  # device type -> does torch.mm(..., out_dtype=float32) work there

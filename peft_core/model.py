@@ -93,12 +93,12 @@ class AdapterHandle:
     def enable(self, name: str) -> None:
         self._check_name(name)
         for _, wrapper in self.wrappers(name):
-            wrapper.disabled.discard(name)
+            wrapper.set_enabled(name, True)
 
     def disable(self, name: str) -> None:
         self._check_name(name)
         for _, wrapper in self.wrappers(name):
-            wrapper.disabled.add(name)
+            wrapper.set_enabled(name, False)
 
     def set_weight(self, name: str, weight: float) -> None:
         """Scale adapter `name`'s update (composition: output = base + sum_i weight_i * update_i)."""
@@ -106,7 +106,7 @@ class AdapterHandle:
         for _, wrapper in self.wrappers(name):
             if wrapper.is_merged(name):
                 raise AdapterError(f"adapter {name!r} is merged; unmerge before changing its weight")
-            wrapper.adapter_weights[name] = float(weight)
+            wrapper.set_weight(name, weight)
 
     def set_trainable(self, names: str | Iterable[str]) -> None:
         """Make exactly these adapters trainable (all others frozen)."""
@@ -137,11 +137,16 @@ class AdapterHandle:
         Call it after adding the adapters the optimizer trains.
         """
 
-        adapters = [adapter for _, wrapper in self.wrappers() for adapter in wrapper.adapters.values()]
+        by_class: dict[type, list[tuple[str, AdaptedModule]]] = {}
+        for _, wrapper in self.wrappers():
+            for name, adapter in wrapper.adapters.items():
+                by_class.setdefault(type(adapter), []).append((name, wrapper))
 
         def after_step(*_args, **_kwargs) -> None:
-            for adapter in adapters:
-                adapter.mark_stale()
+            for adapter_class, entries in by_class.items():
+                adapter_class.after_optimizer_step(
+                    [(w.adapters[n], w.base_layer, w.adapter_weights[n]) for n, w in entries if n in w.adapters]
+                )
 
         optimizer.register_step_post_hook(after_step)
 

@@ -25,6 +25,7 @@ from peft_core.config import AdapterConfig, register_method
 from peft_core.errors import AdapterError
 from peft_core.layer import (
     Adapter,
+    autocast_off,
     cast_like_input,
     compute_dtype,
     has_dense_weight,
@@ -64,39 +65,44 @@ class LoraConfig(AdapterConfig):
 # The math: pure tensor functions.
 # ---------------------------------------------------------------------------------------------
 class LoraLinearFunction(torch.autograd.Function):
-    """y = x W^T + b + s * (x A^T) B^T, saving only x and h = x A^T for backward."""
+    """y = x W^T + b + (x A^T)(s B)^T, saving only x and h = x A^T for backward.
+
+    Few launches on purpose: at LLM widths the GEMMs are big but a layer's Python and launch
+    overhead is paid hundreds of times per step, so s is folded into the cast copy of B once.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float):
         dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
-        weight_c, A, B = weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
+        A = lora_A.to(dtype)  # (r, in)
+        scaled_B = torch.mul(lora_B, scaling).to(dtype)  # (out, r)
+        with autocast_off(x.device.type):
             h = x2 @ A.t()  # (T, r)
-            y = F.linear(x2, weight_c, None if bias is None else bias.to(dtype))  # (T, out)
-            y.addmm_(h, B.t(), alpha=scaling)
-        ctx.save_for_backward(x2, h, weight, lora_A, lora_B)
+            y = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))  # (T, out)
+            y.addmm_(h, scaled_B.t())  # (T, out) += h (sB)^T
+        ctx.save_for_backward(x2, h, weight, A, scaled_B)
         ctx.scaling, ctx.compute_dtype, ctx.input_shape = scaling, dtype, x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.adapter_dtypes = (lora_A.dtype, lora_B.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_output):
-        x2, h, weight, lora_A, lora_B = ctx.saved_tensors
-        s, dtype = ctx.scaling, ctx.compute_dtype
+        x2, h, weight, A, scaled_B = ctx.saved_tensors
+        dtype = ctx.compute_dtype
         g = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)  # (T, out)
-        A, B = lora_A.to(dtype), lora_B.to(dtype)
-        with torch.autocast(g.device.type, enabled=False):
-            g_B = g @ B  # (T, r): gradient w.r.t. h, before scaling
-            grad_x = grad_A = grad_B = grad_bias = None
+        grad_x = grad_A = grad_B = grad_bias = None
+        with autocast_off(g.device.type):
+            g_scaled = g @ scaled_B  # (T, r): s * dL/dh
             if ctx.needs_input_grad[0]:
                 grad_x = g @ weight.to(dtype)  # (T, in)
-                grad_x.addmm_(g_B, A, alpha=s)
+                grad_x.addmm_(g_scaled, A)
                 grad_x = grad_x.reshape(ctx.input_shape)
             if ctx.needs_input_grad[3]:
-                grad_A = (mm_float32(g_B.t(), x2) * s).to(lora_A.dtype)  # (r, in)
+                grad_A = mm_float32(g_scaled.t(), x2).to(ctx.adapter_dtypes[0])  # (r, in)
             if ctx.needs_input_grad[4]:
-                grad_B = (mm_float32(g.t(), h) * s).to(lora_B.dtype)  # (out, r)
+                grad_B = mm_float32(g.t(), h).mul_(ctx.scaling).to(ctx.adapter_dtypes[1])  # (out, r)
             if ctx.needs_input_grad[2]:
                 grad_bias = g.sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, grad_A, grad_B, None

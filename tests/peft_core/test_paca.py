@@ -251,3 +251,4 @@ def test_rank_larger_than_layer_is_a_clear_error():
     with pytest.raises(AdapterError, match="r=8 is larger than 'layer'"):
         attach(model, PacaConfig(targets=["layer"], r=8))
     assert isinstance(model.layer, nn.Linear)  # nothing was wrapped
+
