@@ -208,6 +208,8 @@ def train_loop(name: str, step_fn: Callable[[int], torch.Tensor], parameters, lr
     """
     import torch
 
+    if steps < 1:
+        raise UserError(f"{name}: the recipe asks for {steps} steps; give at least 1 (--set {name}_steps=N)")
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
     plan = {"steps": steps}
 

@@ -2,8 +2,8 @@
 
 The architecture is exactly Stable Diffusion's (CLIP text encoder -> UNet2DConditionModel with
 cross-attention -> AutoencoderKL), only narrow: every code path that runs on SD 1.x runs here.
-Sizes were chosen so a 64x64 picture takes about a second on a 2-core CPU and the weights stay
-near 30 MB in float32 (see docs/embedded.md for the measured numbers).
+Sizes were chosen so a 64x64 picture takes well under a second on a 2-core CPU (0.62 s measured,
+20 steps with guidance) and the float32 weights stay near 40 MB (docs/embedded.md has the numbers).
 """
 
 from __future__ import annotations
