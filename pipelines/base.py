@@ -28,11 +28,19 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 
-def load_base(spec: str | os.PathLike | None = DEFAULT_BASE, torch_dtype=None, **kwargs):
-    """A `StableDiffusionPipeline` from the embedded name, a folder, a single file or a hub id.
+def load_base(spec: str | os.PathLike | None = DEFAULT_BASE, torch_dtype=None, device: str | None = None, **kwargs):
+    """A `StableDiffusionPipeline` from the embedded name, a folder, a single file or a hub id,
+    moved to `device` (default: CUDA when available, else the CPU).
 
     `torch_dtype` and other keyword arguments go to diffusers' loader unchanged.
     """
+    import torch
+
+    pipe = _load_pipeline(spec, torch_dtype, kwargs)
+    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _load_pipeline(spec: str | os.PathLike | None, torch_dtype, kwargs: dict):
     from diffusers import StableDiffusionPipeline
 
     if torch_dtype is not None:
