@@ -11,6 +11,11 @@ on CUDA, sample images every N steps, atomic checkpoints, and exact resume.
 Exact resume: every random draw of step s (which images, noise, timesteps, latent samples) comes
 from a generator seeded by (seed, s), so a run resumed from a checkpoint at step s continues with
 exactly the draws the uninterrupted run would have made.
+
+Stopping on request: after every step `train_adapter` asks `should_stop()` (by default: does
+`<run_dir>/STOP` exist?). When it answers yes, the loop writes a checkpoint of that step, removes
+the STOP file and raises `StopRequested`, so a resume continues from exactly that step. This is how
+the UI cancels a job; a CLI user can `touch <run_dir>/STOP` for the same clean stop.
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ from pipelines.errors import UserError
 # Every attention projection of an SD UNet (self- and cross-attention): the usual adapter targets.
 UNET_ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+STOP_FILE = "STOP"  # <run_dir>/STOP asks a running train_adapter to checkpoint and stop
+
+
+class StopRequested(KeyboardInterrupt):
+    """Raised by `train_adapter` once a requested stop is checkpointed. A KeyboardInterrupt, so every
+    caller that already treats Ctrl-C as "interrupted, resumable" (studio's train-* commands) treats
+    a requested stop the same way."""
 
 
 @dataclass
@@ -217,12 +229,14 @@ def train_adapter(
     on_event: Callable[[TrainEvent], Any] | None = None,
     resume: bool = True,
     handle: AdapterHandle | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> AdapterHandle:
     """Train adapter `adapter_name` on `pipe.unet` (+ text encoder) with `dataset`; returns the UNet's handle.
 
     `dataset[i]` is a dict with "pixel_values" (3, H, W) in [-1, 1] and "prompt". If `handle`
     already holds `adapter_name` (e.g. Break-for-Make's make stage), that adapter is trained.
     Writes `run_dir/checkpoints/`, `run_dir/samples/` and, at the end, `run_dir/adapter/<name>/`.
+    `should_stop()` is asked after every step (default: does `run_dir/STOP` exist?); see the module docstring.
     """
     from accelerate import Accelerator
 
@@ -236,6 +250,7 @@ def train_adapter(
         text_encoder_adapter = config_from_dict({**adapter_config.to_dict(), "targets": TEXT_ENCODER_TARGETS, "exclude": []})
     run_dir = Path(run_dir)
     emit = on_event or (lambda event: None)
+    should_stop = should_stop or (lambda: (run_dir / STOP_FILE).exists())
 
     # 2. Accelerate, frozen base, adapters.
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation)
@@ -298,12 +313,18 @@ def train_adapter(
         if config.sample_every and done % config.sample_every == 0 and done < config.steps and config.sample_prompts:
             path = write_samples(pipe, config, run_dir / "samples" / f"step-{done:06d}.png", accelerator)
             emit(TrainEvent("sample", done, config.steps, path=str(path)))
-        if accelerator.is_main_process and (done % config.checkpoint_every == 0 or done == config.steps):
+        stop = done < config.steps and stop_requested(should_stop, accelerator)
+        if accelerator.is_main_process and (stop or done % config.checkpoint_every == 0 or done == config.steps):
             path = save_checkpoint(run_dir, done, handle, [adapter_name], optimizer, lr_scheduler,
                                    extra={"loss": step_loss})
             if text_handle:
                 text_handle.save(path / "text_encoder" / adapter_name, name=adapter_name)
             emit(TrainEvent("checkpoint", done, config.steps, path=str(path)))
+        if stop:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                (run_dir / STOP_FILE).unlink(missing_ok=True)  # the request is served; a resume must not stop again
+            raise StopRequested(f"stopped on request after step {done} of {config.steps}; the checkpoint resumes it")
 
     # 5. Save the adapter and the final samples.
     accelerator.wait_for_everyone()
@@ -317,6 +338,15 @@ def train_adapter(
     emit(TrainEvent("done", config.steps, config.steps, loss=losses[-1] if losses else None,
                     path=str(run_dir / "adapter" / adapter_name)))
     return handle
+
+
+def stop_requested(should_stop: Callable[[], bool], accelerator) -> bool:
+    """`should_stop()`, agreed by every process (one stopping alone would hang the others' collectives)."""
+    stop = bool(should_stop())
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(stop)], device=accelerator.device)
+        stop = bool(accelerator.reduce(flag, reduction="max").item())
+    return stop
 
 
 def handle_state(checkpoint: Path, component: str, name: str) -> dict[str, torch.Tensor]:
