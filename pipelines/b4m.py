@@ -37,6 +37,7 @@ from pipelines.train import (
     generate,
     sample_batch,
     step_generator,
+    training_scheduler,
 )
 
 UP, DOWN = "learnable_up", "learnable_down"  # B (style) and D (content)
@@ -90,6 +91,8 @@ class BreakForMakePipeline:
         self.pipe.text_encoder.requires_grad_(False)
         self.pipe.vae.requires_grad_(False)
         plp = PlpConfig(targets=self.config.targets, r=self.config.rank, seed=self.config.seed)
+        torch.manual_seed(self.config.seed)  # PLP's learnable D is drawn from its own seeded generator; this covers the rest
+        self._noise = training_scheduler(self.pipe)
 
         # 2. Break: content run (main D on content, partner B on other styles).
         self._break("content", plp, content, list(aux_styles), main=DOWN, partner=UP, emit=emit)
@@ -121,12 +124,12 @@ class BreakForMakePipeline:
         for step in range(config.break_steps):
             generator = step_generator(config.seed, step)
             loss = diffusion_loss(self.pipe, self.pipe.unet, sample_batch(main_data, config.batch_size, config.seed, step),
-                                  generator, device, torch.float32)
+                                  generator, device, torch.float32, self._noise)
             self._step(loss, main_params, main_opt)
             if partner_sets:  # the partner learns the mean loss over the other concepts
                 partner_loss = sum(
                     diffusion_loss(self.pipe, self.pipe.unet, sample_batch(data, config.batch_size, config.seed + 1 + k, step),
-                                   generator, device, torch.float32)
+                                   generator, device, torch.float32, self._noise)
                     for k, data in enumerate(partner_sets)
                 ) / len(partner_sets)
                 self._step(partner_loss, partner_params, partner_opt)
@@ -140,9 +143,9 @@ class BreakForMakePipeline:
             # One noise draw for both halves of the step (spec §2: same noise and timestep).
             seed = config.seed + 10_000
             content_loss = diffusion_loss(self.pipe, self.pipe.unet, sample_batch(content, config.batch_size, seed, step),
-                                          step_generator(seed, step), device, torch.float32)
+                                          step_generator(seed, step), device, torch.float32, self._noise)
             style_loss = diffusion_loss(self.pipe, self.pipe.unet, sample_batch(style, config.batch_size, seed, step),
-                                        step_generator(seed, step), device, torch.float32)
+                                        step_generator(seed, step), device, torch.float32, self._noise)
             loss = content_loss + style_loss
             self._step(loss, params, optimizer)
             emit(TrainEvent("make", step + 1, config.make_steps, loss=loss.item(), lr=config.make_lr))

@@ -129,11 +129,24 @@ def encode_prompts(pipe, prompts: Sequence[str], device: torch.device) -> torch.
     return pipe.text_encoder(tokens)[0]
 
 
-def diffusion_loss(pipe, unet, batch: Batch, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def training_scheduler(pipe):
+    """A DDPM scheduler with the pipeline's noise schedule, owned by the training loop.
+
+    Never train through `pipe.scheduler`: samplers such as DPM-Solver keep state (their timestep
+    grid changes on every `set_timesteps`), so sampling mid-training would corrupt `add_noise`.
+    """
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def diffusion_loss(pipe, unet, batch: Batch, generator: torch.Generator, device: torch.device, dtype: torch.dtype,
+                   scheduler=None) -> torch.Tensor:
     """The noise-prediction loss of one batch, with the scheduler's prediction type.
 
-    `unet` is pipe.unet as accelerate prepared it (DDP-wrapped when there are several processes)."""
-    scheduler = pipe.scheduler
+    `unet` is pipe.unet as accelerate prepared it (DDP-wrapped when there are several processes);
+    `scheduler` is the training noise scheduler (default: `training_scheduler(pipe)`)."""
+    scheduler = scheduler or training_scheduler(pipe)
     with torch.no_grad():
         posterior = pipe.vae.encode(batch.pixel_values.to(device, pipe.vae.dtype)).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device, posterior.mean.dtype)
@@ -252,7 +265,8 @@ def train_adapter(
     emit = on_event or (lambda event: None)
     should_stop = should_stop or (lambda: (run_dir / STOP_FILE).exists())
 
-    # 2. Accelerate, frozen base, adapters.
+    # 2. Accelerate, frozen base, adapters (initialised from the seed, like everything else).
+    torch.manual_seed(config.seed)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation)
     device = accelerator.device
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
@@ -275,6 +289,7 @@ def train_adapter(
     if text_handle:
         text_handle.track_optimizer(optimizer)
     unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    noise_scheduler = training_scheduler(pipe)
 
     # 3. Resume from the newest complete checkpoint, if any.
     start_step = 0
@@ -296,7 +311,7 @@ def train_adapter(
                 batch = sample_batch(dataset, config.batch_size, config.seed, step * config.gradient_accumulation + micro,
                                      accelerator.process_index, accelerator.num_processes)
                 with accelerator.autocast():
-                    loss = diffusion_loss(pipe, unet, batch, generator, device, dtype)
+                    loss = diffusion_loss(pipe, unet, batch, generator, device, dtype, noise_scheduler)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(parameters, config.max_grad_norm)

@@ -111,7 +111,7 @@ def from_record(record: dict) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from pipelines import load_base
-    from pipelines.data import ImageCaptionDataset
+    from pipelines.data import ImageCaptionDataset, validate_image_folder
     from pipelines.train import train_adapter
     from studio.progress import ProgressPrinter
     from studio.runs import Run
@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         settings = resolve(args)
     if settings["data"] == KINDS[args.kind]["data"] and not settings["data"].is_dir():
         raise UserError(f"the embedded demo set {settings['data']} is missing; run `studio pretrain-base` or pass a folder")
+    validate_image_folder(settings["data"], template=settings["template"], trigger=settings["trigger"])  # fail before loading
     pipe = load_base(settings["base"] or "embedded", device=settings["device"])
     resolution = settings["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
     dataset = ImageCaptionDataset(settings["data"], resolution=resolution, template=settings["template"],
@@ -136,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         "adapter": settings["adapter"].to_dict(), "train": dataclasses.asdict(settings["train"]),
     }
     if not args.resume:
-        name = args.name or f"{args.kind}-{settings['data'].name}"
+        data_name = settings["data"].name
+        name = args.name or (data_name if data_name.startswith(args.kind) else f"{args.kind}-{data_name}")
         run_folder = Run.create(args.runs_dir, name, kind=f"train-{args.kind}", config=config_record)
     print(f"run folder: {run_folder.directory}", flush=True)
 

@@ -1,0 +1,148 @@
+"""Break-for-Make vs a naive LoRA sum vs one joint LoRA, judged on the embedded world.
+
+    python bench/b4m_quality.py                       # GPU if present; a few minutes on an H100
+    python bench/b4m_quality.py --steps 20 --pairs 1  # quick CPU smoke run
+
+For each (content, style) pair never seen in pretraining, at equal training steps per method:
+- b4m:        content PLP + style PLP (break, with the other shipped sets as partners), then make;
+- naive_sum:  a content LoRA and a style LoRA trained separately, both applied at weight 1;
+- joint_lora: one LoRA trained on the content and the style images together.
+Each method draws "a <content> in <style> style" (content and style fidelity: the shipped judges'
+probabilities of that content and that style) and "a <other shape> in <style> style" (prompt
+fidelity: the probability of the other shape, i.e. the style did not drag the content along).
+Writes bench/results/b4m_quality.json and one PNG grid per pair (rows: methods).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from peft_core import LoraConfig, load  # noqa: E402
+from pipelines import load_base  # noqa: E402
+from pipelines.b4m import BreakForMakeConfig, BreakForMakePipeline  # noqa: E402
+from pipelines.data import ImageCaptionDataset  # noqa: E402
+from pipelines.metrics import content_score, load_judge, style_score  # noqa: E402
+from pipelines.train import UNET_ATTENTION_TARGETS, TrainConfig, generate, image_grid, train_adapter  # noqa: E402
+
+SETS = REPO / "assets" / "sets"
+PAIRS = [("moon", "neon"), ("arrow", "pixel"), ("ring", "blueprint"), ("bolt", "watercolor")]
+OTHER_SHAPE = "star"  # a pretraining shape, for prompt fidelity
+
+
+def datasets(content: str, style: str, resolution: int, seed: int):
+    def make(name: str) -> ImageCaptionDataset:
+        return ImageCaptionDataset(SETS / name, resolution=resolution, seed=seed)
+
+    aux_styles = [make(p.name) for p in sorted(SETS.glob("style-*")) if p.name != f"style-{style}"]
+    aux_contents = [make(p.name) for p in sorted(SETS.glob("content-*")) if p.name != f"content-{content}"]
+    return make(f"content-{content}"), make(f"style-{style}"), aux_styles, aux_contents
+
+
+def judge_images(judge, images, content: str, style: str) -> dict[str, float]:
+    return {"content": float(content_score(judge, images, content).mean()), "style": float(style_score(judge, images, style).mean())}
+
+
+def evaluate(pipe, judge, content: str, style: str, samples: int, seed: int, steps: int) -> tuple[dict, list]:
+    pair_images = generate(pipe, [f"a {content} in {style} style"] * samples, seed=seed, steps=steps)
+    other_images = generate(pipe, [f"a {OTHER_SHAPE} in {style} style"] * samples, seed=seed, steps=steps)
+    scores = judge_images(judge, pair_images, content, style)
+    other = judge_images(judge, other_images, OTHER_SHAPE, style)
+    return {**scores, "prompt": other["content"], "prompt_style": other["style"]}, pair_images
+
+
+def run_pair(args, content: str, style: str, device: str, judge) -> dict:
+    scores, rows = {}, []
+    total = 2 * args.steps + args.make_steps
+    lora = LoraConfig(targets=UNET_ATTENTION_TARGETS, r=args.rank, alpha=float(args.rank))
+    with tempfile.TemporaryDirectory() as scratch:
+        # (a) Break-for-Make
+        pipe = load_base("embedded", device=device)
+        resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        content_set, style_set, aux_styles, aux_contents = datasets(content, style, resolution, args.seed)
+        b4m = BreakForMakePipeline(pipe, BreakForMakeConfig(rank=args.rank, break_steps=args.steps, make_steps=args.make_steps,
+                                                            batch_size=args.batch_size, seed=args.seed))
+        b4m(content_set, style_set, aux_styles, aux_contents)
+        b4m.set_mix(1.0, 1.0)
+        scores["b4m"], images = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
+        rows.append(images)
+
+        # (b) naive sum: two LoRAs trained separately at the same total steps, both at weight 1
+        per_adapter = TrainConfig(steps=total // 2, batch_size=args.batch_size, seed=args.seed, checkpoint_every=10**9)
+        folders = {}
+        for kind, dataset in (("content", content_set), ("style", style_set)):
+            pipe = load_base("embedded", device=device)
+            train_adapter(pipe, dataset, lora, per_adapter, Path(scratch) / kind, adapter_name=kind)
+            folders[kind] = Path(scratch) / kind / "adapter" / kind
+        pipe = load_base("embedded", device=device)
+        for kind, folder in folders.items():
+            load(pipe.unet, folder, name=kind)
+        scores["naive_sum"], images = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
+        rows.append(images)
+
+        # (c) one LoRA on both sets together
+        pipe = load_base("embedded", device=device)
+        both = torch.utils.data.ConcatDataset([content_set, style_set])
+        train_adapter(pipe, both, lora, TrainConfig(steps=total, batch_size=args.batch_size, seed=args.seed, checkpoint_every=10**9),
+                      Path(scratch) / "joint", adapter_name="joint")
+        scores["joint_lora"], images = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
+        rows.append(images)
+
+    grid = image_grid([image for row in rows for image in row], columns=args.samples)
+    path = Path(args.out).parent / f"b4m_quality_{content}_{style}.png"
+    grid.save(path)
+    return {"content": content, "style": style, "scores": scores, "grid": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300, help="break steps of each PLP run")
+    parser.add_argument("--make-steps", type=int, default=100)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=3, help="how many (content, style) pairs, from the list above")
+    parser.add_argument("--samples", type=int, default=8, help="images per prompt")
+    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "b4m_quality.json"))
+    args = parser.parse_args()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    judge = load_judge(device=args.device)
+    started = time.time()
+    pairs = []
+    for content, style in PAIRS[: args.pairs]:
+        print(f"[pair] {content} x {style}", flush=True)
+        pairs.append(run_pair(args, content, style, args.device, judge))
+        print(json.dumps(pairs[-1]["scores"]), flush=True)
+        write_report(args, pairs, started)  # after every pair, so a cut-off run keeps what it measured
+
+
+def write_report(args, pairs: list[dict], started: float) -> None:
+    methods = list(pairs[0]["scores"])
+    mean = {m: {k: sum(p["scores"][m][k] for p in pairs) / len(pairs) for k in ("content", "style", "prompt")} for m in methods}
+    report = {
+        "steps": {"break": args.steps, "make": args.make_steps, "total_per_method": 2 * args.steps + args.make_steps},
+        "rank": args.rank, "batch_size": args.batch_size, "samples_per_prompt": args.samples, "seed": args.seed,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "wall_s": round(time.time() - started, 1),
+        "pairs": pairs, "mean": mean,
+        "b4m_beats_naive_sum": {k: mean["b4m"][k] > mean["naive_sum"][k] for k in ("content", "style")},
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(mean, indent=2), flush=True)
+
+
+if __name__ == "__main__":
+    main()
