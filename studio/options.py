@@ -20,7 +20,7 @@ from pipelines.errors import UserError
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, help_texts: dict[str, str] | None = None,
-                            skip: tuple[str, ...] = ()) -> None:
+                            skip: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> None:
     """One flag per field (`--batch-size`), left out of `args` unless given (so YAML can fill it)."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
@@ -29,6 +29,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, help_tex
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        default = (defaults or {}).get(field.name, default)  # the command's own default, shown in --help
         text = (help_texts or {}).get(field.name, "")
         text = f"{text} (default: {default!r})" if text else f"default: {default!r}"
         if kind is bool:
