@@ -35,6 +35,10 @@ from pipelines.data import ImageCaptionDataset  # noqa: E402
 from pipelines.metrics import content_score, load_judge, style_score  # noqa: E402
 from pipelines.train import UNET_ATTENTION_TARGETS, TrainConfig, generate, image_grid, train_adapter  # noqa: E402
 
+# Every linear layer of the UNet's transformer blocks (PLP adapts nn.Linear only, so all three
+# methods get the same layers): attention, the blocks' in/out projections and feed-forward.
+TARGETS = [*UNET_ATTENTION_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
 SETS = REPO / "assets" / "sets"
 PAIRS = [("moon", "neon"), ("arrow", "pixel"), ("ring", "blueprint"), ("bolt", "watercolor")]
 OTHER_SHAPE = "star"  # a pretraining shape, for prompt fidelity
@@ -64,21 +68,23 @@ def evaluate(pipe, judge, content: str, style: str, samples: int, seed: int, ste
 def run_pair(args, content: str, style: str, device: str, judge) -> dict:
     scores, rows = {}, []
     total = 2 * args.steps + args.make_steps
-    lora = LoraConfig(targets=UNET_ATTENTION_TARGETS, r=args.rank, alpha=float(args.rank))
+    lora = LoraConfig(targets=TARGETS, r=args.rank, alpha=float(args.rank))
     with tempfile.TemporaryDirectory() as scratch:
         # (a) Break-for-Make
         pipe = load_base("embedded", device=device)
         resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
         content_set, style_set, aux_styles, aux_contents = datasets(content, style, resolution, args.seed)
         b4m = BreakForMakePipeline(pipe, BreakForMakeConfig(rank=args.rank, break_steps=args.steps, make_steps=args.make_steps,
-                                                            batch_size=args.batch_size, seed=args.seed))
+                                                            batch_size=args.batch_size, seed=args.seed, targets=TARGETS,
+                                                            main_lr=args.lr, make_lr=args.lr))
         b4m(content_set, style_set, aux_styles, aux_contents)
         b4m.set_mix(1.0, 1.0)
         scores["b4m"], images = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
         rows.append(images)
 
         # (b) naive sum: two LoRAs trained separately at the same total steps, both at weight 1
-        per_adapter = TrainConfig(steps=total // 2, batch_size=args.batch_size, seed=args.seed, checkpoint_every=10**9)
+        per_adapter = TrainConfig(steps=total // 2, batch_size=args.batch_size, seed=args.seed, checkpoint_every=10**9,
+                                  learning_rate=args.lr)
         folders = {}
         for kind, dataset in (("content", content_set), ("style", style_set)):
             pipe = load_base("embedded", device=device)
@@ -93,7 +99,8 @@ def run_pair(args, content: str, style: str, device: str, judge) -> dict:
         # (c) one LoRA on both sets together
         pipe = load_base("embedded", device=device)
         both = torch.utils.data.ConcatDataset([content_set, style_set])
-        train_adapter(pipe, both, lora, TrainConfig(steps=total, batch_size=args.batch_size, seed=args.seed, checkpoint_every=10**9),
+        train_adapter(pipe, both, lora, TrainConfig(steps=total, batch_size=args.batch_size, seed=args.seed, checkpoint_every=10**9,
+                                                    learning_rate=args.lr),
                       Path(scratch) / "joint", adapter_name="joint")
         scores["joint_lora"], images = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
         rows.append(images)
@@ -108,7 +115,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="break steps of each PLP run")
     parser.add_argument("--make-steps", type=int, default=100)
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of every method (B4M partners: 1/10)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=3, help="how many (content, style) pairs, from the list above")
     parser.add_argument("--samples", type=int, default=8, help="images per prompt")
@@ -134,7 +142,7 @@ def write_report(args, pairs: list[dict], started: float) -> None:
     mean = {m: {k: sum(p["scores"][m][k] for p in pairs) / len(pairs) for k in ("content", "style", "prompt")} for m in methods}
     report = {
         "steps": {"break": args.steps, "make": args.make_steps, "total_per_method": 2 * args.steps + args.make_steps},
-        "rank": args.rank, "batch_size": args.batch_size, "samples_per_prompt": args.samples, "seed": args.seed,
+        "rank": args.rank, "lr": args.lr, "targets": TARGETS, "batch_size": args.batch_size, "samples_per_prompt": args.samples, "seed": args.seed,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "wall_s": round(time.time() - started, 1),
         "pairs": pairs, "mean": mean,
