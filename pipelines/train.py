@@ -273,7 +273,8 @@ def train_adapter(
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
     pipe.to(device)
-    pipe.vae.to(dtype=torch.float32)  # the VAE is only run forward; fp32 avoids fp16 NaNs in its decoder
+    if pipe.vae.dtype != torch.float32:
+        pipe.vae.to(dtype=torch.float32)  # the VAE is only run forward; fp32 avoids fp16 NaNs in its decoder
     if handle is None or adapter_name not in handle.adapter_names:
         handle = attach(pipe.unet, adapter_config, name=adapter_name)
     handle.set_trainable(adapter_name)
