@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple] = {
     "compose": ("studio.generate", "Compose a content and a style adapter (or a B4M folder) at generation time.",
                 {"mode": "compose"}),
     "export": ("studio.export", "Export an adapter to the diffusers or HF PEFT format."),
+    "analyze": ("studio.analyze", "LoRA computational-limits report: per-head attention regime (table, JSON, heatmap)."),
     "pretrain-base": ("studio.pretrain", "Recipe that pretrains the embedded tiny SD, tiny LM and judges in assets/."),
     "demo": ("studio.demo", "Quickest real demo of peft_core: attach, train, merge, save, reload."),
 }
