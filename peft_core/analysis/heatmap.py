@@ -33,7 +33,7 @@ def colour(value: float) -> tuple[int, int, int]:
     return COLOUR_STOPS[-1][1]
 
 
-def _short(name: str, limit: int = 44) -> str:
+def _short(name: str, limit: int = 64) -> str:
     return name if len(name) <= limit else "..." + name[-(limit - 3):]
 
 
