@@ -264,10 +264,12 @@ class _SiteStats:
             if isinstance(branch, torch.Tensor):
                 per_head[f"{name}_adapter"] = branch.abs().amax(dim=(0, 2, 3))
                 per_head[f"{name}_frozen"] = (total - branch).abs().amax(dim=(0, 2, 3))
-            else:
+            elif branch is None:  # no adapter on this projection: all of it is frozen
                 per_head[f"{name}_adapter"] = torch.zeros_like(per_head[f"{name}_total"])
-                per_head[f"{name}_frozen"] = per_head[f"{name}_total"] if branch is None else torch.full_like(
-                    per_head[f"{name}_total"], float("nan"))
+                per_head[f"{name}_frozen"] = per_head[f"{name}_total"]
+            else:  # UNKNOWN: an adapter whose update is not a weight delta; the split cannot be measured
+                per_head[f"{name}_adapter"] = torch.full_like(per_head[f"{name}_total"], math.nan)
+                per_head[f"{name}_frozen"] = torch.full_like(per_head[f"{name}_total"], math.nan)
         for key, value in per_head.items():
             self._max(self.gamma, key, value.cpu())
         kv_of_head = torch.arange(heads) // group

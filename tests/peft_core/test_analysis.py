@@ -350,3 +350,23 @@ def test_nystrom_backward_is_accurate_on_low_rank_heads_only():
     assert errors[0] < 1e-3 and errors[1] > 10 * errors[0], errors
     with pytest.raises(ValueError, match="non-causal"):
         approximate_attention(q, k, v, mode="nystrom", causal=True)
+
+
+def test_adapter_without_weight_delta_is_reported_as_unknown(tmp_path, monkeypatch):
+    from peft_core.methods.lora import LoraAdapter
+
+    def no_delta(self, base):
+        raise AdapterError("no dense update")
+
+    model = ToyModel(layers=1)
+    attach(model, LoraConfig(targets=["q_proj"], r=2))
+    monkeypatch.setattr(LoraAdapter, "lora_factors", lambda self, base: None)
+    monkeypatch.setattr(LoraAdapter, "delta_weight", no_delta)
+    report = attention_regime_report(model, [torch.randn(1, 6, 32)])
+    assert report.adapter == "unknown"
+    head = report.heads[0]
+    assert math.isnan(head.gamma_q_adapter) and math.isnan(head.gamma_q_frozen) and head.label_frozen is None
+    assert head.gamma_k_adapter == 0.0  # k_proj has no adapter: its frozen part is all of it
+    data = json.loads(report.save_json(tmp_path / "r.json").read_text())
+    assert data["heads"][0]["gamma_q_adapter"] is None and data["heads"][0]["rho_frozen"] is None
+    assert " - " in report.format_table()
