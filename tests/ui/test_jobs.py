@@ -1,0 +1,114 @@
+"""The job runner: studio commands in spawned workers, progress from the run folder, clean cancel, resume."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipelines.train import STOP_FILE as PIPELINES_STOP_FILE
+from studio.cli import main as studio_main
+from studio.errors import UserError
+from studio.runs import Run
+from ui.jobs import STOP_FILE, JobManager
+from ui.progress import events_of
+
+TINY = ["--steps", "2", "--batch-size", "1", "--checkpoint-every", "1", "--targets", "to_q", "to_v", "--rank", "2",
+        "--sample-prompts", "a star in neon style",
+        "--sample-steps", "1"]
+
+
+@pytest.fixture
+def manager(tmp_path):
+    jobs = JobManager({"train": 1, "light": 1}, jobs_dir=tmp_path / "jobs", poll_s=0.05, stop_grace_s=60)
+    yield jobs
+    jobs.shutdown()
+
+
+def layout(run_dir: Path) -> list[str]:
+    return sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.name != "tensorboard"
+                  and "tensorboard" not in p.parts)
+
+
+def test_stop_file_names_agree():
+    assert STOP_FILE == PIPELINES_STOP_FILE
+
+
+def test_a_job_makes_the_run_folder_the_cli_makes(tmp_path, manager):
+    assert studio_main(["train-style", "--runs-dir", str(tmp_path / "cli"), "--name", "neon", *TINY]) == 0
+    job = manager.submit(["train-style", "--runs-dir", str(tmp_path / "ui"), "--name", "neon", *TINY],
+                         run_dir=tmp_path / "ui" / "neon", stoppable=True)
+    job = manager.wait(job.id, timeout=120)
+    assert job.status == "finished", job.log_tail()
+    cli, ui = tmp_path / "cli" / "neon", tmp_path / "ui" / "neon"
+    assert layout(ui) == layout(cli)
+    assert "adapter/style/adapter_model.safetensors" in layout(ui) and "samples/final.png" in layout(ui)
+    assert Run.open(ui).config == Run.open(cli).config
+    assert Run.open(ui).info["status"] == "finished" and Run.open(ui).info["step"] == 2
+    ours, theirs = (load_file(d / "adapter" / "style" / "adapter_model.safetensors") for d in (ui, cli))
+    for key, value in theirs.items():  # same seeds; only the thread count may differ between the processes
+        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5)
+    assert "adapter:" in job.log_tail()
+
+
+def test_cancel_checkpoints_and_resume_finishes(tmp_path, manager):
+    run_dir = tmp_path / "runs" / "cancel-me"
+    argv = ["train-style", "--runs-dir", str(tmp_path / "runs"), "--name", "cancel-me", "--steps", "12", "--batch-size", "1",
+            "--checkpoint-every", "100", "--targets", "to_q", "to_v", "--rank", "2", "--sample-prompts", "a star in neon style",
+            "--sample-steps", "1"]
+    job = manager.submit(argv, run_dir=run_dir, stoppable=True)
+    deadline = time.monotonic() + 90
+    while not ((run_dir / "run.json").is_file() and Run(run_dir).info.get("step", 0) >= 1):  # progress appears
+        assert time.monotonic() < deadline and not manager.get(job.id).done, manager.get(job.id).log_tail()
+        time.sleep(0.05)
+    assert [e["step"] for e in events_of(run_dir) if e["kind"] == "step"][:1] == [1]
+    manager.cancel(job.id)
+    job = manager.wait(job.id, timeout=60)
+    assert job.status == "interrupted" and job.returncode == 130, job.log_tail()
+    info = Run(run_dir).info
+    stopped_at = info["step"]
+    assert info["status"] == "interrupted" and 1 <= stopped_at < 12
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert checkpoints[-1] == f"step-{stopped_at:08d}"  # although checkpoint_every is 100
+    assert not (run_dir / "adapter").exists() and not (run_dir / STOP_FILE).exists()
+
+    resumed = manager.submit(["train-style", "--resume", str(run_dir)], run_dir=run_dir, stoppable=True)
+    resumed = manager.wait(resumed.id, timeout=120)
+    assert resumed.status == "finished", resumed.log_tail()
+    info = Run(run_dir).info
+    assert info["status"] == "finished" and info["step"] == 12
+    assert (run_dir / "adapter" / "style" / "adapter_model.safetensors").is_file()
+    steps = [e["step"] for e in events_of(run_dir) if e["kind"] == "step"]
+    assert steps == list(range(1, 13))  # the resumed job continued where the cancelled one stopped
+
+
+def test_a_failing_command_reports_the_cli_error(tmp_path, manager):
+    job = manager.submit(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "out")], lane="light")
+    job = manager.wait(job.id, timeout=60)
+    assert job.status == "failed" and job.returncode == 2
+    assert "does not exist" in job.error
+
+
+def test_queue_limits_and_cancelling_a_queued_job(tmp_path):
+    jobs = JobManager({"train": 0, "light": 0}, jobs_dir=tmp_path / "jobs", max_queued=3, max_per_owner=2, poll_s=0.05)
+    try:
+        first = jobs.submit(["demo"], owner="alice", run_dir=tmp_path / "a")
+        jobs.submit(["demo"], owner="alice")
+        with pytest.raises(UserError, match="already have 2 jobs"):
+            jobs.submit(["demo"], owner="alice")
+        with pytest.raises(UserError, match="already queued or running"):
+            jobs.submit(["demo"], owner="bob", run_dir=tmp_path / "a")
+        jobs.submit(["demo"], owner="bob")
+        with pytest.raises(UserError, match="queue is full"):
+            jobs.submit(["demo"], owner="carol")
+        with pytest.raises(UserError, match="unknown job lane"):
+            jobs.submit(["demo"], lane="gpu")
+        time.sleep(0.2)
+        assert jobs.get(first.id).status == "queued"  # the lane's limit (0 here) holds it back
+        assert jobs.cancel(first.id).status == "cancelled"
+        jobs.submit(["demo"], owner="carol")  # a cancelled job frees its place
+    finally:
+        jobs.shutdown()

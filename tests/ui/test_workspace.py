@@ -1,0 +1,143 @@
+"""Upload checking, path sanitising and the UI's handlers, without a browser or a worker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from studio import ui_cmd
+from studio.errors import UserError
+from studio.runs import Run
+from ui.app import Studio
+from ui.workspace import UploadLimits, Workspace
+
+
+@pytest.fixture
+def studio(tmp_path):
+    app = Studio(tmp_path / "ws")
+    yield app
+    app.jobs.shutdown()
+
+
+def uploaded(workspace: Workspace, name: str, data: bytes | None = None, colour=(200, 30, 30)) -> str:
+    """A file as gradio leaves it: <cache>/<hash>/<original name>."""
+    folder = workspace.cache / os.urandom(4).hex()
+    folder.mkdir(parents=True)
+    path = folder / name
+    if data is None:
+        Image.new("RGB", (32, 32), colour).save(path, format="PNG")
+    else:
+        path.write_bytes(data)
+    return str(path)
+
+
+def test_run_names_from_the_browser_never_leave_the_runs_folder(tmp_path, studio):
+    ws = studio.workspace
+    Run.create(ws.runs, "good", kind="train-style", config={})
+    assert ws.run_dir("good") == ws.runs / "good"
+    for bad in ["../good", "good/..", "/etc", "", "a/b", "..", "missing", "good\x00"]:
+        with pytest.raises(UserError):
+            ws.run_dir(bad)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "run.json").write_text("{}")
+    (ws.runs / "sneaky").symlink_to(outside)  # a name that is safe but points elsewhere
+    with pytest.raises(UserError, match="outside the workspace"):
+        ws.run_dir("sneaky")
+    with pytest.raises(UserError, match="outside the workspace"):
+        ws.inside(ws.root / ".." / "outside")
+    assert studio._served("/etc/passwd") is None and studio._served(str(ws.root / "../outside/run.json")) is None
+    assert ws.unique_run_name("good") == "good-2" and ws.unique_run_name("../x y") == "x-y"
+
+
+def test_uploads_are_checked_sanitised_and_validated_like_the_cli(studio):
+    ws = studio.workspace
+    limits = UploadLimits(max_file_bytes=10_000, max_files=4)
+    files = [uploaded(ws, "my cat.png"), uploaded(ws, "my cat.txt", b"a cat"),
+             uploaded(ws, "two.png", colour=(0, 0, 255)), uploaded(ws, "two.txt", b"a blue square")]
+    folder = ws.ingest_upload(files, limits, label="../../style")
+    assert folder.parent == ws.uploads and sorted(p.name for p in folder.iterdir()) == ["my-cat.png", "my-cat.txt",
+                                                                                       "two.png", "two.txt"]
+    assert ui_cmd.validate_dataset(folder) == (2, [])
+
+    refusals = {
+        "not accepted": [uploaded(ws, "evil.sh", b"rm -rf /")],
+        "not accepted ": [uploaded(ws, "data.jsonl", b"{}")],  # only metadata.jsonl
+        "over the": [uploaded(ws, "big.png", b"\0" * 20_000)],
+        "at most 4": files + [files[0]],
+        "outside the workspace": ["/etc/hostname"],  # a server path instead of an upload
+        "no files": [],
+    }
+    for message, bad in refusals.items():
+        with pytest.raises(UserError, match=message.strip()):
+            ws.ingest_upload(bad, limits)
+
+
+def test_a_bad_upload_is_refused_before_any_job_and_cleaned_up(studio):
+    ws = studio.workspace
+    files = [uploaded(ws, "fake.png", b"this is not a picture"), uploaded(ws, "fake.txt", b"caption")]
+    with pytest.raises(UserError, match="fake.png"):
+        studio.start_training("style", "upload", "", files, "", *form_options())
+    assert list(ws.uploads.iterdir()) == [] and studio.jobs.jobs() == []
+    with pytest.raises(UserError, match="no shipped set"):
+        studio.start_training("style", "demo set", "../../etc", None, "", *form_options())
+
+
+def form_options(**changes):
+    values = {"template": "", "trigger": "", "method": "lora", "rank": 2, "alpha": 2.0, "extra": "", "steps": 2,
+              "batch_size": 1, "learning_rate": 1e-3, "lr_schedule": "constant", "seed": 0, "checkpoint_every": 100,
+              "sample_every": 0, "sample_prompts": "a star in neon style", "sample_steps": 1}
+    values.update(changes)
+    return list(values.values())
+
+
+def test_the_form_becomes_the_cli_command_and_yaml(studio):
+    command, yaml_text = studio.preview_training("content", "demo set", "content-moon", "", *form_options(extra="dropout=0.1"))
+    assert command.startswith("studio train-content ") and "content-moon" in command and "--set dropout=0.1" in command
+    assert "dropout: 0.1" in yaml_text and "steps: 2" in yaml_text
+    command, _ = studio.preview_training("style", "demo set", "style-neon", "", *form_options(learning_rate=-1))
+    assert command.startswith("#") and "learning_rate must be > 0" in command
+    with pytest.raises(UserError, match="learning_rate"):
+        studio.start_training("style", "demo set", "style-neon", None, "x", *form_options(learning_rate=-1))
+    with pytest.raises(UserError, match="whole number"):
+        studio.training_argv("style", "d", "n", *form_options(steps=2.5))
+    assert studio.jobs.jobs() == []
+
+
+def test_runs_tab_actions_are_guarded(studio):
+    ws = studio.workspace
+    run = Run.create(ws.runs, "done", kind="train-style", config={})
+    run.update(status="finished")
+    with pytest.raises(UserError, match="nothing to resume"):
+        studio.resume("done")
+    with pytest.raises(UserError, match="confirmation"):
+        studio.delete("done", confirmed=False)
+    assert studio.delete("done", confirmed=True) == "deleted done" and not run.directory.exists()
+    with pytest.raises(UserError):
+        studio.generate_argv([("../done", 1.0)], "a star", 0, 2, 5.0, ws.new_output())
+    with pytest.raises(UserError, match="not a run name"):
+        studio.delete("../../ws", confirmed=True)
+
+
+def test_auth_parsing(tmp_path):
+    assert ui_cmd.parse_auth(None, None) is None
+    assert ui_cmd.parse_auth("ann:s3:cret", None) == [("ann", "s3:cret")]
+    users = tmp_path / "users.txt"
+    users.write_text("# team\nann:one\n\nbob:two\n")
+    assert ui_cmd.parse_auth(None, str(users)) == [("ann", "one"), ("bob", "two")]
+    for bad in ("ann", ":pw", "ann:"):
+        with pytest.raises(UserError, match="USER:PASS"):
+            ui_cmd.parse_auth(bad, None)
+    with pytest.raises(UserError, match="does not exist"):
+        ui_cmd.parse_auth(None, str(tmp_path / "none.txt"))
+
+
+def test_tabs_follow_the_commands_that_exist():
+    assert ui_cmd.has_command("train-style") and ui_cmd.has_command("ui") and not ui_cmd.has_command("no-such-thing")
+    assert {"lora", "paca"} <= set(ui_cmd.trainable_methods()) and "corda" not in ui_cmd.trainable_methods()
+    assert set(ui_cmd.demo_sets("style")) >= {"style-neon"} and all(p.is_dir() for p in ui_cmd.demo_sets().values())
+    assert isinstance(ui_cmd.train_defaults("style")["rank"], int)
+    assert Path(ui_cmd.demo_sets()[ui_cmd.default_demo_set("content")]).name == "content-moon"
