@@ -19,11 +19,13 @@ from safetensors.torch import save as safetensors_save
 
 from peft_core.errors import AdapterError
 
+TEMPORARY_SUFFIX = ".tmp"  # atomic_write_bytes' temporaries: ".<name>.<random>.tmp" next to the destination
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
@@ -38,6 +40,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(directory)  # make the rename itself durable
     finally:
         os.close(directory)
+
+
+def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries a killed `atomic_write_bytes` left under `directory` (recursively).
+
+    Only for a folder no other process is writing to (a run being resumed); returns what was removed.
+    """
+    removed = []
+    for path in Path(directory).rglob(f".*{TEMPORARY_SUFFIX}"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

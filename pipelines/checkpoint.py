@@ -7,7 +7,8 @@ A checkpoint is a folder `<run>/checkpoints/step-<N>/` holding
 - `state.json`                    step, scheduler state, Python and NumPy RNG states, extras.
 
 The folder is first written as a hidden sibling, fsynced, then renamed into place, so a crash
-leaves either no checkpoint or a complete one; `latest_checkpoint` ignores the hidden ones.
+leaves either no checkpoint or a complete one; `latest_checkpoint` ignores the hidden ones, and
+`remove_partial_writes` (called when a run resumes) deletes them and any half-written temporary.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from peft_core import AdapterHandle
-from peft_core.io import read_json, read_safetensors, write_json, write_safetensors
+from peft_core.io import read_json, read_safetensors, remove_temporaries, write_json, write_safetensors
 from pipelines.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -79,6 +80,19 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
         return None
     complete = sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file())
     return complete[-1] if complete else None
+
+
+def remove_partial_writes(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete what a killed run left half-written: checkpoint staging folders and atomic-write
+    temporaries anywhere in the run folder. Call it only while no other process writes there."""
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS
+    removed = []
+    if root.is_dir():
+        for staging in root.glob(".step-*.partial"):
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+    return removed + (remove_temporaries(run_dir) if run_dir.is_dir() else [])
 
 
 def load_checkpoint(

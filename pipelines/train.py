@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from peft_core import AdapterConfig, AdapterHandle, attach, config_from_dict
-from pipelines.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipelines.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
 from pipelines.errors import UserError
 
 # Every attention projection of an SD UNet (self- and cross-attention): the usual adapter targets.
@@ -292,8 +292,10 @@ def train_adapter(
     unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
     noise_scheduler = training_scheduler(pipe)
 
-    # 3. Resume from the newest complete checkpoint, if any.
+    # 3. Resume from the newest complete checkpoint, if any (after clearing what a killed run half-wrote).
     start_step = 0
+    if accelerator.is_main_process:
+        remove_partial_writes(run_dir)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, handle, optimizer, lr_scheduler)
