@@ -12,6 +12,8 @@ browser); `build_app` lays the tabs out and wires the handlers to the components
 import functools
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -589,6 +591,10 @@ def launch(workspace: Path, host: str = "127.0.0.1", port: int = 7860, auth: lis
     app = build_app(studio)
     app.queue(default_concurrency_limit=2, max_size=64)
     print(f"studio ui: workspace {workspace}", flush=True)
+    if block and threading.current_thread() is threading.main_thread():
+        def interrupt(signum, frame):  # a SIGTERM'd server still stops its jobs cleanly (checkpoints)
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, interrupt)
     try:
         app.launch(server_name=host, server_port=port, auth=auth, allowed_paths=[str(workspace)],
                    max_file_size=int(max_upload_mb * 2**20), prevent_thread_lock=not block, quiet=False,

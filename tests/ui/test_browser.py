@@ -143,7 +143,8 @@ def test_the_server_serves_only_the_workspace_and_refuses_big_uploads(server, pa
         response = request.get(f"{server['url']}/gradio_api/file={path}")
         assert response.status >= 400 and "not for browsers" not in response.text(), path
     small = {"files": {"name": "small.png", "mimeType": "image/png", "buffer": b"\0" * 1000}}
-    assert request.post(f"{server['url']}/gradio_api/upload", multipart=small).status == 200  # control
+    response = request.post(f"{server['url']}/gradio_api/upload", multipart=small)  # control
+    assert response.status == 200 and str(workspace / ".gradio") in response.text()  # uploads stay in the workspace
     big = {"files": {"name": "big.png", "mimeType": "image/png", "buffer": b"\0" * (2 * 2**20)}}
     response = request.post(f"{server['url']}/gradio_api/upload", multipart=big)
     assert response.status == 413, response.text()
