@@ -56,7 +56,7 @@ def test_a_job_makes_the_run_folder_the_cli_makes(tmp_path, manager):
 
 def test_cancel_checkpoints_and_resume_finishes(tmp_path, manager):
     run_dir = tmp_path / "runs" / "cancel-me"
-    argv = ["train-style", "--runs-dir", str(tmp_path / "runs"), "--name", "cancel-me", "--steps", "12", "--batch-size", "1",
+    argv = ["train-style", "--runs-dir", str(tmp_path / "runs"), "--name", "cancel-me", "--steps", "8", "--batch-size", "1",
             "--checkpoint-every", "100", "--targets", "to_q", "to_v", "--rank", "2", "--sample-prompts", "a star in neon style",
             "--sample-steps", "1"]
     job = manager.submit(argv, run_dir=run_dir, stoppable=True)
@@ -70,7 +70,7 @@ def test_cancel_checkpoints_and_resume_finishes(tmp_path, manager):
     assert job.status == "interrupted" and job.returncode == 130, job.log_tail()
     info = Run(run_dir).info
     stopped_at = info["step"]
-    assert info["status"] == "interrupted" and 1 <= stopped_at < 12
+    assert info["status"] == "interrupted" and 1 <= stopped_at < 8
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert checkpoints[-1] == f"step-{stopped_at:08d}"  # although checkpoint_every is 100
     assert not (run_dir / "adapter").exists() and not (run_dir / STOP_FILE).exists()
@@ -79,10 +79,10 @@ def test_cancel_checkpoints_and_resume_finishes(tmp_path, manager):
     resumed = manager.wait(resumed.id, timeout=120)
     assert resumed.status == "finished", resumed.log_tail()
     info = Run(run_dir).info
-    assert info["status"] == "finished" and info["step"] == 12
+    assert info["status"] == "finished" and info["step"] == 8
     assert (run_dir / "adapter" / "style" / "adapter_model.safetensors").is_file()
     steps = [e["step"] for e in events_of(run_dir) if e["kind"] == "step"]
-    assert steps == list(range(1, 13))  # the resumed job continued where the cancelled one stopped
+    assert steps == list(range(1, 9))  # the resumed job continued where the cancelled one stopped
 
 
 def test_a_failing_command_reports_the_cli_error(tmp_path, manager):
