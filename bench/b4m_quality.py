@@ -36,8 +36,8 @@ from pipelines.metrics import content_score, load_judge, style_score  # noqa: E4
 from pipelines.train import UNET_ATTENTION_TARGETS, TrainConfig, generate, image_grid, train_adapter  # noqa: E402
 
 # Every linear layer of the UNet's transformer blocks (PLP adapts nn.Linear only, so all three
-# methods get the same layers): attention, the blocks' in/out projections and feed-forward.
-TARGETS = [*UNET_ATTENTION_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+# methods get the same layers): attention and feed-forward (proj_in/out are 1x1 convs in SD 1.x).
+TARGETS = [*UNET_ATTENTION_TARGETS, "ff.net.0.proj", "ff.net.2"]
 
 SETS = REPO / "assets" / "sets"
 PAIRS = [("moon", "neon"), ("arrow", "pixel"), ("ring", "blueprint"), ("bolt", "watercolor")]
