@@ -6,6 +6,7 @@ destination, so a crash leaves either the old file or the new one, never half of
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -19,6 +20,7 @@ from safetensors.torch import save as safetensors_save
 
 from peft_core.errors import AdapterError
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # never loaded: unpickling runs code
 TEMPORARY_SUFFIX = ".tmp"  # atomic_write_bytes' temporaries: ".<name>.<random>.tmp" next to the destination
 
 
@@ -32,8 +34,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise AdapterError(f"no space left to write {path} ({error.strerror}); free some disk space and "
+                               "run again (the previous version of the file, if any, is unchanged)") from None
         raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
@@ -78,6 +83,11 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
+        pickles = [p.name for p in sorted(path.parent.glob(f"{path.stem}.*")) if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise AdapterError(f"{path.parent} holds {pickles[0]}, a pickle file, where {path.name} is expected; "
+                               "pickle can run code when loaded, so it is never read: convert it to safetensors "
+                               "(safetensors.torch.save_file) in a place you trust")
         raise AdapterError(f"{path} does not exist; expected the adapter's weights next to its config")
     try:
         return safetensors_load(path.read_bytes())

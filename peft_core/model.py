@@ -204,7 +204,8 @@ class AdapterHandle:
             )
         if missing:
             raise AdapterError(
-                f"the checkpoint lacks {missing[0]!r} ({len(missing)} tensors missing); it does not match adapter {name!r}"
+                f"the checkpoint lacks {missing[0]!r} ({len(missing)} tensors missing); it does not match adapter {name!r}: "
+                "was it trained on another base model, another method, or with other targets?"
             )
         for key in expected:  # model order, so the first mismatch reported is the first in the model
             value = state[key]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 from pipelines.errors import UserError
@@ -26,21 +27,25 @@ DEFAULT_BASE = "embedded"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin")  # refused unless allow_pickle=True
 
 
-def load_base(spec: str | os.PathLike | None = DEFAULT_BASE, torch_dtype=None, device: str | None = None, **kwargs):
+def load_base(spec: str | os.PathLike | None = DEFAULT_BASE, torch_dtype=None, device: str | None = None,
+              allow_pickle: bool = False, **kwargs):
     """A `StableDiffusionPipeline` from the embedded name, a folder, a single file or a hub id,
     moved to `device` (default: CUDA when available, else the CPU).
+
+    Single-file pickle checkpoints (.ckpt/.pt/.bin) are refused unless `allow_pickle=True` (with a warning).
 
     `torch_dtype` and other keyword arguments go to diffusers' loader unchanged.
     """
     import torch
 
-    pipe = _load_pipeline(spec, torch_dtype, kwargs)
+    pipe = _load_pipeline(spec, torch_dtype, kwargs, allow_pickle)
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _load_pipeline(spec: str | os.PathLike | None, torch_dtype, kwargs: dict):
+def _load_pipeline(spec: str | os.PathLike | None, torch_dtype, kwargs: dict, allow_pickle: bool = False):
     from diffusers import StableDiffusionPipeline
 
     if torch_dtype is not None:
@@ -51,11 +56,17 @@ def _load_pipeline(spec: str | os.PathLike | None, torch_dtype, kwargs: dict):
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise UserError(f"{path} is a folder but not a diffusers pipeline (no model_index.json); "
-                            "pass a diffusers folder, a .safetensors/.ckpt file, a hub id or 'embedded'")
+                            "pass a diffusers folder, a .safetensors file, a hub id or 'embedded'")
         return _load_folder(StableDiffusionPipeline, path, kwargs)
     if path.is_file():
         if path.suffix not in _SINGLE_FILE_SUFFIXES:
             raise UserError(f"{path} is not a checkpoint file (expected one of {', '.join(_SINGLE_FILE_SUFFIXES)})")
+        if path.suffix in _PICKLE_SUFFIXES and not allow_pickle:
+            raise UserError(f"{path} is a pickle checkpoint ({path.suffix}), which can run code when loaded, so it is "
+                            "refused; convert it to .safetensors, or if you trust it load_base(..., allow_pickle=True)")
+        if path.suffix in _PICKLE_SUFFIXES:
+            warnings.warn(f"loading pickle checkpoint {path} (allow_pickle=True): only do this for files you trust",
+                          stacklevel=3)
         # Converting an original-format checkpoint needs its config; offline, diffusers can only
         # build it from the cache, so say so rather than surface a hub error.
         try:
@@ -105,7 +116,12 @@ def _embedded_folder(folder: Path, what: str) -> Path:
 
 def _load_folder(pipeline_class, folder: Path, kwargs: dict):
     # A local folder never needs the network; local_files_only makes that explicit and fast.
-    return pipeline_class.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    try:
+        return pipeline_class.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    except (OSError, ValueError) as error:  # missing/half-downloaded weights, broken configs
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"could not load the diffusers folder {folder}: {first}; an interrupted download or copy? "
+                        "download it again, or pass another base") from error
 
 
 def _load_hub(pipeline_class, hub_id: str, kwargs: dict):

@@ -118,6 +118,14 @@ def from_record(record: dict) -> dict:
             **{key: record.get(key) for key in ("base", "template", "trigger", "resolution")}}
 
 
+def check_adapter_fits(model, config) -> None:
+    """Attach `config` to `model` and take it off again: its errors (no module matches the targets, a
+    rank larger than a layer) surface here, before anything is written, instead of in a half-made run."""
+    from peft_core import attach
+
+    attach(model, config, name="_fits_check").remove("_fits_check")
+
+
 def run(args: argparse.Namespace) -> int:
     from pipelines import load_base
     from pipelines.data import ImageCaptionDataset, validate_image_folder
@@ -135,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"the embedded demo set {settings['data']} is missing; run `studio pretrain-base` or pass a folder")
     validate_image_folder(settings["data"], template=settings["template"], trigger=settings["trigger"])  # fail before loading
     pipe = load_base(settings["base"] or "embedded", device=settings["device"])
+    check_adapter_fits(pipe.unet, settings["adapter"])  # missing targets, rank > layer: before the run folder exists
     resolution = settings["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
     dataset = ImageCaptionDataset(settings["data"], resolution=resolution, template=settings["template"],
                                   trigger=settings["trigger"], seed=settings["train"].seed)
