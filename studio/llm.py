@@ -619,6 +619,9 @@ def train_llm(job: LlmJob, run_dir: str | os.PathLike, on_event: Callable[[LlmEv
 
     run_dir, train = Path(run_dir), job.train
     accelerator = accelerator or Accelerator(mixed_precision=train.mixed_precision, cpu=job.cpu)
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UserError(f"train-llm runs data-parallel (DDP) only, not {accelerator.distributed_type.value}: adapters are "
+                        "saved and recovered from unsharded tensors (docs/llm.md says which methods could shard and why)")
     main = accelerator.is_main_process
     emit = (on_event or (lambda event: None)) if main else (lambda event: None)
     started = time.perf_counter()
