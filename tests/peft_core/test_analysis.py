@@ -33,14 +33,6 @@ from peft_core.analysis.gradients import (
 from peft_core.errors import AdapterError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ToyAttention(nn.Module):
     """Llama-shaped self-attention (q_proj/k_proj/v_proj/o_proj, grouped-query heads), no RoPE."""
 

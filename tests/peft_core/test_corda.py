@@ -14,14 +14,6 @@ from peft_core.methods import corda
 from peft_core.methods.corda import CordaPrepared, Covariances, damped, decompose
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Mlp(nn.Module):
     def __init__(self, sizes=(24, 40, 32, 16)) -> None:
         super().__init__()

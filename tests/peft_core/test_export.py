@@ -29,16 +29,6 @@ TOLERANCE = 1e-5
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    # Models this small gain nothing from intra-op threads, and on a busy machine OpenMP workers
-    # waiting for a core make a tiny UNet's step take seconds instead of milliseconds.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ---------------------------------------------------------------------------------------------
 # Tiny models, built from configs (nothing is downloaded).
 # ---------------------------------------------------------------------------------------------

@@ -29,14 +29,6 @@ KEEP = dict(keep_first=1, keep_last=1)
 IDS = torch.tensor([[3, 17, 99, 4, 56, 23, 8, 120], [1, 2, 3, 4, 5, 6, 7, 8]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_llama(shape: dict = GQA, tied: bool = False, seed: int = 0, dtype=torch.float64) -> nn.Module:
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(**shape, tie_word_embeddings=tied, attn_implementation="eager")

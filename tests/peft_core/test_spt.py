@@ -15,14 +15,6 @@ from peft_core.methods import spt
 from peft_core.methods.spt import SptModulePlan, Unit, plan_budget, sparse_dense, sparse_linear_delta
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Toy(nn.Module):
     """A conv stem and an MLP: Linear and Conv2d units, with and without biases."""
 

@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from micro_sd import ColourDataset, micro_pipeline
 
 from pipelines.b4m import BreakForMakeConfig, BreakForMakePipeline
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_break_make_compose_save_and_reload(tmp_path):

@@ -12,14 +12,6 @@ from pipelines.errors import UserError
 from pipelines.train import UNET_ATTENTION_TARGETS, TrainConfig, train_adapter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def adapter_tensors(handle, name="default"):
     return {k: v.detach().clone() for k, v in handle.state_dict(name).items()}
 

@@ -11,14 +11,6 @@ from pipelines.checkpoint import latest_checkpoint
 from pipelines.train import STOP_FILE, UNET_ATTENTION_TARGETS, StopRequested, TrainConfig, train_adapter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tensors(handle):
     return {k: v.detach().clone() for k, v in handle.state_dict("default").items()}
 

@@ -29,15 +29,6 @@ FAST = ["--steps", "1", "--batch-size", "2", "--sample-steps", "1", "--checkpoin
 
 
 @pytest.fixture(autouse=True)
-def offline_single_thread(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
 def never_unpickle(monkeypatch):
     """Nothing in these cases may unpickle anything."""
     def refuse(*_args, **_kwargs):

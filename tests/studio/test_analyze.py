@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from peft_core import LoraConfig, attach
 from studio.cli import main
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _save_random_lora(model, targets, directory):

@@ -7,22 +7,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from studio.cli import main
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 FAST = ["--steps", "3", "--batch-size", "2", "--sample-steps", "2", "--checkpoint-every", "2"]
-
-
-@pytest.fixture(autouse=True)
-def offline_single_thread(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def only_run(root: Path) -> Path:
