@@ -119,6 +119,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of every method (B4M partners: 1/10)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=3, help="how many (content, style) pairs, from the list above")
+    parser.add_argument("--first-pair", type=int, default=0, help="index of the first pair (to split a run over processes)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="only combine the pairs of earlier runs (same settings) into --out")
     parser.add_argument("--samples", type=int, default=8, help="images per prompt")
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -127,29 +130,41 @@ def main() -> None:
     args = parser.parse_args()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
+    if args.merge:
+        reports = [json.loads(Path(path).read_text()) for path in args.merge]
+        settings = {key: reports[0][key] for key in ("steps", "rank", "lr", "batch_size", "samples_per_prompt", "seed")}
+        if any({key: r[key] for key in settings} != settings for r in reports):
+            raise SystemExit("--merge: the runs used different settings")
+        combined = {**reports[0], "pairs": [p for r in reports for p in r["pairs"]], "wall_s": sum(r["wall_s"] for r in reports)}
+        Path(args.out).write_text(json.dumps({**combined, **summarize(combined["pairs"])}, indent=2) + "\n")
+        return
     judge = load_judge(device=args.device)
     started = time.time()
     pairs = []
-    for content, style in PAIRS[: args.pairs]:
+    for content, style in PAIRS[args.first_pair : args.first_pair + args.pairs]:
         print(f"[pair] {content} x {style}", flush=True)
         pairs.append(run_pair(args, content, style, args.device, judge))
         print(json.dumps(pairs[-1]["scores"]), flush=True)
         write_report(args, pairs, started)  # after every pair, so a cut-off run keeps what it measured
 
 
-def write_report(args, pairs: list[dict], started: float) -> None:
+def summarize(pairs: list[dict]) -> dict:
     methods = list(pairs[0]["scores"])
     mean = {m: {k: sum(p["scores"][m][k] for p in pairs) / len(pairs) for k in ("content", "style", "prompt")} for m in methods}
+    return {"mean": mean, "b4m_beats_naive_sum": {k: mean["b4m"][k] > mean["naive_sum"][k] for k in ("content", "style")}}
+
+
+def write_report(args, pairs: list[dict], started: float) -> None:
+    summary = summarize(pairs)
     report = {
         "steps": {"break": args.steps, "make": args.make_steps, "total_per_method": 2 * args.steps + args.make_steps},
         "rank": args.rank, "lr": args.lr, "targets": TARGETS, "batch_size": args.batch_size, "samples_per_prompt": args.samples, "seed": args.seed,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "wall_s": round(time.time() - started, 1),
-        "pairs": pairs, "mean": mean,
-        "b4m_beats_naive_sum": {k: mean["b4m"][k] > mean["naive_sum"][k] for k in ("content", "style")},
+        "pairs": pairs, **summary,
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(mean, indent=2), flush=True)
+    print(json.dumps(summary["mean"], indent=2), flush=True)
 
 
 if __name__ == "__main__":
