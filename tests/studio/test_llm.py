@@ -17,15 +17,6 @@ from studio.cli import main
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread_offline(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> tuple[Path, Path]:
     """48 training rows and 24 test rows of the embedded addition task."""
