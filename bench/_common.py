@@ -205,3 +205,28 @@ def format_table(headers: list[str], rows: list[list[Any]]) -> str:
         "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in text
     ]
     return "\n".join(lines)
+
+
+def random_llama(config: dict[str, Any], device, dtype, seed: int):
+    """A transformers LlamaForCausalLM built directly on `device` in `dtype`, in train mode, with our
+    own init: weights ~ N(0, 0.02) from `seed`, norms 1 (identical for every variant, never zeros or
+    uninitialised memory). `config` holds LlamaConfig fields."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama_config = LlamaConfig(**{"attn_implementation": "sdpa", "use_cache": False, **config})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(llama_config)
+    finally:
+        torch.set_default_dtype(previous)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0.0, 0.02, generator=generator)
+            else:
+                parameter.fill_(1.0)
+    return model.train()

@@ -51,6 +51,7 @@ from _common import (  # noqa: E402
     free_memory,
     log,
     max_fitting,
+    random_llama,
     ratio,
     repo_on_path,
     sync,
@@ -104,28 +105,8 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
 # Model, batches, one training step.
 # ---------------------------------------------------------------------------------------------
 def build_model(config_name: str, device: torch.device, dtype: torch.dtype, seed: int):
-    """A LlamaForCausalLM allocated directly on `device` in `dtype`, weights ~ N(0, 0.02), norms 1."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**MODEL_CONFIGS[config_name], attn_implementation="sdpa", use_cache=False)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    # Our own init, whatever transformers did: deterministic from `seed`, identical for every
-    # variant, never zeros or uninitialised memory.
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() >= 2:
-                parameter.normal_(0.0, 0.02, generator=generator)
-            else:
-                parameter.fill_(1.0)
-    model.train()
-    return model
+    """A LlamaForCausalLM of config `config_name` on `device` in `dtype`, weights ~ N(0, 0.02), norms 1."""
+    return random_llama(MODEL_CONFIGS[config_name], device, dtype, seed)
 
 
 def random_batch(

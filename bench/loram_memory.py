@@ -33,6 +33,7 @@ from _common import (  # noqa: E402
     format_table,
     free_memory,
     log,
+    random_llama,
     ratio,
     repo_on_path,
     sync,
@@ -56,21 +57,7 @@ KEEP_FIRST, KEEP_LAST = 4, 2
 
 
 def build_model(name: str, device: torch.device, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**MODELS[name], tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.02, generator=generator) if parameter.dim() >= 2 else parameter.fill_(1.0)
-    return model.train()
+    return random_llama({**MODELS[name], "tie_word_embeddings": False}, device, torch.bfloat16, seed)
 
 
 def prepare(variant: str, args, device: torch.device):

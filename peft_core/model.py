@@ -292,7 +292,7 @@ def calibration_outputs(model: nn.Module, batches: Iterable[Any], step: Callable
     The default step calls model(batch), model(**batch) for a dict, model(*batch) for a tuple or list.
     A failing batch becomes an AdapterError naming the batch and its shapes; no batch at all is an error.
     """
-    step = step or _call_model
+    step = step or call_model
     count = 0
     for index, batch in enumerate(batches):
         try:
@@ -308,7 +308,8 @@ def calibration_outputs(model: nn.Module, batches: Iterable[Any], step: Callable
         raise AdapterError(f"{method}.prepare: the calibration data is empty; pass at least one batch")
 
 
-def _call_model(model: nn.Module, batch: Any) -> Any:
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """Run `model` on one calibration batch: a mapping of keyword arguments, a tuple of positional ones, or a tensor."""
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):

@@ -38,6 +38,7 @@ from torch import nn
 from peft_core.errors import AdapterError
 from peft_core.io import write_json
 from peft_core.layer import AdaptedModule
+from peft_core.model import call_model
 
 # -- documented constants -----------------------------------------------------------------------
 LOW_RANK_MAX_RHO = 0.5  # rho <= this: "low-rank" (polynomial/low-rank surrogates of P are accurate)
@@ -596,21 +597,13 @@ def attention_regime_report(
     with recorder, torch.no_grad():
         for index, batch in enumerate(batches):
             try:
-                (step or _call_model)(model, batch)
+                (step or call_model)(model, batch)
             except (RuntimeError, ValueError, IndexError, TypeError) as error:
                 raise AdapterError(f"attention_regime_report: the model failed on batch {index}: {error}") from error
             count += 1
     if count == 0:
         raise AdapterError("attention_regime_report: no batches; pass at least one")
     return recorder.report(batches=count, metadata=metadata)
-
-
-def _call_model(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 def load_report(path: str | os.PathLike) -> dict[str, Any]:

@@ -277,9 +277,9 @@ def prepare(
 
 
 def _loss_step(model: nn.Module, batch: Any) -> torch.Tensor:
-    from peft_core.model import _call_model
+    from peft_core.model import call_model
 
-    output = _call_model(model, batch)
+    output = call_model(model, batch)
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, torch.Tensor) and output.numel() == 1:
         loss = output
