@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Set before anything imports huggingface_hub, which reads it once at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
