@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from peft_core import AdapterConfig, AdapterError, attach, get_method
 from peft_core import load as load_adapter
@@ -56,6 +57,8 @@ FALLBACK_CHAT_TEMPLATE = (
 LORAM_METHODS = ("lora", "paca")
 NF4_METHODS = ("lora", "paca", "compacter")
 MERGEABLE = ("lora", "paca", "plp", "corda", "spt")
+# Config fields of models whose logits are not just lm_head(last hidden state) (Gemma 2, Cohere, ...).
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
 
 @dataclass
@@ -72,6 +75,7 @@ class LlmTrainConfig:
     base_dtype: str = "float32"  # dtype of the frozen base weights: float32 | bfloat16 | float16
     load_in_4bit: bool = False  # NF4 base through bitsandbytes (QLoRA / QPaCA; CUDA)
     gradient_checkpointing: bool = False
+    loss_chunk_tokens: int = 0  # > 0: output layer + cross-entropy this many tokens at a time (one process)
     optimizer: str = "adamw"  # "adamw" | "adamw8bit" (bitsandbytes, CUDA)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -102,6 +106,8 @@ class LlmTrainConfig:
             raise UserError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.loram_ratio < 1:
             raise UserError(f"loram_ratio must be in [0, 1) (0: no LoRAM), got {self.loram_ratio}")
+        if self.loss_chunk_tokens < 0:
+            raise UserError(f"loss_chunk_tokens must be >= 0 (0: off), got {self.loss_chunk_tokens}")
         if self.checkpoint_every < 1:
             raise UserError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
@@ -471,12 +477,49 @@ def load_tokenizer(job: LlmJob):
 # =============================================================================================
 # Loss and evaluation.
 # =============================================================================================
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over response tokens of the next-token cross-entropy (float32)."""
+def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 0) -> torch.Tensor:
+    """Sum over response tokens of the next-token cross-entropy (float32).
+
+    chunk_tokens > 0: never hold the whole (tokens x vocab) logits (chunked_token_loss_sum); the
+    model must be the bare Hugging Face model (not wrapped for DDP) with a plain linear output layer.
+    """
+    if chunk_tokens > 0:
+        head, config = model.get_output_embeddings(), model.config
+        if not isinstance(head, torch.nn.Linear) or any(getattr(config, key, None) for key in LOGIT_TRANSFORMS):
+            raise UserError(f"loss_chunk_tokens: {type(model).__name__} does not compute its logits as a plain linear layer "
+                            "of the last hidden state (output layer or logit scaling/soft-capping): set loss_chunk_tokens=0")
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return chunked_token_loss_sum(hidden[:, :-1], head, batch["labels"][:, 1:], chunk_tokens)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits, targets = logits[:, :-1], batch["labels"][:, 1:]  # (B, T-1, V), (B, T-1)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
+
+
+def chunked_token_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                           chunk_tokens: int) -> torch.Tensor:
+    """sum_t CE(head(hidden_t), targets_t) over the positions whose target is not IGNORE (at least float32).
+
+    With a 128k vocabulary the logits of one 2048-token sequence take 1 GiB in float32, and the
+    plain loss keeps them (and their gradient) alive; here each chunk's logits exist only inside
+    its own forward and are recomputed in backward (activation checkpointing), so the peak holds
+    one chunk of logits. Positions without a target are dropped first: no head compute for them.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    keep = targets != IGNORE
+    hidden, targets = hidden[keep], targets[keep]
+
+    def chunk_loss(chunk_hidden: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
+        logits = head(chunk_hidden)
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), chunk_targets, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    for start in range(0, targets.numel(), chunk_tokens):
+        end = start + chunk_tokens
+        total = total + torch.utils.checkpoint.checkpoint(chunk_loss, hidden[start:end], targets[start:end],
+                                                          use_reentrant=False)
+    return total
 
 
 @torch.no_grad()
@@ -607,17 +650,23 @@ def _resume_checkpoint(run_dir: Path) -> Path | None:
 
 
 def train_llm(job: LlmJob, run_dir: str | os.PathLike, on_event: Callable[[LlmEvent], Any] | None = None,
-              accelerator=None, adapter_name: str = "default") -> LlmResult:
+              accelerator=None, adapter_name: str = "default", should_stop: Callable[[], bool] | None = None) -> LlmResult:
     """Check, set up, fit, evaluate, save (see the module docstring). Resumes from run_dir's newest
     checkpoint if there is one. Every process of an `accelerate launch` runs this; only the main
-    process writes files and emits events."""
+    process writes files and emits events.
+
+    `should_stop()` is asked after every step (default: does `run_dir/STOP` exist?), as in the
+    diffusion loop: when it answers yes, the step is checkpointed, the STOP file removed and
+    `pipelines.train.StopRequested` (a KeyboardInterrupt) raised, so `--resume` continues from there.
+    This is how the UI cancels an LLM job."""
     from accelerate import Accelerator
 
     from peft_core.methods import loram
     from pipelines.checkpoint import load_checkpoint, save_checkpoint
-    from pipelines.train import make_lr_scheduler, make_optimizer
+    from pipelines.train import STOP_FILE, StopRequested, make_lr_scheduler, make_optimizer, stop_requested
 
     run_dir, train = Path(run_dir), job.train
+    should_stop = should_stop or (lambda: (run_dir / STOP_FILE).exists())
     accelerator = accelerator or Accelerator(mixed_precision=train.mixed_precision, cpu=job.cpu)
     if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise UserError(f"train-llm runs data-parallel (DDP) only, not {accelerator.distributed_type.value}: adapters are "
@@ -628,6 +677,9 @@ def train_llm(job: LlmJob, run_dir: str | os.PathLike, on_event: Callable[[LlmEv
 
     # 1. Check everything before loading weights: config, method vs architecture, data.
     train.check()
+    if train.loss_chunk_tokens and accelerator.num_processes > 1:
+        raise UserError("loss_chunk_tokens works in one process only for now (the chunked loss bypasses the DDP "
+                        "wrapper's forward, which would skip the gradient all-reduce): set it to 0 with several processes")
     check_method_on_model(job)
     if job.data is None:
         job.data, job.eval_data = default_data()
@@ -694,7 +746,7 @@ def train_llm(job: LlmJob, run_dir: str | os.PathLike, on_event: Callable[[LlmEv
             batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
             sync = number == accumulation - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(wrapped), accelerator.autocast():
-                loss_sum = token_loss_sum(wrapped, batch)
+                loss_sum = token_loss_sum(wrapped, batch, train.loss_chunk_tokens)
                 accelerator.backward(loss_sum * (processes / tokens))
             step_loss += loss_sum.detach() / tokens
         if train.max_grad_norm > 0:
@@ -710,10 +762,16 @@ def train_llm(job: LlmJob, run_dir: str | os.PathLike, on_event: Callable[[LlmEv
         if main and train.eval_every and done % train.eval_every == 0 and done < train.steps and eval_sets:
             emit(LlmEvent("eval", done, train.steps, metrics=evaluate(accelerator.unwrap_model(wrapped), eval_sets,
                                                                        tokenizer, train.eval_batch_size, device)))
-        if main and (done % train.checkpoint_every == 0 or done == train.steps):
+        stop = done < train.steps and stop_requested(should_stop, accelerator)
+        if main and (stop or done % train.checkpoint_every == 0 or done == train.steps):
             path = save_checkpoint(run_dir, done, handle, [adapter_name], optimizer, lr_scheduler,
                                    extra={"loss": step_loss, "before": before})
             emit(LlmEvent("checkpoint", done, train.steps, path=str(path)))
+        if stop:
+            accelerator.wait_for_everyone()
+            if main:
+                (run_dir / STOP_FILE).unlink(missing_ok=True)  # the request is served; a resume must not stop again
+            raise StopRequested(f"stopped on request after step {done} of {train.steps}; the checkpoint resumes it")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     accelerator.wait_for_everyone()
 
@@ -765,6 +823,71 @@ def save_merged(job: LlmJob, adapter_dir: Path, out_dir: Path, tokenizer) -> Pat
     merged.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+# =============================================================================================
+# Generation: talk to a trained run.
+# =============================================================================================
+def load_for_generation(run_dir: str | os.PathLike | None = None, base: str | None = None,
+                        device: str | torch.device | None = None):
+    """(model, tokenizer) ready for `generate_text`: a finished `studio train-llm` run's base with its
+    final adapter loaded (LoRAM runs: the recovered, full-size adapter), or a base alone when
+    `run_dir` is None. `base` overrides the run's own base (default "embedded")."""
+    from studio.runs import Run
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if run_dir is None:
+        job = LlmJob(adapter=None, base=base or "embedded")  # no adapter: load_model reads only base and train
+        model, tokenizer = load_model(job, device)
+        model.eval()
+        return model, tokenizer
+    run = Run.open(run_dir)
+    config = run.config
+    if config.get("kind") != "train-llm":
+        raise UserError(f"{run.directory} is a {config.get('kind')} run, not a `studio train-llm` run")
+    adapters = sorted(p for p in (run.directory / "adapter").glob("*") if (p / "adapter_config.json").is_file())
+    if not adapters:
+        raise UserError(f"{run.directory} has no final adapter (status: {run.info.get('status')}); "
+                        "resume it to the end or pick a finished run")
+    job = job_from_record(config)
+    if base is not None:
+        job.base = base
+    model, tokenizer = load_model(job, device)
+    load_adapter(model, adapters[0])
+    model.eval()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int = 0, chat: bool = True) -> str:
+    """The model's continuation of `prompt` (new text only, special tokens dropped).
+
+    chat=True renders the prompt as one user turn with the tokenizer's chat template (the
+    fallback template if it has none) plus the generation prompt, exactly as the trainer renders
+    an instruction row, so a model trained on instruction/chat rows sees its training format;
+    chat=False continues the raw text. temperature 0 is greedy (deterministic); above 0 samples,
+    reproducibly from `seed`."""
+    if not prompt or not prompt.strip():
+        raise UserError("write a prompt")
+    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise UserError(f"max_new_tokens must be >= 1, temperature >= 0 and top_p in (0, 1]; "
+                        f"got {max_new_tokens}, {temperature}, {top_p}")
+    text = _chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True) if chat else prompt
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([_ids(tokenizer, text)], device=device)  # (1, T)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and input_ids.shape[1] >= limit:
+        raise UserError(f"the prompt is {input_ids.shape[1]} tokens; this model reads at most {limit}")
+    if limit is not None:
+        max_new_tokens = min(max_new_tokens, limit - input_ids.shape[1])
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                top_k=None, **sampling)
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 def job_record(job: LlmJob) -> dict[str, Any]:

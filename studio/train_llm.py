@@ -40,6 +40,8 @@ TRAIN_HELP = {
     "base_dtype": "dtype of the frozen base weights: float32, bfloat16 or float16",
     "load_in_4bit": "NF4 base through bitsandbytes (QLoRA / QPaCA; CUDA only)",
     "gradient_checkpointing": "trade compute for activation memory",
+    "loss_chunk_tokens": "compute the output layer and loss N tokens at a time, recomputed in backward: "
+                         "saves the (tokens x vocab) logits memory (0: off; one process only)",
     "optimizer": "adamw, or adamw8bit (bitsandbytes, CUDA only)",
     "weight_decay": "AdamW weight decay",
     "max_grad_norm": "gradient clipping norm (0: off)",

@@ -222,3 +222,32 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path, small_data):
     assert len(two) == len(one) == 4
     # Same examples, same normalisation; only float reduction order differs (padding widths, all-reduce).
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_loss_equals_the_full_logits_loss_and_its_gradients():
+    """float64 reference: the whole logits matrix at once; chunked: a few tokens at a time, recomputed."""
+    from studio.llm import IGNORE, chunked_token_loss_sum
+
+    hidden = torch.randn(3, 11, 16, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(16, 29, bias=False, dtype=torch.float64)
+    targets = torch.randint(0, 29, (3, 11))
+    targets[0, :4] = IGNORE  # a prompt without loss
+    targets[2, -3:] = IGNORE  # padding
+    reference = torch.nn.functional.cross_entropy(head(hidden).reshape(-1, 29), targets.reshape(-1), ignore_index=IGNORE,
+                                                  reduction="sum")
+    reference_grads = torch.autograd.grad(reference, (hidden, head.weight))
+    for chunk in (1, 4, 7, 1000):
+        chunked = chunked_token_loss_sum(hidden, head, targets, chunk)
+        grads = torch.autograd.grad(chunked, (hidden, head.weight))
+        torch.testing.assert_close(chunked, reference, rtol=1e-12, atol=1e-10)
+        for got, want in zip(grads, reference_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_loss_chunk_tokens_trains_like_the_plain_loss(tmp_path, small_data):
+    plain = train(tmp_path / "plain", small_data, "--method", "lora")
+    chunked = train(tmp_path / "chunked", small_data, "--method", "lora", "--loss-chunk-tokens", "8")
+    plain_losses = [e["loss"] for e in events(plain) if e.get("kind") == "step"]
+    chunked_losses = [e["loss"] for e in events(chunked) if e.get("kind") == "step"]
+    assert len(plain_losses) == len(chunked_losses) == 3
+    assert plain_losses == pytest.approx(chunked_losses, rel=1e-5)
