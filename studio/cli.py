@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple] = {
     "export": ("studio.export", "Export an adapter to the diffusers or HF PEFT format."),
     "analyze": ("studio.analyze", "LoRA computational-limits report: per-head attention regime (table, JSON, heatmap)."),
     "train-llm": ("studio.train_llm", "Fine-tune a causal LM with any method on JSONL (no arguments: the embedded demo)."),
+    "chat": ("studio.chat", "Talk to a finished train-llm run (its base + adapter), or to a base LM alone."),
     "ui": ("studio.ui_cmd", "The studio in a browser (Gradio): train, watch, generate, compose, manage runs."),
     "pretrain-base": ("studio.pretrain", "Recipe that pretrains the embedded tiny SD, tiny LM and judges in assets/."),
     "demo": ("studio.demo", "Quickest real demo of peft_core: attach, train, merge, save, reload."),

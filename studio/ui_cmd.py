@@ -122,6 +122,43 @@ def train_defaults(kind: str) -> dict[str, Any]:
             "alpha": adapter.get("alpha")}
 
 
+def llm_methods() -> list[str]:
+    """Every method `studio train-llm` trains (it runs CorDA's and SPT's prepare step itself)."""
+    from peft_core import available_methods
+
+    return list(available_methods())
+
+
+def llm_defaults(method: str = "lora") -> dict[str, Any]:
+    """What a bare `studio train-llm --method <method>` would use: LlmTrainConfig's fields, the
+    trainer's rank and alpha for the method (None where it has none: Compacter) and every
+    hyperparameter of the method with the trainer's defaults over the paper's."""
+    from studio.llm import LlmTrainConfig
+    from studio.llm import method_defaults as llm_method_defaults
+
+    hyperparameters = method_defaults(method)  # also refuses an unknown method
+    _, adapter = llm_method_defaults(method)
+    return {**dataclasses.asdict(LlmTrainConfig()), "rank": adapter.get("r"), "alpha": adapter.get("alpha"),
+            "hyperparameters": {**hyperparameters, **adapter}}
+
+
+def validate_jsonl(path: str | Path, for_training: bool = True) -> int:
+    """The number of usable rows of a JSONL file, or the trainer's UserError listing every malformed
+    line by number (the same check `studio train-llm` runs before loading the model)."""
+    from studio.llm import read_jsonl
+
+    return len(read_jsonl(path, for_training=for_training))
+
+
+def embedded_llm_task() -> dict[str, Path]:
+    """The embedded tiny LM's shipped data: the held-out addition task's train/test files and the
+    knowledge probe (what a bare `studio train-llm` trains and evaluates on)."""
+    from studio.llm import default_data
+
+    train, evaluation = default_data()
+    return {"train": train, **{path.stem: path for path in evaluation}}
+
+
 def b4m_defaults() -> dict[str, Any]:
     from pipelines.b4m import BreakForMakeConfig
 
@@ -158,7 +195,23 @@ def check_command(argv: list[str]) -> argparse.Namespace:
         from studio.train_diffusion import resolve
 
         resolve(args)
+    elif args.command == "train-llm" and not args.resume:
+        from studio.train_llm import resolve
+
+        resolve(args)
     return args
+
+
+def check_llm_command(argv: list[str]) -> None:
+    """`check_command`, then what `studio train-llm` checks before it writes anything: the method
+    against the model's architecture (built on the meta device, no weights), LoRAM/NF4/export rules."""
+    from studio.llm import check_method_on_model
+    from studio.train_llm import resolve
+
+    args = check_command(argv)
+    if args.command != "train-llm" or args.resume:
+        raise UserError(f"expected a new `studio train-llm` command, got {command_line(argv)}")
+    check_method_on_model(resolve(args))
 
 
 def config_yaml(argv: list[str]) -> str:
@@ -166,6 +219,11 @@ def config_yaml(argv: list[str]) -> str:
     import yaml
 
     args = check_command(argv)
+    if args.command == "train-llm" and not args.resume:
+        from studio.llm import job_record
+        from studio.train_llm import resolve
+
+        return yaml.safe_dump(job_record(resolve(args)), sort_keys=False)
     if args.command not in ("train-style", "train-content") or args.resume:
         return ""
     from studio.train_diffusion import resolve
