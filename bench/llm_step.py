@@ -18,6 +18,11 @@ Variants:
 - paca: peft_core PaCA r=16 (parameter-matched to LoRA r=8), alpha=32, resident columns,
   `handle.track_optimizer(opt)`.
 - peft_paca: HF peft's own PaCA (r=16) if the installed peft has `PacaConfig`, else null.
+- <variant>_graphed (frozen_graphed, peft_lora_graphed, lora_graphed, paca_graphed): the same
+  step captured once as a whole in a CUDA graph (PyTorch's whole-network capture recipe: warm-up
+  on a side stream, capturable fused AdamW) and replayed. This is what a static-shape trainer can
+  do; it removes the CPU's launch cost and jitter from every variant alike, so the graphed
+  variants are compared with frozen_graphed / peft_lora_graphed only.
 
 Per variant: median ms/step over the timed steps (after warm-up), peak allocated GPU memory
 during the timed steps, and for the adapter variants the longest sequence that fits one step
@@ -67,6 +72,7 @@ from peft_core import LoraConfig, PacaConfig, attach  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["frozen", "peft_lora", "lora", "paca", "peft_paca"]
+GRAPHED = ["frozen_graphed", "peft_lora_graphed", "lora_graphed", "paca_graphed"]
 MAX_SEQ_VARIANTS = ("peft_lora", "lora", "paca", "peft_paca")
 
 LORA_R, LORA_ALPHA = 8, 16
@@ -139,10 +145,37 @@ def make_train_step(model, optimizer, frozen: bool, autocast: bool, device: torc
     return step
 
 
-def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.device):
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.device, capturable: bool = False):
     if not params:
         return None
-    return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
+    return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda", capturable=capturable)
+
+
+def capture_step(step: Callable[[], torch.Tensor], warmup: int = 3) -> Callable[[], torch.Tensor]:
+    """The whole training step as one CUDA graph: returns replay() -> the (static) loss tensor.
+
+    Warm-up runs on a side stream (lazy inits, cuBLAS workspaces, PaCA's first column write),
+    then one captured call. Gradients are set to None inside the step, so the captured backward
+    allocates them from the graph's pool and every replay overwrites them (no accumulation).
+    PaCA's resident columns: the captured forward includes the column rewrite (the last warm-up
+    optimizer step left them stale), so each replay rewrites them from the current delta.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return loss.clone()
+
+    replay.graph = graph  # keep the graph (and its memory pool) alive with the closure
+    return replay
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +252,10 @@ def prepare_variant(name: str, model) -> Prepared:
 
 
 def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
+    graphed = name.endswith("_graphed")
+    if graphed and device.type != "cuda":
+        log(f"[{name}] skipped: CUDA graphs need a CUDA device")
+        return None
     if name == "peft_paca" and not peft_has_paca():
         import peft
 
@@ -227,13 +264,16 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
     start = time.perf_counter()
     log(f"[{name}] building {args.config} on {device} ({dtype})")
     model = build_model(args.config, device, dtype, args.seed)
-    prepared = prepare_variant(name, model)
-    optimizer = make_optimizer(prepared.params, TIMING_LR, device)
-    if name == "paca" and optimizer is not None:
+    prepared = prepare_variant(name.removesuffix("_graphed"), model)
+    optimizer = make_optimizer(prepared.params, TIMING_LR, device, capturable=graphed)
+    if name.startswith("paca") and optimizer is not None:
         prepared.handle.track_optimizer(optimizer)
     step = make_train_step(prepared.model, optimizer, prepared.frozen, args.autocast, device)
     vocab = MODEL_CONFIGS[args.config]["vocab_size"]
     ids, labels = random_batch(vocab, args.batch, args.seq_len, device, args.seed + 1)
+    if graphed:
+        captured = capture_step(lambda: step(ids, labels))
+        step = lambda ids, labels: captured()  # noqa: E731 - the graph replays its own static batch
     sync(device)
     build_s = time.perf_counter() - start
     base_gib = allocated_gib(device)
@@ -262,7 +302,7 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
     if args.profile and device.type == "cuda":
         result["profile"] = profile_steps(lambda: step(ids, labels), device)
         log(f"[{name}] profile: {result['profile']['summary']}")
-    if name in MAX_SEQ_VARIANTS:
+    if name in MAX_SEQ_VARIANTS:  # eager variants only: a graph is captured for one shape
         if args.no_max_seq or device.type != "cuda":
             result["max_seq_len"] = None
         else:
@@ -532,6 +572,10 @@ def compute_ratios(results: dict) -> dict[str, float | None]:
         "peft_lora_vs_frozen_time": ratio(t("peft_lora"), t("frozen")),
         "paca_vs_peft_paca_time": ratio(t("paca"), t("peft_paca")),
         "paca_vs_peft_paca_memory": ratio(m("paca"), m("peft_paca")),
+        "paca_graphed_vs_frozen_graphed_time": ratio(t("paca_graphed"), t("frozen_graphed")),
+        "paca_graphed_vs_peft_lora_graphed_time": ratio(t("paca_graphed"), t("peft_lora_graphed")),
+        "lora_graphed_vs_peft_lora_graphed_time": ratio(t("lora_graphed"), t("peft_lora_graphed")),
+        "peft_lora_graphed_vs_frozen_graphed_time": ratio(t("peft_lora_graphed"), t("frozen_graphed")),
     }
 
 
@@ -543,6 +587,10 @@ CRITERIA = (
     ("paca_vs_peft_lora_max_seq", ">=", 1.35),
     ("lora_vs_peft_lora_time", "<=", 0.90),
     ("lora_vs_peft_lora_memory", "<=", 1.0),
+    # The same time targets with every variant's step captured as a CUDA graph.
+    ("paca_graphed_vs_peft_lora_graphed_time", "<=", 0.65),
+    ("paca_graphed_vs_frozen_graphed_time", "<=", 1.06),
+    ("lora_graphed_vs_peft_lora_graphed_time", "<=", 0.90),
 )
 
 
@@ -564,8 +612,10 @@ def print_summary(report: dict) -> None:
         _field(results, "peft_lora", "ms_per_step"),
         _field(results, "peft_lora", "peak_gib"),
     )
-    for variant in VARIANTS:
+    for variant in [*VARIANTS, *GRAPHED]:
         entry = results.get(variant)
+        if entry is None and variant in GRAPHED:
+            continue
         if not isinstance(entry, dict):
             rows.append([variant, "null", None, None, None, None, None, None])
             continue
@@ -625,7 +675,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS + GRAPHED)}")
     parser.add_argument("--no-max-seq", action="store_true", help="skip the longest-sequence search")
     parser.add_argument("--max-seq-step", type=int, default=512, help="granularity of the max-seq search")
     parser.add_argument("--max-seq-cap", type=int, default=131072, help="largest sequence length probed")
@@ -646,9 +696,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "llm_step.json"))
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in VARIANTS + GRAPHED]
     if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {VARIANTS}")
+        parser.error(f"unknown variants {unknown}; choose from {VARIANTS + GRAPHED}")
     args.variants = variants
     return args
 
@@ -712,9 +762,10 @@ def main(argv=None) -> dict:
         report["checks"] = run_checks(device, dtype, args.seed)
         write_json(args.out, report)
 
-    for name in VARIANTS:
+    for name in VARIANTS + GRAPHED:
         if name not in args.variants:
-            report["results"][name] = None
+            if name in VARIANTS:
+                report["results"][name] = None
             continue
         free_memory(device)
         try:
