@@ -10,7 +10,11 @@ browser); `build_app` lays the tabs out and wires the handlers to the components
 
 
 import functools
+import inspect
+import json
+import keyword
 import os
+import re
 import shutil
 import signal
 import threading
@@ -22,10 +26,14 @@ from studio import ui_cmd
 from studio.errors import UserError
 from studio.runs import safe_run_name
 from ui.jobs import Job, JobManager
-from ui.progress import describe, events_of, loss_points, run_info
+from ui.progress import describe, eval_table, events_of, loss_points, run_info
 from ui.workspace import UPLOAD_SUFFIXES, UploadLimits, Workspace
 
 TRAIN_KINDS = ("train-style", "train-content")
+LLM_KIND = "train-llm"
+RESUMABLE_KINDS = (*TRAIN_KINDS, LLM_KIND)  # the kinds whose training stops on STOP with a checkpoint
+LLM_EMBEDDED = "embedded task"
+LLM_BASE_ONLY = "(the embedded base, no adapter)"
 SCHEDULES = ("constant", "cosine", "linear")
 ADAPTER_SLOTS = 3  # adapters the Generate tab composes at once
 
@@ -37,6 +45,9 @@ class Studio:
         self.limits = UploadLimits(max_file_bytes=int(max_upload_mb * 2**20))
         self.jobs = JobManager({"train": max_jobs, "light": 1}, jobs_dir=self.workspace.jobs, max_queued=max_queued,
                                stop_grace_s=stop_grace_s)
+        # Held from choosing a free run name to queueing the job, so two users asking for the same
+        # name at the same moment get two run folders ("x", "x-2") instead of one refused job.
+        self._naming = threading.RLock()
 
     # -- training (style / content) -------------------------------------------------------------
     def training_argv(self, kind: str, data: str, name: str, template: str, trigger: str, method: str, rank: float,
@@ -99,10 +110,11 @@ class Studio:
         template, trigger = options[0], options[1]
         folder, note = self.dataset_folder(source, demo, files, kind, template, trigger)
         wanted = (name or "").strip() or (demo if source == "demo set" and demo.startswith(kind) else f"{kind}-{folder.name}")
-        run_name = self.workspace.unique_run_name(wanted, {p.name for p in self.jobs.active_run_dirs()})
-        argv = self.training_argv(kind, str(folder), run_name, *options)
-        yaml_text = ui_cmd.config_yaml(argv)  # also checks every option the way the CLI will
-        job = self.jobs.submit(argv, lane="train", owner=owner, run_dir=self.workspace.runs / run_name, stoppable=True)
+        with self._naming:
+            run_name = self.workspace.unique_run_name(wanted, {p.name for p in self.jobs.active_run_dirs()})
+            argv = self.training_argv(kind, str(folder), run_name, *options)
+            yaml_text = ui_cmd.config_yaml(argv)  # also checks every option the way the CLI will
+            job = self.jobs.submit(argv, lane="train", owner=owner, run_dir=self.workspace.runs / run_name, stoppable=True)
         return job.id, f"queued **{run_name}** ({note})", ui_cmd.command_line(argv), yaml_text
 
     def poll(self, job_id: str | None) -> tuple[str, dict, str | None, str]:
@@ -136,16 +148,140 @@ class Studio:
             source = "upload" if files else "demo set"
             folders.append(self.dataset_folder(source, demo, files, kind)[0])
         wanted = (name or "").strip() or f"b4m-{folders[0].name}-{folders[1].name}"
-        run_name = self.workspace.unique_run_name(wanted, {p.name for p in self.jobs.active_run_dirs()})
-        argv = ["break-for-make", "--content", str(folders[0]), "--style", str(folders[1]),
-                "--runs-dir", str(self.workspace.runs), "--name", run_name, "--break-steps", _int(break_steps, "break steps"),
-                "--make-steps", _int(make_steps, "make steps"), "--rank", _int(rank, "rank"),
-                "--batch-size", _int(batch_size, "batch size")]
-        if (prompt or "").strip():
-            argv += ["--prompt", prompt.strip()]
-        ui_cmd.check_command(argv)
-        job = self.jobs.submit(argv, lane="train", owner=owner, run_dir=self.workspace.runs / run_name)
+        with self._naming:
+            run_name = self.workspace.unique_run_name(wanted, {p.name for p in self.jobs.active_run_dirs()})
+            argv = ["break-for-make", "--content", str(folders[0]), "--style", str(folders[1]),
+                    "--runs-dir", str(self.workspace.runs), "--name", run_name,
+                    "--break-steps", _int(break_steps, "break steps"), "--make-steps", _int(make_steps, "make steps"),
+                    "--rank", _int(rank, "rank"), "--batch-size", _int(batch_size, "batch size")]
+            if (prompt or "").strip():
+                argv += ["--prompt", prompt.strip()]
+            ui_cmd.check_command(argv)
+            job = self.jobs.submit(argv, lane="train", owner=owner, run_dir=self.workspace.runs / run_name)
         return job.id, f"queued **{run_name}**", ui_cmd.command_line(argv)
+
+    # -- LLM: train-llm and chat ------------------------------------------------------------------
+    def llm_argv(self, data: str | None, eval_data: str | None, name: str, method: str, rank: float, alpha: float,
+                 loram_ratio: float, extra: str, export_peft: bool, steps: float, batch_size: float,
+                 learning_rate: float, lr_schedule: str, warmup_steps: float, max_length: float, seed: float,
+                 checkpoint_every: float) -> list[str]:
+        """The `studio train-llm` command of the LLM form (no data: the embedded task, train-llm's default)."""
+        method = method or "lora"
+        defaults = ui_cmd.llm_defaults(method)
+        argv = ["train-llm", *([data] if data else []), *(["--eval", eval_data] if eval_data else []),
+                "--runs-dir", str(self.workspace.runs), "--name", name, "--method", method]
+        # Rank and alpha only where the trainer gives the method one (Compacter has neither; its
+        # sizes are KEY=VALUE hyperparameters such as n or reduction_factor).
+        if defaults["rank"] is not None:
+            argv += ["--rank", _int(rank, "rank")]
+        if defaults["alpha"] is not None:
+            argv += ["--alpha", _float(alpha, "alpha")]
+        if loram_ratio and float(loram_ratio) > 0:
+            argv += ["--loram-ratio", _float(loram_ratio, "LoRAM ratio")]
+        if export_peft:
+            argv.append("--export-peft")
+        argv += ["--steps", _int(steps, "steps"), "--batch-size", _int(batch_size, "batch size"),
+                 "--learning-rate", _float(learning_rate, "learning rate"), "--lr-schedule", lr_schedule or "cosine",
+                 "--warmup-steps", _int(warmup_steps, "warm-up steps"), "--max-length", _int(max_length, "max length"),
+                 "--seed", _int(seed, "seed"), "--checkpoint-every", _int(checkpoint_every, "checkpoint every")]
+        for line in (extra or "").splitlines():
+            if line.strip():
+                argv += ["--set", line.strip()]
+        return argv
+
+    def llm_dataset(self, source: str, train_file: Any, eval_file: Any) -> tuple[str | None, str | None, str]:
+        """(training JSONL, held-out JSONL, a note). The embedded task is (None, None): train-llm's own
+        default, which also evaluates on the task's test set and the knowledge probe. Uploads are
+        copied into the workspace and checked line by line as the trainer checks them, else deleted."""
+        if source == LLM_EMBEDDED:
+            return None, None, "the embedded addition task, evaluated on its test set and the knowledge probe"
+        copied: list[Path] = []
+        try:
+            data = self.workspace.ingest_jsonl(_file_path(train_file) if train_file else "", self.limits, label="llm-train")
+            copied.append(data)
+            note = f"{ui_cmd.validate_jsonl(data)} training rows"
+            held_out = None
+            if eval_file:
+                held_out = self.workspace.ingest_jsonl(_file_path(eval_file), self.limits, label="llm-eval")
+                copied.append(held_out)
+                note += f", {ui_cmd.validate_jsonl(held_out, for_training=False)} held-out rows"
+        except UserError:
+            for path in copied:
+                shutil.rmtree(path.parent, ignore_errors=True)
+            raise
+        return str(data), None if held_out is None else str(held_out), note
+
+    def preview_llm(self, source: str, name: str, *options) -> tuple[str, str]:
+        upload = source != LLM_EMBEDDED
+        try:
+            run_name = safe_run_name(name or f"llm-{options[0] or 'lora'}-{'upload' if upload else 'task_add_train'}")
+            argv = self.llm_argv("<your-upload.jsonl>" if upload else None, None, run_name, *options)
+            command = ui_cmd.command_line(argv)
+            yaml_text = ui_cmd.config_yaml(argv)  # also checks every option the way train-llm will
+            if upload:  # its data path is a placeholder until the upload is checked
+                yaml_text = "(shown once the upload is checked)"
+        except UserError as error:
+            return f"# {error}", ""
+        return command, yaml_text
+
+    def start_llm(self, source: str, train_file: Any, eval_file: Any, name: str, *options,
+                  owner: str = "") -> tuple[str, str, str, str]:
+        """(job id, status, command, yaml); the data, the options and the method against the model's
+        architecture are all checked before anything is queued."""
+        data, held_out, note = self.llm_dataset(source, train_file, eval_file)
+        stem = Path(data).stem if data else "task_add_train"
+        wanted = (name or "").strip() or f"llm-{options[0] or 'lora'}-{stem}"
+        try:
+            with self._naming:
+                run_name = self.workspace.unique_run_name(wanted, {p.name for p in self.jobs.active_run_dirs()})
+                argv = self.llm_argv(data, held_out, run_name, *options)
+                ui_cmd.check_llm_command(argv)
+                yaml_text = ui_cmd.config_yaml(argv)
+                job = self.jobs.submit(argv, lane="train", owner=owner, run_dir=self.workspace.runs / run_name,
+                                       stoppable=True)
+        except UserError:
+            for path in (data, held_out):
+                if path:
+                    shutil.rmtree(Path(path).parent, ignore_errors=True)
+            raise
+        return job.id, f"queued **{run_name}** ({note})", ui_cmd.command_line(argv), yaml_text
+
+    def poll_llm(self, job_id: str | None) -> tuple[str, dict, str, str]:
+        """(status line, loss plot columns, held-out metrics table, log tail) of an LLM job."""
+        if not job_id:
+            return "no job yet", loss_points([]), "", ""
+        status, points, _, tail = self.poll(job_id)
+        job = self.jobs.get(job_id)
+        return status, points, eval_table(events_of(job.run_dir)) if job.run_dir else "", tail
+
+    def chat_argv(self, run_name: str | None, prompt: str, use_template: bool, max_new_tokens: float,
+                  temperature: float, out: Path) -> list[str]:
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise UserError("write a prompt")
+        argv = ["chat"]
+        if run_name and run_name != LLM_BASE_ONLY:
+            directory = self.workspace.run_dir(run_name)
+            info = run_info(directory)
+            if info.get("kind") != LLM_KIND or info.get("status") != "finished":
+                raise UserError(f"{run_name} is not a finished LLM run ({info.get('kind')}, {info.get('status')}); "
+                                "pick one from the list")
+            argv.append(str(directory))
+        # "--prompt=..." only where the prompt starts with "-", which argparse would take for an option.
+        argv += [*([f"--prompt={prompt}"] if prompt.startswith("-") else ["--prompt", prompt]), "--max-new-tokens", _int(max_new_tokens, "max new tokens"),
+                 "--temperature", _float(temperature, "temperature"), "--out", str(out)]
+        if not use_template:
+            argv.append("--raw")
+        return argv
+
+    def chat(self, run_name: str | None, prompt: str, use_template: bool, max_new_tokens: float, temperature: float,
+             owner: str = "") -> tuple[str, str]:
+        """(the model's reply, the `studio chat` command): a quick job in the light lane, like generate."""
+        out = self.workspace.new_output(suffix=".json", stem="chat")
+        argv = self.chat_argv(run_name, prompt, use_template, max_new_tokens, temperature, out)
+        self.run_light(argv, owner=owner)
+        reply = json.loads(out.read_text(encoding="utf-8"))["replies"][0]["reply"]
+        return reply or "(an empty reply: the model ended its turn at once)", ui_cmd.command_line(argv)
 
     # -- generate / compose / export (quick jobs in the "light" lane) ------------------------------
     def generate_argv(self, adapters: list[tuple[str, float]], prompt: str, seed: float, steps: float,
@@ -180,6 +316,14 @@ class Studio:
 
     def export(self, run_name: str, fmt: str, owner: str = "") -> str:
         directory = self.workspace.run_dir(run_name)
+        if run_info(directory).get("kind") == LLM_KIND:
+            # train-llm writes its PEFT export itself (it knows the LM); `studio export` is for diffusion bases.
+            if fmt != "peft" or not (directory / "peft").is_dir():
+                raise UserError(f"{run_name} is an LLM run: it exports to PEFT while it trains (tick 'Also export "
+                                "in PEFT format' in the LLM tab, i.e. `studio train-llm --export-peft`); its peft_core "
+                                "adapter is in adapter/default")
+            out = self.workspace.new_output(suffix="", stem=f"{run_name}-peft")
+            return shutil.make_archive(str(out), "zip", root_dir=directory / "peft")
         out = self.workspace.outputs / f"{run_name}-{fmt}"
         shutil.rmtree(out, ignore_errors=True)
         self.run_light(["export", str(directory), "--format", fmt, "--out", str(out)], owner=owner)
@@ -221,13 +365,16 @@ class Studio:
         samples = sorted((directory / "samples").glob("*.png")) if (directory / "samples").is_dir() else []
         config = (directory / "config.yaml").read_text(encoding="utf-8") if (directory / "config.yaml").is_file() else ""
         summary = f"### {run_name}\n{info.get('kind', '')} · " + describe(info)
+        if info.get("kind") == LLM_KIND:
+            table = eval_table(events_of(directory))
+            summary += ("\n\n" + table if table else "") + "\n\nTalk to it in the LLM tab's chat box."
         return summary, [str(self.workspace.inside(p)) for p in samples], config
 
     def resume(self, run_name: str, owner: str = "") -> str:
         directory = self.workspace.run_dir(run_name)
         info = run_info(directory)
-        if info.get("kind") not in TRAIN_KINDS:
-            raise UserError(f"{run_name} is a {info.get('kind')} run; only style/content trainings resume")
+        if info.get("kind") not in RESUMABLE_KINDS:
+            raise UserError(f"{run_name} is a {info.get('kind')} run; only style/content/LLM trainings resume")
         if info.get("status") == "finished":
             raise UserError(f"{run_name} has finished; nothing to resume")
         argv = [info["kind"], "--resume", str(directory)]
@@ -289,11 +436,28 @@ def build_app(studio: Studio):
         return getattr(request, "session_hash", None) or ""
 
     def with_owner(function, components: list):
-        """(handler, inputs) calling function(*values, owner=<browser session>): gradio passes a set of
-        inputs as one dict, which leaves room for the gr.Request it injects."""
-        def handler(data: dict, request: gr.Request):
-            return function(*[data[c] for c in components], owner=owner_of(request))
-        return guarded(handler), set(components)
+        """(handler, inputs) calling function(*values, owner=<browser session>).
+
+        gradio injects a gr.Request only into a named positional parameter, so the handler's
+        signature is spelled out: one parameter per component, named after its label, then the
+        request. gradio_client callers thus get the form's fields in order, under readable names."""
+        names: list[str] = []
+        for index, component in enumerate(components):
+            name = re.sub(r"\W+", "_", str(getattr(component, "label", "") or "").lower()).strip("_")[:40]
+            if not name.isidentifier() or keyword.iskeyword(name) or name in (*names, "request"):
+                name = f"{name or 'input'}_{index}"
+            names.append(name)
+
+        def handler(*values):
+            *inputs, request = values
+            return function(*inputs, owner=owner_of(request))
+
+        positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        handler.__signature__ = inspect.Signature([inspect.Parameter(n, positional) for n in names]
+                                                  + [inspect.Parameter("request", positional, annotation=gr.Request)])
+        handler.__annotations__ = {"request": gr.Request}
+        handler.__name__ = function.__name__  # the default API name
+        return guarded(handler), list(components)
 
     def plot_frame(points: dict) -> pd.DataFrame:
         return pd.DataFrame(points, columns=["step", "loss", "stage"])
@@ -302,6 +466,7 @@ def build_app(studio: Studio):
     defaults = {kind: ui_cmd.train_defaults(kind) for kind in ("style", "content")}
     lora = ui_cmd.method_defaults("lora")
     b4m = ui_cmd.b4m_defaults()
+    llm = ui_cmd.llm_defaults("lora")
     demo_names = list(ui_cmd.demo_sets())
 
     with gr.Blocks(title="peft-studio") as app:
@@ -373,8 +538,8 @@ def build_app(studio: Studio):
                 app.load(studio.preview_training, form, [command, config_text])
 
                 start.click(*with_owner(studio.start_training, [kind, source, demo, files, name, *options]),
-                            [job_id, status, command, config_text], concurrency_limit=4)
-                cancel.click(guarded(studio.cancel), job_id, status)
+                            [job_id, status, command, config_text], concurrency_limit=4, api_name="start_training")
+                cancel.click(guarded(studio.cancel), job_id, status, api_name="cancel_training")
 
                 def do_poll(current):
                     if not current:
@@ -383,7 +548,8 @@ def build_app(studio: Studio):
                     return text, plot_frame(points), image, tail
 
                 timer = gr.Timer(1.0)
-                timer.tick(guarded(do_poll), job_id, [status, plot, sample, log], show_progress="hidden")
+                timer.tick(guarded(do_poll), job_id, [status, plot, sample, log], show_progress="hidden",
+                           api_name="poll_training")
 
             # ---------------------------------------------------------------- break-for-make
             with gr.Tab("Break-for-Make", id="b4m"):
@@ -489,13 +655,113 @@ def build_app(studio: Studio):
                     lambda: [gr.update(choices=["(none)", *studio.run_names(TRAIN_KINDS, "finished")])] * ADAPTER_SLOTS,
                     None, [slot[0] for slot in slots])
 
-            # ---------------------------------------------------------------- LLM / analyze
+            # ---------------------------------------------------------------- LLM
             with gr.Tab("LLM", id="llm"):
-                if ui_cmd.has_command("train-llm"):
-                    gr.Markdown("The LLM trainer exists in this studio's command line: run `studio train-llm --help`. "
-                                "Its form in the UI is **not available yet**.")
-                else:
-                    gr.Markdown("**Not available yet**: this studio has no LLM trainer (`studio train-llm`) so far.")
+                llm_job = gr.State(None)
+                task = ui_cmd.embedded_llm_task()
+                gr.Markdown("Fine-tune the embedded tiny Llama with any method (`studio train-llm`), then talk to the "
+                            "result. Other base models: the CLI's `--base` (the UI trains the embedded one only).")
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        llm_source = gr.Radio([LLM_EMBEDDED, "upload"], value=LLM_EMBEDDED, label="Training data")
+                        llm_task_note = gr.Markdown(
+                            f"The held-out addition task shipped with the tiny LM (`{task['train'].name}`, never seen "
+                            "in pretraining), evaluated before and after on its test set and on the knowledge probe "
+                            "(how much pretraining knowledge survives).")
+                        llm_train_file = gr.File(file_types=[".jsonl"], visible=False, label="Training JSONL "
+                                                 "({text}, {instruction, response} or {messages} per line)")
+                        llm_eval_file = gr.File(file_types=[".jsonl"], visible=False,
+                                                label="Held-out JSONL (optional; rows with choices + answer give accuracy)")
+                        llm_name = gr.Textbox(label="Run name (optional)", placeholder="llm-lora-task_add_train")
+                        with gr.Accordion("Method", open=True):
+                            with gr.Row():
+                                llm_method = gr.Dropdown(ui_cmd.llm_methods(), value="lora", label="Method",
+                                                         elem_id="llm-method")
+                                llm_rank = gr.Number(llm["rank"], precision=0, label="Rank r")
+                                llm_alpha = gr.Number(llm["alpha"], label="Alpha")
+                                llm_loram = gr.Number(0.0, label="LoRAM ratio (0: off; lora/paca)")
+                            llm_extra = gr.Textbox(lines=2, label="Other hyperparameters (KEY=VALUE per line)",
+                                                   placeholder="dropout=0.1")
+                            llm_export = gr.Checkbox(False, label="Also export in PEFT format (--export-peft)")
+                            llm_method_help = gr.Markdown(_llm_method_text("lora"))
+                        with gr.Accordion("Training", open=True):
+                            with gr.Row():
+                                llm_steps = gr.Number(llm["steps"], precision=0, label="Steps")
+                                llm_batch = gr.Number(llm["batch_size"], precision=0, label="Batch size")
+                                llm_lr = gr.Number(llm["learning_rate"], label="Learning rate")
+                            with gr.Row():
+                                llm_schedule = gr.Dropdown(list(SCHEDULES), value=llm["lr_schedule"], label="LR schedule")
+                                llm_warmup = gr.Number(llm["warmup_steps"], precision=0, label="Warm-up steps")
+                                llm_max_length = gr.Number(llm["max_length"], precision=0, label="Max length (tokens)")
+                            with gr.Row():
+                                llm_seed = gr.Number(llm["seed"], precision=0, label="Seed")
+                                llm_checkpoint = gr.Number(llm["checkpoint_every"], precision=0, label="Checkpoint every")
+                        with gr.Row():
+                            llm_start = gr.Button("Start training", variant="primary", elem_id="llm-start")
+                            llm_cancel = gr.Button("Cancel", variant="stop", elem_id="llm-cancel")
+                    with gr.Column(scale=1):
+                        llm_status = gr.Markdown("no job yet", elem_id="llm-status")
+                        llm_plot = gr.LinePlot(plot_frame(loss_points([])), x="step", y="loss", title="Loss", height=240)
+                        llm_metrics = gr.Markdown(elem_id="llm-metrics")
+                        llm_log = gr.Textbox(label="Log", lines=6, max_lines=12, interactive=False)
+                        llm_command = gr.Code(label="Equivalent command", language="shell", elem_id="llm-command")
+                        llm_yaml = gr.Code(label="Equivalent YAML (studio train-llm --config FILE)", language="yaml")
+                with gr.Accordion("Chat with a finished run", open=True):
+                    with gr.Row():
+                        chat_run = gr.Dropdown([LLM_BASE_ONLY, *studio.run_names((LLM_KIND,), "finished")],
+                                               value=LLM_BASE_ONLY, label="Run", elem_id="llm-chat-run", scale=3,
+                                               allow_custom_value=True)  # chat_argv checks the name server-side
+                        chat_refresh = gr.Button("Refresh run list", scale=1)
+                    chat_prompt = gr.Textbox("bexa has 8 cheese and buys 2 more . how many cheese does bexa have ?",
+                                             lines=2, label="Prompt", elem_id="llm-chat-prompt")
+                    with gr.Row():
+                        chat_template = gr.Checkbox(True, label="Chat template (as training renders instructions); "
+                                                                "off: continue the raw text")
+                        chat_tokens = gr.Number(32, precision=0, label="Max new tokens")
+                        chat_temperature = gr.Number(0.0, label="Temperature (0: greedy)")
+                    chat_send = gr.Button("Send", variant="primary", elem_id="llm-chat-send")
+                    chat_reply = gr.Textbox(label="Reply", lines=3, interactive=False, elem_id="llm-chat-reply")
+                    chat_command = gr.Code(label="Equivalent command", language="shell")
+
+                llm_options = [llm_method, llm_rank, llm_alpha, llm_loram, llm_extra, llm_export, llm_steps, llm_batch,
+                               llm_lr, llm_schedule, llm_warmup, llm_max_length, llm_seed, llm_checkpoint]
+                llm_form = [llm_source, llm_name, *llm_options]
+
+                def on_llm_method(method_value):
+                    values = ui_cmd.llm_defaults(method_value)
+                    return (gr.update(value=values["rank"], interactive=values["rank"] is not None),
+                            gr.update(value=values["alpha"], interactive=values["alpha"] is not None),
+                            _llm_method_text(method_value))
+
+                llm_method.change(guarded(on_llm_method), llm_method, [llm_rank, llm_alpha, llm_method_help])
+                llm_source.change(lambda s: (gr.update(visible=s == "upload"), gr.update(visible=s == "upload"),
+                                             gr.update(visible=s == LLM_EMBEDDED)),
+                                  llm_source, [llm_train_file, llm_eval_file, llm_task_note])
+                gr.on([c.change for c in llm_form], studio.preview_llm, llm_form, [llm_command, llm_yaml])
+                app.load(studio.preview_llm, llm_form, [llm_command, llm_yaml])
+
+                llm_start.click(*with_owner(studio.start_llm, [llm_source, llm_train_file, llm_eval_file, llm_name,
+                                                               *llm_options]),
+                                [llm_job, llm_status, llm_command, llm_yaml], concurrency_limit=4, api_name="start_llm")
+                llm_cancel.click(guarded(studio.cancel), llm_job, llm_status, api_name="cancel_llm")
+
+                def do_llm_poll(current):
+                    if not current:
+                        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    text, points, metrics, tail = studio.poll_llm(current)
+                    finished = [LLM_BASE_ONLY, *studio.run_names((LLM_KIND,), "finished")]
+                    return text, plot_frame(points), metrics, tail, gr.update(choices=finished)
+
+                llm_timer = gr.Timer(1.0)
+                llm_timer.tick(guarded(do_llm_poll), llm_job, [llm_status, llm_plot, llm_metrics, llm_log, chat_run],
+                               show_progress="hidden", api_name="poll_llm")
+                chat_refresh.click(lambda: gr.update(choices=[LLM_BASE_ONLY, *studio.run_names((LLM_KIND,), "finished")]),
+                                   None, chat_run, api_name="chat_runs")
+                chat_send.click(*with_owner(studio.chat, [chat_run, chat_prompt, chat_template, chat_tokens,
+                                                          chat_temperature]),
+                                [chat_reply, chat_command], concurrency_limit=2, api_name="chat")
+
+            # ---------------------------------------------------------------- analyze
             with gr.Tab("Analyze", id="analyze"):
                 if ui_cmd.has_command("analyze"):
                     gr.Markdown("The LoRA computational-limits report: which attention heads are in the low-rank "
@@ -573,6 +839,15 @@ def build_app(studio: Studio):
                 runs_timer = gr.Timer(2.0)
                 runs_timer.tick(guarded(do_runs_poll), runs_job, runs_message, show_progress="hidden")
     return app
+
+
+def _llm_method_text(method: str) -> str:
+    values = ui_cmd.llm_defaults(method)
+    shown = ", ".join(f"`{k}={v!r}`" for k, v in values["hyperparameters"].items())
+    notes = {"corda": " CorDA first runs its covariance step on the first training rows (`--calibration-examples`).",
+             "spt": " SPT first measures gradient sensitivities on the first training rows.",
+             "compacter": " Compacter has no rank/alpha here: size it with `n=`, `reduction_factor=`."}
+    return f"**{method}** in train-llm: {shown}.{notes.get(method, '')} LoRAM (ratio > 0) works with lora and paca."
 
 
 def _defaults_text(method: str, values: dict[str, Any]) -> str:

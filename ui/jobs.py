@@ -16,8 +16,8 @@ Lanes keep a long training from blocking a quick generation: each lane has its o
 limit, and the manager bounds queued jobs in total and per owner (a browser session), so one user
 cannot fill the queue.
 
-Cancel: a training job that supports it (train-style / train-content) gets `<run_dir>/STOP`; the
-training loop checkpoints the current step and stops, and the CLI marks the run "interrupted"
+Cancel: a training job that supports it (train-style / train-content / train-llm) gets `<run_dir>/STOP`;
+the training loop checkpoints the current step and stops, and the CLI marks the run "interrupted"
 (exit code 130). Anything else, or a training job that does not stop within `stop_grace_s`
 (e.g. still loading the model), is terminated and its run marked "cancelled".
 """

@@ -60,6 +60,25 @@ def loss_points(events: list[dict[str, Any]]) -> dict[str, list]:
             "stage": [e.get("stage", "train") for e in steps]}
 
 
+def eval_table(events: list[dict[str, Any]]) -> str:
+    """A markdown table of an LLM run's held-out metrics: before training, at eval steps, after."""
+    columns: dict[str, dict[str, Any]] = {}
+    for event in events:
+        if event.get("kind") == "eval" and event.get("metrics"):
+            metrics = dict(event["metrics"])
+            when = metrics.pop("when", None) or f"step {event.get('step')}"
+            columns[when] = metrics
+    if not columns:
+        return ""
+    keys = sorted({key for metrics in columns.values() for key in metrics})
+    lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for key in keys:
+        cells = [columns[when].get(key) for when in columns]
+        lines.append(f"| {key} | " + " | ".join("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+                                                 for v in cells) + " |")
+    return "\n".join(lines)
+
+
 def run_info(run_dir: Path | None) -> dict[str, Any]:
     if run_dir is None or not (Path(run_dir) / "run.json").is_file():
         return {}

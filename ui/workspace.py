@@ -122,3 +122,22 @@ class Workspace:
         for source, name in checked:
             shutil.copyfile(source, folder / name)
         return folder
+
+    def ingest_jsonl(self, item: str | os.PathLike, limits: UploadLimits, label: str = "data") -> Path:
+        """Copy one uploaded JSONL file (LLM data) into a new uploads/ folder: it must come from the
+        upload cache, end in .jsonl and be within the per-file size limit. Its rows are checked by
+        the caller with the trainer's own JSONL validation before any job starts."""
+        if not item:
+            raise UserError("no file uploaded; add a .jsonl file, or use the embedded task")
+        source = self.inside(item, under=self.cache)
+        original = Path(str(item)).name
+        if source.suffix.lower() != ".jsonl":
+            raise UserError(f"{original}: not accepted; upload a .jsonl file (one JSON object a line)")
+        size = source.stat().st_size
+        if size > limits.max_file_bytes:
+            raise UserError(f"{original}: {size / 2**20:.1f} MB is over the {limits.max_file_bytes / 2**20:.0f} MB limit")
+        folder = self.uploads / f"{safe_run_name(label)}-{uuid.uuid4().hex[:8]}"
+        folder.mkdir(parents=True)
+        target = folder / (safe_run_name(Path(original).stem) + ".jsonl")
+        shutil.copyfile(source, target)
+        return target

@@ -141,3 +141,67 @@ def test_tabs_follow_the_commands_that_exist():
     assert set(ui_cmd.demo_sets("style")) >= {"style-neon"} and all(p.is_dir() for p in ui_cmd.demo_sets().values())
     assert isinstance(ui_cmd.train_defaults("style")["rank"], int)
     assert Path(ui_cmd.demo_sets()[ui_cmd.default_demo_set("content")]).name == "content-moon"
+
+
+def llm_options(**changes):
+    values = {"method": "lora", "rank": 4, "alpha": 8.0, "loram_ratio": 0, "extra": "", "export_peft": False, "steps": 2,
+              "batch_size": 4, "learning_rate": 3e-3, "lr_schedule": "cosine", "warmup_steps": 1, "max_length": 64,
+              "seed": 0, "checkpoint_every": 100}
+    values.update(changes)
+    return list(values.values())
+
+
+def test_the_llm_form_becomes_the_train_llm_command_and_yaml(studio, tmp_path):
+    import yaml
+
+    command, yaml_text = studio.preview_llm("embedded task", "", *llm_options(extra="dropout=0.1"))
+    assert command.startswith("studio train-llm --runs-dir ") and "--name llm-lora-task_add_train" in command
+    assert "--rank 4 --alpha 8.0" in command and "--set dropout=0.1" in command
+    config = tmp_path / "run.yaml"  # the YAML shown is a config train-llm reads back to the same job
+    config.write_text(yaml_text)
+    same = ui_cmd.config_yaml(["train-llm", "--config", str(config)])
+    assert yaml.safe_load(same) == yaml.safe_load(yaml_text) and "dropout: 0.1" in yaml_text
+    command, _ = studio.preview_llm("embedded task", "", *llm_options(method="compacter", extra="n=2"))
+    assert "--rank" not in command and "--alpha" not in command  # Compacter has neither
+    command, _ = studio.preview_llm("embedded task", "", *llm_options(method="paca", loram_ratio=0.5, export_peft=True))
+    assert "--loram-ratio 0.5 --export-peft" in command
+    command, _ = studio.preview_llm("upload", "x", *llm_options(learning_rate=0))
+    assert command.startswith("#") and "learning_rate must be > 0" in command
+
+
+def test_llm_uploads_and_options_are_checked_before_any_job(studio):
+    ws = studio.workspace
+    good = uploaded(ws, "my data.jsonl", b'{"instruction": "hi", "response": "hello"}\n{"text": "plain"}\n')
+    bad = uploaded(ws, "bad.jsonl", b'{"instruction": "hi"}\nnot json\n')
+    refusals = [
+        ("line 1: an \"instruction\" row needs a \"response\"; line 2: invalid JSON", ("upload", bad, None, llm_options())),
+        ("not accepted", ("upload", uploaded(ws, "data.txt", b"hello"), None, llm_options())),
+        ("outside the workspace", ("upload", "/etc/hostname", None, llm_options())),
+        ("no file uploaded", ("upload", None, None, llm_options())),
+        ("LoRAM recovers lora, paca adapters only", ("upload", good, None, llm_options(method="corda", loram_ratio=0.5))),
+        ("cannot be merged|no exact low-rank form", ("upload", good, None, llm_options(method="compacter", export_peft=True))),
+    ]
+    for message, (source, train_file, eval_file, options) in refusals:
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)") if "|" not in message else message):
+            studio.start_llm(source, train_file, eval_file, "", *options)
+    assert list(ws.uploads.iterdir()) == [] and studio.jobs.jobs() == []  # refused uploads are deleted, nothing queued
+
+
+def test_llm_chat_and_export_are_guarded(studio):
+    ws = studio.workspace
+    Run.create(ws.runs, "style", kind="train-style", config={}).update(status="finished")
+    Run.create(ws.runs, "llm", kind="train-llm", config={}).update(status="interrupted")
+    with pytest.raises(UserError, match="write a prompt"):
+        studio.chat_argv("(the embedded base, no adapter)", "  ", True, 8, 0.0, ws.new_output())
+    for run_name in ("style", "llm"):
+        with pytest.raises(UserError, match="not a finished LLM run"):
+            studio.chat_argv(run_name, "hello", True, 8, 0.0, ws.new_output())
+    with pytest.raises(UserError, match="not a run name"):
+        studio.chat_argv("../llm", "hello", True, 8, 0.0, ws.new_output())
+    argv = studio.chat_argv("(the embedded base, no adapter)", "--help me", False, 8, 0.0, ws.new_output(".json"))
+    assert argv[:2] == ["chat", "--prompt=--help me"] and "--raw" in argv  # a prompt is never taken for an option
+    assert ui_cmd.check_command(argv).prompt == ["--help me"]
+    with pytest.raises(UserError, match="exports to PEFT while it trains"):
+        studio.export("llm", "peft")
+    assert studio.resume("llm")  # an interrupted LLM run resumes like a diffusion one
+    studio.jobs.cancel(studio.jobs.jobs()[0].id)
