@@ -632,10 +632,10 @@ def build_app(studio: Studio):
                     gen_steps = gr.Number(20, precision=0, label="Denoising steps")
                     gen_guidance = gr.Number(5.0, label="Guidance")
                 with gr.Row():
-                    gen_button = gr.Button("Generate", variant="primary")
+                    gen_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
                     refresh_adapters = gr.Button("Refresh adapter list")
-                gallery = gr.Gallery(label="Generated", columns=3, height="auto")
-                gen_command = gr.Code(label="Equivalent command", language="shell")
+                gallery = gr.Gallery(label="Generated", columns=3, height="auto", elem_id="generate-gallery")
+                gen_command = gr.Code(label="Equivalent command", language="shell", elem_id="generate-command")
                 gen_history = gr.State([])
 
                 def do_generate(*values, owner: str):
@@ -772,8 +772,8 @@ def build_app(studio: Studio):
                                                   label="Adapter (a finished run)")
                         analyze_batches = gr.Number(2, precision=0, label="Batches")
                         analyze_steps = gr.Number(4, precision=0, label="Denoising steps (SD)")
-                    analyze_button = gr.Button("Analyze", variant="primary")
-                    heatmap = gr.Image(label="Heatmap", type="filepath", interactive=False)
+                    analyze_button = gr.Button("Analyze", variant="primary", elem_id="analyze-button")
+                    heatmap = gr.Image(label="Heatmap", type="filepath", interactive=False, elem_id="analyze-heatmap")
                     report_file = gr.File(label="report.json", interactive=False)
                     report_table = gr.Textbox(label="Per-head table", lines=12, interactive=False)
 
@@ -797,7 +797,7 @@ def build_app(studio: Studio):
                     resume_button = gr.Button("Resume")
                     export_format = gr.Radio(["diffusers", "peft"], value="diffusers", label="Export format")
                     export_button = gr.Button("Export")
-                summary = gr.Markdown()
+                summary = gr.Markdown(elem_id="runs-summary")
                 samples = gr.Gallery(label="Samples", columns=4, height="auto")
                 exported = gr.File(label="Exported adapter (zip)", interactive=False)
                 run_config = gr.Code(label="config.yaml", language="yaml")

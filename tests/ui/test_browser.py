@@ -1,22 +1,20 @@
 """End to end in a real browser: `studio ui` in a subprocess, Debian's headless Chromium driven by
 Playwright (its executable path; never a downloaded browser). Log in, train the demo style for a few
-steps, watch progress and the sample appear, find the finished run in the Runs tab, and check that
-the server refuses path traversal and oversized uploads.
+steps, watch progress and the sample appear, find the finished run in the Runs tab; then visit every
+tab: generate with the new adapter, train the LLM for a few steps and chat with it, analyze the LM;
+and check that the server refuses path traversal and oversized uploads.
 
-Set STUDIO_UI_SCREENSHOTS=<folder> to keep the screenshots (CI keeps them as artifacts).
+Set STUDIO_UI_SCREENSHOTS=<folder> to keep one screenshot per tab (CI keeps them as artifacts;
+`STUDIO_UI_SCREENSHOTS=docs/ui` refreshes the ones the docs show).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from ui_server import PASSWORD, USER, studio_ui
 
 CHROMIUM = os.environ.get("STUDIO_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -29,40 +27,10 @@ if not Path(CHROMIUM).is_file():
                 allow_module_level=True)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ui")
-    (root / "users.txt").write_text("# test login\ntester:correct-horse\n")
-    port = free_port()
-    log = open(root / "server.log", "w")  # noqa: SIM115
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    process = subprocess.Popen([sys.executable, "-m", "studio.cli", "ui", "--port", str(port), "--workspace",
-                                str(root / "ws"), "--auth-file", str(root / "users.txt"), "--max-upload-mb", "1"],
-                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[2])
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"studio ui did not start:\n{(root / 'server.log').read_text()}")
-            time.sleep(0.3)
-    yield {"url": url, "root": root}
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+    with studio_ui(tmp_path_factory.mktemp("ui"), "--max-upload-mb", "1") as running:
+        yield {"url": running.url, "root": running.root}
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +48,32 @@ def screenshot(page, tmp_path: Path, name: str) -> None:
     path = tmp_path / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     if os.environ.get("STUDIO_UI_SCREENSHOTS"):
+        from PIL import Image
+
         keep = Path(os.environ["STUDIO_UI_SCREENSHOTS"])
         keep.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, keep / path.name)
+        # A 256-colour palette keeps a page of flat UI readable at about a third of the bytes, so the
+        # copies committed under docs/ stay small.
+        with Image.open(path) as image:
+            palette = image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+            palette.save(keep / path.name, optimize=True)
+
+
+def visible(page, label: str):
+    """The one visible field with this label (other tabs have fields of the same name)."""
+    return page.get_by_label(label, exact=True).filter(visible=True)
+
+
+def fill(page, label: str, value) -> None:
+    box = visible(page, label)
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def choose(page, label: str, option: str) -> None:
+    """Pick an option of a gradio Dropdown."""
+    visible(page, label).click()
+    page.get_by_role("option", name=option, exact=True).click()
 
 
 def test_login_train_watch_and_list_the_run(server, page, tmp_path):
@@ -90,28 +81,23 @@ def test_login_train_watch_and_list_the_run(server, page, tmp_path):
     page.goto(server["url"])
 
     def log_in(password: str) -> None:
-        page.get_by_label("username").fill("tester")
+        page.get_by_label("username").fill(USER)
         page.get_by_label("password").fill(password)
         page.get_by_role("button", name="Login").click()
 
     log_in("wrong")
     expect(page.get_by_text("Incorrect Credentials")).to_be_visible()
     page.goto(server["url"])
-    log_in("correct-horse")
+    log_in(PASSWORD)
     page.wait_for_selector("#train-start", timeout=60_000)
 
-    def fill(label: str, value) -> None:
-        box = page.get_by_label(label, exact=True)
-        box.fill(str(value))
-        box.press("Tab")
-
-    fill("Steps", 3)
-    fill("Batch size", 1)
-    fill("Sample steps", 1)
-    fill("Run name (optional)", "browser-neon")
-    page.get_by_label("Sample prompts (one per line)").fill("a star in neon style")
-    page.get_by_text("Method", exact=True).click()
-    fill("Rank r", 2)
+    fill(page, "Steps", 3)
+    fill(page, "Batch size", 1)
+    fill(page, "Sample steps", 1)
+    fill(page, "Run name (optional)", "browser-neon")
+    visible(page, "Sample prompts (one per line)").fill("a star in neon style")
+    page.get_by_text("Method", exact=True).filter(visible=True).click()
+    fill(page, "Rank r", 2)
     expect(page.locator("#train-command")).to_contain_text("--steps 3", timeout=10_000)
     expect(page.locator("#train-command")).to_contain_text("studio train-style")
 
@@ -128,6 +114,57 @@ def test_login_train_watch_and_list_the_run(server, page, tmp_path):
     page.click("#runs-refresh")
     expect(page.locator("#runs-table")).to_contain_text("browser-neon")
     expect(page.locator("#runs-table")).to_contain_text("finished")
+
+
+def test_every_tab_works_in_the_browser(server, page, tmp_path):
+    """After the training above: generate with its adapter, train the LLM and chat with it, analyze,
+    show the Break-for-Make form, and find both runs in the Runs tab; one screenshot per tab."""
+    expect = sync_api.expect
+
+    page.get_by_role("tab", name="Generate & compose").click()
+    page.get_by_role("button", name="Refresh adapter list").click()
+    choose(page, "Adapter 1", "browser-neon")
+    fill(page, "Denoising steps", 4)
+    page.locator("#generate-button").click()
+    expect(page.locator("#generate-gallery img").first).to_be_visible(timeout=120_000)
+    expect(page.locator("#generate-command")).to_contain_text("studio generate")
+    screenshot(page, tmp_path, "generate")
+
+    page.get_by_role("tab", name="LLM").click()
+    fill(page, "Steps", 3)
+    fill(page, "Batch size", 4)
+    fill(page, "Max length (tokens)", 64)
+    fill(page, "Run name (optional)", "browser-llm")
+    expect(page.locator("#llm-command")).to_contain_text("studio train-llm", timeout=10_000)
+    expect(page.locator("#llm-command")).to_contain_text("--steps 3")
+    page.click("#llm-start")
+    expect(page.locator("#llm-status")).to_contain_text("finished", timeout=120_000)
+    expect(page.locator("#llm-metrics")).to_contain_text("task_add_test/accuracy")  # before / after
+    choose(page, "Run", "browser-llm")  # the finished run joined the chat list by itself
+    page.click("#llm-chat-send")
+    reply = page.locator("#llm-chat-reply textarea")
+    expect(reply).not_to_have_value("", timeout=90_000)
+    assert reply.input_value().strip()  # the tiny LM + its new adapter answered something
+    assert (server["root"] / "ws" / "runs" / "browser-llm" / "adapter" / "default" / "adapter_model.safetensors").is_file()
+    screenshot(page, tmp_path, "llm")
+
+    page.get_by_role("tab", name="Analyze").click()
+    page.get_by_label("embedded-lm").check()
+    fill(page, "Batches", 1)
+    page.locator("#analyze-button").click()
+    expect(page.locator("#analyze-heatmap img")).to_be_visible(timeout=120_000)
+    screenshot(page, tmp_path, "analyze")
+
+    page.get_by_role("tab", name="Break-for-Make").click()
+    expect(visible(page, "Content set")).to_be_visible()
+    screenshot(page, tmp_path, "b4m")
+
+    page.get_by_role("tab", name="Runs").click()
+    page.click("#runs-refresh")
+    expect(page.locator("#runs-table")).to_contain_text("browser-llm")  # an LLM run, listed like any CLI run
+    expect(page.locator("#runs-table")).to_contain_text("train-llm")
+    choose(page, "Run", "browser-llm")
+    expect(page.locator("#runs-summary")).to_contain_text("task_add_test/loss")
     screenshot(page, tmp_path, "runs")
 
 
