@@ -1,13 +1,19 @@
 """`studio pretrain-base`: the recipe that makes the embedded base models shipped in assets/.
 
-Stages (each can run alone with --stages; all are seeded and deterministic given the device):
+Stages (each can run alone with --stages; all are seeded and deterministic given the device;
+they run in this order):
   sets    render the novel and auxiliary image sets (PNG + metadata.jsonl) -> assets/sets/<name>/
-  judges  render judge pictures, fit the four-head judge CNN            -> assets/judges/
   lm      fit the tiny Llama on the text world, write its task and probe data -> assets/tiny-lm/
   sd      render the pretraining world, fit the VAE (L1 + MSE + tiny KL), measure the latent scale,
           then fit UNet + CLIP text encoder jointly (epsilon loss, 10% caption dropout for
           classifier-free guidance, EMA weights), save a StableDiffusionPipeline -> assets/tiny-sd/
-          and check prompt following with the judge on held-out prompts
+          and check prompt following with the judge on held-out prompts (if a judge fitted to
+          this VAE exists; else the judges stage runs the check)
+  judges  render judge pictures, fit the four-head judge CNN on them and on their round trips
+          through the tiny SD's VAE (<out>/tiny-sd/vae, or --set judge_vae=FOLDER), so it reads
+          what the generator can draw -> assets/judges/; then check prompt following of
+          <out>/tiny-sd with it. The judge goes last because it needs the sd stage's VAE: a
+          new VAE means the judge must be refit (`--stages judges`).
 
 The shipped weights were made on one H100 with two commands (about 11 minutes together):
     studio pretrain-base --scale full --seed 0 --out assets --device cuda
@@ -39,7 +45,8 @@ from studio.errors import UserError
 if TYPE_CHECKING:  # torch is imported inside the stages: `studio --help` must stay light
     import torch
 
-STAGES = ("sets", "judges", "lm", "sd")  # run in this order; sd last, it uses the judge and the most time
+# Run in this order: the judges are fitted to the VAE that the sd stage trains.
+STAGES = ("sets", "lm", "sd", "judges")
 
 
 @dataclass
@@ -53,6 +60,11 @@ class Recipe:
     judge_steps: int = 2_000
     judge_batch: int = 256
     judge_lr: float = 2e-3
+    # The judge also trains on round trips of its pictures through this VAE (a tiny-sd folder or its
+    # vae/ folder; "" = <out>/tiny-sd), with this probability per picture.
+    judge_vae: str = ""
+    judge_vae_probability: float = 0.5
+    judge_check_images: int = 2_000  # held-out renders (and their VAE round trips) the accuracy is measured on
     # sd: VAE, then UNet + text encoder on the VAE's latents
     sd_images: int = 200_000
     # A tiny-sd folder to continue from instead of a fresh init ("same": the one in --out);
@@ -94,7 +106,7 @@ SCALES: dict[str, Recipe] = {
     "full-phase2": Recipe(sd_init="same", vae_steps=0, sd_images=100_000, sd_batch=1536, sd_lr=3e-4,
                           sd_warmup=50, sd_steps=823, ema_decay=0.995),
     # The same code path at a size a CPU finishes in about a minute (for tests and dry runs).
-    "toy": Recipe(judge_images=512, judge_steps=20, judge_batch=32, sd_images=256, vae_steps=4, vae_batch=8,
+    "toy": Recipe(judge_images=512, judge_steps=20, judge_batch=32, judge_check_images=64, sd_images=256, vae_steps=4, vae_batch=8,
                   sd_steps=6, sd_batch=8, sd_warmup=2, sanity_prompts=4, lm_documents=64, lm_steps=4, lm_batch=4,
                   task_train=16, task_test=8, heldout_documents=8, set_size=2),
 }
@@ -123,7 +135,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     workers = args.workers or multiprocessing.cpu_count()
-    # Judges first: the sd stage uses them for its prompt-following check.
     for stage in [s for s in STAGES if s in stages]:
         started = time.time()
         print(f"[pretrain-base] stage {stage} on {device}", flush=True)
@@ -268,18 +279,64 @@ def pretrain_sets(recipe: Recipe, out: Path, device: str, workers: int) -> None:
 
 
 def pretrain_judges(recipe: Recipe, out: Path, device: str, workers: int) -> None:
-    from pipelines.metrics import label_accuracy, save_judge, train_judge
+    from pipelines.metrics import label_accuracy, save_judge, train_judge, vae_round_trip
 
+    vae_folder = _judge_vae_folder(recipe, out)
+    vae = _load_vae(vae_folder).to(device)
+    fingerprint = vae_fingerprint(vae)
     # Training pictures come from stream seed; the accuracy check uses a disjoint stream.
     images, scenes = render_parallel("judge", recipe.seed, recipe.judge_images, recipe.image_size, workers)
+    started = time.time()
     judge, log = train_judge(images, scenes, recipe.judge_steps, recipe.judge_batch, recipe.judge_lr,
-                             seed=recipe.seed, device=device)
-    check_images, check_scenes = render_parallel("judge", recipe.seed + 10_000, 2_000, recipe.image_size, workers)
+                             seed=recipe.seed, device=device, vae=vae, vae_probability=recipe.judge_vae_probability)
+    seconds = round(time.time() - started, 1)
+    check_images, check_scenes = render_parallel("judge", recipe.seed + 10_000, recipe.judge_check_images,
+                                                 recipe.image_size, workers)
     accuracy = label_accuracy(judge, check_images, check_scenes)
-    print(f"[judges] accuracy on held-out renders: {accuracy}", flush=True)
-    folder = save_judge(judge.cpu(), out / "judges")
-    _write_record(folder, {"recipe": dataclasses.asdict(recipe), "loss_log": log, "heldout_accuracy": accuracy,
-                           **_environment(device)})
+    accuracy_after_vae = label_accuracy(judge, vae_round_trip(vae, check_images), check_scenes)
+    print(f"[judges] accuracy on held-out renders: {accuracy}; on their VAE round trips: {accuracy_after_vae}", flush=True)
+    folder = save_judge(judge.cpu(), out / "judges", {"vae_fingerprint": fingerprint})
+    record = {"recipe": dataclasses.asdict(recipe), "vae": {"folder": str(vae_folder), "fingerprint": fingerprint},
+              "seconds": seconds, "loss_log": log, "heldout_accuracy": accuracy,
+              "heldout_accuracy_after_vae": accuracy_after_vae, **_environment(device)}
+    # The sd stage could not check prompt following with a judge fitted to another VAE (or none):
+    # check the tiny SD in --out now, if this judge reads its VAE.
+    sd_folder = out / "tiny-sd"
+    if (sd_folder / "model_index.json").is_file():
+        from pipelines.base import load_base
+
+        pipeline = load_base(sd_folder, device=device)
+        if vae_fingerprint(pipeline.vae) == fingerprint:
+            record["sd_sanity"] = sanity_check(pipeline, recipe, folder, device)
+    _write_record(folder, record)
+
+
+def _judge_vae_folder(recipe: Recipe, out: Path) -> Path:
+    folder = Path(recipe.judge_vae) if recipe.judge_vae else out / "tiny-sd"
+    if (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    if not (folder / "config.json").is_file():
+        raise UserError(f"the judges stage fits the judge to the tiny SD's VAE, and there is none at {folder}: "
+                        "run the sd stage first (--stages sd,judges), or name a tiny-sd folder with "
+                        "--set judge_vae=FOLDER (e.g. assets/tiny-sd)")
+    return folder
+
+
+def _load_vae(folder: Path):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False)
+
+
+def vae_fingerprint(vae) -> str:
+    """A short hash of a VAE's weights: which VAE a judge was fitted to."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +474,12 @@ def sanity_check(pipeline, recipe: Recipe, judge_folder: Path, device: str) -> d
     from pipelines.world.image import heldout_prompt_scenes
 
     if not (judge_folder / "judge.json").is_file():
-        return {"skipped": f"no judge at {judge_folder}"}
+        return {"skipped": f"no judge at {judge_folder} yet; the judges stage runs this check"}
+    # A judge fitted to another VAE misreads this one's colours: the judges stage refits it and checks.
+    fitted_to = json.loads((judge_folder / "judge.json").read_text()).get("vae_fingerprint")
+    if fitted_to is not None and fitted_to != vae_fingerprint(pipeline.vae):
+        return {"skipped": f"the judge at {judge_folder} was fitted to another VAE; the judges stage refits it "
+                           "and runs this check"}
     judge = load_judge(judge_folder, device)
     scenes = heldout_prompt_scenes(recipe.sanity_prompts) * 2
     pipeline.set_progress_bar_config(disable=True)

@@ -16,14 +16,17 @@ def test_help_documents_the_recipe_and_the_reproducing_commands(capsys):
     text = capsys.readouterr().out
     assert "studio pretrain-base --scale full --seed 0 --out assets --device cuda" in text
     assert "--scale full-phase2 --stages sd" in text
-    for stage in ("sets", "judges", "lm", "sd"):
+    for stage in ("sets", "lm", "sd", "judges"):
         assert f"\n  {stage} " in text
+    assert "round trips" in text  # why the judges come after sd
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--stages", "sd,paint"], "unknown stage"),
     (["--set", "sd_stepz=3"], "KEY=VALUE"),
     (["--set", "sd_steps=many"], "not a valid int"),
+    # The judge is fitted to the sd stage's VAE: without one the stage says how to get one.
+    (["--stages", "judges"], "run the sd stage first"),
 ])
 def test_bad_recipe_input_is_one_line(argv, message, tmp_path, capsys):
     assert main(["pretrain-base", "--out", str(tmp_path), "--device", "cpu", *argv]) == 2
@@ -39,6 +42,11 @@ def test_toy_recipe_runs_every_stage_and_reloads(tmp_path):
     for folder in ("tiny-sd", "tiny-lm", "judges"):
         record = json.loads((tmp_path / folder / "training.json").read_text())
         assert record["recipe"]["seed"] == 0 and "date" in record
+    # sd ran before any judge existed; the judges stage, fitted to its VAE, ran the check instead.
+    assert "skipped" in json.loads((tmp_path / "tiny-sd" / "training.json").read_text())["sanity"]
+    judges_record = json.loads((tmp_path / "judges" / "training.json").read_text())
+    assert set(judges_record["sd_sanity"]) == {"guidance_3.0", "guidance_5.0", "guidance_7.5"}
+    assert set(judges_record["heldout_accuracy_after_vae"]) == {"content", "colour", "pattern", "style"}
     assert (tmp_path / "sets" / "content-moon" / "metadata.jsonl").is_file()
     pipeline = load_base(tmp_path / "tiny-sd")
     pipeline.set_progress_bar_config(disable=True)
@@ -49,4 +57,6 @@ def test_toy_recipe_runs_every_stage_and_reloads(tmp_path):
     assert main(["pretrain-base", "--scale", "toy", "--stages", "sd", "--out", str(tmp_path), "--device", "cpu",
                  "--workers", "1", "--set", "sd_images=32", "--set", "sd_init=same", "--set", "vae_steps=0",
                  "--set", "sanity_prompts=1"]) == 0
-    assert "continued_from" in json.loads((tmp_path / "tiny-sd" / "training.json").read_text())
+    record = json.loads((tmp_path / "tiny-sd" / "training.json").read_text())
+    # The kept VAE is the one the judge was fitted to, so this stage checks prompt following itself.
+    assert "continued_from" in record and "guidance_5.0" in record["sanity"]
