@@ -39,6 +39,7 @@ import os
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
@@ -124,14 +125,29 @@ def random_batch(
     return ids, labels
 
 
-def make_train_step(model, optimizer, frozen: bool, autocast: bool, device: torch.device) -> Callable:
+SDPA_BACKENDS = ("default", "flash", "cudnn", "efficient", "math")
+
+
+def attention_backend(name: str):
+    """A context that pins scaled_dot_product_attention to one backend ("default": PyTorch's choice)."""
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel(backend)
+
+
+def make_train_step(model, optimizer, frozen: bool, autocast: bool, device: torch.device,
+                    sdpa_backend: str = "default") -> Callable:
     """step(ids, labels) -> detached loss: zero_grad, forward, backward, optimizer step."""
     embed = model.get_input_embeddings()
 
     def step(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), attention_backend(sdpa_backend):
             if frozen:
                 inputs_embeds = embed(ids).detach().requires_grad_(True)
                 loss = model(inputs_embeds=inputs_embeds, labels=labels, use_cache=False).loss
@@ -268,7 +284,7 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
     optimizer = make_optimizer(prepared.params, TIMING_LR, device, capturable=graphed)
     if name.startswith("paca") and optimizer is not None:
         prepared.handle.track_optimizer(optimizer)
-    step = make_train_step(prepared.model, optimizer, prepared.frozen, args.autocast, device)
+    step = make_train_step(prepared.model, optimizer, prepared.frozen, args.autocast, device, args.sdpa_backend)
     vocab = MODEL_CONFIGS[args.config]["vocab_size"]
     ids, labels = random_batch(vocab, args.batch, args.seq_len, device, args.seed + 1)
     if graphed:
@@ -688,6 +704,8 @@ def parse_args(argv=None):
         help="model dtype; default bfloat16 on CUDA, float32 on CPU",
     )
     parser.add_argument("--autocast", action="store_true", help="run forward under torch.autocast(bfloat16)")
+    parser.add_argument("--sdpa-backend", choices=SDPA_BACKENDS, default="default",
+                        help="pin scaled_dot_product_attention's backend in every variant (default: PyTorch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile 3 steps per variant: GPU-busy ms/step vs wall ms/step, top ops")
@@ -732,6 +750,7 @@ def main(argv=None) -> dict:
         "results": {},
         "dtype": str(dtype).replace("torch.", ""),
         "autocast": args.autocast,
+        "sdpa_backend": args.sdpa_backend,
         "steps": args.steps,
         "warmup": args.warmup,
         "targets": TARGETS,
