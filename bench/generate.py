@@ -255,6 +255,8 @@ def main(argv=None) -> dict:
     import transformers
 
     args = parse_args(argv)
+    if args.tiny:
+        torch.set_num_threads(1)  # a smoke test on a shared CPU: with a core taken, OpenMP threads spin for seconds
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -307,6 +309,9 @@ def main(argv=None) -> dict:
         for batch in args.batches:
             free_memory(device)
             call = make_call(pipe, text_input, batch, size, device, args.seed + 10)
+            # On file before it runs: a measurement killed by a timeout shows as such, not as absent.
+            report["results"][str(batch)][variant] = {"error": "started but did not finish (killed, e.g. by a timeout)"}
+            write_json(out, report)
             try:
                 entry, images[variant, batch] = time_generation(call, device, args.steps, args.runs,
                                                                 args.warmup_steps, batch)

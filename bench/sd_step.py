@@ -482,6 +482,8 @@ def versions() -> dict[str, str | None]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.tiny:
+        torch.set_num_threads(1)  # a smoke test on a shared CPU: with a core taken, OpenMP threads spin for seconds
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
