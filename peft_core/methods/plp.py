@@ -29,7 +29,8 @@ from torch import nn
 
 from peft_core.config import AdapterConfig, register_method
 from peft_core.errors import AdapterError
-from peft_core.layer import Adapter, cast_like_input, master_dtype
+from peft_core.layer import Adapter, cast_like_input, has_dense_weight, master_dtype
+from peft_core.methods.lora import LoraLinearFunction
 
 if TYPE_CHECKING:
     from peft_core.model import AdapterHandle
@@ -108,6 +109,15 @@ class PlpAdapter(Adapter):
     def delta_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         up, down = self.factors()
         return F.linear(F.linear(x, cast_like_input(down, x)), cast_like_input(up, x))
+
+    def fused_forward(self, base: nn.Module, x: torch.Tensor, weight: float) -> torch.Tensor | None:
+        # U = [A; B] and V = [C | D] make PLP a rank-r LoRA with half-frozen factors: LoRA's one
+        # autograd Function (x saved once, few launches) runs it, and the cat's backward hands
+        # only the learnable halves their gradient slices.
+        if not has_dense_weight(base):
+            return None
+        up, down = self.factors()
+        return LoraLinearFunction.apply(x, base.weight, base.bias, down, up, weight)
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         up, down = self.factors()

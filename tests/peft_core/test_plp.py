@@ -36,6 +36,32 @@ def test_forward_is_base_plus_u_v_and_rank_is_at_most_r():
     assert torch.linalg.matrix_rank(adapter.delta_weight(base)) <= 3
 
 
+@pytest.mark.parametrize("factor_weights", [(1.0, 1.0), (0.5, 2.0)])
+def test_gradients_reach_only_the_learnable_halves_and_match_the_reference(factor_weights):
+    """The fused path (LoRA's Function on [A; B], [C | D]) against autograd through the plain formula."""
+    model = two_layer_model()
+    attach(model, PlpConfig(targets=["to_q"], r=3))
+    adapter, base = model.to_q.adapters["default"], model.to_q.base_layer
+    adapter.set_factor_weights(*factor_weights)
+    with torch.no_grad():
+        adapter.learnable_up.normal_()
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 5, 10, dtype=torch.float64)
+    (model.to_q(x) * upstream).sum().backward()
+    got = (x.grad, adapter.learnable_up.grad, adapter.learnable_down.grad)
+
+    B = adapter.learnable_up.detach().clone().requires_grad_(True)
+    D = adapter.learnable_down.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    up = torch.cat([adapter.frozen_up, factor_weights[0] * B])
+    down = torch.cat([adapter.frozen_down, factor_weights[1] * D], dim=1)
+    reference = F.linear(x_ref, base.weight, base.bias) + x_ref @ down.t() @ up.t()
+    (reference * upstream).sum().backward()
+    for value, want in zip(got, (x_ref.grad, B.grad, D.grad)):
+        torch.testing.assert_close(value, want, rtol=1e-10, atol=1e-12)
+    assert adapter.frozen_up.grad is None and adapter.frozen_down.grad is None
+
+
 def test_bases_are_orthonormal_and_reproducible_in_a_new_process():
     a, c = frozen_bases(320, 768, 16, seed=0, key="down.attn2.to_k")
     # A and C^T are disjoint row blocks of one orthonormal Q, so A^T A + C C^T <= I.
