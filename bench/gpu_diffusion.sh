@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
-# Issue 11's diffusion benches on one GPU, in under ~4 minutes on an H100 (one device call):
+# Issue 11's diffusion benches on one GPU, in about 5 minutes on an H100 (one device call):
 #
 #   bash bench/gpu_diffusion.sh            # -> bench/results/sd_step.json, bench/results/generate.json
 #
 # Three stages, most important first, each under its own `timeout` so a slow stage cannot starve the
 # next; both scripts rewrite their JSON after every variant, so a stage cut short keeps what it measured:
 #   1. sd_step.py, the eager variants (frozen, peft_lora, lora, paca, plp): 3 warm-up + 10 timed steps each;
+#   1b. sd_step.py --graphed-only --append: the same five steps captured as CUDA graphs (CUDA only);
 #   2. generate.py: base / unmerged / merged at batch 1 and 4, 50 steps, median of 3 runs;
 #   3. sd_step.py --compile-only --append: compiled variants in the time left, in priority order.
 #      Regional compilation (--compile-scope blocks: the 16 BasicTransformerBlocks, which hold every
 #      adapted layer) because a whole SD UNet compile takes ~1 minute per variant.
-# Knobs (environment): BUDGET_S (total seconds, default 225), COMPILE_SCOPE (blocks|unet),
+# Knobs (environment): BUDGET_S (total seconds, default 300), COMPILE_SCOPE (blocks|unet),
 # COMPILED (variant list), PYTHON, TINY=1 (a CPU smoke test of this driver: --tiny models, results in /tmp).
 # Results and logs are also copied to $OUT when the device tool sets it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python}
-BUDGET_S=${BUDGET_S:-225}
+BUDGET_S=${BUDGET_S:-300}
 COMPILE_SCOPE=${COMPILE_SCOPE:-blocks}
 COMPILED=${COMPILED:-paca_compiled,lora_compiled,peft_lora_compiled,frozen_compiled,plp_compiled}
 TINY_ARG=${TINY:+--tiny}
@@ -38,6 +39,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 echo "== stage 1: sd_step eager (cap $(cap 95)s)"
 timeout -k 5 "$(cap 95)" "$PYTHON" bench/sd_step.py $TINY_ARG --steps 10 --warmup 3 2>&1 | tee "$LOGS/sd_step.log"
 copy_out
+if [[ -z "${TINY:-}" ]]; then
+    echo "== stage 1b: sd_step graphed (cap $(cap 75)s)"
+    timeout -k 5 "$(cap 75)" "$PYTHON" bench/sd_step.py --graphed-only --append --steps 10 --warmup 3 2>&1 \
+        | tee "$LOGS/sd_step_graphed.log"
+    copy_out
+fi
 echo "== stage 2: generate (cap $(cap 100)s, $(left)s left)"
 timeout -k 5 "$(cap 100)" "$PYTHON" bench/generate.py $TINY_ARG --steps 50 --runs 3 --warmup-steps 3 2>&1 | tee "$LOGS/generate.log"
 copy_out

@@ -53,6 +53,7 @@ from _common import (  # noqa: E402
     GIB,
     REPO_ROOT,
     allocated_gib,
+    capture_step,
     format_table,
     free_memory,
     log,
@@ -165,33 +166,6 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, device: torch.de
     if not params:
         return None
     return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda", capturable=capturable)
-
-
-def capture_step(step: Callable[[], torch.Tensor], warmup: int = 3) -> Callable[[], torch.Tensor]:
-    """The whole training step as one CUDA graph: returns replay() -> the (static) loss tensor.
-
-    Warm-up runs on a side stream (lazy inits, cuBLAS workspaces, PaCA's first column write),
-    then one captured call. Gradients are set to None inside the step, so the captured backward
-    allocates them from the graph's pool and every replay overwrites them (no accumulation).
-    PaCA's resident columns: the captured forward includes the column rewrite (the last warm-up
-    optimizer step left them stale), so each replay rewrites them from the current delta.
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step()
-
-    def replay() -> torch.Tensor:
-        graph.replay()
-        return loss.clone()
-
-    replay.graph = graph  # keep the graph (and its memory pool) alive with the closure
-    return replay
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ Variants:
   gradients 5e-2 relative L2); a failure to compile or a mismatch is recorded as {"error": ...}.
   Gradients, not only the loss: on the CPU, inductor compiling the whole tiny UNet gives the eager
   loss but wrong dX (relative error ~0.7), even with no adapter at all.
+- <variant>_graphed (--graphed / --graphed-only, CUDA only): the eager step captured whole (forward,
+  backward, capturable fused AdamW) in one CUDA graph and replayed (`_common.capture_step`): no
+  host work per step at all. Compared with the other graphed variants only ("criteria_graphed").
 
 Measured per variant: median ms/step over --steps timed steps after --warmup untimed ones (each
 synchronized), images/s = batch / step time, peak allocated GPU memory over the timed steps, the first
@@ -62,6 +65,7 @@ import torch.nn.functional as F  # noqa: E402
 from _common import (  # noqa: E402
     REPO_ROOT,
     allocated_gib,
+    capture_step,
     format_table,
     free_memory,
     log,
@@ -80,7 +84,8 @@ from peft_core import LoraConfig, PacaConfig, PlpConfig, attach  # noqa: E402
 EAGER_VARIANTS = ["frozen", "peft_lora", "lora", "paca", "plp"]
 # Compiled variants in the order worth their compile time: ours first, then the baselines.
 COMPILED_VARIANTS = ["lora_compiled", "paca_compiled", "peft_lora_compiled", "frozen_compiled", "plp_compiled"]
-VARIANTS = EAGER_VARIANTS + COMPILED_VARIANTS
+GRAPHED_VARIANTS = ["frozen_graphed", "peft_lora_graphed", "lora_graphed", "paca_graphed", "plp_graphed"]
+VARIANTS = EAGER_VARIANTS + COMPILED_VARIANTS + GRAPHED_VARIANTS
 
 LORA_R, LORA_ALPHA = 16, 16
 PACA_R, PACA_ALPHA = 32, 32  # parameter-matched to LoRA r=16 on square layers; same scale alpha/r = 1
@@ -247,8 +252,10 @@ def tolerances(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    method = name.removesuffix("_compiled")
-    compiled = name.endswith("_compiled")
+    method = name.removesuffix("_compiled").removesuffix("_graphed")
+    compiled, graphed = name.endswith("_compiled"), name.endswith("_graphed")
+    if graphed and device.type != "cuda":
+        return {"error": "CUDA graphs need a CUDA device"}
     start = time.perf_counter()
     log(f"[{name}] building the {args.config} UNet on {device} ({dtype})")
     unet = random_unet(args.config, device, dtype, args.seed)
@@ -259,11 +266,14 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         reference = forward_backward(prepared, batch)  # eager, on this very model, before compiling
         regions = compile_unet(prepared.unet, args.compile_scope)
     optimizer = (
-        torch.optim.AdamW(prepared.params, lr=TIMING_LR, fused=device.type == "cuda") if prepared.params else None
+        torch.optim.AdamW(prepared.params, lr=TIMING_LR, fused=device.type == "cuda", capturable=graphed)
+        if prepared.params else None
     )
     if method == "paca" and optimizer is not None:
         prepared.handle.track_optimizer(optimizer)
     step = make_train_step(prepared.unet, optimizer, batch, prepared.frozen)
+    if graphed:
+        step = capture_step(step)  # warm-up steps + capture; from here on each step is one replay
     sync(device)
     build_s = time.perf_counter() - start
     weights_gib = allocated_gib(device)
@@ -385,9 +395,10 @@ def update_report(report: dict) -> None:
     results = report["results"]
     report["ratios"] = compute_ratios(results)
     report["criteria"] = evaluate_criteria(report["ratios"])
-    if any(isinstance(results.get(v), dict) and "ms_per_step" in results[v] for v in COMPILED_VARIANTS):
-        report["ratios_compiled"] = compute_ratios(results, "_compiled")
-        report["criteria_compiled"] = evaluate_criteria(report["ratios_compiled"])
+    for suffix, variants in (("_compiled", COMPILED_VARIANTS), ("_graphed", GRAPHED_VARIANTS)):
+        if any(isinstance(results.get(v), dict) and "ms_per_step" in results[v] for v in variants):
+            report[f"ratios{suffix}"] = compute_ratios(results, suffix)
+            report[f"criteria{suffix}"] = evaluate_criteria(report[f"ratios{suffix}"])
 
 
 def print_summary(report: dict) -> None:
@@ -413,7 +424,7 @@ def print_summary(report: dict) -> None:
         f"torch {report['torch']}, diffusers {report['diffusers']}, peft {report['peft']}")
     log(format_table(["variant", "ms/step", "img/s", "peak GiB", "trainable", "t/frozen", "t/peft_lora",
                       "mem/peft_lora"], rows))
-    for key in ("criteria", "criteria_compiled"):
+    for key in ("criteria", "criteria_compiled", "criteria_graphed"):
         for criterion, passed in report.get(key, {}).items():
             value = report["ratios" + key.removeprefix("criteria")].get(criterion.split()[0])
             log(f"{key} {criterion}: {'-' if passed is None else ('PASS' if passed else 'FAIL')} ({value})")
@@ -437,6 +448,7 @@ def parse_args(argv=None):
                         help=f"comma list of {', '.join(VARIANTS)} (default: the eager ones)")
     parser.add_argument("--compile", action="store_true", help="also run the compiled variants after the eager ones")
     parser.add_argument("--compile-only", action="store_true", help="run only the compiled variants")
+    parser.add_argument("--graphed-only", action="store_true", help="run only the CUDA-graph variants")
     parser.add_argument("--compile-scope", choices=["unet", "blocks"], default="unet",
                         help="torch.compile the whole UNet, or each BasicTransformerBlock (faster to compile)")
     parser.add_argument("--append", action="store_true",
@@ -459,6 +471,8 @@ def parse_args(argv=None):
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     elif args.compile_only:
         variants = list(COMPILED_VARIANTS)
+    elif args.graphed_only:
+        variants = list(GRAPHED_VARIANTS)
     else:
         variants = EAGER_VARIANTS + (COMPILED_VARIANTS if args.compile else [])
     unknown = [v for v in variants if v not in VARIANTS]
