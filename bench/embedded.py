@@ -6,11 +6,15 @@ Measures
   sd_prompt_accuracy   share of held-out prompts (compositions never in pretraining) whose picture
                        the judge reads as the prompt's content AND colour (64 prompts, seed 0 each)
   judge_accuracy       the judge's content accuracy on fresh real renders of the world (all heads
-                       are also listed under judge_accuracy_per_head)
+                       are also listed under judge_accuracy_per_head, and for the same renders after
+                       a round trip through the tiny SD's VAE under judge_accuracy_per_head_after_vae)
   lm_heldout_ppl       tiny LM perplexity on held-out world text (assets/tiny-lm/data/heldout.txt)
   lm_random_init_ppl   the same for a random-init model of the same config (seed 0)
   cpu_s_per_image      median seconds for one 64x64 picture (batch 1, 20 steps, CFG) on this CPU
 and a few extras (knowledge-probe accuracy, set-level judge scores), with the device and date.
+Set-level judge scores are given for the shipped pictures and for their VAE round trips (encode ->
+latent mean -> decode): every generated picture leaves through that decoder, so a judge that only
+reads renders would score generations of a style it cannot see through the VAE as "not that style".
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local: prove it
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipelines import load_base, load_embedded_lm  # noqa: E402
 from pipelines.base import ASSETS, embedded_lm_data  # noqa: E402
-from pipelines.metrics import label_accuracy, load_judge, predict, score  # noqa: E402
+from pipelines.metrics import label_accuracy, load_judge, predict, score, vae_round_trip  # noqa: E402
 from pipelines.world import text as text_world  # noqa: E402
 from pipelines.world.image import concept_sets, heldout_prompt_scenes, render_stream  # noqa: E402
 
@@ -74,23 +79,29 @@ def cpu_seconds_per_image(pipeline, repeats: int) -> float:
     return round(statistics.median(timings[1:]), 3)  # the first call pays for one-off set-up
 
 
-def judge_report(judge) -> dict:
+def judge_report(judge, vae) -> dict:
+    from PIL import Image
+
     # A stream seed used neither for training (0) nor for the recipe's own check (10000).
     images, scenes = render_stream("judge", 777, 2000, 64)
     accuracy = label_accuracy(judge, images, scenes)
-    # How the judge scores the shipped novel/auxiliary sets with their own labels.
-    sets = {}
+    accuracy_after_vae = label_accuracy(judge, vae_round_trip(vae, images), scenes)
+    # How the judge scores the shipped novel/auxiliary sets with their own labels, as rendered and
+    # after the VAE round trip that every generated picture goes through.
+    sets, sets_after_vae = {}, {}
     for name, spec in concept_sets().items():
         folder = ASSETS / "sets" / name
         rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
-        from PIL import Image
-
-        pictures = [Image.open(folder / row["file_name"]) for row in rows]
+        pictures = np.stack([np.asarray(Image.open(folder / row["file_name"]).convert("RGB")) for row in rows])
+        round_trips = vae_round_trip(vae, pictures)
         head = "content" if spec["kind"] == "content" else "style"
         sets[name] = round(float(score(judge, pictures, head, spec["concept"]).mean()), 4)
+        sets_after_vae[name] = round(float(score(judge, round_trips, head, spec["concept"]).mean()), 4)
     return {"judge_accuracy": round(accuracy["content"], 4),
             "judge_accuracy_per_head": {k: round(v, 4) for k, v in accuracy.items()},
-            "judge_mean_score_on_shipped_sets": sets}
+            "judge_accuracy_per_head_after_vae": {k: round(v, 4) for k, v in accuracy_after_vae.items()},
+            "judge_mean_score_on_shipped_sets": sets,
+            "judge_mean_score_on_shipped_sets_after_vae": sets_after_vae}
 
 
 def lm_report() -> dict:
@@ -137,7 +148,7 @@ def main() -> int:
     }
     result.update(sd_prompt_accuracy(pipeline, judge, args.prompts, args.seed))
     result["cpu_s_per_image"] = cpu_seconds_per_image(pipeline, args.timing_repeats)
-    result.update(judge_report(judge))
+    result.update(judge_report(judge, pipeline.vae))
     result.update(lm_report())
     result["assets_mb"] = assets_megabytes()
     result["bench_seconds"] = round(time.time() - started, 1)
