@@ -18,6 +18,9 @@ they run in this order):
 The shipped weights were made on one H100 with two commands (about 11 minutes together):
     studio pretrain-base --scale full --seed 0 --out assets --device cuda
     studio pretrain-base --scale full-phase2 --stages sd --seed 0 --out assets --device cuda
+The shipped judge was then refit to that VAE on a 2-core CPU with a reduced judge recipe (its
+training.json says which and why):
+    studio pretrain-base --stages judges --out assets --device cpu --set judge_images=20000 --set judge_steps=1000 --set judge_batch=128
 Every stage writes a training.json next to its weights with the recipe, the steps actually run,
 losses, timings and the device; a stage that hit its time budget (--set sd_max_minutes=...)
 says so there, and rerunning with that step count (--set sd_steps=N) reproduces it.
