@@ -260,3 +260,36 @@ def capture_step(step: Callable[[], Any], warmup: int = 3) -> Callable[[], Any]:
     replay.graph = graph  # keep the graph (and its memory pool) alive with the closure
     return replay
 
+
+def package_versions(*names: str) -> dict[str, str | None]:
+    """{"torch": ..., name: version or None when not installed} for the report."""
+    import importlib
+
+    import torch
+
+    versions: dict[str, str | None] = {"torch": torch.__version__}
+    for name in names:
+        try:
+            versions[name] = importlib.import_module(name).__version__
+        except ImportError:
+            versions[name] = None
+    return versions
+
+
+def device_dtype_out(args, name: str):
+    """(device, dtype, out path) from a bench's --device/--dtype/--out/--tiny/--config arguments.
+
+    bf16 on CUDA, fp32 elsewhere; CPU numbers never land in bench/results/ (they say nothing about
+    the GPU targets), so without --out a CPU run writes /tmp/<name>_<config>.json.
+    """
+    import torch
+
+    if args.tiny:
+        torch.set_num_threads(1)  # a smoke test on a shared CPU: with a core taken, OpenMP threads spin for seconds
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    out = Path(args.out or (REPO_ROOT / "bench" / "results" / f"{name}.json" if device.type == "cuda"
+                            else f"/tmp/{name}_{args.config}.json"))
+    return device, dtype, out

@@ -34,11 +34,20 @@ import platform
 import statistics
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import GIB, REPO_ROOT, format_table, free_memory, log, ratio, repo_on_path, sync, write_json
+from _common import (
+    GIB,
+    device_dtype_out,
+    format_table,
+    free_memory,
+    log,
+    ratio,
+    repo_on_path,
+    sync,
+    write_json,
+)
 from _sd import (
     SCHEDULER_CONFIG,
     TEXT_CONFIGS,
@@ -255,15 +264,7 @@ def main(argv=None) -> dict:
     import transformers
 
     args = parse_args(argv)
-    if args.tiny:
-        torch.set_num_threads(1)  # a smoke test on a shared CPU: with a core taken, OpenMP threads spin for seconds
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    # CPU numbers never land in bench/results/ (they say nothing about the GPU targets).
-    out = Path(args.out or (REPO_ROOT / "bench" / "results" / "generate.json" if device.type == "cuda"
-                            else f"/tmp/generate_{args.config}.json"))
+    device, dtype, out = device_dtype_out(args, "generate")
     diffusers.utils.logging.set_verbosity_error()  # "modules that should be kept in float32: []" on .to(dtype)
     started = time.perf_counter()
     unet_config = UNET_CONFIGS[args.config]

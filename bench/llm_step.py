@@ -49,7 +49,7 @@ from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
-from _common import (  # noqa: E402
+from _common import (
     GIB,
     REPO_ROOT,
     allocated_gib,
@@ -58,6 +58,7 @@ from _common import (  # noqa: E402
     free_memory,
     log,
     max_fitting,
+    package_versions,
     random_llama,
     ratio,
     repo_on_path,
@@ -695,18 +696,6 @@ def parse_args(argv=None):
     return args
 
 
-def versions() -> dict[str, str | None]:
-    import transformers
-
-    try:
-        import peft
-
-        peft_version = peft.__version__
-    except ImportError:
-        peft_version = None
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft_version}
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -734,7 +723,7 @@ def main(argv=None) -> dict:
             "gradient_checkpointing": False,
         },
         "optimizer": f"torch.optim.AdamW(lr={TIMING_LR}, fused={device.type == 'cuda'})",
-        **versions(),
+        **package_versions("transformers", "peft"),
         "cuda": torch.version.cuda,
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "peft_has_paca": peft_has_paca(),

@@ -57,18 +57,18 @@ import platform  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import (  # noqa: E402
-    REPO_ROOT,
+from _common import (
     allocated_gib,
     capture_step,
+    device_dtype_out,
     format_table,
     free_memory,
     log,
+    package_versions,
     ratio,
     repo_on_path,
     sync,
@@ -482,29 +482,9 @@ def parse_args(argv=None):
     return args
 
 
-def versions() -> dict[str, str | None]:
-    import diffusers
-
-    try:
-        import peft
-
-        peft_version = peft.__version__
-    except ImportError:
-        peft_version = None
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft_version}
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.tiny:
-        torch.set_num_threads(1)  # a smoke test on a shared CPU: with a core taken, OpenMP threads spin for seconds
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    # CPU numbers never land in bench/results/ (they say nothing about the GPU targets).
-    out = Path(args.out or (REPO_ROOT / "bench" / "results" / "sd_step.json" if device.type == "cuda"
-                            else f"/tmp/sd_step_{args.config}.json"))
+    device, dtype, out = device_dtype_out(args, "sd_step")
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()  # "modules that should be kept in float32: []" on .to(dtype)
@@ -535,7 +515,7 @@ def main(argv=None) -> dict:
         "unet_config": config,
         "optimizer": f"torch.optim.AdamW(lr={TIMING_LR}, fused={device.type == 'cuda'})",
         "loss": "MSE(unet(noisy, t, text).sample, noise), epsilon prediction, SD 1.5 noise schedule",
-        **versions(),
+        **package_versions("diffusers", "peft"),
         "cuda": torch.version.cuda,
         "notes": {
             "frozen": "UNet frozen; requires_grad only on the noisy latents; no optimizer step",
