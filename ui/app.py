@@ -218,7 +218,7 @@ class Studio:
             argv = self.llm_argv("<your-upload.jsonl>" if upload else None, None, run_name, *options)
             command = ui_cmd.command_line(argv)
             yaml_text = ui_cmd.config_yaml(argv)  # also checks every option the way train-llm will
-            if upload:  # its data path is a placeholder until the upload is checked
+            if upload:  # the preview names "<your-upload.jsonl>"; the real path exists once the upload is checked
                 yaml_text = "(shown once the upload is checked)"
         except UserError as error:
             return f"# {error}", ""
