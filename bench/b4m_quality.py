@@ -4,7 +4,9 @@
     python bench/b4m_quality.py --steps 20 --pairs 1  # quick CPU smoke run
 
 For each (content, style) pair never seen in pretraining, at equal training steps per method:
-- b4m:        content PLP + style PLP (break, with the other shipped sets as partners), then make;
+- b4m:        content PLP + style PLP (break, with the other shipped sets as partners), then make; at
+              rank --b4m-rank, by default 2 x --rank: parameter-matched, since a PLP trains half of
+              each factor (the joint adapter trains r (in + out) / 2 parameters, a LoRA r (in + out));
 - naive_sum:  a content LoRA and a style LoRA trained separately, both applied at weight 1;
 - joint_lora: one LoRA trained on the content and the style images together.
 Each method draws "a <content> in <style> style" (content and style fidelity: the shipped judges'
@@ -65,7 +67,9 @@ def evaluate(pipe, judge, content: str, style: str, samples: int, seed: int, ste
     return {**scores, "prompt": other["content"], "prompt_style": other["style"]}, pair_images
 
 
-def run_pair(args, content: str, style: str, device: str, judge) -> dict:
+def run_pair(args, content: str, style: str, device: str, judge, reused: dict | None = None) -> dict:
+    """Scores (and grid rows) of every method on one pair; `reused` = an earlier run's entry for
+    this pair whose baseline scores are taken as they are (their grid rows are then not redrawn)."""
     scores, rows = {}, []
     total = 2 * args.steps + args.make_steps
     lora = LoraConfig(targets=TARGETS, r=args.rank, alpha=float(args.rank))
@@ -74,7 +78,7 @@ def run_pair(args, content: str, style: str, device: str, judge) -> dict:
         pipe = load_base("embedded", device=device)
         resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
         content_set, style_set, aux_styles, aux_contents = datasets(content, style, resolution, args.seed)
-        b4m = BreakForMakePipeline(pipe, BreakForMakeConfig(rank=args.rank, break_steps=args.steps, make_steps=args.make_steps,
+        b4m = BreakForMakePipeline(pipe, BreakForMakeConfig(rank=args.b4m_rank, break_steps=args.steps, make_steps=args.make_steps,
                                                             batch_size=args.batch_size, seed=args.seed, targets=TARGETS,
                                                             main_lr=args.lr, make_lr=args.lr))
         b4m(content_set, style_set, aux_styles, aux_contents)
@@ -82,28 +86,31 @@ def run_pair(args, content: str, style: str, device: str, judge) -> dict:
         scores["b4m"], images = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
         rows.append(images)
 
-        # (b) naive sum: two LoRAs trained separately at the same total steps, both at weight 1
-        per_adapter = TrainConfig(steps=total // 2, batch_size=args.batch_size, seed=args.seed, checkpoint_every=10**9,
-                                  learning_rate=args.lr)
-        folders = {}
-        for kind, dataset in (("content", content_set), ("style", style_set)):
+        if reused is not None:  # same settings, same seeds: the baselines of an earlier run
+            scores.update({m: v for m, v in reused["scores"].items() if m != "b4m"})
+        else:
+            # (b) naive sum: two LoRAs trained separately at the same total steps, both at weight 1
+            per_adapter = TrainConfig(steps=total // 2, batch_size=args.batch_size, seed=args.seed, checkpoint_every=10**9,
+                                      learning_rate=args.lr)
+            folders = {}
+            for kind, dataset in (("content", content_set), ("style", style_set)):
+                pipe = load_base("embedded", device=device)
+                train_adapter(pipe, dataset, lora, per_adapter, Path(scratch) / kind, adapter_name=kind)
+                folders[kind] = Path(scratch) / kind / "adapter" / kind
             pipe = load_base("embedded", device=device)
-            train_adapter(pipe, dataset, lora, per_adapter, Path(scratch) / kind, adapter_name=kind)
-            folders[kind] = Path(scratch) / kind / "adapter" / kind
-        pipe = load_base("embedded", device=device)
-        for kind, folder in folders.items():
-            load(pipe.unet, folder, name=kind)
-        scores["naive_sum"], images = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
-        rows.append(images)
+            for kind, folder in folders.items():
+                load(pipe.unet, folder, name=kind)
+            scores["naive_sum"], images = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
+            rows.append(images)
 
-        # (c) one LoRA on both sets together
-        pipe = load_base("embedded", device=device)
-        both = torch.utils.data.ConcatDataset([content_set, style_set])
-        train_adapter(pipe, both, lora, TrainConfig(steps=total, batch_size=args.batch_size, seed=args.seed, checkpoint_every=10**9,
-                                                    learning_rate=args.lr),
-                      Path(scratch) / "joint", adapter_name="joint")
-        scores["joint_lora"], images = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
-        rows.append(images)
+            # (c) one LoRA on both sets together
+            pipe = load_base("embedded", device=device)
+            both = torch.utils.data.ConcatDataset([content_set, style_set])
+            train_adapter(pipe, both, lora, TrainConfig(steps=total, batch_size=args.batch_size, seed=args.seed, checkpoint_every=10**9,
+                                                        learning_rate=args.lr),
+                          Path(scratch) / "joint", adapter_name="joint")
+            scores["joint_lora"], images = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
+            rows.append(images)
 
     grid = image_grid([image for row in rows for image in row], columns=args.samples)
     path = Path(args.out).parent / f"b4m_quality_{content}_{style}.png"
@@ -115,7 +122,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="break steps of each PLP run")
     parser.add_argument("--make-steps", type=int, default=100)
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank of the naive sum and the joint LoRA")
+    parser.add_argument("--b4m-rank", type=int, default=None, help="PLP rank of B4M (default: 2 x --rank, parameter-matched)")
+    parser.add_argument("--reuse-baselines", default=None, metavar="JSON",
+                        help="take naive_sum and joint_lora from an earlier report with the same settings; train only B4M")
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of every method (B4M partners: 1/10)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=3, help="how many (content, style) pairs, from the list above")
@@ -128,24 +138,42 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "b4m_quality.json"))
     args = parser.parse_args()
+    args.b4m_rank = args.b4m_rank or 2 * args.rank
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
     if args.merge:
         reports = [json.loads(Path(path).read_text()) for path in args.merge]
-        settings = {key: reports[0][key] for key in ("steps", "rank", "lr", "batch_size", "samples_per_prompt", "seed")}
-        if any({key: r[key] for key in settings} != settings for r in reports):
+        settings = {key: reports[0].get(key) for key in SETTINGS}
+        if any({key: r.get(key) for key in settings} != settings for r in reports):
             raise SystemExit("--merge: the runs used different settings")
         combined = {**reports[0], "pairs": [p for r in reports for p in r["pairs"]], "wall_s": sum(r["wall_s"] for r in reports)}
         Path(args.out).write_text(json.dumps({**combined, **summarize(combined["pairs"])}, indent=2) + "\n")
         return
+    earlier = {}
+    if args.reuse_baselines:
+        report = json.loads(Path(args.reuse_baselines).read_text())
+        mine = {"steps": {"break": args.steps, "make": args.make_steps, "total_per_method": 2 * args.steps + args.make_steps},
+                "rank": args.rank, "lr": args.lr, "batch_size": args.batch_size, "samples_per_prompt": args.samples,
+                "seed": args.seed}
+        if any(report.get(key) != value for key, value in mine.items()):
+            raise SystemExit(f"--reuse-baselines: {args.reuse_baselines} used other settings than this run")
+        earlier = {(p["content"], p["style"]): p for p in report["pairs"]}
     judge = load_judge(device=args.device)
     started = time.time()
     pairs = []
     for content, style in PAIRS[args.first_pair : args.first_pair + args.pairs]:
         print(f"[pair] {content} x {style}", flush=True)
-        pairs.append(run_pair(args, content, style, args.device, judge))
+        reused = earlier.get((content, style)) if args.reuse_baselines else None
+        if args.reuse_baselines and reused is None:
+            raise SystemExit(f"--reuse-baselines: no {content} x {style} pair in {args.reuse_baselines}")
+        pairs.append(run_pair(args, content, style, args.device, judge, reused))
+        if reused is not None:
+            pairs[-1]["baselines_from"] = args.reuse_baselines
         print(json.dumps(pairs[-1]["scores"]), flush=True)
         write_report(args, pairs, started)  # after every pair, so a cut-off run keeps what it measured
+
+
+SETTINGS = ("steps", "rank", "b4m_rank", "lr", "batch_size", "samples_per_prompt", "seed")
 
 
 def summarize(pairs: list[dict]) -> dict:
@@ -158,7 +186,7 @@ def write_report(args, pairs: list[dict], started: float) -> None:
     summary = summarize(pairs)
     report = {
         "steps": {"break": args.steps, "make": args.make_steps, "total_per_method": 2 * args.steps + args.make_steps},
-        "rank": args.rank, "lr": args.lr, "targets": TARGETS, "batch_size": args.batch_size, "samples_per_prompt": args.samples, "seed": args.seed,
+        "rank": args.rank, "b4m_rank": args.b4m_rank, "lr": args.lr, "targets": TARGETS, "batch_size": args.batch_size, "samples_per_prompt": args.samples, "seed": args.seed,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "wall_s": round(time.time() - started, 1),
         "pairs": pairs, **summary,
