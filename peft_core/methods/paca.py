@@ -204,6 +204,21 @@ class QPacaLinearFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # The module.
 # ---------------------------------------------------------------------------------------------
+class ResidentColumns:
+    """Resident-mode state: the base weight's own columns while ours are written in (`original`),
+    and the (delta version, weight) pair the written columns were computed from (`written_for`).
+
+    A plain object, not module attributes: it is read and written on every forward of every layer,
+    and nn.Module's attribute machinery costs microseconds per access (hundreds of layers a step).
+    """
+
+    __slots__ = ("original", "written_for")
+
+    def __init__(self) -> None:
+        self.original: torch.Tensor | None = None
+        self.written_for: tuple[int, float] | None = None
+
+
 class PacaAdapter(Adapter):
     supported_types = (nn.Linear, nn.Conv2d)
 
@@ -229,10 +244,7 @@ class PacaAdapter(Adapter):
         self.weight_shape = tuple(base.weight.shape) if self.is_conv else (base.out_features, base.in_features)
         delta_shape = (self.weight_shape[0], config.r, *self.weight_shape[2:])
         self.delta = nn.Parameter(torch.zeros(delta_shape, dtype=master_dtype(base.weight), device=base.weight.device))
-        # Resident-mode state: the base weight's own columns while ours are written in, and the
-        # (delta version, weight) pair those written columns were computed from.
-        self._original_columns: torch.Tensor | None = None
-        self._written_for: tuple[int, float] | None = None
+        self._resident = ResidentColumns()
 
     # -- additive path ----------------------------------------------------------------------
     def delta_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -255,19 +267,21 @@ class PacaAdapter(Adapter):
         return PacaLinearFunction.apply(x, base.weight, base.bias, self.delta, self.columns, scaling)
 
     def _write_columns(self, base: nn.Module, weight: float) -> None:
-        state = (self.delta._version, weight)
-        if self._original_columns is not None and self._original_columns.device != base.weight.device:
-            self._original_columns = self._original_columns.to(base.weight.device)  # model.to() moved it
-        if self._original_columns is not None and self._written_for == state:
-            return
+        resident, delta, base_weight = self._resident, self.delta, base.weight
+        state = (delta._version, weight)
+        if resident.original is not None:
+            if resident.original.device != base_weight.device:
+                resident.original = resident.original.to(base_weight.device)  # model.to() moved it
+            if resident.written_for == state:
+                return
         with torch.no_grad():
-            if self._original_columns is None:
-                self._original_columns = base.weight.index_select(1, self.columns)
+            if resident.original is None:
+                resident.original = base_weight.index_select(1, self.columns)
             # One kernel: the add runs in delta's (>= fp32) precision and rounds once into the weight's dtype.
-            adapted = torch.empty_like(self._original_columns)
-            torch.add(self._original_columns, self.delta, alpha=self.scaling * weight, out=adapted)
-            base.weight.index_copy_(1, self.columns, adapted)
-        self._written_for = (self.delta._version, weight)
+            adapted = torch.empty_like(resident.original)
+            torch.add(resident.original, delta, alpha=self.scaling * weight, out=adapted)
+            base_weight.index_copy_(1, self.columns, adapted)
+        resident.written_for = (delta._version, weight)
 
     def mark_stale(self) -> None:
         """Force a rewrite of the resident columns on the next forward.
@@ -276,13 +290,14 @@ class PacaAdapter(Adapter):
         GEMMs and the three small launches per layer hide behind them; done in bulk right after
         the optimizer step they would run while the GPU idles (measured: ~15 ms per 8B step).
         """
-        self._written_for = None
+        self._resident.written_for = None
 
     def release(self, base: nn.Module) -> None:
-        if self._original_columns is not None:
+        resident = self._resident
+        if resident.original is not None:
             with torch.no_grad():
-                base.weight.index_copy_(1, self.columns, self._original_columns)
-        self._original_columns, self._written_for = None, None
+                base.weight.index_copy_(1, self.columns, resident.original)
+        resident.original, resident.written_for = None, None
 
     # -- merge / export ---------------------------------------------------------------------
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
