@@ -190,7 +190,8 @@ class AdaptedModule(nn.Module):
                 self.release_fused()
             output = adapter.fused_forward(base, x, weight)
             if output is not None:
-                self._fused_owner = name
+                if self._fused_owner != name:  # nn.Module.__setattr__ is slow; this runs per layer per step
+                    self._fused_owner = name
                 return output
         self.release_fused()
         output = base_output = base(x, *args, **kwargs)
