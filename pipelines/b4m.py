@@ -14,12 +14,20 @@ Every targeted layer gets a PLP (peft_core.methods.plp): dW = [A; B] [C | D] wit
 
 Each loss steps only the factor it belongs to (torch.autograd.grad on that factor, one optimizer
 per factor), unlike the official code where gradients leak between the two (spec pitfall 5).
+
+With a run_dir, each finished break run is saved under <run_dir>/stages/<content|style> (written
+to a temporary folder, then renamed: a stage is there whole or not at all), and a later call with
+the same run_dir loads the finished stages instead of training them again. `should_stop()` (by
+default: does <run_dir>/STOP exist?) is asked after every step; a stop raises
+`pipelines.train.StopRequested` and loses at most the stage in progress. Every draw comes from
+(seed, stage, step), so a resumed run ends with the same adapters as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +39,9 @@ from peft_core import PlpConfig, attach, get_handle, load, make_joint
 from peft_core.io import read_json, write_json
 from pipelines.errors import UserError
 from pipelines.train import (
+    STOP_FILE,
     UNET_ATTENTION_TARGETS,
+    StopRequested,
     TrainEvent,
     diffusion_loss,
     generate,
@@ -77,8 +87,11 @@ class BreakForMakePipeline:
         aux_contents: Sequence = (),
         run_dir: str | os.PathLike | None = None,
         on_event: Callable[[TrainEvent], Any] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> BreakForMakePipeline:
-        """Run break (content, style) and make; datasets yield {"pixel_values", "prompt"} items."""
+        """Run break (content, style) and make; datasets yield {"pixel_values", "prompt"} items.
+
+        With `run_dir`, finished break runs are kept in <run_dir>/stages/ and reused by a later call."""
         # 1. Check inputs.
         for label, dataset in [("content", content), ("style", style), *[("aux style", d) for d in aux_styles],
                                *[("aux content", d) for d in aux_contents]]:
@@ -87,6 +100,9 @@ class BreakForMakePipeline:
         if self.handle is not None and set(self.handle.adapter_names) & {"content", "style", "joint"}:
             raise UserError("this pipeline's UNet already has B4M adapters; load a fresh base model to train again")
         emit = on_event or (lambda event: None)
+        run_dir = Path(run_dir) if run_dir is not None else None
+        self._should_stop = should_stop or (lambda: run_dir is not None and (run_dir / STOP_FILE).exists())
+        self._run_dir = run_dir
         self.pipe.unet.requires_grad_(False)
         self.pipe.text_encoder.requires_grad_(False)
         self.pipe.vae.requires_grad_(False)
@@ -95,9 +111,9 @@ class BreakForMakePipeline:
         self._noise = training_scheduler(self.pipe)
 
         # 2. Break: content run (main D on content, partner B on other styles).
-        self._break("content", plp, content, list(aux_styles), main=DOWN, partner=UP, emit=emit)
+        self._break_or_load("content", plp, content, list(aux_styles), main=DOWN, partner=UP, emit=emit)
         # 3. Break: style run (main B on style, partner D on other contents).
-        self._break("style", plp, style, list(aux_contents), main=UP, partner=DOWN, emit=emit)
+        self._break_or_load("style", plp, style, list(aux_contents), main=UP, partner=DOWN, emit=emit)
         # 4. Make: pair style's B with content's D and fine-tune both on both sets.
         make_joint(self.handle, content="content", style="style", name="joint")
         self._make(content, style, emit)
@@ -106,6 +122,29 @@ class BreakForMakePipeline:
         return self
 
     # -- stages -----------------------------------------------------------------------------
+    def _break_or_load(self, name: str, plp: PlpConfig, main_data, partner_sets: list, main: str, partner: str,
+                       emit) -> None:
+        """One break run, or its saved result when an earlier call with this run_dir finished it."""
+        stage = self._run_dir / "stages" / name if self._run_dir is not None else None
+        if stage is not None and stage.is_dir():
+            load(self.pipe.unet, stage, name=name)
+            emit(TrainEvent(f"break-{name}", self.config.break_steps, self.config.break_steps, path=str(stage)))
+            return
+        self._break(name, plp, main_data, partner_sets, main, partner, emit)
+        if stage is not None:  # a temporary folder renamed into place: the stage exists whole or not at all
+            partial = stage.with_name(f".{name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            self.handle.save(partial, name=name)
+            os.replace(partial, stage)
+
+    def _stop_if_requested(self, stage: str, step: int, total: int) -> None:
+        if not self._should_stop():
+            return
+        if self._run_dir is not None:
+            (self._run_dir / STOP_FILE).unlink(missing_ok=True)  # served; a resume must not stop again
+        raise StopRequested(f"stopped on request in {stage} at step {step} of {total}; the finished break runs "
+                            "are kept and a resume starts from the stage in progress")
+
     def _break(self, name: str, plp: PlpConfig, main_data, partner_sets: list, main: str, partner: str, emit) -> None:
         config, device = self.config, self.pipe.unet.device
         if self.handle is None:
@@ -134,6 +173,8 @@ class BreakForMakePipeline:
                 ) / len(partner_sets)
                 self._step(partner_loss, partner_params, partner_opt)
             emit(TrainEvent(f"break-{name}", step + 1, config.break_steps, loss=loss.item(), lr=config.main_lr))
+            if step + 1 < config.break_steps:
+                self._stop_if_requested(f"break-{name}", step + 1, config.break_steps)
 
     def _make(self, content, style, emit) -> None:
         config, device, handle = self.config, self.pipe.unet.device, self.handle
@@ -149,6 +190,8 @@ class BreakForMakePipeline:
             loss = content_loss + style_loss
             self._step(loss, params, optimizer)
             emit(TrainEvent("make", step + 1, config.make_steps, loss=loss.item(), lr=config.make_lr))
+            if step + 1 < config.make_steps:
+                self._stop_if_requested("make", step + 1, config.make_steps)
 
     def _step(self, loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
         """Gradient of `loss` for `params` only; nothing else receives (or keeps) a gradient."""

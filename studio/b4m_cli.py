@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 from pipelines.b4m import BreakForMakeConfig
@@ -45,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="run name (default: b4m-<content>-<style>)")
     parser.add_argument("--runs-dir", default="runs", help="where run folders go")
     parser.add_argument("--device", default=None, help="cpu or cuda")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR",
+                        help="continue an interrupted run: its finished break runs are loaded, the rest trained")
     add_dataclass_arguments(parser.add_argument_group("break-for-make"), BreakForMakeConfig, B4M_HELP)
 
 
@@ -53,15 +56,8 @@ def auxiliary_folders(kind: str, exclude: Path) -> list[Path]:
                   and p.name not in ("content-moon", "style-neon"))
 
 
-def run(args: argparse.Namespace) -> int:
-    from pipelines import load_base
-    from pipelines.b4m import BreakForMakePipeline
-    from pipelines.data import ImageCaptionDataset
-    from pipelines.train import image_grid, save_image_atomic
-    from studio.progress import ProgressPrinter
-    from studio.runs import Run
-
-    # 1. Resolve options and validate every folder before writing anything.
+def resolve(args: argparse.Namespace) -> tuple:
+    """(config, content folder, style folder, auxiliary styles, auxiliary contents, prompts) of a new run."""
     values = load_yaml(args.config)
     config_values = dict(values.pop("b4m", {}))
     for field in dataclasses.fields(BreakForMakeConfig):
@@ -73,6 +69,30 @@ def run(args: argparse.Namespace) -> int:
     content_dir, style_dir = Path(args.content), Path(args.style)
     aux_styles = [Path(p) for p in args.aux_styles] if args.aux_styles is not None else auxiliary_folders("style", style_dir)
     aux_contents = [Path(p) for p in args.aux_contents] if args.aux_contents is not None else auxiliary_folders("content", content_dir)
+    prompts = args.prompt or [f"a {content_dir.name.split('-', 1)[-1]} in {style_dir.name.split('-', 1)[-1]} style"] * 4
+    return config, content_dir, style_dir, aux_styles, aux_contents, prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines import load_base
+    from pipelines.b4m import BreakForMakePipeline
+    from pipelines.data import ImageCaptionDataset
+    from pipelines.train import image_grid, save_image_atomic
+    from studio.progress import ProgressPrinter
+    from studio.runs import Run
+
+    # 1. Resolve options and validate every folder before writing anything (a resumed run uses its own).
+    if args.resume:
+        run_folder = Run.open(args.resume)
+        if run_folder.info.get("kind") != "break-for-make":
+            raise UserError(f"{run_folder.directory} is a {run_folder.info.get('kind')} run, not a break-for-make one")
+        record = run_folder.config
+        config = build_dataclass(BreakForMakeConfig, dict(record["b4m"]), "the run's config")
+        content_dir, style_dir = Path(record["content"]), Path(record["style"])
+        aux_styles, aux_contents = [Path(p) for p in record["aux_styles"]], [Path(p) for p in record["aux_contents"]]
+        args.base, prompts = record["base"], record["prompts"]
+    else:
+        config, content_dir, style_dir, aux_styles, aux_contents, prompts = resolve(args)
     pipe = load_base(args.base, device=args.device)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
 
@@ -81,13 +101,15 @@ def run(args: argparse.Namespace) -> int:
 
     content, style = dataset(content_dir), dataset(style_dir)
     partners_style, partners_content = [dataset(p) for p in aux_styles], [dataset(p) for p in aux_contents]
-    prompts = args.prompt or [f"a {content_dir.name.split('-', 1)[-1]} in {style_dir.name.split('-', 1)[-1]} style"] * 4
 
     # 2. Run folder, then break -> make.
-    run_folder = Run.create(args.runs_dir, args.name or f"b4m-{content_dir.name}-{style_dir.name}", kind="break-for-make",
-                            config={"content": str(content_dir), "style": str(style_dir), "aux_styles": [str(p) for p in aux_styles],
-                                    "aux_contents": [str(p) for p in aux_contents], "base": args.base,
-                                    "b4m": dataclasses.asdict(config), "prompts": prompts})
+    if not args.resume:
+        run_folder = Run.create(args.runs_dir, args.name or f"b4m-{content_dir.name}-{style_dir.name}", kind="break-for-make",
+                                config={"content": str(content_dir), "style": str(style_dir),
+                                        "aux_styles": [str(p) for p in aux_styles], "aux_contents": [str(p) for p in aux_contents],
+                                        "base": args.base, "b4m": dataclasses.asdict(config), "prompts": prompts})
+    else:
+        run_folder.update(status="running", error=None)
     print(f"run folder: {run_folder.directory}", flush=True)
     total = 2 * config.break_steps + config.make_steps
     progress = ProgressPrinter(total)
@@ -101,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         b4m = BreakForMakePipeline(pipe, config)
         b4m(content, style, partners_style, partners_content, run_dir=run_folder.directory, on_event=on_event)
+    except KeyboardInterrupt:  # Ctrl-C, or a STOP file (StopRequested): the finished break runs are kept
+        run_folder.update(status="interrupted")
+        print(f"\ninterrupted; resume with: studio break-for-make --resume {run_folder.directory}", file=sys.stderr)
+        return 130
     except BaseException as error:
         run_folder.update(status="failed", error=f"{type(error).__name__}: {error}")
         raise

@@ -14,7 +14,8 @@ class ProgressPrinter:
     def __call__(self, event: Any) -> None:
         if event.kind == "step":
             self.bar.n = event.step
-            self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
+            if event.loss is not None:  # None: a stage loaded from an earlier run, not trained
+                self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
             self.bar.refresh()
         elif event.kind in ("sample", "checkpoint"):
             self.bar.write(f"{event.kind} at step {event.step}: {event.path}")

@@ -98,7 +98,7 @@ class Run:
                 self._writer = SummaryWriter(str(self.directory / "logs" / "tensorboard"))
             except ImportError:  # tensorboard is optional; events.jsonl always has everything
                 self._writer = None
-        if self._writer is not None:
+        if self._writer is not None and record.get("loss") is not None:  # None: a stage loaded, not trained
             self._writer.add_scalar("loss", record["loss"], record["step"])
             if record.get("lr") is not None:
                 self._writer.add_scalar("lr", record["lr"], record["step"])

@@ -31,7 +31,8 @@ from ui.workspace import UPLOAD_SUFFIXES, UploadLimits, Workspace
 
 TRAIN_KINDS = ("train-style", "train-content")
 LLM_KIND = "train-llm"
-RESUMABLE_KINDS = (*TRAIN_KINDS, LLM_KIND)  # the kinds whose training stops on STOP with a checkpoint
+B4M_KIND = "break-for-make"
+RESUMABLE_KINDS = (*TRAIN_KINDS, LLM_KIND, B4M_KIND)  # the kinds whose training stops on STOP with a checkpoint
 LLM_EMBEDDED = "embedded task"
 LLM_BASE_ONLY = "(the embedded base, no adapter)"
 SCHEDULES = ("constant", "cosine", "linear")
@@ -157,7 +158,7 @@ class Studio:
             if (prompt or "").strip():
                 argv += ["--prompt", prompt.strip()]
             ui_cmd.check_command(argv)
-            job = self.jobs.submit(argv, lane="train", owner=owner, run_dir=self.workspace.runs / run_name)
+            job = self.jobs.submit(argv, lane="train", owner=owner, run_dir=self.workspace.runs / run_name, stoppable=True)
         return job.id, f"queued **{run_name}**", ui_cmd.command_line(argv)
 
     # -- LLM: train-llm and chat ------------------------------------------------------------------
@@ -374,7 +375,7 @@ class Studio:
         directory = self.workspace.run_dir(run_name)
         info = run_info(directory)
         if info.get("kind") not in RESUMABLE_KINDS:
-            raise UserError(f"{run_name} is a {info.get('kind')} run; only style/content/LLM trainings resume")
+            raise UserError(f"{run_name} is a {info.get('kind')} run; only style/content/LLM/Break-for-Make trainings resume")
         if info.get("status") == "finished":
             raise UserError(f"{run_name} has finished; nothing to resume")
         argv = [info["kind"], "--resume", str(directory)]
@@ -583,7 +584,7 @@ def build_app(studio: Studio):
                         b4m_command = gr.Code(label="Equivalent command", language="shell")
                 with gr.Accordion("Compose with a finished Break-for-Make run", open=True):
                     with gr.Row():
-                        compose_run = gr.Dropdown(studio.run_names(("break-for-make",), "finished"), label="Run")
+                        compose_run = gr.Dropdown(studio.run_names((B4M_KIND,), "finished"), label="Run")
                         content_weight = gr.Slider(0, 2, 1.0, step=0.05, label="Content weight")
                         style_weight = gr.Slider(0, 2, 1.0, step=0.05, label="Style weight")
                     compose_prompt = gr.Textbox("a moon in neon style", label="Prompt(s), one per line")
@@ -601,7 +602,7 @@ def build_app(studio: Studio):
                     if not current:
                         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
                     text, points, image, _ = studio.poll(current)
-                    finished = studio.run_names(("break-for-make",), "finished")
+                    finished = studio.run_names((B4M_KIND,), "finished")
                     return text, plot_frame(points), image, gr.update(choices=finished)
 
                 b4m_timer.tick(guarded(do_b4m_poll), b4m_job, [b4m_status, b4m_plot, b4m_sample, compose_run],

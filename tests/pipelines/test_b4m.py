@@ -37,3 +37,39 @@ def test_break_make_compose_save_and_reload(tmp_path):
 
     export = b4m.handle.export(tmp_path / "diffusers", format="diffusers", name="joint", component="unet")
     assert (export / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_stopped_run_resumes_from_its_finished_stages_and_ends_like_an_uninterrupted_one(tmp_path):
+    import pytest
+
+    from pipelines.train import StopRequested
+
+    config = BreakForMakeConfig(rank=4, break_steps=3, make_steps=2, batch_size=2)
+    data = (ColourDataset(4), ColourDataset(4), [ColourDataset(2)], [ColourDataset(2)])
+
+    def joint_state(b4m) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in b4m.handle.state_dict(name="joint").items()}
+
+    whole = BreakForMakePipeline(micro_pipeline(tmp_path / "tok1"), config)
+    whole(*data, run_dir=tmp_path / "whole")
+    expected = joint_state(whole)
+
+    # Stop in the style break (after step 2 of 3): the content break is kept, nothing else.
+    calls = []
+
+    def stop_in_style(events=calls) -> bool:
+        return len(events) == 3 + 2  # 3 content steps, then 2 style steps
+
+    interrupted = BreakForMakePipeline(micro_pipeline(tmp_path / "tok2"), config)
+    with pytest.raises(StopRequested, match="break-style"):
+        interrupted(*data, run_dir=tmp_path / "run", on_event=lambda e: calls.append(e.kind), should_stop=stop_in_style)
+    stages = tmp_path / "run" / "stages"
+    assert sorted(p.name for p in stages.iterdir()) == ["content"]  # whole stages only, no partial folder
+
+    # A fresh process (fresh base) resumes: the content break is loaded, not trained again.
+    kinds = []
+    resumed = BreakForMakePipeline(micro_pipeline(tmp_path / "tok3"), config)
+    resumed(*data, run_dir=tmp_path / "run", on_event=lambda e: kinds.append(e.kind))
+    assert kinds.count("break-content") == 1 and kinds.count("break-style") == 3 and kinds.count("make") == 2
+    for key, value in joint_state(resumed).items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)

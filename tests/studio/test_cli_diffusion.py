@@ -93,6 +93,21 @@ def test_generate_compose_export_and_b4m(tmp_path):
     assert main(["compose", "--b4m", str(b4m_run), "--prompt", "a moon in neon style", "--steps", "2",
                  "--style-weight", "1.2", "--out", str(tmp_path / "b4m.png")]) == 0
 
+    # As if killed during the style break: only the content break survives; --resume finishes the run
+    # with the same joint adapter.
+    from peft_core.io import read_safetensors
+
+    joint = read_safetensors(b4m_run / "b4m" / "joint" / "adapter_model.safetensors")
+    shutil.rmtree(b4m_run / "b4m")
+    shutil.rmtree(b4m_run / "stages" / "style")
+    (b4m_run / "samples" / "final.png").unlink()
+    assert main(["break-for-make", "--resume", str(b4m_run)]) == 0
+    resumed = read_safetensors(b4m_run / "b4m" / "joint" / "adapter_model.safetensors")
+    assert resumed.keys() == joint.keys()
+    for key in joint:
+        torch.testing.assert_close(resumed[key], joint[key], rtol=0, atol=0)
+    assert (b4m_run / "samples" / "final.png").is_file()
+
     exported = tmp_path / "exported"
     assert main(["export", str(runs / "style"), "--format", "diffusers", "--out", str(exported)]) == 0
     assert (exported / "pytorch_lora_weights.safetensors").is_file()
