@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipelines.b4m import BreakForMakeConfig
 from pipelines.errors import UserError
-from studio.options import add_dataclass_arguments, build_dataclass, load_yaml
+from studio.options import add_dataclass_arguments, build_dataclass, dataclass_from_flags, load_yaml
 from studio.train_diffusion import ASSETS
 
 SETS = ASSETS / "sets"
@@ -59,11 +59,7 @@ def auxiliary_folders(kind: str, exclude: Path) -> list[Path]:
 def resolve(args: argparse.Namespace) -> tuple:
     """(config, content folder, style folder, auxiliary styles, auxiliary contents, prompts) of a new run."""
     values = load_yaml(args.config)
-    config_values = dict(values.pop("b4m", {}))
-    for field in dataclasses.fields(BreakForMakeConfig):
-        if hasattr(args, field.name):
-            config_values[field.name] = getattr(args, field.name)
-    config = build_dataclass(BreakForMakeConfig, config_values, "the break-for-make options")
+    config = dataclass_from_flags(BreakForMakeConfig, values.pop("b4m", {}), args, "the break-for-make options")
     if values:
         raise UserError(f"unknown option(s) in {args.config}: {', '.join(sorted(values))}")
     content_dir, style_dir = Path(args.content), Path(args.style)

@@ -55,6 +55,16 @@ def load_yaml(path: str | Path | None) -> dict[str, Any]:
     return data
 
 
+def dataclass_from_flags(cls: type, values: dict[str, Any], args: argparse.Namespace, where: str) -> Any:
+    """`cls` from a YAML section's `values` overlaid by the flags given on the command line
+    (add_dataclass_arguments leaves the others out of `args`), checked by build_dataclass."""
+    merged = dict(values)
+    for field in dataclasses.fields(cls):
+        if hasattr(args, field.name):
+            merged[field.name] = getattr(args, field.name)
+    return build_dataclass(cls, merged, where)
+
+
 def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
     """`cls(**values)` with unknown keys and wrong types reported by name."""
     hints = typing.get_type_hints(cls)

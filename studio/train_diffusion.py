@@ -18,6 +18,7 @@ from studio.options import (
     add_dataclass_arguments,
     add_method_arguments,
     build_dataclass,
+    dataclass_from_flags,
     load_yaml,
     method_config,
 )
@@ -93,10 +94,7 @@ def resolve(args: argparse.Namespace) -> dict:
     kind = KINDS[args.kind]
     train_values = {"steps": kind["steps"], "learning_rate": DEFAULT_LEARNING_RATE, "sample_prompts": kind["samples"],
                     **values.pop("train", {})}
-    for field in dataclasses.fields(TrainConfig):
-        if hasattr(args, field.name):
-            train_values[field.name] = getattr(args, field.name)
-    train = build_dataclass(TrainConfig, train_values, "the training options")
+    train = dataclass_from_flags(TrainConfig, train_values, args, "the training options")
     train.check()
     adapter = method_config(args, values.pop("adapter", {}), "lora", DEFAULT_TARGETS, defaults={"r": 16, "alpha": 16.0})
     data = Path(args.data or values.pop("data", None) or kind["data"])

@@ -15,7 +15,6 @@ printed before and after, in about a minute on a CPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from studio.llm import LlmJob, LlmTrainConfig, job_from_record, job_record, meth
 from studio.options import (
     add_dataclass_arguments,
     add_method_arguments,
-    build_dataclass,
+    dataclass_from_flags,
     load_yaml,
     method_config,
 )
@@ -83,11 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve(args: argparse.Namespace) -> LlmJob:
     """The job from YAML < flags, validated before anything is written or loaded."""
     values = load_yaml(args.config)
-    train_values = dict(values.pop("train", {}))
-    for field in dataclasses.fields(LlmTrainConfig):
-        if hasattr(args, field.name):
-            train_values[field.name] = getattr(args, field.name)
-    train = build_dataclass(LlmTrainConfig, train_values, "the training options")
+    train = dataclass_from_flags(LlmTrainConfig, values.pop("train", {}), args, "the training options")
     train.check()
     adapter_values = dict(values.pop("adapter", {}))
     method = getattr(args, "method", adapter_values.get("method", "lora"))
