@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from peft_core import LoraConfig, load  # noqa: E402
+from peft_core import LoraConfig, load, make_joint  # noqa: E402
 from pipelines import load_base  # noqa: E402
 from pipelines.b4m import BreakForMakeConfig, BreakForMakePipeline  # noqa: E402
 from pipelines.data import ImageCaptionDataset  # noqa: E402
@@ -80,14 +80,21 @@ def run_pair(args, content: str, style: str, device: str, judge, reused: dict | 
         content_set, style_set, aux_styles, aux_contents = datasets(content, style, resolution, args.seed)
         b4m = BreakForMakePipeline(pipe, BreakForMakeConfig(rank=args.b4m_rank, break_steps=args.steps, make_steps=args.make_steps,
                                                             batch_size=args.batch_size, seed=args.seed, targets=TARGETS,
-                                                            main_lr=args.lr, make_lr=args.lr))
+                                                            main_lr=args.lr, make_lr=args.lr, content_factor=args.content_factor,
+                                                            riemannian=args.riemannian))
         b4m(content_set, style_set, aux_styles, aux_contents)
         b4m.set_mix(1.0, 1.0)
         scores["b4m"], images = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
         rows.append(images)
+        # Diagnostic: the break adapters paired without the make fine-tuning (spec section 7's zero-shot
+        # pairing), to see what make adds or takes away.
+        make_joint(b4m.handle, name="zero_shot", content_factor=args.content_factor)
+        b4m.set_mix(1.0, 1.0, adapter="zero_shot")
+        scores["b4m_zero_shot"], images = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
+        rows.append(images)
 
         if reused is not None:  # same settings, same seeds: the baselines of an earlier run
-            scores.update({m: v for m, v in reused["scores"].items() if m != "b4m"})
+            scores.update({m: v for m, v in reused["scores"].items() if not m.startswith("b4m")})
         else:
             # (b) naive sum: two LoRAs trained separately at the same total steps, both at weight 1
             per_adapter = TrainConfig(steps=total // 2, batch_size=args.batch_size, seed=args.seed, checkpoint_every=10**9,
@@ -135,6 +142,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="images per prompt")
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--content-factor", choices=("down", "up"), default="down",
+                        help="B4M: the PLP factor that learns the content (down: the official code's choice)")
+    parser.add_argument("--riemannian", action="store_true", help="B4M: Riemannian-preconditioned make (the TOG version)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "b4m_quality.json"))
     args = parser.parse_args()
@@ -173,7 +183,7 @@ def main() -> None:
         write_report(args, pairs, started)  # after every pair, so a cut-off run keeps what it measured
 
 
-SETTINGS = ("steps", "rank", "b4m_rank", "lr", "batch_size", "samples_per_prompt", "seed")
+SETTINGS = ("steps", "rank", "b4m_rank", "lr", "batch_size", "samples_per_prompt", "seed", "content_factor", "riemannian")
 
 
 def summarize(pairs: list[dict]) -> dict:
@@ -186,7 +196,8 @@ def write_report(args, pairs: list[dict], started: float) -> None:
     summary = summarize(pairs)
     report = {
         "steps": {"break": args.steps, "make": args.make_steps, "total_per_method": 2 * args.steps + args.make_steps},
-        "rank": args.rank, "b4m_rank": args.b4m_rank, "lr": args.lr, "targets": TARGETS, "batch_size": args.batch_size, "samples_per_prompt": args.samples, "seed": args.seed,
+        "rank": args.rank, "b4m_rank": args.b4m_rank, "content_factor": args.content_factor, "riemannian": args.riemannian,
+        "lr": args.lr, "targets": TARGETS, "batch_size": args.batch_size, "samples_per_prompt": args.samples, "seed": args.seed,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "wall_s": round(time.time() - started, 1),
         "pairs": pairs, **summary,

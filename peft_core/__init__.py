@@ -11,7 +11,7 @@ from peft_core.methods.compacter import CompacterConfig
 from peft_core.methods.corda import CordaConfig
 from peft_core.methods.lora import LoraConfig
 from peft_core.methods.paca import PacaConfig
-from peft_core.methods.plp import PlpConfig, make_joint
+from peft_core.methods.plp import PlpConfig, make_joint, precondition_gradients
 from peft_core.methods.spt import SptConfig
 from peft_core.model import AdapterHandle, attach, get_handle, load, read_adapter_config
 
@@ -34,6 +34,7 @@ __all__ = [
     "get_method",
     "load",
     "make_joint",
+    "precondition_gradients",
     "read_adapter_config",
     "register_method",
 ]

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from peft_core import PlpConfig, attach, get_handle, load, make_joint
+from peft_core import PlpConfig, attach, get_handle, load, make_joint, precondition_gradients
 from peft_core.io import read_json, write_json
 from pipelines.errors import UserError
 from pipelines.train import (
@@ -50,7 +50,7 @@ from pipelines.train import (
     training_scheduler,
 )
 
-UP, DOWN = "learnable_up", "learnable_down"  # B (style) and D (content)
+UP, DOWN = "learnable_up", "learnable_down"  # B (style) and D (content), unless content_factor="up"
 
 
 @dataclass
@@ -68,6 +68,13 @@ class BreakForMakeConfig:
     make_lr: float = 1e-3
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
+    # Which PLP factor learns the content: "down" (D, the official code's choice) or "up" (B; the
+    # style then trains D). A config field because the paper text we could read does not fix it.
+    content_factor: str = "down"
+    # Make with Riemannian-preconditioned gradients (B4M's TOG version, spec section 2): grad_B is
+    # scaled by (V V^T + delta I)^-1 and grad_D by (U^T U + delta I)^-1 before AdamW.
+    riemannian: bool = False
+    riemannian_delta: float = 1e-6
 
 
 class BreakForMakePipeline:
@@ -97,6 +104,8 @@ class BreakForMakePipeline:
                                *[("aux content", d) for d in aux_contents]]:
             if len(dataset) == 0:
                 raise UserError(f"the {label} dataset is empty")
+        if self.config.content_factor not in ("down", "up"):
+            raise UserError(f"content_factor must be 'down' or 'up', got {self.config.content_factor!r}")
         if self.handle is not None and set(self.handle.adapter_names) & {"content", "style", "joint"}:
             raise UserError("this pipeline's UNet already has B4M adapters; load a fresh base model to train again")
         emit = on_event or (lambda event: None)
@@ -110,12 +119,13 @@ class BreakForMakePipeline:
         torch.manual_seed(self.config.seed)  # PLP's learnable D is drawn from its own seeded generator; this covers the rest
         self._noise = training_scheduler(self.pipe)
 
+        content_main, style_main = (DOWN, UP) if self.config.content_factor == "down" else (UP, DOWN)
         # 2. Break: content run (main D on content, partner B on other styles).
-        self._break_or_load("content", plp, content, list(aux_styles), main=DOWN, partner=UP, emit=emit)
+        self._break_or_load("content", plp, content, list(aux_styles), main=content_main, partner=style_main, emit=emit)
         # 3. Break: style run (main B on style, partner D on other contents).
-        self._break_or_load("style", plp, style, list(aux_contents), main=UP, partner=DOWN, emit=emit)
+        self._break_or_load("style", plp, style, list(aux_contents), main=style_main, partner=content_main, emit=emit)
         # 4. Make: pair style's B with content's D and fine-tune both on both sets.
-        make_joint(self.handle, content="content", style="style", name="joint")
+        make_joint(self.handle, content="content", style="style", name="joint", content_factor=self.config.content_factor)
         self._make(content, style, emit)
         if run_dir is not None:
             self.save(Path(run_dir) / "b4m")
@@ -188,16 +198,20 @@ class BreakForMakePipeline:
             style_loss = diffusion_loss(self.pipe, self.pipe.unet, sample_batch(style, config.batch_size, seed, step),
                                         step_generator(seed, step), device, torch.float32, self._noise)
             loss = content_loss + style_loss
-            self._step(loss, params, optimizer)
+            self._step(loss, params, optimizer, precondition="joint" if config.riemannian else None)
             emit(TrainEvent("make", step + 1, config.make_steps, loss=loss.item(), lr=config.make_lr))
             if step + 1 < config.make_steps:
                 self._stop_if_requested("make", step + 1, config.make_steps)
 
-    def _step(self, loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
-        """Gradient of `loss` for `params` only; nothing else receives (or keeps) a gradient."""
+    def _step(self, loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+              precondition: str | None = None) -> None:
+        """Gradient of `loss` for `params` only; nothing else receives (or keeps) a gradient.
+        `precondition`: the PLP adapter whose gradients get the Riemannian scaling first."""
         grads = torch.autograd.grad(loss, params)
         for parameter, grad in zip(params, grads):
             parameter.grad = grad
+        if precondition is not None:
+            precondition_gradients(self.handle, precondition, self.config.riemannian_delta)
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         optimizer.step()
@@ -211,8 +225,9 @@ class BreakForMakePipeline:
             raise UserError(f"no {adapter!r} adapter yet; run the pipeline (break -> make) or load a saved one")
         for other in handle.adapter_names:
             (handle.enable if other == adapter else handle.disable)(other)
+        up_weight, down_weight = (style_weight, content_weight) if self.config.content_factor == "down" else (content_weight, style_weight)
         for _, wrapper in handle.wrappers(adapter):
-            wrapper.adapters[adapter].set_factor_weights(up=style_weight, down=content_weight)
+            wrapper.adapters[adapter].set_factor_weights(up=up_weight, down=down_weight)
 
     def generate(self, prompts: Sequence[str], content_weight: float = 1.0, style_weight: float = 1.0,
                  adapter: str = "joint", **options) -> list:

@@ -30,6 +30,9 @@ B4M_HELP = {
     "make_lr": "learning rate of the make stage",
     "weight_decay": "AdamW weight decay",
     "max_grad_norm": "gradient clipping norm (0: off)",
+    "content_factor": "PLP factor that learns the content: 'down' (D, the official code) or 'up' (B; the style then trains D)",
+    "riemannian": "make with Riemannian-preconditioned gradients (the TOG version of B4M)",
+    "riemannian_delta": "damping delta of the Riemannian preconditioner",
 }
 
 

@@ -76,6 +76,36 @@ def plp_factors(frozen_up: torch.Tensor, learnable_up: torch.Tensor, frozen_down
     return torch.cat([frozen_up, learnable_up], dim=0), torch.cat([frozen_down, learnable_down], dim=1)
 
 
+def riemannian_precondition(grad_up: torch.Tensor, grad_down: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                            delta: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled gradients of the learnable halves (Zhang & Pilanci 2024, as B4M's TOG version uses them).
+
+    For dW = U V the preconditioned gradients are grad_U (V V^T + delta I)^-1 and
+    (U^T U + delta I)^-1 grad_V. B is a block of U's rows and D a block of V's columns, so their
+    scaled gradients are the same products with grad_B (rows) and grad_D (columns). The r x r
+    systems are solved in float64; delta > 0 keeps a near-singular factor from producing huge steps.
+    """
+    eye = torch.eye(up.shape[1], dtype=torch.float64, device=up.device)
+    down64, up64 = down.detach().double(), up.detach().double()
+    gram_down = down64 @ down64.t() + delta * eye  # V V^T + delta I  (r x r, symmetric)
+    gram_up = up64.t() @ up64 + delta * eye  # U^T U + delta I
+    scaled_up = torch.linalg.solve(gram_down, grad_up.double().t()).t()  # grad_B (V V^T)^-1
+    scaled_down = torch.linalg.solve(gram_up, grad_down.double())  # (U^T U)^-1 grad_D
+    return scaled_up.to(grad_up.dtype), scaled_down.to(grad_down.dtype)
+
+
+def precondition_gradients(handle: AdapterHandle, name: str, delta: float = 1e-6) -> None:
+    """Replace the .grad of every layer's B and D of PLP adapter `name` by its Riemannian-scaled
+    version (see riemannian_precondition); call between backward and the optimizer step."""
+    for _, wrapper in handle.wrappers(name):
+        adapter = wrapper.adapters[name]
+        up_grad, down_grad = adapter.learnable_up.grad, adapter.learnable_down.grad
+        if up_grad is None or down_grad is None:
+            continue
+        up, down = adapter.factors()
+        adapter.learnable_up.grad, adapter.learnable_down.grad = riemannian_precondition(up_grad, down_grad, up, down, delta)
+
+
 # ---------------------------------------------------------------------------------------------
 # The module.
 # ---------------------------------------------------------------------------------------------
@@ -128,12 +158,18 @@ class PlpAdapter(Adapter):
         return down.detach().clone(), up.detach().clone()
 
 
-def make_joint(handle: AdapterHandle, content: str = "content", style: str = "style", name: str = "joint") -> None:
+def make_joint(handle: AdapterHandle, content: str = "content", style: str = "style", name: str = "joint",
+               content_factor: str = "down") -> None:
     """Break-for-Make's *make* init: a new adapter U* = [A; B_style], V* = [C | D_content].
 
-    Refuses adapters whose frozen bases differ (other seed, other layers): pairing them would be
-    meaningless. The new adapter's B and D are trainable; the two source adapters are disabled.
+    content_factor="up" is the role swap (content trained B, style trained D): U* = [A; B_content],
+    V* = [C | D_style]. Refuses adapters whose frozen bases differ (other seed, other layers):
+    pairing them would be meaningless. The new adapter's B and D are trainable; the two source
+    adapters are disabled.
     """
+    if content_factor not in ("down", "up"):
+        raise AdapterError(f"make_joint: content_factor must be 'down' or 'up', got {content_factor!r}")
+    up_source, down_source = (style, content) if content_factor == "down" else (content, style)
     for source in (content, style):
         if handle.configs.get(source) is None or handle.configs[source].method != "plp":
             raise AdapterError(f"make_joint needs a PLP adapter named {source!r}; this model has {handle.adapter_names}")
@@ -154,8 +190,8 @@ def make_joint(handle: AdapterHandle, content: str = "content", style: str = "st
     handle.add(content_config, name=name)
     with torch.no_grad():
         for _, wrapper in handle.wrappers(name):
-            wrapper.adapters[name].learnable_up.copy_(wrapper.adapters[style].learnable_up)
-            wrapper.adapters[name].learnable_down.copy_(wrapper.adapters[content].learnable_down)
+            wrapper.adapters[name].learnable_up.copy_(wrapper.adapters[up_source].learnable_up)
+            wrapper.adapters[name].learnable_down.copy_(wrapper.adapters[down_source].learnable_down)
     handle.set_trainable(name)
     handle.disable(content)
     handle.disable(style)

@@ -145,3 +145,62 @@ def test_make_joint_refuses_mismatched_bases():
     handle.add(LoraConfig(targets=["to_q"]), name="lora")
     with pytest.raises(AdapterError, match="needs a PLP adapter named 'lora'"):
         make_joint(handle, content="lora")
+
+
+def test_make_joint_role_swap_pairs_content_up_with_style_down():
+    model = two_layer_model()
+    handle = attach(model, PlpConfig(targets=["to_q"], r=4), name="content")
+    handle.add(PlpConfig(targets=["to_q"], r=4), name="style")
+    for _, wrapper in handle.wrappers():
+        with torch.no_grad():
+            for adapter in wrapper.adapters.values():
+                adapter.learnable_up.normal_()
+                adapter.learnable_down.normal_()
+    make_joint(handle, name="joint", content_factor="up")
+    for _, wrapper in handle.wrappers():
+        joint = wrapper.adapters["joint"]
+        assert torch.equal(joint.learnable_up, wrapper.adapters["content"].learnable_up)
+        assert torch.equal(joint.learnable_down, wrapper.adapters["style"].learnable_down)
+    with pytest.raises(AdapterError, match="content_factor"):
+        make_joint(handle, name="other", content_factor="left")
+
+
+def test_riemannian_preconditioned_sgd_step_matches_the_closed_form():
+    """Spec §6: on a 2-layer toy, one preconditioned SGD step on B and D equals
+    B - lr grad_U (V V^T + delta I)^-1 [B rows] and D - lr (U^T U + delta I)^-1 grad_V [D columns],
+    with the full factors' gradients taken by plain autograd in float64."""
+    from peft_core import precondition_gradients
+
+    model = two_layer_model()
+    handle = attach(model, PlpConfig(targets=["to_q", "to_k"], r=3), name="joint")
+    for _, wrapper in handle.wrappers():
+        with torch.no_grad():
+            wrapper.adapters["joint"].learnable_up.normal_()
+    x, target = torch.randn(7, 12, dtype=torch.float64), torch.randn(7, 8, dtype=torch.float64)
+    delta, lr = 1e-3, 0.1
+
+    expected = {}
+    for name, wrapper in handle.wrappers():
+        adapter, base = wrapper.adapters["joint"], wrapper.base_layer
+        up = torch.cat([adapter.frozen_up, adapter.learnable_up.detach()]).requires_grad_(True)
+        down = torch.cat([adapter.frozen_down, adapter.learnable_down.detach()], dim=1).requires_grad_(True)
+        expected[name] = (base, up, down)
+    hidden = F.linear(x, expected["to_q"][0].weight, expected["to_q"][0].bias) + x @ expected["to_q"][2].t() @ expected["to_q"][1].t()
+    out = F.linear(hidden, expected["to_k"][0].weight, expected["to_k"][0].bias) + hidden @ expected["to_k"][2].t() @ expected["to_k"][1].t()
+    F.mse_loss(out, target).backward()
+
+    optimizer = torch.optim.SGD(handle.trainable_parameters(), lr=lr)
+    F.mse_loss(model(x), target).backward()
+    precondition_gradients(handle, "joint", delta)
+    optimizer.step()
+    for name, wrapper in handle.wrappers():
+        adapter = wrapper.adapters["joint"]
+        _, up, down = expected[name]
+        eye = torch.eye(3, dtype=torch.float64)
+        new_up = up.detach() - lr * up.grad @ torch.linalg.inv(down.detach() @ down.detach().t() + delta * eye)
+        new_down = down.detach() - lr * torch.linalg.inv(up.detach().t() @ up.detach() + delta * eye) @ down.grad
+        rows, cols = adapter.frozen_up.shape[0], adapter.frozen_down.shape[1]
+        torch.testing.assert_close(adapter.learnable_up.detach(), new_up[rows:], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(adapter.learnable_down.detach(), new_down[:, cols:], rtol=1e-10, atol=1e-10)
+        # the frozen halves did not move
+        torch.testing.assert_close(adapter.frozen_up, up.detach()[:rows], rtol=0, atol=0)

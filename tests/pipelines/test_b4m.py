@@ -73,3 +73,25 @@ def test_a_stopped_run_resumes_from_its_finished_stages_and_ends_like_an_uninter
     assert kinds.count("break-content") == 1 and kinds.count("break-style") == 3 and kinds.count("make") == 2
     for key, value in joint_state(resumed).items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+
+
+def test_role_swap_trains_content_into_up_and_riemannian_make_changes_the_step(tmp_path):
+    data = (ColourDataset(4), ColourDataset(4), [ColourDataset(2)], [ColourDataset(2)])
+    swapped = BreakForMakePipeline(micro_pipeline(tmp_path / "tok1"),
+                                   BreakForMakeConfig(rank=4, break_steps=2, make_steps=0, batch_size=2, content_factor="up"))
+    swapped(*data)
+    for _, wrapper in swapped.handle.wrappers("joint"):
+        content, style, joint = (wrapper.adapters[n] for n in ("content", "style", "joint"))
+        assert torch.count_nonzero(content.learnable_up) > 0  # the content run's main factor is B
+        assert torch.equal(joint.learnable_up, content.learnable_up) and torch.equal(joint.learnable_down, style.learnable_down)
+
+    def joint_after_make(riemannian: bool, folder: str) -> dict[str, torch.Tensor]:
+        b4m = BreakForMakePipeline(micro_pipeline(tmp_path / folder),
+                                   BreakForMakeConfig(rank=4, break_steps=2, make_steps=2, batch_size=2, riemannian=riemannian))
+        b4m(*data)
+        return b4m.handle.state_dict(name="joint")
+
+    plain, riemannian = joint_after_make(False, "tok2"), joint_after_make(True, "tok3")
+    assert plain.keys() == riemannian.keys()
+    assert any(not torch.allclose(plain[k], riemannian[k]) for k in plain)
+    assert all(torch.isfinite(v).all() for v in riemannian.values())
