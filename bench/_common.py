@@ -57,11 +57,13 @@ def allocated_gib(device) -> float | None:
     return torch.cuda.memory_allocated(device) / GIB
 
 
-def time_steps(step: Callable[[], Any], device, warmup: int, steps: int) -> dict[str, Any]:
+def time_steps(step: Callable[[], Any], device, warmup: int, steps: int, reset_peak: bool = True) -> dict[str, Any]:
     """Run `warmup` untimed then `steps` timed calls of `step` (each synchronized).
 
     Returns the median/min/mean ms per step, every step's ms, the peak allocated GPU memory
-    (GiB) over the timed steps only (None on CPU), and `step`'s first and last return values.
+    (GiB) over the timed steps only (None on CPU; with reset_peak=False: since the caller's own
+    reset, e.g. before a CUDA graph's capture, whose pool replays never allocate again), and
+    `step`'s first and last return values.
     """
     import torch
 
@@ -72,7 +74,7 @@ def time_steps(step: Callable[[], Any], device, warmup: int, steps: int) -> dict
         if first is None:
             first = last
     sync(device)
-    if is_cuda:
+    if is_cuda and reset_peak:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):

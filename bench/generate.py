@@ -18,13 +18,19 @@ Variants, in this order on one pipeline:
   to_out.0 of every attention block; random nonzero factors), both active: every adapted layer computes
   base(x) + sum of the two low-rank updates on the fly;
 - merged: the same two adapters folded into the base weights with the handle's merge API
-  (`handle.merge()`), so the UNet runs as the base one.
+  (`handle.merge()`), so the UNet runs as the base one;
+- <variant>_graphed: the same call inside `pipelines.cuda_graphs.graphed_unet(pipe)`, which is what
+  `studio generate`/`compose` (`pipelines.train.generate`) do on CUDA: the first UNet call of each
+  generation runs eagerly, the second records a CUDA graph, the rest replay it. The recording is
+  redone in every call (adapters may change between calls), and its cost is inside the timed call.
 
 Checks (recorded in "checks"): one UNet forward (fixed latents, timestep, text states) merged vs unmerged,
 relative L2 error within bf16 tolerance, and against the base to show the adapters change the output
 far more than merging does; the decoded images of the timed runs, merged vs unmerged (50 steps can grow
 bf16 rounding, so that one is reported, with its own looser tolerance). "ratios" and "criteria" per
-batch: issue 11's targets merged <= 1.02x base and unmerged <= 1.15x base.
+batch: issue 11's targets merged <= 1.02x base and unmerged <= 1.15x base; "criteria_studio" the same
+targets for studio's default (graphed) path against the plain diffusers pipeline users would run
+instead, and "ratios_graphed" graphed against graphed.
 """
 
 from __future__ import annotations
@@ -63,8 +69,9 @@ from _sd import (
 repo_on_path()
 
 from peft_core import LoraConfig, attach  # noqa: E402
+from pipelines.cuda_graphs import graphed_unet  # noqa: E402
 
-VARIANTS = ["base", "unmerged", "merged"]
+VARIANTS = ["base", "base_graphed", "unmerged", "unmerged_graphed", "merged", "merged_graphed"]
 ADAPTERS = ("content", "style")
 LORA_R, LORA_ALPHA = 16, 16
 LORA_B_STD = 0.05  # random up-factors: each adapter moves the weights by ~20 % (RMS), clearly visible in the output
@@ -134,10 +141,14 @@ def unet_probe(pipe, config_name: str, device: torch.device, dtype: torch.dtype,
 # ---------------------------------------------------------------------------------------------
 # Timing.
 # ---------------------------------------------------------------------------------------------
-def make_call(pipe, text_input: str, batch: int, size: int, device: torch.device, seed: int):
+def make_call(pipe, text_input: str, batch: int, size: int, device: torch.device, seed: int, graphed: bool = False):
     """call(steps) -> images (batch, 3, size, size) in [0, 1]: one full generation, synchronized."""
 
     def call(steps: int) -> torch.Tensor:
+        with graphed_unet(pipe, enabled=graphed):
+            return eager_call(steps)
+
+    def eager_call(steps: int) -> torch.Tensor:
         generator = torch.Generator(device=device).manual_seed(seed)
         common = dict(num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size,
                       num_images_per_prompt=batch, generator=generator, output_type="pt")
@@ -199,6 +210,16 @@ def update_report(report: dict) -> None:
         report["ratios"][batch_key] = ratios
         report["criteria"][batch_key] = {
             f"{key} <= {bound}": None if ratios[key] is None else ratios[key] <= bound for key, bound in CRITERIA
+        }
+        studio = {"merged_vs_base": ratio(ms["merged_graphed"], ms["base"]),
+                  "unmerged_vs_base": ratio(ms["unmerged_graphed"], ms["base"])}
+        report.setdefault("ratios_studio", {})[batch_key] = studio
+        report.setdefault("criteria_studio", {})[batch_key] = {
+            f"{key} <= {bound}": None if studio[key] is None else studio[key] <= bound for key, bound in CRITERIA
+        }
+        report.setdefault("ratios_graphed", {})[batch_key] = {
+            "merged_vs_base": ratio(ms["merged_graphed"], ms["base_graphed"]),
+            "unmerged_vs_base": ratio(ms["unmerged_graphed"], ms["base_graphed"]),
         }
 
 
@@ -307,9 +328,14 @@ def main(argv=None) -> dict:
     handle = None
 
     def measure(variant: str) -> None:
+        if variant not in args.variants:
+            return
+        if variant.endswith("_graphed") and device.type != "cuda":
+            report["results"][str(args.batches[0])][variant] = {"error": "CUDA graphs need a CUDA device"}
+            return
         for batch in args.batches:
             free_memory(device)
-            call = make_call(pipe, text_input, batch, size, device, args.seed + 10)
+            call = make_call(pipe, text_input, batch, size, device, args.seed + 10, graphed=variant.endswith("_graphed"))
             # On file before it runs: a measurement killed by a timeout shows as such, not as absent.
             report["results"][str(batch)][variant] = {"error": "started but did not finish (killed, e.g. by a timeout)"}
             write_json(out, report)
@@ -327,17 +353,17 @@ def main(argv=None) -> dict:
 
     try:
         probes["base"] = unet_probe(pipe, args.config, device, dtype, args.seed + 20)
-        if "base" in args.variants:
-            measure("base")
-        if {"unmerged", "merged"} & set(args.variants):
+        measure("base")
+        measure("base_graphed")
+        if {"unmerged", "merged", "unmerged_graphed", "merged_graphed"} & set(args.variants):
             handle = attach_adapters(pipe.unet, args.seed + 30)
             probes["unmerged"] = unet_probe(pipe, args.config, device, dtype, args.seed + 20)
-            if "unmerged" in args.variants:
-                measure("unmerged")
+            measure("unmerged")
+            measure("unmerged_graphed")
             handle.merge()
             probes["merged"] = unet_probe(pipe, args.config, device, dtype, args.seed + 20)
-            if "merged" in args.variants:
-                measure("merged")
+            measure("merged")
+            measure("merged_graphed")
     except Exception as error:  # noqa: BLE001 - a failure is a result; keep what was measured
         traceback.print_exc()
         report["error"] = f"{type(error).__name__}: {error}"[:2000]
@@ -364,6 +390,12 @@ def main(argv=None) -> dict:
                 "tolerance": 5 * tolerance,
                 "passed": bool(err <= 5 * tolerance),
             }
+        for variant in ("base", "unmerged", "merged"):
+            if (variant, batch) in images and (f"{variant}_graphed", batch) in images:
+                err = rel_l2(images[f"{variant}_graphed", batch], images[variant, batch])
+                report["checks"][f"graphed_vs_eager_{variant}_images_batch{batch}"] = {
+                    "what": "decoded images, graphed denoising vs eager, same seed, relative L2 error",
+                    "rel_l2": err, "tolerance": tolerance, "passed": bool(err <= tolerance)}
     update_report(report)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     write_json(out, report)

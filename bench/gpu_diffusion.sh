@@ -7,7 +7,9 @@
 # next; both scripts rewrite their JSON after every variant, so a stage cut short keeps what it measured:
 #   1. sd_step.py, the eager variants (frozen, peft_lora, lora, paca, plp): 3 warm-up + 10 timed steps each;
 #   1b. sd_step.py --graphed-only --append: the same five steps captured as CUDA graphs (CUDA only);
-#   2. generate.py: base / unmerged / merged at batch 1 and 4, 50 steps, median of 3 runs;
+#   0. the CUDA tests of the graphed training step and graphed generation (tests/pipelines/test_cuda_graphs.py),
+#      when pytest is importable;
+#   2. generate.py: base / unmerged / merged, eager and graphed, at batch 1 and 4, 50 steps, median of 3 runs;
 #   3. sd_step.py --compile-only --append: compiled variants in the time left, in priority order.
 #      Regional compilation (--compile-scope blocks: the 16 BasicTransformerBlocks, which hold every
 #      adapted layer) because a whole SD UNet compile takes ~1 minute per variant.
@@ -36,6 +38,11 @@ copy_out() {
 trap copy_out EXIT
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+if [[ -z "${TINY:-}" ]] && "$PYTHON" -c "import pytest" 2>/dev/null; then
+    echo "== stage 0: CUDA-graph tests (cap $(cap 90)s)"
+    timeout -k 5 "$(cap 90)" "$PYTHON" -m pytest -q -p no:cacheprovider tests/pipelines/test_cuda_graphs.py 2>&1 \
+        | tee "$LOGS/cuda_graph_tests.log"
+fi
 echo "== stage 1: sd_step eager (cap $(cap 95)s)"
 timeout -k 5 "$(cap 95)" "$PYTHON" bench/sd_step.py $TINY_ARG --steps 10 --warmup 3 2>&1 | tee "$LOGS/sd_step.log"
 copy_out
@@ -45,8 +52,8 @@ if [[ -z "${TINY:-}" ]]; then
         | tee "$LOGS/sd_step_graphed.log"
     copy_out
 fi
-echo "== stage 2: generate (cap $(cap 100)s, $(left)s left)"
-timeout -k 5 "$(cap 100)" "$PYTHON" bench/generate.py $TINY_ARG --steps 50 --runs 3 --warmup-steps 3 2>&1 | tee "$LOGS/generate.log"
+echo "== stage 2: generate (cap $(cap 200)s, $(left)s left)"
+timeout -k 5 "$(cap 200)" "$PYTHON" bench/generate.py $TINY_ARG --steps 50 --runs 3 --warmup-steps 3 2>&1 | tee "$LOGS/generate.log"
 copy_out
 if (($(left) > 40)); then
     echo "== stage 3: compiled ($COMPILE_SCOPE) in the $(left)s left: $COMPILED"

@@ -30,9 +30,14 @@ Variants:
   gradients 5e-2 relative L2); a failure to compile or a mismatch is recorded as {"error": ...}.
   Gradients, not only the loss: on the CPU, inductor compiling the whole tiny UNet gives the eager
   loss but wrong dX (relative error ~0.7), even with no adapter at all.
-- <variant>_graphed (--graphed / --graphed-only, CUDA only): the eager step captured whole (forward,
-  backward, capturable fused AdamW) in one CUDA graph and replayed (`_common.capture_step`): no
-  host work per step at all. Compared with the other graphed variants only ("criteria_graphed").
+- <variant>_graphed (--graphed / --graphed-only, CUDA only): the step captured whole (forward,
+  backward, capturable fused AdamW) in one CUDA graph and replayed: no host work per step at all.
+  For lora/paca/plp this is `pipelines.cuda_graphs.GraphedTrainStep`, the step `studio train-*`
+  runs on one CUDA GPU by default (`cuda_graph="auto"`); frozen and peft_lora use the bench's own
+  `_common.capture_step`. Their peak memory counts from before the capture, so it includes the
+  graph's pool. "criteria_graphed" compares graphed with graphed; "criteria_trainer" compares what
+  each tool runs by default: ours graphed vs peft_lora eager (diffusers' script), against the lower
+  of the two floors.
 
 Measured per variant: median ms/step over --steps timed steps after --warmup untimed ones (each
 synchronized), images/s = batch / step time, peak allocated GPU memory over the timed steps, the first
@@ -80,6 +85,7 @@ from _sd import SCHEDULER_CONFIG, UNET_CONFIGS, UNET_TARGETS, random_unet  # noq
 repo_on_path()
 
 from peft_core import LoraConfig, PacaConfig, PlpConfig, attach  # noqa: E402
+from pipelines.cuda_graphs import GraphedTrainStep, StepInputs  # noqa: E402
 
 EAGER_VARIANTS = ["frozen", "peft_lora", "lora", "paca", "plp"]
 # Compiled variants in the order worth their compile time: ours first, then the baselines.
@@ -273,7 +279,16 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         prepared.handle.track_optimizer(optimizer)
     step = make_train_step(prepared.unet, optimizer, batch, prepared.frozen)
     if graphed:
-        step = capture_step(step)  # warm-up steps + capture; from here on each step is one replay
+        torch.cuda.reset_peak_memory_stats(device)  # the capture allocates the graph's pool: count it
+        if prepared.handle is not None:  # ours: the trainer's own graphed step
+            trainer_step = GraphedTrainStep(prepared.unet, optimizer, prepared.params, max_grad_norm=0.0,
+                                            after_replay=prepared.handle.after_optimizer_step)
+            inputs = StepInputs(batch.noisy, batch.timesteps, batch.text, batch.noise)
+            step = lambda: trainer_step(inputs).clone()  # noqa: E731
+            for _ in range(trainer_step.warmup + 1):  # eager warm-ups, then capture + first replay
+                step()
+        else:
+            step = capture_step(step)  # warm-up steps + capture; from here on each step is one replay
     sync(device)
     build_s = time.perf_counter() - start
     weights_gib = allocated_gib(device)
@@ -315,7 +330,7 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         first_step_s = time.perf_counter() - first_start
     log(f"[{name}] first step {first_step_s:.1f}s, loss {first_loss:.5f}; {args.warmup} warm-up + {args.steps} timed steps")
 
-    timing = time_steps(step, device, args.warmup, args.steps)
+    timing = time_steps(step, device, args.warmup, args.steps, reset_peak=not graphed)
     last_loss = float(timing["last"])
     ms = timing["ms_per_step"]
     result.update(
@@ -391,10 +406,31 @@ def evaluate_criteria(ratios: dict[str, float | None]) -> dict[str, bool | None]
     return {f"{key} <= {bound}": None if ratios.get(key) is None else ratios[key] <= bound for key, bound in CRITERIA}
 
 
+def trainer_ratios(results: dict) -> dict[str, float | None]:
+    """What each tool runs by default: ours graphed (studio's trainer on one CUDA GPU) vs peft_lora
+    eager (diffusers' LoRA script), against the lower (stricter) of the eager and graphed floors."""
+    t = lambda v: _field(results, v, "ms_per_step")  # noqa: E731
+    m = lambda v: _field(results, v, "peak_gib")  # noqa: E731
+    floors = [x for x in (t("frozen"), t("frozen_graphed")) if x is not None]
+    floor = min(floors) if floors else None
+    out = {
+        "paca_vs_peft_lora_time": ratio(t("paca_graphed"), t("peft_lora")),
+        "paca_vs_frozen_time": ratio(t("paca_graphed"), floor),
+        "lora_vs_peft_lora_time": ratio(t("lora_graphed"), t("peft_lora")),
+        "plp_vs_lora_time": ratio(t("plp_graphed"), t("lora_graphed")),
+    }
+    for method in ("lora", "paca", "plp"):
+        out[f"{method}_vs_peft_lora_memory"] = ratio(m(f"{method}_graphed"), m("peft_lora"))
+    return out
+
+
 def update_report(report: dict) -> None:
     results = report["results"]
     report["ratios"] = compute_ratios(results)
     report["criteria"] = evaluate_criteria(report["ratios"])
+    if any(_field(results, f"{m}_graphed", "ms_per_step") for m in ("lora", "paca", "plp")):
+        report["ratios_trainer"] = trainer_ratios(results)
+        report["criteria_trainer"] = evaluate_criteria(report["ratios_trainer"])
     for suffix, variants in (("_compiled", COMPILED_VARIANTS), ("_graphed", GRAPHED_VARIANTS)):
         if any(isinstance(results.get(v), dict) and "ms_per_step" in results[v] for v in variants):
             report[f"ratios{suffix}"] = compute_ratios(results, suffix)
@@ -424,7 +460,7 @@ def print_summary(report: dict) -> None:
         f"torch {report['torch']}, diffusers {report['diffusers']}, peft {report['peft']}")
     log(format_table(["variant", "ms/step", "img/s", "peak GiB", "trainable", "t/frozen", "t/peft_lora",
                       "mem/peft_lora"], rows))
-    for key in ("criteria", "criteria_compiled", "criteria_graphed"):
+    for key in ("criteria", "criteria_compiled", "criteria_graphed", "criteria_trainer"):
         for criterion, passed in report.get(key, {}).items():
             value = report["ratios" + key.removeprefix("criteria")].get(criterion.split()[0])
             log(f"{key} {criterion}: {'-' if passed is None else ('PASS' if passed else 'FAIL')} ({value})")

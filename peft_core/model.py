@@ -24,7 +24,7 @@ from torch import nn
 from peft_core.config import AdapterConfig, MethodSpec, config_from_dict, get_method
 from peft_core.errors import AdapterError
 from peft_core.io import read_json, read_safetensors, write_json, write_safetensors
-from peft_core.layer import AdaptedModule
+from peft_core.layer import AdaptedModule, Adapter
 from peft_core.targets import find_targets
 
 CONFIG_NAME = "adapter_config.json"
@@ -136,19 +136,17 @@ class AdapterHandle:
         this also covers optimizers that write parameters behind autograd (e.g. fused 8-bit ones).
         Call it after adding the adapters the optimizer trains.
         """
+        optimizer.register_step_post_hook(lambda *_args, **_kwargs: self.after_optimizer_step())
 
-        by_class: dict[type, list[tuple[str, AdaptedModule]]] = {}
+    def after_optimizer_step(self) -> None:
+        """The parameters moved outside the adapters' sight (an optimizer step replayed from a CUDA
+        graph bumps no version counter): adapters caching something derived from them refresh it."""
+        by_class: dict[type, list[tuple[Adapter, nn.Module, float]]] = {}
         for _, wrapper in self.wrappers():
             for name, adapter in wrapper.adapters.items():
-                by_class.setdefault(type(adapter), []).append((name, wrapper))
-
-        def after_step(*_args, **_kwargs) -> None:
-            for adapter_class, entries in by_class.items():
-                adapter_class.after_optimizer_step(
-                    [(w.adapters[n], w.base_layer, w.adapter_weights[n]) for n, w in entries if n in w.adapters]
-                )
-
-        optimizer.register_step_post_hook(after_step)
+                by_class.setdefault(type(adapter), []).append((adapter, wrapper.base_layer, wrapper.adapter_weights[name]))
+        for adapter_class, items in by_class.items():
+            adapter_class.after_optimizer_step(items)
 
     # -- merge ------------------------------------------------------------------------------
     def merge(self, names: Iterable[str] | None = None) -> None:

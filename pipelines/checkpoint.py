@@ -60,7 +60,7 @@ def save_checkpoint(
         {
             "step": step,
             "adapters": adapter_names,
-            "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
+            "lr_scheduler": None if lr_scheduler is None else tensor_lr_to_float(lr_scheduler.state_dict()),
             "python_random": _to_json(random.getstate()),
             "numpy_random": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
             "extra": extra or {},
@@ -134,7 +134,8 @@ def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tens
                 tensors[f"{index}/{key}"] = value
             else:
                 scalars[str(index)][key] = value
-    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+    # A capturable optimizer's learning rate is a device tensor (pipelines.cuda_graphs); stored as a number.
+    return tensors, {"param_groups": tensor_lr_to_float(state_dict["param_groups"]), "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict[str, Any]) -> dict[str, Any]:
@@ -143,6 +144,17 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict[str, 
         index, name = key.split("/", 1)
         state.setdefault(int(index), {})[name] = tensor
     return {"state": state, "param_groups": structure["param_groups"]}
+
+
+def tensor_lr_to_float(value: Any) -> Any:
+    """Optimizer/scheduler state with device-tensor learning rates, made JSON-able (floats)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
+    if isinstance(value, dict):
+        return {k: tensor_lr_to_float(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(tensor_lr_to_float(v) for v in value)
+    return value
 
 
 def _to_json(value: Any) -> Any:

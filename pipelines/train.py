@@ -8,6 +8,11 @@ type says) from the noisy latents and the caption, minimise the MSE. Around it: 
 (mixed precision, gradient accumulation, several processes), gradient checkpointing, 8-bit AdamW
 on CUDA, sample images every N steps, atomic checkpoints, and exact resume.
 
+On one CUDA GPU the step (UNet forward, loss, backward, clipping, AdamW) is recorded once as a
+CUDA graph and replayed (`cuda_graph="auto"`; see pipelines/cuda_graphs.py): SD's UNet is
+thousands of small kernels that the host cannot launch as fast as a modern GPU runs them. The
+random draws stay outside the graph, so a graphed run makes exactly the eager run's draws.
+
 Exact resume: every random draw of step s (which images, noise, timesteps, latent samples) comes
 from a generator seeded by (seed, s), so a run resumed from a checkpoint at step s continues with
 exactly the draws the uninterrupted run would have made.
@@ -23,16 +28,24 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from peft_core import AdapterConfig, AdapterHandle, attach, config_from_dict
 from pipelines.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
+from pipelines.cuda_graphs import (
+    GraphCaptureError,
+    GraphedTrainStep,
+    StepInputs,
+    capturable_adamw,
+    graphed_unet,
+    prediction_loss,
+)
 from pipelines.errors import UserError
 
 # Every attention projection of an SD UNet (self- and cross-attention): the usual adapter targets.
@@ -69,10 +82,13 @@ class TrainConfig:
     sample_steps: int = 20
     sample_guidance: float = 5.0
     train_text_encoder: bool = False
+    # "auto": replay the step from a CUDA graph wherever that is possible (one CUDA GPU, adamw, no
+    # fp16 scaler, no accumulation, no checkpointing, UNet only), else eager; "on": insist; "off".
+    cuda_graph: str = "auto"
 
     def check(self) -> None:
         choices = {"lr_schedule": ("constant", "cosine", "linear"), "mixed_precision": ("no", "fp16", "bf16"),
-                   "optimizer": ("adamw", "adamw8bit")}
+                   "optimizer": ("adamw", "adamw8bit"), "cuda_graph": ("auto", "on", "off")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
@@ -146,6 +162,12 @@ def diffusion_loss(pipe, unet, batch: Batch, generator: torch.Generator, device:
 
     `unet` is pipe.unet as accelerate prepared it (DDP-wrapped when there are several processes);
     `scheduler` is the training noise scheduler (default: `training_scheduler(pipe)`)."""
+    return prediction_loss(unet, step_inputs(pipe, batch, generator, device, dtype, scheduler))
+
+
+def step_inputs(pipe, batch: Batch, generator: torch.Generator, device: torch.device, dtype: torch.dtype,
+                scheduler=None) -> StepInputs:
+    """Every random draw of one step, and what the UNet is given and should predict."""
     scheduler = scheduler or training_scheduler(pipe)
     with torch.no_grad():
         posterior = pipe.vae.encode(batch.pixel_values.to(device, pipe.vae.dtype)).latent_dist
@@ -155,7 +177,6 @@ def diffusion_loss(pipe, unet, batch: Batch, generator: torch.Generator, device:
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prompt_embeds = encode_prompts(pipe, batch.prompts, device)
-    prediction = unet(noisy, timesteps, encoder_hidden_states=prompt_embeds.to(dtype)).sample
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
         target = noise
@@ -165,7 +186,27 @@ def diffusion_loss(pipe, unet, batch: Batch, generator: torch.Generator, device:
         target = latents
     else:
         raise UserError(f"the scheduler's prediction_type {prediction_type!r} is not supported (epsilon, v_prediction, sample)")
-    return F.mse_loss(prediction.float(), target.float())
+    return StepInputs(noisy, timesteps, prompt_embeds.to(dtype), target)
+
+
+def cuda_graph_blockers(config: TrainConfig, device: torch.device, num_processes: int, trains_text_encoder: bool) -> list[str]:
+    """Why this run cannot replay its step from a CUDA graph (empty: it can)."""
+    blockers = []
+    if device.type != "cuda":
+        blockers.append("it needs a CUDA GPU")
+    if num_processes > 1:
+        blockers.append("it runs in a single process (several processes synchronise gradients every step)")
+    if config.gradient_accumulation > 1:
+        blockers.append("gradient_accumulation must be 1")
+    if config.gradient_checkpointing:
+        blockers.append("gradient checkpointing reads the RNG state on the host")
+    if config.optimizer != "adamw":
+        blockers.append(f"optimizer {config.optimizer!r} is not capturable (use adamw)")
+    if config.mixed_precision == "fp16":
+        blockers.append("fp16 needs a gradient scaler, which checks for inf on the host (use bf16)")
+    if trains_text_encoder:
+        blockers.append("the text encoder is trained (its prompts vary in the host-side tokenizer)")
+    return blockers
 
 
 def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -195,15 +236,20 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> 
 
 
 @torch.no_grad()
-def generate(pipe, prompts: Sequence[str], seed: int = 0, steps: int = 20, guidance: float = 5.0, size: int | None = None) -> list:
-    """PIL images for `prompts`, one seeded generator per prompt (the same image for the same seed)."""
+def generate(pipe, prompts: Sequence[str], seed: int = 0, steps: int = 20, guidance: float = 5.0, size: int | None = None,
+             cuda_graph: bool = True) -> list:
+    """PIL images for `prompts`, one seeded generator per prompt (the same image for the same seed).
+
+    On CUDA the UNet's denoising calls replay from a CUDA graph recorded for this call (adapters
+    applied on the fly then cost launches no more); `cuda_graph=False` keeps them eager."""
     size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     device = pipe.unet.device
     generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(prompts))]
     was_training = pipe.unet.training
     pipe.unet.eval()
-    images = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                  generator=generators, output_type="pil").images
+    with graphed_unet(pipe, enabled=cuda_graph and steps > 2):
+        images = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                      generator=generators, output_type="pil").images
     pipe.unet.train(was_training)
     return images
 
@@ -270,6 +316,12 @@ def train_adapter(
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation)
     device = accelerator.device
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+    blockers = cuda_graph_blockers(config, device, accelerator.num_processes, text_encoder_adapter is not None)
+    if config.cuda_graph == "on" and blockers:
+        raise UserError(f"cuda_graph='on' is not possible for this run: {'; '.join(blockers)}. Use cuda_graph='auto' or 'off'.")
+    graphed = config.cuda_graph != "off" and not blockers
+    if graphed:  # the graph does its own autocast (cache off); accelerate's forward wrapper would cache casts
+        accelerator = Accelerator(mixed_precision="no")
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
     pipe.to(device)
@@ -284,12 +336,21 @@ def train_adapter(
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     parameters = handle.trainable_parameters() + (text_handle.trainable_parameters() if text_handle else [])
-    optimizer = make_optimizer(parameters, config, device)
+    if graphed:
+        optimizer = capturable_adamw(parameters, config.learning_rate, config.weight_decay, device)
+    else:
+        optimizer = make_optimizer(parameters, config, device)
     lr_scheduler = make_lr_scheduler(optimizer, config)
     handle.track_optimizer(optimizer)
     if text_handle:
         text_handle.track_optimizer(optimizer)
-    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    if graphed:
+        unet = pipe.unet
+        def autocast():
+            return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    else:
+        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+        autocast = accelerator.autocast
     noise_scheduler = training_scheduler(pipe)
 
     # 3. Resume from the newest complete checkpoint, if any (after clearing what a killed run half-wrote).
@@ -302,31 +363,51 @@ def train_adapter(
         if text_handle:
             text_handle.load_state_dict(handle_state(checkpoint, "text_encoder", adapter_name), name=adapter_name)
         start_step = state["step"]
+    if graphed:  # a checkpoint stores the learning rate as a number; the graph reads it from the device
+        for group in optimizer.param_groups:
+            group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=device).clone()
+        graph_step = GraphedTrainStep(pipe.unet, optimizer, parameters, config.max_grad_norm,
+                                      autocast_dtype=None if dtype == torch.float32 else dtype, after_replay=handle.after_optimizer_step)
 
     # 4. Train.
     unet.train()
     started, losses = time.perf_counter(), []
     for step in range(start_step, config.steps):
         generator = step_generator(config.seed, step)
-        step_loss = 0.0
-        for micro in range(config.gradient_accumulation):
-            with accelerator.accumulate(unet):
-                batch = sample_batch(dataset, config.batch_size, config.seed, step * config.gradient_accumulation + micro,
-                                     accelerator.process_index, accelerator.num_processes)
-                with accelerator.autocast():
-                    loss = diffusion_loss(pipe, unet, batch, generator, device, dtype, noise_scheduler)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step_loss += loss.item() / config.gradient_accumulation
+        step_loss = None
+        if graphed:  # one replayed graph; the same draws as the eager loop below
+            batch = sample_batch(dataset, config.batch_size, config.seed, step, accelerator.process_index, accelerator.num_processes)
+            with torch.no_grad(), autocast():
+                inputs = step_inputs(pipe, batch, generator, device, dtype, noise_scheduler)
+            try:
+                step_loss = graph_step(inputs).item()
+            except GraphCaptureError as error:
+                if config.cuda_graph == "on":
+                    raise UserError(f"this model's training step cannot be recorded as a CUDA graph ({error}); "
+                                    "use cuda_graph='off'") from error
+                warnings.warn(f"CUDA-graph capture failed ({error}); training eagerly from step {step + 1} on", stacklevel=2)
+                graphed = False
+                generator = step_generator(config.seed, step)  # this step's draws, again, for the eager path
+        if step_loss is None:
+            step_loss = 0.0
+            for micro in range(config.gradient_accumulation):
+                with accelerator.accumulate(unet):
+                    batch = sample_batch(dataset, config.batch_size, config.seed, step * config.gradient_accumulation + micro,
+                                         accelerator.process_index, accelerator.num_processes)
+                    with autocast():
+                        loss = diffusion_loss(pipe, unet, batch, generator, device, dtype, noise_scheduler)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step_loss += loss.item() / config.gradient_accumulation
         lr_scheduler.step()
         losses.append(step_loss)
         done = step + 1
         elapsed = time.perf_counter() - started
         eta = elapsed / (done - start_step) * (config.steps - done)
-        emit(TrainEvent("step", done, config.steps, loss=step_loss, lr=lr_scheduler.get_last_lr()[0], eta_s=eta))
+        emit(TrainEvent("step", done, config.steps, loss=step_loss, lr=float(lr_scheduler.get_last_lr()[0]), eta_s=eta))
 
         if config.sample_every and done % config.sample_every == 0 and done < config.steps and config.sample_prompts:
             path = write_samples(pipe, config, run_dir / "samples" / f"step-{done:06d}.png", accelerator)

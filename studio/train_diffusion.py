@@ -50,6 +50,8 @@ TRAIN_HELP = {
     "sample_steps": "denoising steps of the sample grids",
     "sample_guidance": "classifier-free guidance of the sample grids",
     "train_text_encoder": "also adapt the text encoder's attention projections",
+    "cuda_graph": "auto | on | off: replay each training step from a CUDA graph (one CUDA GPU, adamw, no fp16, "
+                  "no accumulation or checkpointing; auto falls back to eager where it cannot)",
 }
 
 # What each kind trains on by default (the embedded demo) and how its prompts look.
