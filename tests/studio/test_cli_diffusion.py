@@ -87,9 +87,10 @@ def test_generate_compose_export_and_b4m(tmp_path):
     assert composed.is_file()
 
     assert main(["break-for-make", "--runs-dir", str(runs), "--name", "b4m", "--break-steps", "2", "--make-steps", "1",
-                 "--batch-size", "2", "--rank", "4"]) == 0
+                 "--batch-size", "2", "--rank", "4", "--riemannian"]) == 0
     b4m_run = runs / "b4m"
     assert (b4m_run / "b4m" / "b4m.json").is_file() and (b4m_run / "samples" / "final.png").is_file()
+    assert json.loads((b4m_run / "b4m" / "b4m.json").read_text())["config"]["riemannian"] is True
     assert main(["compose", "--b4m", str(b4m_run), "--prompt", "a moon in neon style", "--steps", "2",
                  "--style-weight", "1.2", "--out", str(tmp_path / "b4m.png")]) == 0
 
