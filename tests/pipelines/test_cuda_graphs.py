@@ -105,7 +105,7 @@ def test_graphed_train_step_is_the_eager_step(tmp_path, method):
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
         if graphed:
             assert (graphs.warmups, graphs.captures, graphs.replays) == (2, 1, steps - 2)
         return losses, {k: v.clone() for k, v in handle.state_dict().items()}
@@ -221,8 +221,11 @@ def test_cuda_graph_training_matches_eager_training(tmp_path, method):
     _, eager, eager_losses = _train(tmp_path, "eager", config, "off", lr_schedule="cosine")
     pipe, graphed, graphed_losses = _train(tmp_path, "graphed", config, "on", lr_schedule="cosine")
     torch.testing.assert_close(torch.tensor(graphed_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-6)
+    # The capturable AdamW (device step count, learning rate as a tensor) and the eager fused one round
+    # differently: after 8 steps of lr 1e-2 single entries differ by ~2e-5 (measured on an H100). A real
+    # bug (a stale PaCA column, a learning rate frozen at capture) moves entries by ~1e-2, a whole step.
     for key, value in eager.state_dict().items():
-        torch.testing.assert_close(graphed.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(graphed.state_dict()[key], value, rtol=1e-3, atol=1e-4)
     # An eager forward after the replays (PaCA: the resident columns must be refreshed) equals the eager run's.
     latents, text = torch.randn(1, 4, 8, 8, device="cuda"), torch.randn(1, 16, 16, device="cuda")
     eager_pipe = micro_pipeline(tmp_path / "tok-check").to("cuda")
