@@ -252,7 +252,7 @@ def capture_step(step: Callable[[], Any], warmup: int = 3) -> Callable[[], Any]:
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):  # the warm-up stream (its cuBLAS workspaces exist already)
+    with torch.cuda.graph(graph, stream=side):  # on the warm-up stream, as the trainer's step does
         loss = step()
 
     def replay() -> torch.Tensor:

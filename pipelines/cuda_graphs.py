@@ -80,8 +80,8 @@ class CudaGraphFactory:
     def capture(self, fn: Callable[[], Any]) -> tuple[Any, Callable[[], None]]:
         """Record fn() (which does not run); returns its output tensors and replay()."""
         graph = torch.cuda.CUDAGraph()
-        # Captured on the warm-up stream: every stream gets its own cuBLAS workspaces from the
-        # caching allocator, so a third stream would hold a third set for the life of the process.
+        # Captured on the warm-up stream, whose cuBLAS handle and workspace the warm-ups set up
+        # (torch would otherwise capture on a stream of its own).
         with torch.cuda.graph(graph, stream=self.side_stream):
             output = fn()
         return output, graph.replay
