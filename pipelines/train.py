@@ -189,6 +189,21 @@ def step_inputs(pipe, batch: Batch, generator: torch.Generator, device: torch.de
     return StepInputs(noisy, timesteps, prompt_embeds.to(dtype), target)
 
 
+def make_accelerator(mixed_precision: str, **options):
+    """An `accelerate.Accelerator` with this run's mixed precision.
+
+    accelerate keeps one process-wide state and refuses a second mixed-precision setting ("restart
+    your runtime"). A long-lived process (the UI, a notebook, a benchmark) trains one run after the
+    other with different settings, so the precision part of that state is cleared first; the
+    process-group part (PartialState) is kept."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, **options)
+
+
 def cuda_graph_blockers(config: TrainConfig, device: torch.device, num_processes: int, trains_text_encoder: bool) -> list[str]:
     """Why this run cannot replay its step from a CUDA graph (empty: it can)."""
     blockers = []
@@ -297,7 +312,7 @@ def train_adapter(
     Writes `run_dir/checkpoints/`, `run_dir/samples/` and, at the end, `run_dir/adapter/<name>/`.
     `should_stop()` is asked after every step (default: does `run_dir/STOP` exist?); see the module docstring.
     """
-    from accelerate import Accelerator
+    from accelerate import PartialState
 
     # 1. Check inputs before touching the model.
     config.check()
@@ -313,15 +328,17 @@ def train_adapter(
 
     # 2. Accelerate, frozen base, adapters (initialised from the seed, like everything else).
     torch.manual_seed(config.seed)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation)
-    device = accelerator.device
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
-    blockers = cuda_graph_blockers(config, device, accelerator.num_processes, text_encoder_adapter is not None)
+    processes = PartialState()  # the device and the process count, before any precision is fixed
+    blockers = cuda_graph_blockers(config, processes.device, processes.num_processes, text_encoder_adapter is not None)
     if config.cuda_graph == "on" and blockers:
         raise UserError(f"cuda_graph='on' is not possible for this run: {'; '.join(blockers)}. Use cuda_graph='auto' or 'off'.")
     graphed = config.cuda_graph != "off" and not blockers
-    if graphed:  # the graph does its own autocast (cache off); accelerate's forward wrapper would cache casts
-        accelerator = Accelerator(mixed_precision="no")
+    # Graphed, the step does its own autocast (with the cast cache off, as capture needs); accelerate's
+    # mixed-precision forward wrapper would cache casts, so accelerate is told "no".
+    accelerator = make_accelerator("no" if graphed else config.mixed_precision,
+                                   gradient_accumulation_steps=config.gradient_accumulation)
+    device = accelerator.device
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
     pipe.to(device)

@@ -659,15 +659,20 @@ def train_llm(job: LlmJob, run_dir: str | os.PathLike, on_event: Callable[[LlmEv
     diffusion loop: when it answers yes, the step is checkpointed, the STOP file removed and
     `pipelines.train.StopRequested` (a KeyboardInterrupt) raised, so `--resume` continues from there.
     This is how the UI cancels an LLM job."""
-    from accelerate import Accelerator
-
     from peft_core.methods import loram
     from pipelines.checkpoint import load_checkpoint, save_checkpoint
-    from pipelines.train import STOP_FILE, StopRequested, make_lr_scheduler, make_optimizer, stop_requested
+    from pipelines.train import (
+        STOP_FILE,
+        StopRequested,
+        make_accelerator,
+        make_lr_scheduler,
+        make_optimizer,
+        stop_requested,
+    )
 
     run_dir, train = Path(run_dir), job.train
     should_stop = should_stop or (lambda: (run_dir / STOP_FILE).exists())
-    accelerator = accelerator or Accelerator(mixed_precision=train.mixed_precision, cpu=job.cpu)
+    accelerator = accelerator or make_accelerator(train.mixed_precision, cpu=job.cpu)
     if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise UserError(f"train-llm runs data-parallel (DDP) only, not {accelerator.distributed_type.value}: adapters are "
                         "saved and recovered from unsharded tensors (docs/llm.md says which methods could shard and why)")

@@ -109,9 +109,9 @@ def _format_metrics(metrics: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
 
+    from pipelines.train import make_accelerator
     from studio.llm import check_method_on_model, train_llm
     from studio.progress import ProgressPrinter
     from studio.runs import Run
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         job = resolve(args)
     check_method_on_model(job)  # a method/model mismatch fails before a run folder or any weight exists
-    accelerator = Accelerator(mixed_precision=job.train.mixed_precision, cpu=job.cpu)
+    accelerator = make_accelerator(job.train.mixed_precision, cpu=job.cpu)
     main = accelerator.is_main_process
 
     # 2. The run folder (made by the main process; the others learn its path).

@@ -66,3 +66,16 @@ def test_bad_train_config_is_a_clear_error(tmp_path):
         train_adapter(pipe, ColourDataset(), LoraConfig(targets=UNET_ATTENTION_TARGETS), TrainConfig(optimizer="adam9"), tmp_path / "r")
     with pytest.raises(UserError, match="needs a CUDA GPU"):
         train_adapter(pipe, ColourDataset(), LoraConfig(targets=UNET_ATTENTION_TARGETS), TrainConfig(optimizer="adamw8bit"), tmp_path / "r")
+
+
+def test_runs_with_different_mixed_precision_in_one_process(tmp_path):
+    """accelerate refuses a second precision in one process; a UI or notebook trains many runs."""
+    from pipelines.train import make_accelerator
+
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    assert make_accelerator("no").mixed_precision == "no"
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    pipe = micro_pipeline(tmp_path / "tok")
+    handle = train_adapter(pipe, ColourDataset(4), LoraConfig(targets=["to_q"], r=2),
+                           TrainConfig(steps=1, batch_size=2, checkpoint_every=10**9), tmp_path / "run")
+    assert handle.adapter_names == ["default"]
