@@ -110,3 +110,24 @@ def test_bad_config_values_are_clear_errors():
         LoraConfig(targets=["x"], dropout=1.5)
     with pytest.raises(AdapterError, match="targets"):
         LoraConfig(targets=[])
+
+
+def test_fused_lora_keeps_only_its_input_for_backward():
+    """Saved-tensor audit: the activations kept for backward are x alone (T x in); h = x A^T (T x r)
+    is recomputed in backward, so a higher rank costs no activation memory."""
+    tokens, in_features, r = 40, 24, 8
+    model = nn.Sequential()
+    model.add_module("layer", nn.Linear(in_features, 16))
+    attach(model, LoraConfig(targets=["layer"], r=r))
+    own = {t.data_ptr() for t in model.parameters()}
+    activations = []
+
+    def pack(tensor):
+        if tensor.data_ptr() not in own and tensor.dim() >= 2 and tensor.shape[0] == tokens:
+            activations.append(tuple(tensor.shape))
+        return tensor
+
+    x = torch.randn(tokens, in_features, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    assert activations == [(tokens, in_features)], activations
