@@ -158,6 +158,20 @@ def capturable_adamw(parameters: list[torch.nn.Parameter], lr: float, weight_dec
     return torch.optim.AdamW(parameters, lr=torch.tensor(lr, device=device), weight_decay=weight_decay, fused=True, capturable=True)
 
 
+def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Re-arm an AdamW for capture after `load_state_dict`: a checkpoint stores the learning rate as a
+    number, and one written by an eager run (or on a CPU) also brings capturable=False, fused=False and
+    step counts on the host, any of which would make the capture fail."""
+    for group in optimizer.param_groups:
+        group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=device).clone()
+        group["capturable"] = True
+        if device.type == "cuda":
+            group["fused"], group["foreach"] = True, False
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Inference: the pipeline's UNet calls, captured per input signature.
 # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from pipelines.cuda_graphs import (
     StepInputs,
     capturable_adamw,
     graphed_unet,
+    make_capturable,
     prediction_loss,
 )
 from pipelines.errors import UserError
@@ -380,9 +381,8 @@ def train_adapter(
         if text_handle:
             text_handle.load_state_dict(handle_state(checkpoint, "text_encoder", adapter_name), name=adapter_name)
         start_step = state["step"]
-    if graphed:  # a checkpoint stores the learning rate as a number; the graph reads it from the device
-        for group in optimizer.param_groups:
-            group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=device).clone()
+    if graphed:
+        make_capturable(optimizer, device)  # a resumed checkpoint may come from an eager run
         graph_step = GraphedTrainStep(pipe.unet, optimizer, parameters, config.max_grad_norm,
                                       autocast_dtype=None if dtype == torch.float32 else dtype, after_replay=handle.after_optimizer_step)
 

@@ -290,3 +290,35 @@ def test_cuda_graph_training_in_bf16_autocast_matches_eager(tmp_path):
     got, want = graphed.state_dict(), eager.state_dict()
     difference = torch.cat([(got[k] - want[k]).flatten() for k in want]).norm()
     assert difference / torch.cat([w.flatten() for w in want.values()]).norm() < 5e-2
+
+
+def test_make_capturable_rearms_an_optimizer_loaded_from_an_eager_checkpoint():
+    from pipelines.cuda_graphs import make_capturable
+
+    layer = torch.nn.Linear(3, 2)
+    eager = torch.optim.AdamW(layer.parameters(), lr=0.01)
+    layer(torch.randn(4, 3)).sum().backward()
+    eager.step()
+    loaded = torch.optim.AdamW(layer.parameters(), lr=0.5)
+    loaded.load_state_dict(eager.state_dict())
+    assert loaded.param_groups[0]["capturable"] is False and loaded.param_groups[0]["lr"] == 0.01
+    make_capturable(loaded, torch.device("cpu"))
+    group = loaded.param_groups[0]
+    assert group["capturable"] is True and isinstance(group["lr"], torch.Tensor) and float(group["lr"]) == pytest.approx(0.01)
+    assert all(state["step"].dtype == torch.float32 and float(state["step"]) == 1.0 for state in loaded.state.values())
+
+
+@cuda
+def test_a_graphed_run_resumes_a_checkpoint_written_eagerly(tmp_path):
+    from pipelines.train import StopRequested
+
+    config = LoraConfig(targets=["to_q", "to_v"], r=4)
+    _, whole, _ = _train(tmp_path, "whole", config, "on", steps=8)
+    stops = iter([False] * 3 + [True])
+    with pytest.raises(StopRequested):
+        train_adapter(micro_pipeline(tmp_path / "tok-part"), ColourDataset(6), config,
+                      TrainConfig(steps=8, batch_size=2, learning_rate=1e-2, cuda_graph="off"), tmp_path / "part",
+                      should_stop=lambda: next(stops))
+    _, resumed, _ = _train(tmp_path, "part", config, "on", steps=8)
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-3, atol=1e-4)
