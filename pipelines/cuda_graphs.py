@@ -96,7 +96,9 @@ class GraphedTrainStep:
 
     `optimizer` must be capturable (fused AdamW with capturable=True: `capturable_adamw`), and
     `after_replay` (e.g. `handle.after_optimizer_step`) runs after each replay, where the eager
-    optimizer's post-step hooks would have run.
+    optimizer's post-step hooks would have run. While the object lives, nothing may re-create the
+    tensors the recording reads (adapter parameters, optimizer state, PaCA's saved base columns:
+    no `load_state_dict`, merge or `release` in between); `train_adapter` keeps it for one run.
     """
 
     def __init__(self, unet, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter],
