@@ -194,9 +194,10 @@ def make_accelerator(mixed_precision: str, **options):
     """An `accelerate.Accelerator` with this run's mixed precision.
 
     accelerate keeps one process-wide state and refuses a second mixed-precision setting ("restart
-    your runtime"). A long-lived process (the UI, a notebook, a benchmark) trains one run after the
-    other with different settings, so the precision part of that state is cleared first; the
-    process-group part (PartialState) is kept."""
+    your runtime"). A long-lived process (a notebook, a benchmark; the UI runs each job in its own
+    process) may train one run after the other with different settings, and a graphed run asks for
+    "no" where accelerate may already hold another value, so the precision part of that state is
+    cleared first; the process-group part (PartialState) is kept."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 

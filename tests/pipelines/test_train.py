@@ -69,7 +69,7 @@ def test_bad_train_config_is_a_clear_error(tmp_path):
 
 
 def test_runs_with_different_mixed_precision_in_one_process(tmp_path):
-    """accelerate refuses a second precision in one process; a UI or notebook trains many runs."""
+    """accelerate refuses a second precision in one process; a notebook or a benchmark trains many runs."""
     from pipelines.train import make_accelerator
 
     assert make_accelerator("bf16").mixed_precision == "bf16"
