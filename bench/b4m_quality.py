@@ -12,7 +12,9 @@ For each (content, style) pair never seen in pretraining, at equal training step
 Each method draws "a <content> in <style> style" (content and style fidelity: the shipped judges'
 probabilities of that content and that style) and "a <other shape> in <style> style" (prompt
 fidelity: the probability of the other shape, i.e. the style did not drag the content along).
-Writes bench/results/b4m_quality.json and one PNG grid per pair (rows: methods).
+Writes bench/results/b4m_quality.json and one PNG grid per pair (rows: methods). Per-picture scores
+are kept, and "b4m_minus_naive_sum_ci95" bootstraps them into a 95% interval of the mean difference
+(generation and judging noise only: each method is trained once per pair).
 """
 
 from __future__ import annotations
@@ -55,16 +57,36 @@ def datasets(content: str, style: str, resolution: int, seed: int):
     return make(f"content-{content}"), make(f"style-{style}"), aux_styles, aux_contents
 
 
-def judge_images(judge, images, content: str, style: str) -> dict[str, float]:
-    return {"content": float(content_score(judge, images, content).mean()), "style": float(style_score(judge, images, style).mean())}
+def judge_images(judge, images, content: str, style: str) -> dict[str, list[float]]:
+    """Per picture: the judge's probability of `content` and of `style`."""
+    return {"content": content_score(judge, images, content).tolist(), "style": style_score(judge, images, style).tolist()}
 
 
 def evaluate(pipe, judge, content: str, style: str, samples: int, seed: int, steps: int) -> tuple[dict, list]:
+    """Mean scores, and the per-picture ones (`per_image`) the confidence intervals resample."""
     pair_images = generate(pipe, [f"a {content} in {style} style"] * samples, seed=seed, steps=steps)
     other_images = generate(pipe, [f"a {OTHER_SHAPE} in {style} style"] * samples, seed=seed, steps=steps)
-    scores = judge_images(judge, pair_images, content, style)
-    other = judge_images(judge, other_images, OTHER_SHAPE, style)
-    return {**scores, "prompt": other["content"], "prompt_style": other["style"]}, pair_images
+    scores, other = judge_images(judge, pair_images, content, style), judge_images(judge, other_images, OTHER_SHAPE, style)
+    per_image = {"content": scores["content"], "style": scores["style"], "prompt": other["content"], "prompt_style": other["style"]}
+    return {**{key: sum(values) / len(values) for key, values in per_image.items()}, "per_image": per_image}, pair_images
+
+
+def bootstrap_difference(pairs: list[dict], method: str, baseline: str, key: str, draws: int = 2000, seed: int = 0) -> list[float] | None:
+    """95% interval of mean(method) - mean(baseline) over the pairs, resampling each pair's pictures
+    (the sampling noise of generation and judging; each method is one training run per pair, so
+    training-seed noise is not in it). None where per-picture scores are missing (older reports)."""
+    if any("per_image" not in p["scores"].get(m, {}) for p in pairs for m in (method, baseline)):
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    total = torch.zeros(draws, dtype=torch.float64)
+    for pair in pairs:
+        for sign, name in ((1.0, method), (-1.0, baseline)):
+            values = torch.tensor(pair["scores"][name]["per_image"][key], dtype=torch.float64)
+            picks = torch.randint(0, len(values), (draws, len(values)), generator=generator)
+            total += sign * values[picks].mean(dim=1)
+    total /= len(pairs)
+    low, high = torch.quantile(total, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [round(low, 4), round(high, 4)]
 
 
 def run_pair(args, content: str, style: str, device: str, judge, reused: dict | None = None) -> dict:
@@ -180,7 +202,7 @@ def main() -> None:
         pairs.append(run_pair(args, content, style, args.device, judge, reused))
         if reused is not None:
             pairs[-1]["baselines_from"] = args.reuse_baselines
-        print(json.dumps(pairs[-1]["scores"]), flush=True)
+        print(json.dumps({m: {k: v for k, v in scores.items() if k != "per_image"} for m, scores in pairs[-1]["scores"].items()}), flush=True)
         write_report(args, pairs, started)  # after every pair, so a cut-off run keeps what it measured
 
 
@@ -190,7 +212,8 @@ SETTINGS = ("steps", "rank", "b4m_rank", "lr", "batch_size", "samples_per_prompt
 def summarize(pairs: list[dict]) -> dict:
     methods = list(pairs[0]["scores"])
     mean = {m: {k: sum(p["scores"][m][k] for p in pairs) / len(pairs) for k in ("content", "style", "prompt")} for m in methods}
-    return {"mean": mean, "b4m_beats_naive_sum": {k: mean["b4m"][k] > mean["naive_sum"][k] for k in ("content", "style")}}
+    return {"mean": mean, "b4m_beats_naive_sum": {k: mean["b4m"][k] > mean["naive_sum"][k] for k in ("content", "style")},
+            "b4m_minus_naive_sum_ci95": {k: bootstrap_difference(pairs, "b4m", "naive_sum", k) for k in ("content", "style", "prompt")}}
 
 
 def write_report(args, pairs: list[dict], started: float) -> None:

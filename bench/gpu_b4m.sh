@@ -51,6 +51,6 @@ report = json.loads(path.read_text())
 for pair in report["pairs"]:
     pair["grid"] = f"{sys.argv[1]}/{sys.argv[2]}_{pair['content']}_{pair['style']}.png"
 path.write_text(json.dumps(report, indent=2) + "\n")
-print(json.dumps({k: report[k] for k in ("mean", "b4m_beats_naive_sum")}, indent=2))
+print(json.dumps({k: report.get(k) for k in ("mean", "b4m_beats_naive_sum", "b4m_minus_naive_sum_ci95")}, indent=2))
 PY
 fi
