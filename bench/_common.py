@@ -263,6 +263,15 @@ def capture_step(step: Callable[[], Any], warmup: int = 3) -> Callable[[], Any]:
     return replay
 
 
+def parse_variants(parser, text: str, allowed: list[str]) -> list[str]:
+    """A comma list of variant names, each checked against `allowed` (an argparse error otherwise)."""
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in allowed]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {allowed}")
+    return variants
+
+
 def package_versions(*names: str) -> dict[str, str | None]:
     """{"torch": ..., name: version or None when not installed} for the report."""
     import importlib

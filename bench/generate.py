@@ -49,6 +49,7 @@ from _common import (
     format_table,
     free_memory,
     log,
+    parse_variants,
     ratio,
     repo_on_path,
     sync,
@@ -272,11 +273,7 @@ def parse_args(argv=None):
     args.steps = args.steps if args.steps is not None else (2 if args.tiny else 50)
     args.runs = args.runs if args.runs is not None else (1 if args.tiny else 3)
     args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {VARIANTS}")
-    args.variants = variants
+    args.variants = parse_variants(parser, args.variants, VARIANTS)
     return args
 
 

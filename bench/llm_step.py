@@ -59,6 +59,7 @@ from _common import (
     log,
     max_fitting,
     package_versions,
+    parse_variants,
     random_llama,
     ratio,
     repo_on_path,
@@ -688,11 +689,7 @@ def parse_args(argv=None):
                         help="gc.collect(); gc.freeze() after building each model (fewer, shorter GC pauses)")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "llm_step.json"))
     args = parser.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS + GRAPHED]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {VARIANTS + GRAPHED}")
-    args.variants = variants
+    args.variants = parse_variants(parser, args.variants, VARIANTS + GRAPHED)
     return args
 
 

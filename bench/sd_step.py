@@ -74,6 +74,7 @@ from _common import (
     free_memory,
     log,
     package_versions,
+    parse_variants,
     ratio,
     repo_on_path,
     sync,
@@ -504,17 +505,13 @@ def parse_args(argv=None):
         for value, default in zip((args.batch, args.steps, args.warmup), defaults)
     )
     if args.variants:
-        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        args.variants = parse_variants(parser, args.variants, VARIANTS)
     elif args.compile_only:
-        variants = list(COMPILED_VARIANTS)
+        args.variants = list(COMPILED_VARIANTS)
     elif args.graphed_only:
-        variants = list(GRAPHED_VARIANTS)
+        args.variants = list(GRAPHED_VARIANTS)
     else:
-        variants = EAGER_VARIANTS + (COMPILED_VARIANTS if args.compile else [])
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {VARIANTS}")
-    args.variants = variants
+        args.variants = EAGER_VARIANTS + (COMPILED_VARIANTS if args.compile else [])
     return args
 
 
