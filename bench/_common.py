@@ -304,3 +304,168 @@ def device_dtype_out(args, name: str):
     out = Path(args.out or (REPO_ROOT / "bench" / "results" / f"{name}.json" if device.type == "cuda"
                             else f"/tmp/{name}_{args.config}.json"))
     return device, dtype, out
+
+
+class StepPhases:
+    """Where an eager step's wall time goes, step by step: host time to *issue* each phase, GPU time
+    to *run* it, Python GC pauses and caching-allocator events.
+
+    A step is host-bound where a phase's host issue time reaches its GPU time (the GPU waited for
+    launches); an allocator that maps or frees device memory mid-step (`device_allocs`,
+    `device_frees`, `alloc_retries`) synchronises the host with the GPU and shows up the same way.
+
+        phases = StepPhases(device)
+        phases.begin(); forward...; phases.mark("forward"); backward...; phases.mark("backward"); ...
+        phases.end()       # synchronises; phases.steps holds one dict per step
+    """
+
+    ALLOCATOR_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.torch, self.device = torch, torch.device(device)
+        self.is_cuda = self.device.type == "cuda"
+        self.steps: list[dict[str, Any]] = []
+        self._gc_started: float | None = None
+        self._gc_ms = 0.0
+        self._gc_collections: list[int] = [0, 0, 0]
+        gc.callbacks.append(self._on_gc)
+
+    def close(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:
+            self._gc_ms += (time.perf_counter() - self._gc_started) * 1e3
+            self._gc_collections[info.get("generation", 0)] += 1
+            self._gc_started = None
+
+    def _allocator(self) -> dict[str, int]:
+        if not self.is_cuda:
+            return {}
+        stats = self.torch.cuda.memory_stats(self.device)
+        return {key: int(stats.get(key, 0)) for key in self.ALLOCATOR_COUNTERS}
+
+    def _event(self):
+        if not self.is_cuda:
+            return None
+        event = self.torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def begin(self) -> None:
+        sync(self.device)
+        self._gc_ms, self._gc_collections = 0.0, [0, 0, 0]
+        self._allocator_start = self._allocator()
+        self._marks: list[tuple[str, float, Any]] = [("start", time.perf_counter(), self._event())]
+
+    def mark(self, phase: str) -> None:
+        self._marks.append((phase, time.perf_counter(), self._event()))
+
+    def end(self) -> dict[str, Any]:
+        issued = time.perf_counter()
+        sync(self.device)
+        done = time.perf_counter()
+        record: dict[str, Any] = {"wall_ms": round((done - self._marks[0][1]) * 1e3, 3),
+                                  "wait_after_issue_ms": round((done - issued) * 1e3, 3)}
+        for (_, t0, e0), (phase, t1, e1) in zip(self._marks, self._marks[1:]):
+            record[f"{phase}_host_ms"] = round((t1 - t0) * 1e3, 3)
+            if e0 is not None:
+                record[f"{phase}_gpu_ms"] = round(e0.elapsed_time(e1), 3)
+        after = self._allocator()
+        record.update({key: after[key] - self._allocator_start[key] for key in after})
+        record["gc_ms"] = round(self._gc_ms, 3)
+        record["gc_collections"] = list(self._gc_collections)
+        self.steps.append(record)
+        return record
+
+    def summary(self) -> dict[str, Any]:
+        """Medians of every field over the recorded steps, plus the raw per-step records."""
+        keys = [k for k in self.steps[0] if k != "gc_collections"] if self.steps else []
+        return {"median": {k: round(statistics.median(s[k] for s in self.steps), 3) for k in keys},
+                "steps": self.steps}
+
+
+class MemoryTrace:
+    """What is alive at the peak of allocated GPU memory, grouped by where it was allocated.
+
+    Records the caching allocator's history (Python stacks) while the block runs, replays its
+    alloc/free events to find the moment of the highest total, and groups the blocks alive then by
+    the innermost Python frame outside torch itself. Slows every allocation down: time nothing
+    inside it.
+
+        with MemoryTrace(device) as trace:
+            build, warm up, run two steps ...
+        report["memory_at_peak"] = trace.breakdown()
+    """
+
+    def __init__(self, device, max_entries: int = 2_000_000) -> None:
+        import torch
+
+        self.torch, self.device, self.max_entries = torch, torch.device(device), max_entries
+        self.snapshot: dict[str, Any] | None = None
+
+    def __enter__(self) -> MemoryTrace:
+        self.start_bytes = self.torch.cuda.memory_allocated(self.device)
+        self.torch.cuda.memory._record_memory_history(max_entries=self.max_entries, stacks="python")
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.snapshot = self.torch.cuda.memory._snapshot()
+        self.torch.cuda.memory._record_memory_history(enabled=None)
+
+    def breakdown(self, top: int = 30) -> dict[str, Any]:
+        index = self.device.index if self.device.index is not None else self.torch.cuda.current_device()
+        return peak_breakdown(self.snapshot["device_traces"][index], self.start_bytes, top)
+
+
+def allocation_site(frames: list[dict[str, Any]]) -> str:
+    """The innermost frame that is not torch's own Python (autograd, nn.Module plumbing, optimizers'
+    internals are grouped under the user frame that called them), as 'path:line (function)'."""
+    for frame in frames:
+        filename = frame.get("filename", "")
+        if "/torch/" not in filename and not filename.startswith("<"):
+            short = filename.split("site-packages/")[-1].split(str(REPO_ROOT) + "/")[-1]
+            return f"{short}:{frame.get('line')} ({frame.get('name')})"
+    return "torch internals / no Python frame"
+
+
+def peak_breakdown(events: list[dict[str, Any]], start_bytes: int, top: int = 30) -> dict[str, Any]:
+    """Replay allocator events (torch.cuda.memory._snapshot()['device_traces'][i]) from `start_bytes`
+    already allocated: the peak total, and the blocks alive at that moment grouped by allocation site.
+    Blocks allocated before recording started count as 'before the trace' (freeing them lowers it)."""
+    live: dict[int, tuple[int, str]] = {}
+    before = current = start_bytes
+    peak, peak_live, peak_before, peak_at = current, dict(live), before, -1
+    for position, event in enumerate(events):
+        action, address, size = event.get("action"), event.get("addr"), int(event.get("size", 0))
+        if action == "alloc":
+            live[address] = (size, allocation_site(event.get("frames", [])))
+            current += size
+            if current > peak:
+                peak, peak_live, peak_before, peak_at = current, dict(live), before, position
+        elif action == "free_completed":
+            if address in live:
+                current -= live.pop(address)[0]
+            else:  # allocated before the trace started
+                before -= size
+                current -= size
+    groups: dict[str, list[int]] = {}
+    for size, site in peak_live.values():
+        entry = groups.setdefault(site, [0, 0])
+        entry[0] += size
+        entry[1] += 1
+    ranked = sorted(groups.items(), key=lambda item: -item[1][0])
+    mib = float(1 << 20)
+    return {
+        "peak_mib": round(peak / mib, 1),
+        "before_trace_mib": round(peak_before / mib, 1),
+        "peak_event": peak_at,
+        "events": len(events),
+        "sites": [{"site": site, "mib": round(total / mib, 2), "blocks": count} for site, (total, count) in ranked[:top]],
+        "other_sites_mib": round(sum(total for _, (total, _) in ranked[top:]) / mib, 2),
+    }

@@ -52,6 +52,7 @@ import torch  # noqa: E402
 from _common import (
     GIB,
     REPO_ROOT,
+    StepPhases,
     allocated_gib,
     capture_step,
     format_table,
@@ -143,11 +144,16 @@ def attention_backend(name: str):
 
 
 def make_train_step(model, optimizer, frozen: bool, autocast: bool, device: torch.device,
-                    sdpa_backend: str = "default") -> Callable:
-    """step(ids, labels) -> detached loss: zero_grad, forward, backward, optimizer step."""
+                    sdpa_backend: str = "default", phases: StepPhases | None = None) -> Callable:
+    """step(ids, labels) -> detached loss: zero_grad, forward, backward, optimizer step.
+
+    With `phases`, each phase's host and GPU time is recorded (bench/_common.StepPhases)."""
     embed = model.get_input_embeddings()
+    mark = phases.mark if phases is not None else (lambda phase: None)
 
     def step(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if phases is not None:
+            phases.begin()
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), attention_backend(sdpa_backend):
@@ -156,9 +162,14 @@ def make_train_step(model, optimizer, frozen: bool, autocast: bool, device: torc
                 loss = model(inputs_embeds=inputs_embeds, labels=labels, use_cache=False).loss
             else:
                 loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+        mark("forward")
         loss.backward()
+        mark("backward")
         if optimizer is not None:
             optimizer.step()
+        mark("optimizer")
+        if phases is not None:
+            phases.end()
         return loss.detach()
 
     return step
@@ -291,6 +302,16 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
     )
 
     fp32_out_mm = peft_core_layer._FP32_OUT_MM.get(device.type) if name in ("lora", "paca") else None
+    if args.diagnose and not graphed:
+        phases = StepPhases(device)
+        probed = make_train_step(prepared.model, optimizer, prepared.frozen, args.autocast, device, args.sdpa_backend, phases)
+        for _ in range(args.diagnose):
+            probed(ids, labels)
+        phases.close()
+        result["phases"] = phases.summary()
+        if device.type == "cuda":
+            result["host_syncs"] = find_host_syncs(lambda: step(ids, labels))
+        log(f"[{name}] phases (median of {args.diagnose}): {result['phases']['median']}")
     if args.profile and device.type == "cuda":
         result["profile"] = profile_steps(lambda: step(ids, labels), device)
         log(f"[{name}] profile: {result['profile']['summary']}")
@@ -325,6 +346,21 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         }
     )
     return result
+
+
+def find_host_syncs(step: Callable[[], Any]) -> list[str]:
+    """One step under torch.cuda.set_sync_debug_mode("warn"): every operation that made the host wait
+    for the GPU (.item(), device-to-host copies, nonzero, ...), with where it was called from."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return [f"{w.filename}:{w.lineno}: {str(w.message)[:160]}" for w in caught][:30]
 
 
 def profile_steps(step: Callable, device: torch.device, steps: int = 3) -> dict[str, Any]:
@@ -687,6 +723,9 @@ def parse_args(argv=None):
                         help="after timing, profile 3 steps per variant: GPU-busy ms/step vs wall ms/step, top ops")
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.collect(); gc.freeze() after building each model (fewer, shorter GC pauses)")
+    parser.add_argument("--diagnose", type=int, default=0, metavar="N",
+                        help="after timing, N more eager steps with each phase's host/GPU time, GC pauses and "
+                             "allocator events recorded (results[variant]['phases'])")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "llm_step.json"))
     args = parser.parse_args(argv)
     args.variants = parse_variants(parser, args.variants, VARIANTS + GRAPHED)

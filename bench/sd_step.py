@@ -67,6 +67,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _common import (
+    MemoryTrace,
     allocated_gib,
     capture_step,
     device_dtype_out,
@@ -494,6 +495,10 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="default bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory-trace", action="store_true",
+                        help="CUDA: record the allocator's history per variant and report what is alive at the peak, "
+                             "by allocation site (results[variant]['memory_at_peak']); slows allocations, so "
+                             "its timings are not comparable")
     parser.add_argument("--out", default=None,
                         help="default bench/results/sd_step.json on CUDA, /tmp/sd_step_<config>.json otherwise")
     args = parser.parse_args(argv)
@@ -572,7 +577,13 @@ def main(argv=None) -> dict:
         report["results"][name] = {"error": "started but did not finish (killed, e.g. by a timeout)"}
         write_json(out, report)
         try:
-            report["results"][name] = run_variant(name, args, device, dtype)
+            if args.memory_trace and device.type == "cuda":
+                with MemoryTrace(device) as trace:
+                    report["results"][name] = run_variant(name, args, device, dtype)
+                report["results"][name]["memory_at_peak"] = trace.breakdown()
+                del trace
+            else:
+                report["results"][name] = run_variant(name, args, device, dtype)
         except Exception as error:  # noqa: BLE001 - keep the other variants' numbers
             traceback.print_exc()
             report["results"][name] = {"error": f"{type(error).__name__}: {error}"[:2000]}

@@ -29,8 +29,15 @@ from torch import nn
 
 from peft_core.config import AdapterConfig, register_method
 from peft_core.errors import AdapterError
-from peft_core.layer import Adapter, cast_like_input, has_dense_weight, master_dtype
-from peft_core.methods.lora import LoraLinearFunction
+from peft_core.layer import (
+    Adapter,
+    autocast_off,
+    cast_like_input,
+    compute_dtype,
+    has_dense_weight,
+    master_dtype,
+    mm_float32,
+)
 
 if TYPE_CHECKING:
     from peft_core.model import AdapterHandle
@@ -74,6 +81,52 @@ def frozen_bases(out_features: int, in_features: int, r: int, seed: int, key: st
 def plp_factors(frozen_up: torch.Tensor, learnable_up: torch.Tensor, frozen_down: torch.Tensor, learnable_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """U = [A; B] (out x r) and V = [C | D] (r x in)."""
     return torch.cat([frozen_up, learnable_up], dim=0), torch.cat([frozen_down, learnable_down], dim=1)
+
+
+class PlpLinearFunction(torch.autograd.Function):
+    """y = x W^T + b + (x V^T) U^T with U = [A; B], V = [C | D], computing only what training needs.
+
+    Saved: x (T x in) and references to the four factor pieces, which live on in the module anyway;
+    U and V are rebuilt (cat + cast, r-wide) in backward instead of being kept per layer, and
+    h = x V^T (T x r) is recomputed too. Backward forms only the gradients of the learnable halves:
+    dB = g[:, out/2:]^T h and dD = (g U)^T x[:, in/2:], never those of the frozen ones.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, frozen_up, learnable_up, frozen_down, learnable_down):
+        dtype = compute_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
+        up, down = (f.to(dtype) for f in plp_factors(frozen_up, learnable_up, frozen_down, learnable_down))
+        with autocast_off(x.device.type):
+            h = x2 @ down.t()  # (T, r)
+            y = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))  # (T, out)
+            y.addmm_(h, up.t())
+        ctx.save_for_backward(x2, weight, frozen_up, learnable_up, frozen_down, learnable_down)
+        ctx.compute_dtype, ctx.input_shape = dtype, x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x2, weight, frozen_up, learnable_up, frozen_down, learnable_down = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        up, down = (f.to(dtype) for f in plp_factors(frozen_up, learnable_up, frozen_down, learnable_down))
+        g = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)  # (T, out)
+        grad_x = grad_bias = grad_up = grad_down = None
+        with autocast_off(g.device.type):
+            grad_h = g @ up  # (T, r)
+            if ctx.needs_input_grad[0]:
+                grad_x = g @ weight.to(dtype)
+                grad_x.addmm_(grad_h, down)
+                grad_x = grad_x.reshape(ctx.input_shape)
+            if ctx.needs_input_grad[4]:
+                h = x2 @ down.t()  # (T, r), as in forward
+                grad_up = mm_float32(g[:, frozen_up.shape[0]:].t(), h).to(learnable_up.dtype)  # (out - out/2, r)
+            if ctx.needs_input_grad[6]:
+                grad_down = mm_float32(grad_h.t(), x2[:, frozen_down.shape[1]:]).to(learnable_down.dtype)  # (r, in - in/2)
+            if ctx.needs_input_grad[2]:
+                grad_bias = g.sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias, None, grad_up, None, grad_down
 
 
 def riemannian_precondition(grad_up: torch.Tensor, grad_down: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
@@ -141,13 +194,16 @@ class PlpAdapter(Adapter):
         return F.linear(F.linear(x, cast_like_input(down, x)), cast_like_input(up, x))
 
     def fused_forward(self, base: nn.Module, x: torch.Tensor, weight: float) -> torch.Tensor | None:
-        # U = [A; B] and V = [C | D] make PLP a rank-r LoRA with half-frozen factors: LoRA's one
-        # autograd Function (x saved once, few launches) runs it, and the cat's backward hands
-        # only the learnable halves their gradient slices.
+        # One autograd Function (x saved once, the factors by reference, no frozen-half gradients).
+        # The adapter weight and the composition weights scale the learnable halves: W + w U V with
+        # U = [A; uB], V = [C | dD] is not a rescaling of the pieces, so they go in as products.
         if not has_dense_weight(base):
             return None
-        up, down = self.factors()
-        return LoraLinearFunction.apply(x, base.weight, base.bias, down, up, weight)
+        up = self.learnable_up if self.up_weight == 1.0 else self.up_weight * self.learnable_up
+        down = self.learnable_down if self.down_weight == 1.0 else self.down_weight * self.learnable_down
+        if weight != 1.0:  # w U V = [wA; wB] V
+            return PlpLinearFunction.apply(x, base.weight, base.bias, weight * self.frozen_up, weight * up, self.frozen_down, down)
+        return PlpLinearFunction.apply(x, base.weight, base.bias, self.frozen_up, up, self.frozen_down, down)
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         up, down = self.factors()

@@ -204,3 +204,42 @@ def test_riemannian_preconditioned_sgd_step_matches_the_closed_form():
         torch.testing.assert_close(adapter.learnable_down.detach(), new_down[:, cols:], rtol=1e-10, atol=1e-10)
         # the frozen halves did not move
         torch.testing.assert_close(adapter.frozen_up, up.detach()[:rows], rtol=0, atol=0)
+
+
+def test_fused_plp_keeps_only_its_input_and_its_own_factors_for_backward():
+    """Saved-tensor audit: x (T x in) and references to A, B, C, D, which the module holds anyway;
+    no T x r projection and no cast or concatenated copy of the factors."""
+    tokens = 40
+    model = two_layer_model().float()
+    attach(model, PlpConfig(targets=["to_q"], r=4))
+    own = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved = []
+
+    def pack(tensor):
+        saved.append((tuple(tensor.shape), tensor.data_ptr() in own))
+        return tensor
+
+    x = torch.randn(tokens, 12, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.to_q(x).sum().backward()
+    assert [shape for shape, is_own in saved if not is_own] == [(tokens, 12)], saved
+
+
+def test_fused_plp_with_an_adapter_weight_matches_the_reference():
+    """handle.set_weight(w): y = W x + w U V x on the fused path, gradients included."""
+    model = two_layer_model()
+    handle = attach(model, PlpConfig(targets=["to_q"], r=3))
+    adapter, base = model.to_q.adapters["default"], model.to_q.base_layer
+    with torch.no_grad():
+        adapter.learnable_up.normal_()
+    handle.set_weight("default", 0.7)
+    x = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(6, 10, dtype=torch.float64)
+    (model.to_q(x) * upstream).sum().backward()
+    B = adapter.learnable_up.detach().clone().requires_grad_(True)
+    D = adapter.learnable_down.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    up, down = torch.cat([adapter.frozen_up, B]), torch.cat([adapter.frozen_down, D], dim=1)
+    (((F.linear(x_ref, base.weight, base.bias) + 0.7 * x_ref @ down.t() @ up.t()) * upstream).sum()).backward()
+    for value, want in zip((x.grad, adapter.learnable_up.grad, adapter.learnable_down.grad), (x_ref.grad, B.grad, D.grad)):
+        torch.testing.assert_close(value, want, rtol=1e-10, atol=1e-12)
