@@ -45,6 +45,8 @@ def free_memory(device) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+        if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # a variant's peak should not hold the last one's
+            torch._C._cuda_clearCublasWorkspaces()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 

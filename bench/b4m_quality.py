@@ -12,6 +12,9 @@ For each (content, style) pair never seen in pretraining, at equal training step
 Each method draws "a <content> in <style> style" (content and style fidelity: the shipped judges'
 probabilities of that content and that style) and "a <other shape> in <style> style" (prompt
 fidelity: the probability of the other shape, i.e. the style did not drag the content along).
+With --tune-weights, B4M and the naive sum are each scored at their own best composition weights
+(content, style), chosen on validation seeds the scoring never uses (`tune_mix`); the scores at
+weights (1, 1) are kept beside them.
 Writes bench/results/b4m_quality.json and one PNG grid per pair (rows: methods). Per-picture scores
 are kept, and "b4m_minus_naive_sum_ci95" bootstraps them into a 95% interval of the mean difference
 (generation and judging noise only: each method is trained once per pair).
@@ -32,7 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from peft_core import LoraConfig, load, make_joint  # noqa: E402
+from peft_core import LoraConfig, get_handle, load, make_joint  # noqa: E402
 from pipelines import load_base  # noqa: E402
 from pipelines.b4m import BreakForMakeConfig, BreakForMakePipeline  # noqa: E402
 from pipelines.data import ImageCaptionDataset  # noqa: E402
@@ -71,6 +74,34 @@ def evaluate(pipe, judge, content: str, style: str, samples: int, seed: int, ste
     return {**{key: sum(values) / len(values) for key, values in per_image.items()}, "per_image": per_image}, pair_images
 
 
+WEIGHT_GRID = (0.75, 1.0, 1.25, 1.5)
+VALIDATION_SEED = 10_000  # added to --seed: the pictures that choose the weights are never the scored ones
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def tune_mix(pipe, judge, content: str, style: str, set_mix, args) -> dict:
+    """A method at its own best composition weights: every (content, style) weight pair of WEIGHT_GRID
+    draws "a <content> in <style> style" on validation seeds, and the pair with the highest harmonic
+    mean of content and style fidelity is set (what a user does with the two sliders, done the same
+    way for every method). Returns the choice and the validation table."""
+    table = []
+    for content_weight in WEIGHT_GRID:
+        for style_weight in WEIGHT_GRID:
+            set_mix(content_weight, style_weight)
+            images = generate(pipe, [f"a {content} in {style} style"] * args.tune_samples, seed=args.seed + VALIDATION_SEED,
+                              steps=args.sample_steps)
+            scores = judge_images(judge, images, content, style)
+            c, s = (sum(scores[k]) / len(scores[k]) for k in ("content", "style"))
+            table.append({"content_weight": content_weight, "style_weight": style_weight, "content": round(c, 4),
+                          "style": round(s, 4), "harmonic_mean": round(harmonic_mean(c, s), 4)})
+    best = max(table, key=lambda row: row["harmonic_mean"])
+    set_mix(best["content_weight"], best["style_weight"])
+    return {"content_weight": best["content_weight"], "style_weight": best["style_weight"], "validation": table}
+
+
 def bootstrap_difference(pairs: list[dict], method: str, baseline: str, key: str, draws: int = 2000, seed: int = 0) -> list[float] | None:
     """95% interval of mean(method) - mean(baseline) over the pairs, resampling each pair's pictures
     (the sampling noise of generation and judging; each method is one training run per pair, so
@@ -92,7 +123,7 @@ def bootstrap_difference(pairs: list[dict], method: str, baseline: str, key: str
 def run_pair(args, content: str, style: str, device: str, judge, reused: dict | None = None) -> dict:
     """Scores (and grid rows) of every method on one pair; `reused` = an earlier run's entry for
     this pair whose baseline scores are taken as they are (their grid rows are then not redrawn)."""
-    scores, rows = {}, []
+    scores, rows, mixes = {}, [], {}
     total = 2 * args.steps + args.make_steps
     lora = LoraConfig(targets=TARGETS, r=args.rank, alpha=float(args.rank))
     with tempfile.TemporaryDirectory() as scratch:
@@ -106,6 +137,9 @@ def run_pair(args, content: str, style: str, device: str, judge, reused: dict | 
                                                             riemannian=args.riemannian))
         b4m(content_set, style_set, aux_styles, aux_contents)
         b4m.set_mix(1.0, 1.0)
+        if args.tune_weights:
+            scores["b4m_unit_weights"], _ = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
+            mixes["b4m"] = tune_mix(pipe, judge, content, style, b4m.set_mix, args)
         scores["b4m"], images = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
         rows.append(images)
         # Diagnostic: the break adapters paired without the make fine-tuning (spec section 7's zero-shot
@@ -129,22 +163,37 @@ def run_pair(args, content: str, style: str, device: str, judge, reused: dict | 
             pipe = load_base("embedded", device=device)
             for kind, folder in folders.items():
                 load(pipe.unet, folder, name=kind)
+            if args.tune_weights:
+                scores["naive_sum_unit_weights"], _ = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
+                handle = get_handle(pipe.unet)
+
+                def set_sum_mix(content_weight: float, style_weight: float) -> None:
+                    handle.set_weight("content", content_weight)
+                    handle.set_weight("style", style_weight)
+
+                mixes["naive_sum"] = tune_mix(pipe, judge, content, style, set_sum_mix, args)
             scores["naive_sum"], images = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
             rows.append(images)
 
             # (c) one LoRA on both sets together
-            pipe = load_base("embedded", device=device)
-            both = torch.utils.data.ConcatDataset([content_set, style_set])
-            train_adapter(pipe, both, lora, TrainConfig(steps=total, batch_size=args.batch_size, seed=args.seed, checkpoint_every=10**9,
-                                                        learning_rate=args.lr),
-                          Path(scratch) / "joint", adapter_name="joint")
-            scores["joint_lora"], images = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
-            rows.append(images)
+            if args.no_joint_lora:
+                scores["joint_lora"] = None
+            else:
+                pipe = load_base("embedded", device=device)
+                both = torch.utils.data.ConcatDataset([content_set, style_set])
+                train_adapter(pipe, both, lora, TrainConfig(steps=total, batch_size=args.batch_size, seed=args.seed,
+                                                            checkpoint_every=10**9, learning_rate=args.lr),
+                              Path(scratch) / "joint", adapter_name="joint")
+                scores["joint_lora"], images = evaluate(pipe, judge, content, style, args.samples, args.seed, args.sample_steps)
+                rows.append(images)
 
     grid = image_grid([image for row in rows for image in row], columns=args.samples)
     path = Path(args.out).parent / f"b4m_quality_{content}_{style}.png"
     grid.save(path)
-    return {"content": content, "style": style, "scores": scores, "grid": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)}
+    result = {"content": content, "style": style, "scores": scores}
+    if mixes:
+        result["mix"] = mixes
+    return {**result, "grid": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)}
 
 
 def main() -> None:
@@ -167,10 +216,19 @@ def main() -> None:
     parser.add_argument("--content-factor", choices=("down", "up"), default="down",
                         help="B4M: the PLP factor that learns the content (down: the official code's choice)")
     parser.add_argument("--riemannian", action="store_true", help="B4M: Riemannian-preconditioned make (the TOG version)")
+    parser.add_argument("--tune-weights", action="store_true",
+                        help="score B4M and the naive sum each at its own best composition weights, chosen from "
+                             f"{WEIGHT_GRID}^2 on validation seeds by the harmonic mean of content and style fidelity "
+                             "(the scores at weights 1, 1 are kept as <method>_unit_weights)")
+    parser.add_argument("--tune-samples", type=int, default=4, help="--tune-weights: validation images per weight pair")
+    parser.add_argument("--no-joint-lora", action="store_true", help="skip the single joint LoRA baseline (c)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "b4m_quality.json"))
     args = parser.parse_args()
     args.b4m_rank = args.b4m_rank or 2 * args.rank
+    if args.tune_weights and args.reuse_baselines:
+        parser.error("--tune-weights retrains the naive sum (an earlier report keeps its scores, not its adapters); "
+                     "drop --reuse-baselines")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
     if args.merge:
@@ -202,16 +260,19 @@ def main() -> None:
         pairs.append(run_pair(args, content, style, args.device, judge, reused))
         if reused is not None:
             pairs[-1]["baselines_from"] = args.reuse_baselines
-        print(json.dumps({m: {k: v for k, v in scores.items() if k != "per_image"} for m, scores in pairs[-1]["scores"].items()}), flush=True)
+        print(json.dumps({m: scores and {k: v for k, v in scores.items() if k != "per_image"}
+                          for m, scores in pairs[-1]["scores"].items()}), flush=True)
         write_report(args, pairs, started)  # after every pair, so a cut-off run keeps what it measured
 
 
-SETTINGS = ("steps", "rank", "b4m_rank", "lr", "batch_size", "samples_per_prompt", "seed", "content_factor", "riemannian")
+SETTINGS = ("steps", "rank", "b4m_rank", "lr", "batch_size", "samples_per_prompt", "seed", "content_factor", "riemannian",
+            "tune_weights")
 
 
 def summarize(pairs: list[dict]) -> dict:
     methods = list(pairs[0]["scores"])
-    mean = {m: {k: sum(p["scores"][m][k] for p in pairs) / len(pairs) for k in ("content", "style", "prompt")} for m in methods}
+    mean = {m: None if any(p["scores"][m] is None for p in pairs)
+            else {k: sum(p["scores"][m][k] for p in pairs) / len(pairs) for k in ("content", "style", "prompt")} for m in methods}
     return {"mean": mean, "b4m_beats_naive_sum": {k: mean["b4m"][k] > mean["naive_sum"][k] for k in ("content", "style")},
             "b4m_minus_naive_sum_ci95": {k: bootstrap_difference(pairs, "b4m", "naive_sum", k) for k in ("content", "style", "prompt")}}
 
@@ -221,6 +282,7 @@ def write_report(args, pairs: list[dict], started: float) -> None:
     report = {
         "steps": {"break": args.steps, "make": args.make_steps, "total_per_method": 2 * args.steps + args.make_steps},
         "rank": args.rank, "b4m_rank": args.b4m_rank, "content_factor": args.content_factor, "riemannian": args.riemannian,
+        "tune_weights": args.tune_weights,
         "lr": args.lr, "targets": TARGETS, "batch_size": args.batch_size, "samples_per_prompt": args.samples, "seed": args.seed,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "wall_s": round(time.time() - started, 1),

@@ -284,7 +284,7 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         torch.cuda.reset_peak_memory_stats(device)  # the capture allocates the graph's pool: count it
         if prepared.handle is not None:  # ours: the trainer's own graphed step
             trainer_step = GraphedTrainStep(prepared.unet, optimizer, prepared.params, max_grad_norm=0.0,
-                                            after_replay=prepared.handle.after_optimizer_step)
+                                            after_replay=lambda: prepared.handle.after_optimizer_step(refresh=False))
             inputs = StepInputs(batch.noisy, batch.timesteps, batch.text, batch.noise)
             step = lambda: trainer_step(inputs).clone()  # noqa: E731
             for _ in range(trainer_step.warmup + 1):  # eager warm-ups, then capture + first replay

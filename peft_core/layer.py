@@ -84,11 +84,12 @@ class Adapter(nn.Module):
         """The adapter's tensors changed behind autograd's back; rebuild any cached state."""
 
     @classmethod
-    def after_optimizer_step(cls, items: list[tuple[Adapter, nn.Module, float]]) -> None:
+    def after_optimizer_step(cls, items: list[tuple[Adapter, nn.Module, float]], refresh: bool = True) -> None:
         """Called with every (adapter, base layer, weight) of this class after each optimizer step.
 
-        One call per class lets a method batch its work across layers (PaCA rewrites all its
-        resident columns with a few fused kernels here instead of lazily, layer by layer).
+        refresh=True: rebuild cached state now (PaCA rewrites its resident columns here, while the
+        GPU is still busy with the backward's kernels); False: only mark it stale, for the next
+        forward to rebuild (after a CUDA-graph replay, whose recording already did the work).
         """
         for adapter, _, _ in items:
             adapter.mark_stale()

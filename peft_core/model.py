@@ -138,15 +138,16 @@ class AdapterHandle:
         """
         optimizer.register_step_post_hook(lambda *_args, **_kwargs: self.after_optimizer_step())
 
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, refresh: bool = True) -> None:
         """The parameters moved outside the adapters' sight (an optimizer step replayed from a CUDA
-        graph bumps no version counter): adapters caching something derived from them refresh it."""
+        graph bumps no version counter): adapters caching something derived from them refresh it,
+        now (refresh=True) or in their next forward (False)."""
         by_class: dict[type, list[tuple[Adapter, nn.Module, float]]] = {}
         for _, wrapper in self.wrappers():
             for name, adapter in wrapper.adapters.items():
                 by_class.setdefault(type(adapter), []).append((adapter, wrapper.base_layer, wrapper.adapter_weights[name]))
         for adapter_class, items in by_class.items():
-            adapter_class.after_optimizer_step(items)
+            adapter_class.after_optimizer_step(items, refresh)
 
     # -- merge ------------------------------------------------------------------------------
     def merge(self, names: Iterable[str] | None = None) -> None:

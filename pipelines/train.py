@@ -384,8 +384,11 @@ def train_adapter(
         start_step = state["step"]
     if graphed:
         make_capturable(optimizer, device)  # a resumed checkpoint may come from an eager run
+        # The recording holds the optimizer step's hooks too (PaCA's column rewrite), so after a replay
+        # the adapters only need to know their cached state is stale.
         graph_step = GraphedTrainStep(pipe.unet, optimizer, parameters, config.max_grad_norm,
-                                      autocast_dtype=None if dtype == torch.float32 else dtype, after_replay=handle.after_optimizer_step)
+                                      autocast_dtype=None if dtype == torch.float32 else dtype,
+                                      after_replay=lambda: handle.after_optimizer_step(refresh=False))
 
     # 4. Train.
     unet.train()

@@ -25,6 +25,7 @@ on the selected channels).
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass
 from typing import ClassVar
@@ -95,12 +96,20 @@ class PacaLinearFunction(torch.autograd.Function):
     reference to the weight, whose version counter makes autograd refuse a stale backward.
     """
 
+    # Runs once per adapted layer per step, hundreds of times: on a fast GPU the host's time here is
+    # what keeps the step GPU-bound or not, hence the fast paths (no autocast context and no casts
+    # where they would do nothing).
     @staticmethod
     def forward(ctx, x, weight, bias, delta, columns, scaling: float):
-        dtype = compute_dtype(x)
-        with autocast_off(x.device.type):
-            x = x.to(dtype)
-            y = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            if x.dtype != dtype:
+                x = x.to(dtype)
+            if weight.dtype == dtype and (bias is None or bias.dtype == dtype):
+                y = F.linear(x, weight, bias)
+            else:
+                y = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
             x_selected = x.index_select(-1, columns)  # (..., r)
         ctx.save_for_backward(x_selected, weight)
         ctx.scaling, ctx.dtype = scaling, dtype
@@ -110,14 +119,17 @@ class PacaLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x_selected, weight = ctx.saved_tensors
-        g = grad_output.to(ctx.dtype)
+        dtype = ctx.dtype
+        g = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
         grad_x = grad_delta = grad_bias = None
         with autocast_off(g.device.type):
             if ctx.needs_input_grad[0]:
-                grad_x = g @ weight.to(ctx.dtype)  # one GEMM, as for a frozen layer
+                grad_x = g @ (weight if weight.dtype == dtype else weight.to(dtype))  # one GEMM, as for a frozen layer
             g2 = g.reshape(-1, g.shape[-1])  # (T, out)
             if ctx.needs_input_grad[3]:
-                grad_delta = mm_float32(g2.t(), x_selected.reshape(-1, x_selected.shape[-1])) * ctx.scaling
+                grad_delta = mm_float32(g2.t(), x_selected.reshape(-1, x_selected.shape[-1]))
+                if ctx.scaling != 1.0:
+                    grad_delta.mul_(ctx.scaling)
             if ctx.needs_input_grad[2]:
                 grad_bias = g2.sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, grad_delta, None, None
@@ -284,13 +296,23 @@ class PacaAdapter(Adapter):
         resident.written_for = (delta._version, weight)
 
     def mark_stale(self) -> None:
-        """Force a rewrite of the resident columns on the next forward.
-
-        The rewrite stays lazy, in the forward, on purpose: there the GPU is busy with the big
-        GEMMs and the three small launches per layer hide behind them; done in bulk right after
-        the optimizer step they would run while the GPU idles (measured: ~15 ms per 8B step).
-        """
+        """Force a rewrite of the resident columns on the next forward."""
         self._resident.written_for = None
+
+    @classmethod
+    def after_optimizer_step(cls, items: list[tuple[Adapter, nn.Module, float]], refresh: bool = True) -> None:
+        """Rewrite every resident column block right after the optimizer step (`track_optimizer`).
+
+        Why here and not lazily in the next forward: when the optimizer step is issued, the host is
+        usually well ahead of the GPU (an 8B Llama step on an H100 still had ~28 ms of backward
+        kernels queued), so these two launches per layer hide behind that work; in the forward they
+        add to the launches that must keep ahead of each layer's GEMMs, which on a slow or busy host
+        made the eager step host-bound. Layers that are not resident just go stale.
+        """
+        for adapter, base, weight in items:
+            adapter.mark_stale()
+            if refresh and adapter._resident.original is not None:
+                adapter._write_columns(base, weight)
 
     def release(self, base: nn.Module) -> None:
         resident = self._resident

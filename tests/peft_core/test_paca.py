@@ -207,6 +207,32 @@ def test_resident_tracks_optimizer_that_bypasses_version_counter():
     torch.testing.assert_close(fresh, expected)
 
 
+@pytest.mark.parametrize("refresh", [True, False])
+def test_tracked_optimizer_step_rewrites_resident_columns_at_once_or_marks_them_stale(refresh):
+    """track_optimizer rewrites W[:, idx] = original + s * delta right after the step (no forward
+    needed); refresh=False (after a CUDA-graph replay) leaves it to the next forward. Both end exact."""
+    model = nn.Sequential()
+    model.add_module("layer", nn.Linear(16, 8).double())
+    handle = attach(model, PacaConfig(targets=["layer"], r=4, alpha=8))
+    adapter, base = model.layer.adapters["default"], model.layer.base_layer
+    original = base.weight.detach().clone()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    model(x)  # columns become resident
+    optimizer = torch.optim.SGD(handle.trainable_parameters(), lr=0.5)
+    if refresh:
+        handle.track_optimizer(optimizer)
+    else:
+        optimizer.register_step_post_hook(lambda *_: handle.after_optimizer_step(refresh=False))
+    model(x).pow(2).sum().backward()
+    optimizer.step()
+    expected = original.clone()
+    expected[:, adapter.columns] += adapter.scaling * adapter.delta.detach()
+    written_now = torch.allclose(base.weight, expected, rtol=1e-12, atol=1e-12)
+    assert written_now == refresh
+    torch.testing.assert_close(model(x), x @ expected.t() + base.bias, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(base.weight, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_bf16_autocast_gradient_is_fp32_and_close_to_fp32_reference():
     torch.manual_seed(0)
     layer = nn.Linear(64, 32)
