@@ -13,7 +13,7 @@ import pytest
 import torch
 from micro_sd import ColourDataset, micro_pipeline
 
-from peft_core import LoraConfig, PacaConfig, attach
+from peft_core import LoraConfig, PacaConfig, PlpConfig, attach
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.cuda_graphs import GraphCaptureError, GraphedForward, GraphedTrainStep, graphed_unet
 from pipelines.errors import UserError
@@ -214,10 +214,11 @@ def _train(tmp_path, name: str, config, cuda_graph: str, steps: int = 8, **optio
 
 
 @cuda
-@pytest.mark.parametrize("method", ["lora", "paca"])
+@pytest.mark.parametrize("method", ["lora", "paca", "plp"])
 def test_cuda_graph_training_matches_eager_training(tmp_path, method):
-    config = LoraConfig(targets=["to_q", "to_k", "to_v", "to_out.0"], r=4) if method == "lora" else \
-        PacaConfig(targets=["to_q", "to_k", "to_v", "to_out.0"], r=4)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    config = {"lora": LoraConfig(targets=targets, r=4), "paca": PacaConfig(targets=targets, r=4),
+              "plp": PlpConfig(targets=targets, r=4)}[method]
     _, eager, eager_losses = _train(tmp_path, "eager", config, "off", lr_schedule="cosine")
     pipe, graphed, graphed_losses = _train(tmp_path, "graphed", config, "on", lr_schedule="cosine")
     torch.testing.assert_close(torch.tensor(graphed_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-6)
