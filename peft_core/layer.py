@@ -55,9 +55,17 @@ class Adapter(nn.Module):
         raise AdapterError(f"{type(self).__name__} has no dense weight update, so it cannot be merged")
 
     # -- optional -------------------------------------------------------------------------
+    reads_base_output: ClassVar[bool] = False  # output_delta reads base(x) (Compacter): see add_output_delta_
+
     def output_delta(self, base: nn.Module, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
         """delta_forward, given base(x) too: methods placed *after* a layer (Compacter) read its output."""
         return self.delta_forward(base, x)
+
+    def add_output_delta_(self, base: nn.Module, x: torch.Tensor, base_output: torch.Tensor, output: torch.Tensor,
+                          weight: float) -> None:
+        """output += weight * output_delta, in place (inference only: AdaptedModule calls it without
+        autograd). Methods override it to fold the addition into their last GEMM."""
+        output.add_(self.output_delta(base, x, base_output), alpha=weight)
 
     @classmethod
     def tie_shared(cls, adapters: list[Adapter]) -> None:
@@ -196,6 +204,14 @@ class AdaptedModule(nn.Module):
                 return output
         self.release_fused()
         output = base_output = base(x, *args, **kwargs)
+        if not torch.is_grad_enabled() and active:
+            # Inference (composing adapters at generation time): every adapter adds into one output
+            # buffer, with no full-size temporaries; base(x) is copied only for methods that read it.
+            if any(adapter.reads_base_output for _, adapter, _ in active):
+                base_output = base_output.clone()
+            for _, adapter, weight in active:
+                adapter.add_output_delta_(base, x, base_output, output, weight)
+            return output
         for _, adapter, weight in active:
             delta = adapter.output_delta(base, x, base_output)
             output = output + (delta if weight == 1.0 else weight * delta)

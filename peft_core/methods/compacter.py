@@ -227,6 +227,8 @@ class CompacterAdapter(Adapter):
         hidden = ACTIVATIONS[self.activation](self.down(y, rule, self.factored))  # (..., m)
         return self.up(hidden, rule, self.factored)  # (..., d)
 
+    reads_base_output = True
+
     def output_delta(self, base: nn.Module, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
         if self.is_norm:
             return self.delta_forward(base, x)

@@ -19,7 +19,6 @@ The joint adapter is still a plain rank-r LoRA (A_lora = V, B_lora = U), so it e
 
 from __future__ import annotations
 
-import weakref
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -85,19 +84,16 @@ def plp_factors(frozen_up: torch.Tensor, learnable_up: torch.Tensor, frozen_down
 
 
 class PlpLinearFunction(torch.autograd.Function):
-    """y = x W^T + b + (x V^T) U^T with U = [A; B], V = [C | D], keeping little for backward.
+    """y = x W^T + b + (x V^T) U^T with U = [A; B], V = [C | D], computing only what training needs.
 
-    The learnable halves' gradients need little of the input: dB = g[:, out/2:]^T h with h = x V^T
-    (T x r), and dD = (g U)^T x[:, in/2:], only the *second half* of x's features. So backward keeps
-    h and that half (`x_tail`, made by the caller, shared by sibling layers that read the same x),
-    never x itself: a layer whose input nothing else keeps (attention outputs, norm outputs) costs
-    half its input plus r columns instead of all of it. The factors are saved by reference (the
-    module holds them anyway) and cast again in backward; the frozen halves get no gradient at all.
-    `x_tail` is None when D needs no gradient.
+    Saved: x (T x in) and references to the four factor pieces, which live on in the module anyway;
+    U and V are rebuilt (cat + cast, r-wide) in backward instead of being kept per layer, and
+    h = x V^T (T x r) is recomputed too. Backward forms only the gradients of the learnable halves:
+    dB = g[:, out/2:]^T h and dD = (g U)^T x[:, in/2:], never those of the frozen ones.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, frozen_up, learnable_up, frozen_down, learnable_down, x_tail):
+    def forward(ctx, x, weight, bias, frozen_up, learnable_up, frozen_down, learnable_down):
         dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
         up, down = (f.to(dtype) for f in plp_factors(frozen_up, learnable_up, frozen_down, learnable_down))
@@ -105,15 +101,14 @@ class PlpLinearFunction(torch.autograd.Function):
             h = x2 @ down.t()  # (T, r)
             y = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))  # (T, out)
             y.addmm_(h, up.t())
-        ctx.save_for_backward(h if ctx.needs_input_grad[4] else None, x_tail, weight,
-                              frozen_up, learnable_up, frozen_down, learnable_down)
+        ctx.save_for_backward(x2, weight, frozen_up, learnable_up, frozen_down, learnable_down)
         ctx.compute_dtype, ctx.input_shape = dtype, x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_output):
-        h, x_tail, weight, frozen_up, learnable_up, frozen_down, learnable_down = ctx.saved_tensors
+        x2, weight, frozen_up, learnable_up, frozen_down, learnable_down = ctx.saved_tensors
         dtype = ctx.compute_dtype
         up, down = (f.to(dtype) for f in plp_factors(frozen_up, learnable_up, frozen_down, learnable_down))
         g = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)  # (T, out)
@@ -125,39 +120,13 @@ class PlpLinearFunction(torch.autograd.Function):
                 grad_x.addmm_(grad_h, down)
                 grad_x = grad_x.reshape(ctx.input_shape)
             if ctx.needs_input_grad[4]:
+                h = x2 @ down.t()  # (T, r), as in forward
                 grad_up = mm_float32(g[:, frozen_up.shape[0]:].t(), h).to(learnable_up.dtype)  # (out - out/2, r)
             if ctx.needs_input_grad[6]:
-                if x_tail is None:
-                    raise RuntimeError("PlpLinearFunction: D needs a gradient but no x_tail was saved")
-                grad_down = mm_float32(grad_h.t(), x_tail).to(learnable_down.dtype)  # (r, in - in/2)
+                grad_down = mm_float32(grad_h.t(), x2[:, frozen_down.shape[1]:]).to(learnable_down.dtype)  # (r, in - in/2)
             if ctx.needs_input_grad[2]:
                 grad_bias = g.sum(0).to(ctx.bias_dtype)
-        return grad_x, None, grad_bias, None, grad_up, None, grad_down, None
-
-
-class InputTail:
-    """x[..., start:] as a contiguous (T, in - start) copy in the compute dtype, made once for the
-    sibling layers that read the same input (q/k/v): the last one made is reused while it is the
-    same tensor, unchanged (version counter), from the same start. Weak references only, so the
-    memo never keeps an activation alive."""
-
-    __slots__ = ("source", "version", "key", "tail")
-
-    def __init__(self) -> None:
-        self.source = self.tail = None
-        self.version, self.key = -1, None
-
-    def __call__(self, x: torch.Tensor, start: int, dtype: torch.dtype) -> torch.Tensor:
-        tail = self.tail() if self.tail is not None else None
-        if tail is not None and self.source() is x and self.version == x._version and self.key == (start, dtype):
-            return tail
-        tail = x.reshape(-1, x.shape[-1])[:, start:].to(dtype).contiguous()
-        self.source, self.tail = weakref.ref(x), weakref.ref(tail)
-        self.version, self.key = x._version, (start, dtype)
-        return tail
-
-
-_input_tail = InputTail()
+        return grad_x, None, grad_bias, None, grad_up, None, grad_down
 
 
 def riemannian_precondition(grad_up: torch.Tensor, grad_down: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
@@ -232,13 +201,9 @@ class PlpAdapter(Adapter):
             return None
         up = self.learnable_up if self.up_weight == 1.0 else self.up_weight * self.learnable_up
         down = self.learnable_down if self.down_weight == 1.0 else self.down_weight * self.learnable_down
-        frozen_up = self.frozen_up
         if weight != 1.0:  # w U V = [wA; wB] V
-            frozen_up, up = weight * frozen_up, weight * up
-        x_tail = None
-        if torch.is_grad_enabled() and down.requires_grad:
-            x_tail = _input_tail(x, self.frozen_down.shape[1], compute_dtype(x))
-        return PlpLinearFunction.apply(x, base.weight, base.bias, frozen_up, up, self.frozen_down, down, x_tail)
+            return PlpLinearFunction.apply(x, base.weight, base.bias, weight * self.frozen_up, weight * up, self.frozen_down, down)
+        return PlpLinearFunction.apply(x, base.weight, base.bias, self.frozen_up, up, self.frozen_down, down)
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         up, down = self.factors()

@@ -231,6 +231,23 @@ def test_two_named_adapters_with_weights_give_the_weighted_sum(method, image):
     out_b = layer(x)
     h.enable("a")
     torch.testing.assert_close(layer(x), base + (out_a - base) + (out_b - base), rtol=1e-12, atol=1e-12)
+    # Without autograd (generation), the adapters add into one buffer in place: same result.
+    combined_grad_path = model(image)
+    with torch.no_grad():
+        torch.testing.assert_close(model(image), combined_grad_path, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer(x), base + (out_a - base) + (out_b - base), rtol=1e-12, atol=1e-12)
+
+
+def test_inference_accumulation_keeps_base_output_for_methods_that_read_it(image):
+    """Compacter reads base(x) after a LoRA has added into the output buffer: it must see base(x)."""
+    model = make_model()
+    handle = attach(model, LoraConfig(targets=LINEAR_TARGETS, r=2), name="lora")
+    handle.add(CompacterConfig(targets=LINEAR_TARGETS, n=2, bottleneck=2), name="compacter")
+    randomize(handle, "lora")
+    randomize(handle, "compacter")
+    expected = model(image)
+    with torch.no_grad():
+        torch.testing.assert_close(model(image), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_mixed_methods_on_one_module(image):
