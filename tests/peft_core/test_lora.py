@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -131,3 +132,36 @@ def test_fused_lora_keeps_only_its_input_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x).sum().backward()
     assert activations == [(tokens, in_features)], activations
+
+
+def test_fused_lora_under_autocast_matches_fp32_and_keeps_no_weight_copy():
+    """An fp32 base under bf16 autocast: bf16 math, fp32 adapter gradients close to the fp32 ones,
+    and backward keeps the base weight itself, not a bf16 copy of it (that would be a second weight)."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("layer", nn.Linear(32, 16))
+    handle = attach(model, LoraConfig(targets=["layer"], r=4, alpha=8))
+    adapter = model.layer.adapters["default"]
+    with torch.no_grad():
+        adapter.lora_B.normal_()
+    x = torch.randn(6, 32)
+    reference = copy.deepcopy(model)
+    (reference(x) ** 2).sum().backward()
+
+    weight_copies = []
+
+    def pack(tensor):
+        if tensor.shape == model.layer.base_layer.weight.shape and tensor.data_ptr() != model.layer.base_layer.weight.data_ptr():
+            weight_copies.append(tensor.dtype)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        assert out.dtype == torch.bfloat16
+        (out.float() ** 2).sum().backward()
+    assert weight_copies == []
+    want = reference.layer.adapters["default"]
+    for got, expected in ((adapter.lora_A.grad, want.lora_A.grad), (adapter.lora_B.grad, want.lora_B.grad)):
+        assert got.dtype == torch.float32
+        assert (got - expected).norm() / expected.norm() < 0.05
+    assert handle.trainable_parameters()
