@@ -313,8 +313,8 @@ class StepPhases:
     to *run* it, Python GC pauses and caching-allocator events.
 
     A step is host-bound where a phase's host issue time reaches its GPU time (the GPU waited for
-    launches); an allocator that maps or frees device memory mid-step (`device_allocs`,
-    `device_frees`, `alloc_retries`) synchronises the host with the GPU and shows up the same way.
+    launches); an allocator that maps or frees device memory mid-step (`num_device_alloc`,
+    `num_device_free`, `num_alloc_retries`) synchronises the host with the GPU and shows up the same way.
 
         phases = StepPhases(device)
         phases.begin(); forward...; phases.mark("forward"); backward...; phases.mark("backward"); ...
@@ -440,25 +440,32 @@ def peak_breakdown(events: list[dict[str, Any]], start_bytes: int, top: int = 30
     """Replay allocator events (torch.cuda.memory._snapshot()['device_traces'][i]) from `start_bytes`
     already allocated: the peak total, and the blocks alive at that moment grouped by allocation site.
     Blocks allocated before recording started count as 'before the trace' (freeing them lowers it)."""
-    live: dict[int, tuple[int, str]] = {}
-    before = current = start_bytes
-    peak, peak_live, peak_before, peak_at = current, dict(live), before, -1
-    for position, event in enumerate(events):
-        action, address, size = event.get("action"), event.get("addr"), int(event.get("size", 0))
-        if action == "alloc":
-            live[address] = (size, allocation_site(event.get("frames", [])))
-            current += size
-            if current > peak:
-                peak, peak_live, peak_before, peak_at = current, dict(live), before, position
-        elif action == "free_completed":
-            if address in live:
-                current -= live.pop(address)[0]
-            else:  # allocated before the trace started
-                before -= size
-                current -= size
+
+    def replay(stop: int | None):
+        """Alive blocks and pre-trace bytes after event `stop` (None: all); the peak and its event."""
+        live: dict[int, tuple[int, list]] = {}
+        before = current = peak = start_bytes
+        peak_at = -1
+        for position, event in enumerate(events if stop is None else events[: stop + 1]):
+            action, address, size = event.get("action"), event.get("addr"), int(event.get("size", 0))
+            if action == "alloc":
+                live[address] = (size, event.get("frames", []))
+                current += size
+                if current > peak:
+                    peak, peak_at = current, position
+            elif action == "free_completed":
+                if address in live:
+                    current -= live.pop(address)[0]
+                else:  # allocated before the trace started
+                    before -= size
+                    current -= size
+        return live, before, peak, peak_at
+
+    _, _, peak, peak_at = replay(None)  # first pass: when; second: what was alive then
+    peak_live, peak_before, _, _ = replay(peak_at) if peak_at >= 0 else ({}, start_bytes, 0, -1)
     groups: dict[str, list[int]] = {}
-    for size, site in peak_live.values():
-        entry = groups.setdefault(site, [0, 0])
+    for size, frames in peak_live.values():
+        entry = groups.setdefault(allocation_site(frames), [0, 0])
         entry[0] += size
         entry[1] += 1
     ranked = sorted(groups.items(), key=lambda item: -item[1][0])

@@ -269,6 +269,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def cast_to(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`; no dispatcher call when it already is (the fused Functions run once per
+    layer per step, where a no-op `.to()` is host time the GPU may wait for)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def cast_like_input(tensor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return tensor.to(compute_dtype(x))
 

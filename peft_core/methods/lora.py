@@ -13,7 +13,6 @@ activations' dtype and the gradients come back in float32.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -28,6 +27,8 @@ from peft_core.layer import (
     Adapter,
     autocast_off,
     cast_like_input,
+    cast_to,
+    compute_dtype,
     has_dense_weight,
     master_dtype,
     mm_float32,
@@ -74,25 +75,15 @@ class LoraLinearFunction(torch.autograd.Function):
     the cast copy of B once.
     """
 
-    # Runs once per adapted layer per step: no autocast context and no casts where they would do
-    # nothing (the host's time here decides whether an eager step on a fast GPU stays GPU-bound).
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float):
-        autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
-        if x2.dtype != dtype:
-            x2 = x2.to(dtype)
-        A = lora_A if lora_A.dtype == dtype else lora_A.to(dtype)  # (r, in)
-        scaled_B = torch.mul(lora_B, scaling)  # (out, r)
-        if scaled_B.dtype != dtype:
-            scaled_B = scaled_B.to(dtype)
-        cast_weight, cast_bias = weight, bias  # the originals are saved; backward casts again
-        if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
-            cast_weight, cast_bias = weight.to(dtype), None if bias is None else bias.to(dtype)
-        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        dtype = compute_dtype(x)
+        x2 = cast_to(x.reshape(-1, x.shape[-1]), dtype)  # (T, in)
+        A = cast_to(lora_A, dtype)  # (r, in)
+        scaled_B = cast_to(torch.mul(lora_B, scaling), dtype)  # (out, r)
+        with autocast_off(x.device.type):
             h = x2 @ A.t()  # (T, r)
-            y = F.linear(x2, cast_weight, cast_bias)  # (T, out)
+            y = F.linear(x2, cast_to(weight, dtype), None if bias is None else cast_to(bias, dtype))  # (T, out)
             y.addmm_(h, scaled_B.t())  # (T, out) += h (sB)^T
         ctx.save_for_backward(x2, weight, A, scaled_B)
         ctx.scaling, ctx.compute_dtype, ctx.input_shape = scaling, dtype, x.shape
@@ -104,14 +95,12 @@ class LoraLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         x2, weight, A, scaled_B = ctx.saved_tensors
         dtype = ctx.compute_dtype
-        g = grad_output.reshape(-1, grad_output.shape[-1])  # (T, out)
-        if g.dtype != dtype:
-            g = g.to(dtype)
+        g = cast_to(grad_output.reshape(-1, grad_output.shape[-1]), dtype)  # (T, out)
         grad_x = grad_A = grad_B = grad_bias = None
         with autocast_off(g.device.type):
             g_scaled = g @ scaled_B  # (T, r): s * dL/dh
             if ctx.needs_input_grad[0]:
-                grad_x = g @ (weight if weight.dtype == dtype else weight.to(dtype))  # (T, in)
+                grad_x = g @ cast_to(weight, dtype)  # (T, in)
                 grad_x.addmm_(g_scaled, A)
                 grad_x = grad_x.reshape(ctx.input_shape)
             if ctx.needs_input_grad[3]:

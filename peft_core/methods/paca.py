@@ -25,7 +25,6 @@ on the selected channels).
 
 from __future__ import annotations
 
-import contextlib
 import zlib
 from dataclasses import dataclass
 from typing import ClassVar
@@ -40,6 +39,7 @@ from peft_core.layer import (
     Adapter,
     autocast_off,
     cast_like_input,
+    cast_to,
     compute_dtype,
     has_dense_weight,
     is_4bit,
@@ -96,20 +96,12 @@ class PacaLinearFunction(torch.autograd.Function):
     reference to the weight, whose version counter makes autograd refuse a stale backward.
     """
 
-    # Runs once per adapted layer per step, hundreds of times: on a fast GPU the host's time here is
-    # what keeps the step GPU-bound or not, hence the fast paths (no autocast context and no casts
-    # where they would do nothing).
     @staticmethod
     def forward(ctx, x, weight, bias, delta, columns, scaling: float):
-        autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            if x.dtype != dtype:
-                x = x.to(dtype)
-            if weight.dtype == dtype and (bias is None or bias.dtype == dtype):
-                y = F.linear(x, weight, bias)
-            else:
-                y = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+        dtype = compute_dtype(x)
+        with autocast_off(x.device.type):
+            x = cast_to(x, dtype)
+            y = F.linear(x, cast_to(weight, dtype), None if bias is None else cast_to(bias, dtype))
             x_selected = x.index_select(-1, columns)  # (..., r)
         ctx.save_for_backward(x_selected, weight)
         ctx.scaling, ctx.dtype = scaling, dtype
@@ -119,12 +111,11 @@ class PacaLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x_selected, weight = ctx.saved_tensors
-        dtype = ctx.dtype
-        g = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
+        g = cast_to(grad_output, ctx.dtype)
         grad_x = grad_delta = grad_bias = None
         with autocast_off(g.device.type):
             if ctx.needs_input_grad[0]:
-                grad_x = g @ (weight if weight.dtype == dtype else weight.to(dtype))  # one GEMM, as for a frozen layer
+                grad_x = g @ cast_to(weight, ctx.dtype)  # one GEMM, as for a frozen layer
             g2 = g.reshape(-1, g.shape[-1])  # (T, out)
             if ctx.needs_input_grad[3]:
                 grad_delta = mm_float32(g2.t(), x_selected.reshape(-1, x_selected.shape[-1]))
@@ -304,7 +295,7 @@ class PacaAdapter(Adapter):
         """Rewrite every resident column block right after the optimizer step (`track_optimizer`).
 
         Why here and not lazily in the next forward: when the optimizer step is issued, the host is
-        usually well ahead of the GPU (an 8B Llama step on an H100 still had ~28 ms of backward
+        usually well ahead of the GPU (an 8B Llama step on an H100 still had ~21 ms of backward
         kernels queued), so these two launches per layer hide behind that work; in the forward they
         add to the launches that must keep ahead of each layer's GEMMs, which on a slow or busy host
         made the eager step host-bound. Layers that are not resident just go stale.

@@ -33,6 +33,7 @@ from peft_core.layer import (
     Adapter,
     autocast_off,
     cast_like_input,
+    cast_to,
     compute_dtype,
     has_dense_weight,
     master_dtype,
@@ -95,11 +96,11 @@ class PlpLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, frozen_up, learnable_up, frozen_down, learnable_down):
         dtype = compute_dtype(x)
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
-        up, down = (f.to(dtype) for f in plp_factors(frozen_up, learnable_up, frozen_down, learnable_down))
+        x2 = cast_to(x.reshape(-1, x.shape[-1]), dtype)  # (T, in)
+        up, down = (cast_to(f, dtype) for f in plp_factors(frozen_up, learnable_up, frozen_down, learnable_down))
         with autocast_off(x.device.type):
             h = x2 @ down.t()  # (T, r)
-            y = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))  # (T, out)
+            y = F.linear(x2, cast_to(weight, dtype), None if bias is None else cast_to(bias, dtype))  # (T, out)
             y.addmm_(h, up.t())
         ctx.save_for_backward(x2, weight, frozen_up, learnable_up, frozen_down, learnable_down)
         ctx.compute_dtype, ctx.input_shape = dtype, x.shape
@@ -110,13 +111,13 @@ class PlpLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         x2, weight, frozen_up, learnable_up, frozen_down, learnable_down = ctx.saved_tensors
         dtype = ctx.compute_dtype
-        up, down = (f.to(dtype) for f in plp_factors(frozen_up, learnable_up, frozen_down, learnable_down))
-        g = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)  # (T, out)
+        up, down = (cast_to(f, dtype) for f in plp_factors(frozen_up, learnable_up, frozen_down, learnable_down))
+        g = cast_to(grad_output.reshape(-1, grad_output.shape[-1]), dtype)  # (T, out)
         grad_x = grad_bias = grad_up = grad_down = None
         with autocast_off(g.device.type):
             grad_h = g @ up  # (T, r)
             if ctx.needs_input_grad[0]:
-                grad_x = g @ weight.to(dtype)
+                grad_x = g @ cast_to(weight, dtype)
                 grad_x.addmm_(grad_h, down)
                 grad_x = grad_x.reshape(ctx.input_shape)
             if ctx.needs_input_grad[4]:
