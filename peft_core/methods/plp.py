@@ -19,6 +19,7 @@ The joint adapter is still a plain rank-r LoRA (A_lora = V, B_lora = U), so it e
 
 from __future__ import annotations
 
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -84,13 +85,41 @@ def plp_factors(frozen_up: torch.Tensor, learnable_up: torch.Tensor, frozen_down
     return torch.cat([frozen_up, learnable_up], dim=0), torch.cat([frozen_down, learnable_down], dim=1)
 
 
+# q, k and v read one input tensor (the attention block's norm output), so the input half that D's
+# gradient needs is copied once and shared: the caller's tensor object -> (weak ref to it, its
+# version, the split column, weak ref to the copy). An entry goes when its tensor dies.
+_input_halves: dict[int, tuple[weakref.ref, int, int, weakref.ref]] = {}
+
+
+def shared_input_half(x: torch.Tensor, x2: torch.Tensor, start: int) -> torch.Tensor:
+    """x2[:, start:] as a tensor of its own, made once for every PLP layer that reads the same `x`
+    (same object, unchanged since, same split and dtype); x2 is x as (tokens, in) in compute dtype."""
+    key = id(x)
+    entry = _input_halves.get(key)
+    if entry is not None:
+        source, version, entry_start, half_ref = entry
+        half = half_ref()
+        if source() is x and version == x._version and entry_start == start and half is not None and half.dtype == x2.dtype:
+            return half
+    half = x2[:, start:].contiguous()
+    _input_halves[key] = (weakref.ref(x, lambda _, key=key: _input_halves.pop(key, None)), x._version, start, weakref.ref(half))
+    return half
+
+
 class PlpLinearFunction(torch.autograd.Function):
     """y = x W^T + b + (x V^T) U^T with U = [A; B], V = [C | D], computing only what training needs.
 
-    Saved: x (T x in) and references to the four factor pieces, which live on in the module anyway;
-    U and V are rebuilt (cat + cast, r-wide) in backward instead of being kept per layer, and
-    h = x V^T (T x r) is recomputed too. Backward forms only the gradients of the learnable halves:
-    dB = g[:, out/2:]^T h and dD = (g U)^T x[:, in/2:], never those of the frozen ones.
+    Backward forms only the gradients of the learnable halves, dB = g[:, out/2:]^T h with h = x V^T,
+    and dD = (g U)^T x[:, in/2:], never those of the frozen ones; the factors are saved by reference
+    (they live on in the module) and U, V are rebuilt (cat + cast, r-wide) in backward.
+
+    What it keeps of the input, whichever is smaller:
+    - x itself, when x is a view of another op's tensor that op keeps anyway (attention's output
+      before to_out.0 is SDPA's saved output): it costs nothing, and h is recomputed from it.
+    - otherwise (a fresh activation such as a norm output, which only the adapters keep) the half
+      that dD reads, copied once and shared by every PLP layer reading the same x (q, k, v), plus
+      this layer's h (T x r). With both halves trained this wins while r <= in/4: three readers then
+      keep at most in/2 + 3r <= 1.25 in per token instead of in, and one or two keep less.
     """
 
     @staticmethod
@@ -102,14 +131,23 @@ class PlpLinearFunction(torch.autograd.Function):
             h = x2 @ down.t()  # (T, r)
             y = F.linear(x2, cast_to(weight, dtype), None if bias is None else cast_to(bias, dtype))  # (T, out)
             y.addmm_(h, up.t())
-        ctx.save_for_backward(x2, weight, frozen_up, learnable_up, frozen_down, learnable_down)
+        needs_up, needs_down = ctx.needs_input_grad[4], ctx.needs_input_grad[6]
+        kept_by_producer = x._base is not None and x.dtype == dtype  # x2 is then a view of that tensor too
+        ctx.keep_input = (torch.compiler.is_compiling() or kept_by_producer
+                          or (needs_up and needs_down and 4 * h.shape[1] > x2.shape[1]))
+        if ctx.keep_input:
+            saved_input, saved_h = x2, None
+        else:
+            saved_input = shared_input_half(x, x2, frozen_down.shape[1]) if needs_down else None
+            saved_h = h if needs_up else None
+        ctx.save_for_backward(saved_input, saved_h, weight, frozen_up, learnable_up, frozen_down, learnable_down)
         ctx.compute_dtype, ctx.input_shape = dtype, x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_output):
-        x2, weight, frozen_up, learnable_up, frozen_down, learnable_down = ctx.saved_tensors
+        saved_input, h, weight, frozen_up, learnable_up, frozen_down, learnable_down = ctx.saved_tensors
         dtype = ctx.compute_dtype
         up, down = (cast_to(f, dtype) for f in plp_factors(frozen_up, learnable_up, frozen_down, learnable_down))
         g = cast_to(grad_output.reshape(-1, grad_output.shape[-1]), dtype)  # (T, out)
@@ -121,10 +159,12 @@ class PlpLinearFunction(torch.autograd.Function):
                 grad_x.addmm_(grad_h, down)
                 grad_x = grad_x.reshape(ctx.input_shape)
             if ctx.needs_input_grad[4]:
-                h = x2 @ down.t()  # (T, r), as in forward
+                if ctx.keep_input:
+                    h = saved_input @ down.t()  # (T, r), as in forward
                 grad_up = mm_float32(g[:, frozen_up.shape[0]:].t(), h).to(learnable_up.dtype)  # (out - out/2, r)
             if ctx.needs_input_grad[6]:
-                grad_down = mm_float32(grad_h.t(), x2[:, frozen_down.shape[1]:]).to(learnable_down.dtype)  # (r, in - in/2)
+                input_half = saved_input[:, frozen_down.shape[1]:] if ctx.keep_input else saved_input
+                grad_down = mm_float32(grad_h.t(), input_half).to(learnable_down.dtype)  # (r, in - in/2)
             if ctx.needs_input_grad[2]:
                 grad_bias = g.sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, None, grad_up, None, grad_down

@@ -206,23 +206,41 @@ def test_riemannian_preconditioned_sgd_step_matches_the_closed_form():
         torch.testing.assert_close(adapter.frozen_up, up.detach()[:rows], rtol=0, atol=0)
 
 
-def test_fused_plp_keeps_only_its_input_and_its_own_factors_for_backward():
-    """Saved-tensor audit: x (T x in) and references to A, B, C, D, which the module holds anyway;
-    no T x r projection and no cast or concatenated copy of the factors."""
-    tokens = 40
-    model = two_layer_model().float()
-    attach(model, PlpConfig(targets=["to_q"], r=4))
+def saved_activations(model: nn.Module, run) -> list[tuple[tuple[int, ...], int]]:
+    """(shape, data_ptr) of every tensor autograd saves while `run()` runs forward and backward,
+    leaving out the model's own parameters and buffers (saved by reference, no memory)."""
     own = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved = []
 
     def pack(tensor):
-        saved.append((tuple(tensor.shape), tensor.data_ptr() in own))
+        if tensor.data_ptr() not in own:
+            saved.append((tuple(tensor.shape), tensor.data_ptr()))
         return tensor
 
-    x = torch.randn(tokens, 12, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.to_q(x).sum().backward()
-    assert [shape for shape, is_own in saved if not is_own] == [(tokens, 12)], saved
+        run()
+    return saved
+
+
+@pytest.mark.parametrize("r, input_kind, expected", [
+    (4, "fresh", [(40, 8), (40, 4)]),   # 4r <= in: the half D reads + h, no full input
+    (5, "fresh", [(40, 16)]),           # 4r > in: the input itself (h recomputed in backward)
+    (4, "view", [(40, 16)]),            # a view of another op's tensor: the input, by reference
+])
+def test_fused_plp_keeps_the_smaller_of_its_input_or_half_of_it_plus_h(r, input_kind, expected):
+    """Saved-tensor audit: besides references to A, B, C, D (which the module holds anyway), only
+    what the learnable halves' gradients need; never a cast or concatenated copy of the factors."""
+    tokens = 40
+    model = nn.Sequential()
+    model.add_module("to_q", nn.Linear(16, 10))
+    attach(model, PlpConfig(targets=["to_q"], r=r))
+    x = torch.randn(tokens, 16, requires_grad=True)
+    if input_kind == "view":
+        x = torch.randn(16, tokens, requires_grad=True).t()
+    saved = saved_activations(model, lambda: model.to_q(x).sum().backward())
+    assert [shape for shape, _ in saved] == expected, saved
+    if input_kind == "view":
+        assert saved[0][1] == x.data_ptr()
 
 
 class Siblings(nn.Module):
@@ -236,42 +254,73 @@ class Siblings(nn.Module):
         return torch.cat([self.to_q(x), self.to_k(x), self.to_v(x)], dim=-1)
 
 
-def test_sibling_layers_keep_one_shared_input_and_get_exact_gradients():
-    """q/k/v reading one x: each saves x itself (a view, no copy), so the three keep one tensor."""
+def plp_reference(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output, B, D): the layer's output recomputed by plain autograd, with fresh leaf copies of B and D."""
+    adapter, base = layer.adapters["default"], layer.base_layer
+    B = adapter.learnable_up.detach().clone().requires_grad_(True)
+    D = adapter.learnable_down.detach().clone().requires_grad_(True)
+    up, down = torch.cat([adapter.frozen_up, B]), torch.cat([adapter.frozen_down, D], dim=1)
+    return F.linear(x, base.weight, base.bias) + x @ down.t() @ up.t(), B, D
+
+
+@pytest.mark.parametrize("input_kind", ["fresh", "view"])
+@pytest.mark.parametrize("trained", ["both", "down", "up"])
+def test_sibling_layers_share_what_they_keep_and_get_exact_gradients(input_kind, trained):
+    """q/k/v reading one x: a fresh x is kept as ONE shared copy of the half D reads (+ each layer's
+    h where B trains); a view is kept by reference, one storage for all three. Gradients exact."""
     model = Siblings()
     attach(model, PlpConfig(targets=["to_q", "to_k", "to_v"], r=3))
     layers = [model.to_q, model.to_k, model.to_v]
     with torch.no_grad():
         for layer in layers:
             layer.adapters["default"].learnable_up.normal_()
-    own = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    activations = []
-
-    def pack(tensor):
-        if tensor.data_ptr() not in own and tensor.shape[-1] == 12:  # inputs of the three layers
-            activations.append(tensor.data_ptr())
-        return tensor
-
+            layer.adapters["default"].learnable_up.requires_grad_(trained != "down")
+            layer.adapters["default"].learnable_down.requires_grad_(trained != "up")
     x = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
+    if input_kind == "view":
+        x = torch.randn(12, 7, dtype=torch.float64, requires_grad=True).t()
+        x.retain_grad()
     upstream = torch.randn(7, 24, dtype=torch.float64)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        (model(x) * upstream).sum().backward()
-    assert activations == [x.data_ptr()] * 3
+    saved = saved_activations(model, lambda: (model(x) * upstream).sum().backward())
+    inputs = [entry for entry in saved if entry[0][-1] in (6, 12)]  # the whole input or its half
+    projections = [entry for entry in saved if entry[0] == (7, 3)]  # h
+    if input_kind == "view":
+        assert inputs == [((7, 12), x.data_ptr())] * 3 and projections == []
+    else:
+        assert len({ptr for _, ptr in inputs}) == (0 if trained == "up" else 1)
+        assert {shape for shape, _ in inputs} <= {(7, 6)}
+        assert len(projections) == (0 if trained == "down" else 3)
 
     x_ref = x.detach().clone().requires_grad_(True)
-    factors, outputs = [], []
-    for layer in layers:
-        adapter, base = layer.adapters["default"], layer.base_layer
-        B = adapter.learnable_up.detach().clone().requires_grad_(True)
-        D = adapter.learnable_down.detach().clone().requires_grad_(True)
-        up, down = torch.cat([adapter.frozen_up, B]), torch.cat([adapter.frozen_down, D], dim=1)
-        outputs.append(F.linear(x_ref, base.weight, base.bias) + x_ref @ down.t() @ up.t())
-        factors.append((B, D))
-    (torch.cat(outputs, dim=-1) * upstream).sum().backward()
+    references = [plp_reference(layer, x_ref) for layer in layers]
+    (torch.cat([out for out, _, _ in references], dim=-1) * upstream).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
-    for layer, (B, D) in zip(layers, factors):
-        torch.testing.assert_close(layer.adapters["default"].learnable_up.grad, B.grad, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(layer.adapters["default"].learnable_down.grad, D.grad, rtol=1e-10, atol=1e-12)
+    for layer, (_, B, D) in zip(layers, references):
+        adapter = layer.adapters["default"]
+        for mine, want, trains in ((adapter.learnable_up, B, trained != "down"), (adapter.learnable_down, D, trained != "up")):
+            if trains:
+                torch.testing.assert_close(mine.grad, want.grad, rtol=1e-10, atol=1e-12)
+            else:
+                assert mine.grad is None
+
+
+def test_an_input_changed_in_place_between_siblings_is_copied_again():
+    """The shared half is keyed by the input's version: a layer reading x after an in-place
+    change must not reuse the half copied before it."""
+    model = Siblings()
+    attach(model, PlpConfig(targets=["to_q", "to_k"], r=3))
+    source = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
+    x = source * 1.0  # a fresh activation that nothing else keeps
+    y_q = model.to_q(x)
+    with torch.no_grad():
+        x.mul_(3.0)
+    y_k = model.to_k(x)
+    (y_q.sum() + y_k.sum()).backward()
+    out_q, _, D_q = plp_reference(model.to_q, source.detach())
+    out_k, _, D_k = plp_reference(model.to_k, 3.0 * source.detach())
+    (out_q.sum() + out_k.sum()).backward()
+    torch.testing.assert_close(model.to_q.adapters["default"].learnable_down.grad, D_q.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model.to_k.adapters["default"].learnable_down.grad, D_k.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_fused_plp_with_an_adapter_weight_matches_the_reference():
