@@ -75,6 +75,9 @@ class BreakForMakeConfig:
     # scaled by (V V^T + delta I)^-1 and grad_D by (U^T U + delta I)^-1 before AdamW.
     riemannian: bool = False
     riemannian_delta: float = 1e-6
+    # Centered PLPs (PlpConfig.centered): the frozen A C block left out and D from zero, so every
+    # stage starts from the base model itself instead of one perturbed by A C (spec pitfall 8).
+    centered: bool = False
 
 
 class BreakForMakePipeline:
@@ -115,7 +118,7 @@ class BreakForMakePipeline:
         self.pipe.unet.requires_grad_(False)
         self.pipe.text_encoder.requires_grad_(False)
         self.pipe.vae.requires_grad_(False)
-        plp = PlpConfig(targets=self.config.targets, r=self.config.rank, seed=self.config.seed)
+        plp = PlpConfig(targets=self.config.targets, r=self.config.rank, seed=self.config.seed, centered=self.config.centered)
         torch.manual_seed(self.config.seed)  # PLP's learnable D is drawn from its own seeded generator; this covers the rest
         self._noise = training_scheduler(self.pipe)
 

@@ -33,6 +33,7 @@ B4M_HELP = {
     "content_factor": "PLP factor that learns the content: 'down' (D, the official code) or 'up' (B; the style then trains D)",
     "riemannian": "make with Riemannian-preconditioned gradients (the TOG version of B4M)",
     "riemannian_delta": "damping delta of the Riemannian preconditioner",
+    "centered": "leave out the PLPs' frozen A C block and start D at zero, so training starts from the base model",
 }
 
 

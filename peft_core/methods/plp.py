@@ -49,13 +49,18 @@ if TYPE_CHECKING:
 class PlpConfig(AdapterConfig):
     """r: rank of U V (the paper uses 64 on SDXL); seed: frozen bases are a function of (seed, layer),
     so content and style runs must share it; orthogonal_init: draw A, C from one orthonormal basis
-    on every layer (the official code does so only on square layers; see spec pitfall 7)."""
+    on every layer (the official code does so only on square layers; see spec pitfall 7).
+
+    centered: leave out the frozen-by-frozen block A C and start D at zero, so the adapter is exactly
+    zero at init, like a LoRA (spec pitfall 8). The paper's PLP (False) perturbs the base from step 0
+    by A C and A D_0: on the embedded tiny SD that is ~35% of each adapted weight's norm."""
 
     method: ClassVar[str] = "plp"
 
     r: int = 64
     seed: int = 0
     orthogonal_init: bool = True
+    centered: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,6 +88,18 @@ def frozen_bases(out_features: int, in_features: int, r: int, seed: int, key: st
 def plp_factors(frozen_up: torch.Tensor, learnable_up: torch.Tensor, frozen_down: torch.Tensor, learnable_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """U = [A; B] (out x r) and V = [C | D] (r x in)."""
     return torch.cat([frozen_up, learnable_up], dim=0), torch.cat([frozen_down, learnable_down], dim=1)
+
+
+def centered_pieces(frozen_up: torch.Tensor, learnable_up: torch.Tensor, frozen_down: torch.Tensor,
+                    learnable_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pieces of a rank-2r PLP equal to U V - [A; 0][C | 0], i.e. dW = [[0, A D], [B C, B D]]:
+
+        U' = [A, -A; B, 0]    V' = [C, D; C, 0]
+
+    Same learnable blocks (B, D receive exactly the centered product's gradients), so every PLP
+    code path (the fused Function, merge, export) serves the centered variant unchanged."""
+    return (torch.cat([frozen_up, -frozen_up], dim=1), torch.cat([learnable_up, torch.zeros_like(learnable_up)], dim=1),
+            torch.cat([frozen_down, frozen_down], dim=0), torch.cat([learnable_down, torch.zeros_like(learnable_down)], dim=0))
 
 
 # q, k and v read one input tensor (the attention block's norm output), so the input half that D's
@@ -217,21 +234,33 @@ class PlpAdapter(Adapter):
         self.register_buffer("frozen_down", c.to(device, dtype))  # C
         generator = torch.Generator().manual_seed((config.seed + zlib.crc32(("D:" + module_name).encode())) % (2**63))
         d = torch.randn(config.r, in_features - c.shape[1], generator=generator) / config.r
+        if config.centered:
+            d.zero_()  # drawn anyway, so the generator's later draws do not depend on the flag
         self.learnable_up = nn.Parameter(torch.zeros(out_features - a.shape[0], config.r, device=device, dtype=dtype))  # B, style
         self.learnable_down = nn.Parameter(d.to(device, dtype))  # D, content
         self.up_weight, self.down_weight = 1.0, 1.0  # composition weights of B (style) and D (content)
+        self.centered = config.centered
 
     def set_factor_weights(self, up: float = 1.0, down: float = 1.0) -> None:
         """Scale the learnable halves at generation time: dW = [A; up*B] [C | down*D]."""
         self.up_weight, self.down_weight = float(up), float(down)
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def pieces(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A, weighted B, C, weighted D): what U and V are made of, composition weights applied."""
         up = self.learnable_up if self.up_weight == 1.0 else self.up_weight * self.learnable_up
         down = self.learnable_down if self.down_weight == 1.0 else self.down_weight * self.learnable_down
-        return plp_factors(self.frozen_up, up, self.frozen_down, down)
+        return self.frozen_up, up, self.frozen_down, down
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """U = [A; B] and V = [C | D] (rank r; the Riemannian preconditioner's factors)."""
+        return plp_factors(*self.pieces())
+
+    def product_pieces(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pieces of the product the layer applies: U, V's, or the centered rank-2r ones."""
+        return centered_pieces(*self.pieces()) if self.centered else self.pieces()
 
     def delta_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        up, down = self.factors()
+        up, down = plp_factors(*self.product_pieces())
         return F.linear(F.linear(x, cast_like_input(down, x)), cast_like_input(up, x))
 
     def fused_forward(self, base: nn.Module, x: torch.Tensor, weight: float) -> torch.Tensor | None:
@@ -240,18 +269,17 @@ class PlpAdapter(Adapter):
         # U = [A; uB], V = [C | dD] is not a rescaling of the pieces, so they go in as products.
         if not has_dense_weight(base):
             return None
-        up = self.learnable_up if self.up_weight == 1.0 else self.up_weight * self.learnable_up
-        down = self.learnable_down if self.down_weight == 1.0 else self.down_weight * self.learnable_down
+        frozen_up, up, frozen_down, down = self.product_pieces()
         if weight != 1.0:  # w U V = [wA; wB] V
-            return PlpLinearFunction.apply(x, base.weight, base.bias, weight * self.frozen_up, weight * up, self.frozen_down, down)
-        return PlpLinearFunction.apply(x, base.weight, base.bias, self.frozen_up, up, self.frozen_down, down)
+            frozen_up, up = weight * frozen_up, weight * up
+        return PlpLinearFunction.apply(x, base.weight, base.bias, frozen_up, up, frozen_down, down)
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        up, down = self.factors()
+        up, down = plp_factors(*self.product_pieces())
         return up @ down
 
     def lora_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        up, down = self.factors()
+        up, down = plp_factors(*self.product_pieces())  # rank r, or 2r when centered
         return down.detach().clone(), up.detach().clone()
 
 
@@ -276,6 +304,9 @@ def make_joint(handle: AdapterHandle, content: str = "content", style: str = "st
             f"content (r={content_config.r}, seed={content_config.seed}) and style (r={style_config.r}, "
             f"seed={style_config.seed}) PLPs were made with different frozen bases; train both with the same r and seed"
         )
+    if content_config.centered != style_config.centered:
+        raise AdapterError(f"content (centered={content_config.centered}) and style (centered={style_config.centered}) "
+                           "PLPs apply different products; train both with the same `centered` setting")
     content_layers = {module for module, _ in handle.wrappers(content)}
     if content_layers != {module for module, _ in handle.wrappers(style)}:
         raise AdapterError("content and style PLPs adapt different layers; train both with the same targets")

@@ -52,13 +52,15 @@ CONFIGS = {
     "paca": lambda: PacaConfig(targets=TARGETS, r=3, alpha=5.0),
     "paca_additive": lambda: PacaConfig(targets=TARGETS, r=3, alpha=5.0, resident=False),
     "plp": lambda: PlpConfig(targets=LINEAR_TARGETS, r=4),
+    "plp_centered": lambda: PlpConfig(targets=LINEAR_TARGETS, r=4, centered=True),
     "corda": lambda: CordaConfig(targets=TARGETS, r=3, alpha=5.0),
     "corda_kpm": lambda: CordaConfig(targets=TARGETS, r=3, alpha=5.0, mode="kpm"),
     "spt": lambda: SptConfig(targets=TARGETS, budget=0.25, r=2, alpha=4.0, n_batches=2),
     "spt_sparse": lambda: SptConfig(targets=TARGETS, budget=40, alpha=1.0, structured_vector=False, n_batches=2),
     "compacter": lambda: CompacterConfig(targets=LINEAR_TARGETS, n=2, bottleneck=2),
 }
-# PLP's frozen halves make dW = A C + A D nonzero at step 0 (spec §2); every other method starts at the base.
+# PLP's frozen halves make dW = A C + A D nonzero at step 0 (spec §2); every other method (centered PLP
+# included) starts at the base.
 NOT_IDENTITY_AT_INIT = {"plp"}
 # Compacter's bottleneck is nonlinear: no weight update exists, so merge refuses (and merges nothing).
 NOT_MERGEABLE = {"compacter"}

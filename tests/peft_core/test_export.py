@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaForCausalLM
 
-from peft_core import AdapterError, AdapterHandle, LoraConfig, PacaConfig, attach
+from peft_core import AdapterError, AdapterHandle, LoraConfig, PacaConfig, PlpConfig, attach
 from peft_core.export import export_diffusers, lora_factors
 from peft_core.methods.lora import LoraAdapter
 
@@ -114,7 +114,12 @@ def assert_adapter_matters(adapted: torch.Tensor, base: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 # The contract export relies on.
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", [LoraConfig(targets=["conv", "re:proj"], r=3), PacaConfig(targets=["conv", "re:proj"], r=2)])
+@pytest.mark.parametrize("config", [
+    LoraConfig(targets=["conv", "re:proj"], r=3),
+    PacaConfig(targets=["conv", "re:proj"], r=2),
+    PlpConfig(targets=["re:proj"], r=2),
+    PlpConfig(targets=["re:proj"], r=2, centered=True),  # rank 2r: U V minus the frozen A C block
+], ids=["lora", "paca", "plp", "plp_centered"])
 def test_lora_factors_multiply_to_the_dense_update(config) -> None:
     handle = attach(ConvThenLinear(), config)
     for parameter in handle.trainable_parameters():

@@ -341,3 +341,59 @@ def test_fused_plp_with_an_adapter_weight_matches_the_reference():
     (((F.linear(x_ref, base.weight, base.bias) + 0.7 * x_ref @ down.t() @ up.t()) * upstream).sum()).backward()
     for value, want in zip((x.grad, adapter.learnable_up.grad, adapter.learnable_down.grad), (x_ref.grad, B.grad, D.grad)):
         torch.testing.assert_close(value, want, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Centered PLP (spec pitfall 8): dW = U V - [A; 0][C | 0] = [[0, A D], [B C, B D]], D from zero.
+# ---------------------------------------------------------------------------------------------
+def test_centered_plp_starts_at_the_base_and_matches_the_block_formula():
+    model = two_layer_model()
+    x = torch.randn(3, 4, 12, dtype=torch.float64, requires_grad=True)
+    expected = model(x).detach()
+    attach(model, PlpConfig(targets=["to_q", "to_k"], r=3, centered=True))
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)  # exactly the base at init
+
+    adapter, base = model.to_q.adapters["default"], model.to_q.base_layer
+    with torch.no_grad():
+        adapter.learnable_up.normal_()
+        adapter.learnable_down.normal_()
+    upstream = torch.randn(3, 4, 10, dtype=torch.float64)
+    (model.to_q(x) * upstream).sum().backward()
+
+    A, C = adapter.frozen_up, adapter.frozen_down
+    B = adapter.learnable_up.detach().clone().requires_grad_(True)
+    D = adapter.learnable_down.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    blocks = torch.cat([torch.cat([torch.zeros(5, 6, dtype=torch.float64), A @ D], dim=1),
+                        torch.cat([B @ C, B @ D], dim=1)], dim=0)  # (10, 12)
+    reference = F.linear(x_ref, base.weight + blocks, base.bias)
+    (reference * upstream).sum().backward()
+    torch.testing.assert_close(adapter.delta_weight(base), blocks.detach(), rtol=1e-12, atol=1e-12)
+    for value, want in zip((x.grad, adapter.learnable_up.grad, adapter.learnable_down.grad), (x_ref.grad, B.grad, D.grad)):
+        torch.testing.assert_close(value, want, rtol=1e-10, atol=1e-12)
+    # the unfused path (delta_forward) gives the same output
+    torch.testing.assert_close(base(x) + adapter.delta_forward(base, x), reference, rtol=1e-10, atol=1e-12)
+
+
+def test_make_joint_of_centered_plps_has_no_frozen_block_and_refuses_a_mix():
+    model = two_layer_model()
+    handle = attach(model, PlpConfig(targets=["to_q", "to_k"], r=4, centered=True), name="content")
+    handle.add(PlpConfig(targets=["to_q", "to_k"], r=4, centered=True), name="style")
+    for _, wrapper in handle.wrappers():
+        with torch.no_grad():
+            wrapper.adapters["content"].learnable_down.normal_()
+            wrapper.adapters["style"].learnable_up.normal_()
+    make_joint(handle, content="content", style="style", name="joint")
+    for _, wrapper in handle.wrappers():
+        joint, content, style = (wrapper.adapters[n] for n in ("joint", "content", "style"))
+        rows, cols = joint.frozen_up.shape[0], joint.frozen_down.shape[1]
+        dw = joint.delta_weight(wrapper.base_layer)
+        torch.testing.assert_close(dw[:rows, :cols], torch.zeros(rows, cols, dtype=dw.dtype), rtol=0, atol=1e-12)  # A C - A C
+        torch.testing.assert_close(dw[:rows, cols:], joint.frozen_up @ content.learnable_down)
+        torch.testing.assert_close(dw[rows:, :cols], style.learnable_up @ joint.frozen_down)
+        torch.testing.assert_close(dw[rows:, cols:], style.learnable_up @ content.learnable_down)
+
+    mixed = attach(two_layer_model(), PlpConfig(targets=["to_q"], r=4, centered=True), name="content")
+    mixed.add(PlpConfig(targets=["to_q"], r=4), name="style")
+    with pytest.raises(AdapterError, match="same `centered` setting"):
+        make_joint(mixed)

@@ -95,3 +95,27 @@ def test_role_swap_trains_content_into_up_and_riemannian_make_changes_the_step(t
     assert plain.keys() == riemannian.keys()
     assert any(not torch.allclose(plain[k], riemannian[k]) for k in plain)
     assert all(torch.isfinite(v).all() for v in riemannian.values())
+
+
+def test_centered_b4m_starts_from_the_base_and_reloads_as_centered(tmp_path):
+    """config.centered: every stage's PLP is zero at init (the base UNet's output), and the saved
+    B4M state reloads as a centered adapter (same output)."""
+    pipe = micro_pipeline(tmp_path / "tok")
+    latents, text = torch.randn(1, 4, 8, 8), torch.randn(1, 16, 16)
+    base = pipe.unet(latents, 10, text).sample.detach()
+    b4m = BreakForMakePipeline(pipe, BreakForMakeConfig(rank=4, break_steps=0, make_steps=0, batch_size=2, centered=True))
+    b4m(ColourDataset(4), ColourDataset(4), aux_styles=[ColourDataset(2)], aux_contents=[ColourDataset(2)], run_dir=tmp_path / "run")
+    b4m.set_mix(1.0, 1.0)
+    torch.testing.assert_close(pipe.unet(latents, 10, text).sample, base, rtol=0, atol=1e-6)
+
+    trained = BreakForMakePipeline(micro_pipeline(tmp_path / "tok2"),
+                                   BreakForMakeConfig(rank=4, break_steps=2, make_steps=2, batch_size=2, centered=True))
+    trained(ColourDataset(4), ColourDataset(4), aux_styles=[ColourDataset(2)], aux_contents=[ColourDataset(2)],
+            run_dir=tmp_path / "run2")
+    trained.set_mix(1.0, 1.0)
+    joint = trained.pipe.unet(latents, 10, text).sample
+    assert not torch.allclose(joint, base)
+    reloaded = BreakForMakePipeline.from_pretrained(micro_pipeline(tmp_path / "tok3"), tmp_path / "run2" / "b4m")
+    reloaded.set_mix(1.0, 1.0)
+    assert all(wrapper.adapters["joint"].centered for _, wrapper in reloaded.handle.wrappers("joint"))
+    torch.testing.assert_close(reloaded.pipe.unet(latents, 10, text).sample, joint)
