@@ -79,6 +79,7 @@ def _worker(argv: list[str], log_path: str) -> None:
     import sys
 
     log = open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (lives as long as the process)
+    log.write(f"[studio ui] job started {time.strftime('%Y-%m-%d %H:%M:%S')} (unix {time.time():.3f})\n")
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     sys.stdout, sys.stderr = log, log
