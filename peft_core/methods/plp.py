@@ -140,7 +140,9 @@ class PlpLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, frozen_up, learnable_up, frozen_down, learnable_down):
+    def forward(ctx, x, weight, bias, frozen_up, learnable_up, frozen_down, learnable_down, grad_enabled=True):
+        # grad_enabled: torch.is_grad_enabled() of the caller (inside forward it is always off, and
+        # needs_input_grad still says True under no_grad): with it off nothing is kept or copied.
         dtype = compute_dtype(x)
         x2 = cast_to(x.reshape(-1, x.shape[-1]), dtype)  # (T, in)
         up, down = (cast_to(f, dtype) for f in plp_factors(frozen_up, learnable_up, frozen_down, learnable_down))
@@ -148,6 +150,9 @@ class PlpLinearFunction(torch.autograd.Function):
             h = x2 @ down.t()  # (T, r)
             y = F.linear(x2, cast_to(weight, dtype), None if bias is None else cast_to(bias, dtype))  # (T, out)
             y.addmm_(h, up.t())
+        out = y.reshape(*x.shape[:-1], y.shape[-1])
+        if not grad_enabled:  # inference: no backward will run
+            return out
         needs_up, needs_down = ctx.needs_input_grad[4], ctx.needs_input_grad[6]
         kept_by_producer = x._base is not None and x.dtype == dtype  # x2 is then a view of that tensor too
         ctx.keep_input = (torch.compiler.is_compiling() or kept_by_producer
@@ -160,7 +165,7 @@ class PlpLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(saved_input, saved_h, weight, frozen_up, learnable_up, frozen_down, learnable_down)
         ctx.compute_dtype, ctx.input_shape = dtype, x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -184,7 +189,7 @@ class PlpLinearFunction(torch.autograd.Function):
                 grad_down = mm_float32(grad_h.t(), input_half).to(learnable_down.dtype)  # (r, in - in/2)
             if ctx.needs_input_grad[2]:
                 grad_bias = g.sum(0).to(ctx.bias_dtype)
-        return grad_x, None, grad_bias, None, grad_up, None, grad_down
+        return grad_x, None, grad_bias, None, grad_up, None, grad_down, None
 
 
 def riemannian_precondition(grad_up: torch.Tensor, grad_down: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
@@ -272,7 +277,7 @@ class PlpAdapter(Adapter):
         frozen_up, up, frozen_down, down = self.product_pieces()
         if weight != 1.0:  # w U V = [wA; wB] V
             frozen_up, up = weight * frozen_up, weight * up
-        return PlpLinearFunction.apply(x, base.weight, base.bias, frozen_up, up, frozen_down, down)
+        return PlpLinearFunction.apply(x, base.weight, base.bias, frozen_up, up, frozen_down, down, torch.is_grad_enabled())
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         up, down = plp_factors(*self.product_pieces())

@@ -397,3 +397,21 @@ def test_make_joint_of_centered_plps_has_no_frozen_block_and_refuses_a_mix():
     mixed.add(PlpConfig(targets=["to_q"], r=4), name="style")
     with pytest.raises(AdapterError, match="same `centered` setting"):
         make_joint(mixed)
+
+
+def test_inference_keeps_and_copies_nothing(monkeypatch):
+    """Under no_grad the fused path copies no input half (needs_input_grad still says True there,
+    so the Function is told the caller's grad mode); with grad on, the same call does copy."""
+    import peft_core.methods.plp as plp
+
+    copies = []
+    original = plp.shared_input_half
+    monkeypatch.setattr(plp, "shared_input_half", lambda *args: copies.append(1) or original(*args))
+    model = Siblings()
+    attach(model, PlpConfig(targets=["to_q", "to_k", "to_v"], r=3))
+    x = torch.randn(7, 12, dtype=torch.float64)
+    with torch.no_grad():
+        inference = model(x)
+    assert copies == []
+    torch.testing.assert_close(model(x), inference, rtol=0, atol=0)
+    assert copies == [1, 1, 1]  # called by each layer; the copy itself is made once (shared)
