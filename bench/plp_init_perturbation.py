@@ -18,12 +18,13 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from b4m_quality import TARGETS  # noqa: E402  (the layers B4M adapts in the quality bench)
 
 from peft_core import PlpConfig, attach  # noqa: E402
 from pipelines import load_base  # noqa: E402
-from pipelines.train import UNET_ATTENTION_TARGETS  # noqa: E402
 
-TARGETS = [*UNET_ATTENTION_TARGETS, "ff.net.0.proj", "ff.net.2"]  # as in b4m_quality.py
 PROMPTS = ["a yellow moon on a dotted green background", "a star in neon style"]
 
 
