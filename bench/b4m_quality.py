@@ -134,7 +134,8 @@ def run_pair(args, content: str, style: str, device: str, judge, reused: dict | 
         b4m = BreakForMakePipeline(pipe, BreakForMakeConfig(rank=args.b4m_rank, break_steps=args.steps, make_steps=args.make_steps,
                                                             batch_size=args.batch_size, seed=args.seed, targets=TARGETS,
                                                             main_lr=args.lr, make_lr=args.lr, content_factor=args.content_factor,
-                                                            riemannian=args.riemannian, centered=args.centered))
+                                                            riemannian=args.riemannian, centered=args.centered,
+                                                            mcp_loss=args.mcp_loss))
         b4m(content_set, style_set, aux_styles, aux_contents)
         b4m.set_mix(1.0, 1.0)
         if args.tune_weights:
@@ -217,6 +218,9 @@ def main() -> None:
                         help="B4M: the PLP factor that learns the content (down: the official code's choice)")
     parser.add_argument("--riemannian", action="store_true", help="B4M: Riemannian-preconditioned make (the TOG version)")
     parser.add_argument("--centered", action="store_true", help="B4M: centered PLPs (no frozen A C block, D from zero)")
+    parser.add_argument("--mcp-loss", choices=("shared", "separate"), default="shared",
+                        help="B4M break runs: both factors learn main + partner loss (shared, the official code's "
+                             "updates) or each only its own (separate)")
     parser.add_argument("--tune-weights", action="store_true",
                         help="score B4M and the naive sum each at its own best composition weights, chosen from "
                              f"{WEIGHT_GRID}^2 on validation seeds by the harmonic mean of content and style fidelity "
@@ -267,7 +271,7 @@ def main() -> None:
 
 
 SETTINGS = ("steps", "rank", "b4m_rank", "lr", "batch_size", "samples_per_prompt", "seed", "content_factor", "riemannian",
-            "centered", "tune_weights")
+            "centered", "mcp_loss", "tune_weights")
 
 
 def summarize(pairs: list[dict]) -> dict:
@@ -283,7 +287,7 @@ def write_report(args, pairs: list[dict], started: float) -> None:
     report = {
         "steps": {"break": args.steps, "make": args.make_steps, "total_per_method": 2 * args.steps + args.make_steps},
         "rank": args.rank, "b4m_rank": args.b4m_rank, "content_factor": args.content_factor, "riemannian": args.riemannian,
-        "centered": args.centered, "tune_weights": args.tune_weights,
+        "centered": args.centered, "mcp_loss": args.mcp_loss, "tune_weights": args.tune_weights,
         "lr": args.lr, "targets": TARGETS, "batch_size": args.batch_size, "samples_per_prompt": args.samples, "seed": args.seed,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "wall_s": round(time.time() - started, 1),

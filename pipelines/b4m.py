@@ -7,13 +7,17 @@
 
 Every targeted layer gets a PLP (peft_core.methods.plp): dW = [A; B] [C | D] with A, C frozen.
 1. break / content: D learns the content images; B, at a 10x lower learning rate, learns several
-   *other* styles, so D must work with many style partners (multi-correspondence projection).
+   *other* styles, so D must work with many style partners (multi-correspondence projection). With
+   mcp_loss="shared" (the default) D also fits those other styles, paired with B: it must keep the
+   content and leave other styles' pictures alone.
 2. break / style: the mirror image: B learns the style, D learns other contents at 10x lower LR.
 3. make: a joint adapter [A; B_style] [C | D_content], fine-tuned briefly on both sets.
 4. compose: generate with the joint adapter; content_weight scales D and style_weight scales B.
 
-Each loss steps only the factor it belongs to (torch.autograd.grad on that factor, one optimizer
-per factor), unlike the official code where gradients leak between the two (spec pitfall 5).
+Gradients are taken with torch.autograd.grad on exactly the factors a loss is meant to train, one
+optimizer per factor. The official code gets its shared loss implicitly, by never clearing either
+factor's gradient between the main and the partner backward pass (spec pitfall 5); "shared" does
+the same on purpose, and "separate" gives each factor only its own loss.
 
 With a run_dir, each finished break run is saved under <run_dir>/stages/<content|style> (written
 to a temporary folder, then renamed: a stage is there whole or not at all), and a later call with
@@ -78,6 +82,15 @@ class BreakForMakeConfig:
     # Centered PLPs (PlpConfig.centered): the frozen A C block left out and D from zero, so every
     # stage starts from the base model itself instead of one perturbed by A C (spec pitfall 8).
     centered: bool = False
+    # Which loss each factor of a break run learns from (multi-correspondence projection):
+    # - "shared": both factors step on the sum of the main loss and the mean partner loss, each at its
+    #   own learning rate. This is what the official code's updates amount to: it never clears either
+    #   factor's gradient between the main and the partner backward pass (and accelerate's gradient
+    #   accumulation skips zero_grad between micro-steps), so the content D also fits the other
+    #   styles, paired with the partner B, and learns to leave them alone.
+    # - "separate": the main factor learns only the main loss and the partner only the partner loss
+    #   (the spec's reading of that leak as unintended, pitfall 5).
+    mcp_loss: str = "shared"
 
 
 class BreakForMakePipeline:
@@ -109,6 +122,8 @@ class BreakForMakePipeline:
                 raise UserError(f"the {label} dataset is empty")
         if self.config.content_factor not in ("down", "up"):
             raise UserError(f"content_factor must be 'down' or 'up', got {self.config.content_factor!r}")
+        if self.config.mcp_loss not in ("shared", "separate"):
+            raise UserError(f"mcp_loss must be 'shared' or 'separate', got {self.config.mcp_loss!r}")
         if self.handle is not None and set(self.handle.adapter_names) & {"content", "style", "joint"}:
             raise UserError("this pipeline's UNet already has B4M adapters; load a fresh base model to train again")
         emit = on_event or (lambda event: None)
@@ -177,17 +192,26 @@ class BreakForMakePipeline:
             generator = step_generator(config.seed, step)
             loss = diffusion_loss(self.pipe, self.pipe.unet, sample_batch(main_data, config.batch_size, config.seed, step),
                                   generator, device, torch.float32, self._noise)
-            self._step(loss, main_params, main_opt)
-            if partner_sets:  # the partner learns the mean loss over the other concepts
-                partner_loss = sum(
-                    diffusion_loss(self.pipe, self.pipe.unet, sample_batch(data, config.batch_size, config.seed + 1 + k, step),
-                                   generator, device, torch.float32, self._noise)
-                    for k, data in enumerate(partner_sets)
-                ) / len(partner_sets)
-                self._step(partner_loss, partner_params, partner_opt)
+            if not partner_sets:  # K = 0: the main factor alone, on the main loss
+                self._step(loss, main_params, main_opt)
+            elif config.mcp_loss == "separate":
+                self._step(loss, main_params, main_opt)
+                self._step(self._partner_loss(partner_sets, step, generator), partner_params, partner_opt)
+            else:  # "shared": one loss, main + mean partner, for both factors at their own learning rates
+                self._step(loss + self._partner_loss(partner_sets, step, generator), main_params + partner_params,
+                           [(main_params, main_opt), (partner_params, partner_opt)])
             emit(TrainEvent(f"break-{name}", step + 1, config.break_steps, loss=loss.item(), lr=config.main_lr))
             if step + 1 < config.break_steps:
                 self._stop_if_requested(f"break-{name}", step + 1, config.break_steps)
+
+    def _partner_loss(self, partner_sets: list, step: int, generator: torch.Generator) -> torch.Tensor:
+        """The mean diffusion loss over the other concepts, each with its own prompts."""
+        config, device = self.config, self.pipe.unet.device
+        return sum(
+            diffusion_loss(self.pipe, self.pipe.unet, sample_batch(data, config.batch_size, config.seed + 1 + k, step),
+                           generator, device, torch.float32, self._noise)
+            for k, data in enumerate(partner_sets)
+        ) / len(partner_sets)
 
     def _make(self, content, style, emit) -> None:
         config, device, handle = self.config, self.pipe.unet.device, self.handle
@@ -206,19 +230,24 @@ class BreakForMakePipeline:
             if step + 1 < config.make_steps:
                 self._stop_if_requested("make", step + 1, config.make_steps)
 
-    def _step(self, loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+    def _step(self, loss: torch.Tensor, params: list[torch.nn.Parameter],
+              optimizer: torch.optim.Optimizer | list[tuple[list[torch.nn.Parameter], torch.optim.Optimizer]],
               precondition: str | None = None) -> None:
         """Gradient of `loss` for `params` only; nothing else receives (or keeps) a gradient.
+        `optimizer`: one for all of `params`, or (group, optimizer) pairs, each group clipped and
+        stepped on its own (the two factors of a shared-loss break step, at their own learning rates).
         `precondition`: the PLP adapter whose gradients get the Riemannian scaling first."""
         grads = torch.autograd.grad(loss, params)
         for parameter, grad in zip(params, grads):
             parameter.grad = grad
         if precondition is not None:
             precondition_gradients(self.handle, precondition, self.config.riemannian_delta)
-        if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        groups = optimizer if isinstance(optimizer, list) else [(params, optimizer)]
+        for group, group_optimizer in groups:
+            if self.config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(group, self.config.max_grad_norm)
+            group_optimizer.step()
+            group_optimizer.zero_grad(set_to_none=True)
 
     # -- compose ----------------------------------------------------------------------------
     def set_mix(self, content_weight: float = 1.0, style_weight: float = 1.0, adapter: str = "joint") -> None:

@@ -119,3 +119,41 @@ def test_centered_b4m_starts_from_the_base_and_reloads_as_centered(tmp_path):
     reloaded.set_mix(1.0, 1.0)
     assert all(wrapper.adapters["joint"].centered for _, wrapper in reloaded.handle.wrappers("joint"))
     torch.testing.assert_close(reloaded.pipe.unet(latents, 10, text).sample, joint)
+
+
+class _InvertedColours(ColourDataset):
+    """The same captions as ColourDataset, on pictures with every pixel negated."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.items = [{**item, "pixel_values": -item["pixel_values"]} for item in self.items]
+
+
+def test_shared_mcp_loss_makes_the_main_factor_fit_the_partner_concepts_and_separate_does_not(tmp_path):
+    """mcp_loss="shared": the content run's D also learns from the auxiliary styles; "separate": D
+    learns the content loss only. With the partner's learning rate at 0 (B stays exactly 0), D after
+    the break run must not depend on the auxiliary pictures when separate, and must when shared."""
+
+    def content_run(mcp_loss: str, aux_style, folder: str) -> dict[str, torch.Tensor]:
+        config = BreakForMakeConfig(rank=4, break_steps=2, make_steps=0, batch_size=2, partner_lr_ratio=0.0, mcp_loss=mcp_loss)
+        b4m = BreakForMakePipeline(micro_pipeline(tmp_path / folder), config)
+        b4m(ColourDataset(4), ColourDataset(4), aux_styles=[aux_style], aux_contents=[ColourDataset(2)])
+        adapters = [wrapper.adapters["content"] for _, wrapper in b4m.handle.wrappers("content")]
+        assert all(torch.count_nonzero(adapter.learnable_up) == 0 for adapter in adapters)  # the partner did not move
+        return {str(i): adapter.learnable_down.detach().clone() for i, adapter in enumerate(adapters)}
+
+    separate = content_run("separate", ColourDataset(2), "a"), content_run("separate", _InvertedColours(2), "b")
+    shared = content_run("shared", ColourDataset(2), "c"), content_run("shared", _InvertedColours(2), "d")
+    for key in separate[0]:
+        torch.testing.assert_close(separate[0][key], separate[1][key], rtol=0, atol=0)
+    assert any(not torch.allclose(shared[0][k], shared[1][k]) for k in shared[0])
+    # and the shared D is not the separate one (same data: only the partner loss differs)
+    assert any(not torch.allclose(shared[0][k], separate[0][k]) for k in shared[0])
+
+    import pytest
+
+    from pipelines.errors import UserError
+
+    with pytest.raises(UserError, match="mcp_loss"):
+        BreakForMakePipeline(micro_pipeline(tmp_path / "e"), BreakForMakeConfig(mcp_loss="both"))(
+            ColourDataset(2), ColourDataset(2))
