@@ -218,9 +218,9 @@ def main() -> None:
                         help="B4M: the PLP factor that learns the content (down: the official code's choice)")
     parser.add_argument("--riemannian", action="store_true", help="B4M: Riemannian-preconditioned make (the TOG version)")
     parser.add_argument("--centered", action="store_true", help="B4M: centered PLPs (no frozen A C block, D from zero)")
-    parser.add_argument("--mcp-loss", choices=("shared", "separate"), default="shared",
-                        help="B4M break runs: both factors learn main + partner loss (shared, the official code's "
-                             "updates) or each only its own (separate)")
+    parser.add_argument("--mcp-loss", choices=("shared", "separate"), default="separate",
+                        help="B4M break runs: each factor learns only its own loss (separate) or both learn main + "
+                             "partner loss (shared, the official code's effective update)")
     parser.add_argument("--tune-weights", action="store_true",
                         help="score B4M and the naive sum each at its own best composition weights, chosen from "
                              f"{WEIGHT_GRID}^2 on validation seeds by the harmonic mean of content and style fidelity "

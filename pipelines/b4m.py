@@ -8,8 +8,8 @@
 Every targeted layer gets a PLP (peft_core.methods.plp): dW = [A; B] [C | D] with A, C frozen.
 1. break / content: D learns the content images; B, at a 10x lower learning rate, learns several
    *other* styles, so D must work with many style partners (multi-correspondence projection). With
-   mcp_loss="shared" (the default) D also fits those other styles, paired with B: it must keep the
-   content and leave other styles' pictures alone.
+   mcp_loss="shared" (the official code's effective update) D also fits those other styles, paired
+   with B.
 2. break / style: the mirror image: B learns the style, D learns other contents at 10x lower LR.
 3. make: a joint adapter [A; B_style] [C | D_content], fine-tuned briefly on both sets.
 4. compose: generate with the joint adapter; content_weight scales D and style_weight scales B.
@@ -83,14 +83,15 @@ class BreakForMakeConfig:
     # stage starts from the base model itself instead of one perturbed by A C (spec pitfall 8).
     centered: bool = False
     # Which loss each factor of a break run learns from (multi-correspondence projection):
+    # - "separate": the main factor learns only the main loss and the partner only the partner loss
+    #   (the spec's reading of the official code's gradient leak as unintended, pitfall 5).
     # - "shared": both factors step on the sum of the main loss and the mean partner loss, each at its
     #   own learning rate. This is what the official code's updates amount to: it never clears either
     #   factor's gradient between the main and the partner backward pass (and accelerate's gradient
     #   accumulation skips zero_grad between micro-steps), so the content D also fits the other
-    #   styles, paired with the partner B, and learns to leave them alone.
-    # - "separate": the main factor learns only the main loss and the partner only the partner loss
-    #   (the spec's reading of that leak as unintended, pitfall 5).
-    mcp_loss: str = "shared"
+    #   styles, paired with the partner B. On the embedded world it did not score better
+    #   (bench/README.md, b4m_quality_shared*.json), so it is not the default.
+    mcp_loss: str = "separate"
 
 
 class BreakForMakePipeline:

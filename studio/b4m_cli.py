@@ -34,8 +34,8 @@ B4M_HELP = {
     "riemannian": "make with Riemannian-preconditioned gradients (the TOG version of B4M)",
     "riemannian_delta": "damping delta of the Riemannian preconditioner",
     "centered": "leave out the PLPs' frozen A C block and start D at zero, so training starts from the base model",
-    "mcp_loss": "break runs: 'shared' (both factors learn the main + partner loss, as the official code's updates do) "
-                "or 'separate' (each factor only its own loss)",
+    "mcp_loss": "break runs: 'separate' (each factor learns only its own loss) or 'shared' (both learn the main + "
+                "partner loss, as the official code's updates do)",
 }
 
 
