@@ -190,11 +190,16 @@ def test_full_model_with_recovered_adapter_equals_small_model_on_kept_channels(t
     full_handle = load(full, tmp_path / "full")
     expected = small(input_ids=IDS).logits
     torch.testing.assert_close(full(input_ids=IDS).logits, expected, rtol=0, atol=1e-10)
-    # With the KV cache: the last token's logits after a cached prefix.
+    # With the KV cache: the last token's logits after a cached prefix. The full model must equal the
+    # small one exactly there too. Against the uncached forward only to float32 rounding: Llama's eager
+    # attention takes its softmax in float32, so sequences of other lengths round differently (~1e-6
+    # with transformers 5.25, also for a model without adapters).
+    steps = []
     for model in (small, full):
         prefix = model(input_ids=IDS[:, :-1], use_cache=True)
-        step = model(input_ids=IDS[:, -1:], cache=prefix.past_key_values).logits[:, -1]
-        torch.testing.assert_close(step, expected[:, -1], rtol=0, atol=1e-10)
+        steps.append(model(input_ids=IDS[:, -1:], cache=prefix.past_key_values).logits[:, -1])
+    torch.testing.assert_close(steps[1], steps[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(steps[0], expected[:, -1], rtol=1e-4, atol=1e-5)
     full_handle.merge()
     torch.testing.assert_close(full(input_ids=IDS).logits, expected, rtol=0, atol=1e-10)
 
