@@ -193,14 +193,13 @@ class BreakForMakePipeline:
             generator = step_generator(config.seed, step)
             loss = diffusion_loss(self.pipe, self.pipe.unet, sample_batch(main_data, config.batch_size, config.seed, step),
                                   generator, device, torch.float32, self._noise)
-            if not partner_sets:  # K = 0: the main factor alone, on the main loss
-                self._step(loss, main_params, main_opt)
-            elif config.mcp_loss == "separate":
-                self._step(loss, main_params, main_opt)
-                self._step(self._partner_loss(partner_sets, step, generator), partner_params, partner_opt)
-            else:  # "shared": one loss, main + mean partner, for both factors at their own learning rates
-                self._step(loss + self._partner_loss(partner_sets, step, generator), main_params + partner_params,
+            if partner_sets and config.mcp_loss == "shared":  # one loss for both factors, each at its own lr
+                self._step(loss + self._partner_loss(partner_sets, step, generator),
                            [(main_params, main_opt), (partner_params, partner_opt)])
+            else:  # each factor its own loss (with K = 0 the partner does not train)
+                self._step(loss, [(main_params, main_opt)])
+                if partner_sets:
+                    self._step(self._partner_loss(partner_sets, step, generator), [(partner_params, partner_opt)])
             emit(TrainEvent(f"break-{name}", step + 1, config.break_steps, loss=loss.item(), lr=config.main_lr))
             if step + 1 < config.break_steps:
                 self._stop_if_requested(f"break-{name}", step + 1, config.break_steps)
@@ -226,29 +225,27 @@ class BreakForMakePipeline:
             style_loss = diffusion_loss(self.pipe, self.pipe.unet, sample_batch(style, config.batch_size, seed, step),
                                         step_generator(seed, step), device, torch.float32, self._noise)
             loss = content_loss + style_loss
-            self._step(loss, params, optimizer, precondition="joint" if config.riemannian else None)
+            self._step(loss, [(params, optimizer)], precondition="joint" if config.riemannian else None)
             emit(TrainEvent("make", step + 1, config.make_steps, loss=loss.item(), lr=config.make_lr))
             if step + 1 < config.make_steps:
                 self._stop_if_requested("make", step + 1, config.make_steps)
 
-    def _step(self, loss: torch.Tensor, params: list[torch.nn.Parameter],
-              optimizer: torch.optim.Optimizer | list[tuple[list[torch.nn.Parameter], torch.optim.Optimizer]],
+    def _step(self, loss: torch.Tensor, groups: list[tuple[list[torch.nn.Parameter], torch.optim.Optimizer]],
               precondition: str | None = None) -> None:
-        """Gradient of `loss` for `params` only; nothing else receives (or keeps) a gradient.
-        `optimizer`: one for all of `params`, or (group, optimizer) pairs, each group clipped and
-        stepped on its own (the two factors of a shared-loss break step, at their own learning rates).
+        """Gradient of `loss` for the groups' parameters only; nothing else receives (or keeps) a
+        gradient. Each (parameters, optimizer) group is clipped and stepped on its own.
         `precondition`: the PLP adapter whose gradients get the Riemannian scaling first."""
+        params = [parameter for group, _ in groups for parameter in group]
         grads = torch.autograd.grad(loss, params)
         for parameter, grad in zip(params, grads):
             parameter.grad = grad
         if precondition is not None:
             precondition_gradients(self.handle, precondition, self.config.riemannian_delta)
-        groups = optimizer if isinstance(optimizer, list) else [(params, optimizer)]
-        for group, group_optimizer in groups:
+        for group, optimizer in groups:
             if self.config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(group, self.config.max_grad_norm)
-            group_optimizer.step()
-            group_optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     # -- compose ----------------------------------------------------------------------------
     def set_mix(self, content_weight: float = 1.0, style_weight: float = 1.0, adapter: str = "joint") -> None:
