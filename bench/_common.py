@@ -205,9 +205,7 @@ def format_table(headers: list[str], rows: list[list[Any]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in text)) if text else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
     lines.append("  ".join("-" * w for w in widths))
-    lines += [
-        "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in text
-    ]
+    lines += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in text]
     return "\n".join(lines)
 
 
@@ -303,8 +301,14 @@ def device_dtype_out(args, name: str):
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    out = Path(args.out or (REPO_ROOT / "bench" / "results" / f"{name}.json" if device.type == "cuda"
-                            else f"/tmp/{name}_{args.config}.json"))
+    out = Path(
+        args.out
+        or (
+            REPO_ROOT / "bench" / "results" / f"{name}.json"
+            if device.type == "cuda"
+            else f"/tmp/{name}_{args.config}.json"
+        )
+    )
     return device, dtype, out
 
 
@@ -372,8 +376,10 @@ class StepPhases:
         issued = time.perf_counter()
         sync(self.device)
         done = time.perf_counter()
-        record: dict[str, Any] = {"wall_ms": round((done - self._marks[0][1]) * 1e3, 3),
-                                  "wait_after_issue_ms": round((done - issued) * 1e3, 3)}
+        record: dict[str, Any] = {
+            "wall_ms": round((done - self._marks[0][1]) * 1e3, 3),
+            "wait_after_issue_ms": round((done - issued) * 1e3, 3),
+        }
         for (_, t0, e0), (phase, t1, e1) in zip(self._marks, self._marks[1:]):
             record[f"{phase}_host_ms"] = round((t1 - t0) * 1e3, 3)
             if e0 is not None:
@@ -388,8 +394,7 @@ class StepPhases:
     def summary(self) -> dict[str, Any]:
         """Medians of every field over the recorded steps, plus the raw per-step records."""
         keys = [k for k in self.steps[0] if k != "gc_collections"] if self.steps else []
-        return {"median": {k: round(statistics.median(s[k] for s in self.steps), 3) for k in keys},
-                "steps": self.steps}
+        return {"median": {k: round(statistics.median(s[k] for s in self.steps), 3) for k in keys}, "steps": self.steps}
 
 
 class MemoryTrace:
@@ -475,6 +480,8 @@ def peak_breakdown(events: list[dict[str, Any]], start_bytes: int, top: int = 30
         "before_trace_mib": round(peak_before / mib, 1),
         "peak_event": peak_at,
         "events": len(events),
-        "sites": [{"site": site, "mib": round(total / mib, 2), "blocks": count} for site, (total, count) in ranked[:top]],
+        "sites": [
+            {"site": site, "mib": round(total / mib, 2), "blocks": count} for site, (total, count) in ranked[:top]
+        ],
         "other_sites_mib": round(sum(total for _, (total, _) in ranked[top:]) / mib, 2),
     }

@@ -96,8 +96,12 @@ def bench_shape(name, shape, dtype, device, rho, warmup, steps, seed):
                 return torch.autograd.grad(out, leaves, upstream, retain_graph=True)
 
             timing = time_steps(backward, device, warmup=warmup, steps=steps)
-            rows[label] = {"backward_ms": timing["ms_per_step"], "backward_ms_all": timing["ms_all"],
-                           "peak_gib": timing["peak_gib"], **errors(timing["last"], reference)}
+            rows[label] = {
+                "backward_ms": timing["ms_per_step"],
+                "backward_ms_all": timing["ms_all"],
+                "peak_gib": timing["peak_gib"],
+                **errors(timing["last"], reference),
+            }
         except torch.OutOfMemoryError as error:
             rows[label] = {"error": f"out of memory: {str(error).splitlines()[0]}"}
         del leaves
@@ -109,18 +113,37 @@ def bench_shape(name, shape, dtype, device, rho, warmup, steps, seed):
             row["speedup"] = exact_ms / row["backward_ms"]
             row["passes"] = row["relative"] < MAX_RELATIVE_ERROR and row["speedup"] >= MIN_SPEEDUP
     log(f"\n{name}: batch, heads, L, d, causal = {shape}; rho = {rho}")
-    log(format_table(["variant", "bwd ms", "speedup", "rel err", "cos dq", "max-abs dq"],
-                     [[label, row.get("backward_ms"), row.get("speedup"), row.get("relative"), row.get("dq_cosine"),
-                       row.get("dq_max_abs_normalized")] for label, row in rows.items()]))
+    log(
+        format_table(
+            ["variant", "bwd ms", "speedup", "rel err", "cos dq", "max-abs dq"],
+            [
+                [
+                    label,
+                    row.get("backward_ms"),
+                    row.get("speedup"),
+                    row.get("relative"),
+                    row.get("dq_cosine"),
+                    row.get("dq_max_abs_normalized"),
+                ]
+                for label, row in rows.items()
+            ],
+        )
+    )
     return {"shape": dict(zip(("batch", "heads", "length", "head_dim", "causal"), shape)), "rho": rho, "variants": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU; prints only")
-    parser.add_argument("--rho", type=float, default=0.4, help="max |sqrt(beta) q| / sqrt(ln L) of the inputs (default 0.4)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
-                        help="default bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument(
+        "--rho", type=float, default=0.4, help="max |sqrt(beta) q| / sqrt(ln L) of the inputs (default 0.4)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default=None,
+        help="default bfloat16 on CUDA, float32 on the CPU",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -136,21 +159,38 @@ def main(argv: list[str] | None = None) -> int:
         device, shapes = "cuda", GPU_SHAPES
         args.out = args.out or str(RESULTS / "attn_backward.json")
     dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
-    results = {name: bench_shape(name, shape, dtype, device, args.rho, args.warmup, args.steps, args.seed)
-               for name, shape in shapes.items()}
-    winners = [f"{shape}: {label}" for shape, result in results.items()
-               for label, row in result["variants"].items() if row.get("passes") and not label.startswith("exact")]
-    verdict = (f"ships: {winners}" if winners else
-               f"stays out of the public API: no approximate backward reached relative error < {MAX_RELATIVE_ERROR} "
-               f"with >= {MIN_SPEEDUP}x backward speed-up at these shapes")
+    results = {
+        name: bench_shape(name, shape, dtype, device, args.rho, args.warmup, args.steps, args.seed)
+        for name, shape in shapes.items()
+    }
+    winners = [
+        f"{shape}: {label}"
+        for shape, result in results.items()
+        for label, row in result["variants"].items()
+        if row.get("passes") and not label.startswith("exact")
+    ]
+    verdict = (
+        f"ships: {winners}"
+        if winners
+        else f"stays out of the public API: no approximate backward reached relative error < {MAX_RELATIVE_ERROR} "
+        f"with >= {MIN_SPEEDUP}x backward speed-up at these shapes"
+    )
     log(f"\nverdict: {verdict}")
     if args.out:
-        write_json(args.out, {
-            "bench": "attn_backward", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "torch": torch.__version__, "dtype": str(dtype), "cpu_smoke": args.cpu_smoke,
-            "acceptance": {"max_relative_error": MAX_RELATIVE_ERROR, "min_speedup": MIN_SPEEDUP},
-            "results": results, "verdict": verdict, "passing": winners,
-        })
+        write_json(
+            args.out,
+            {
+                "bench": "attn_backward",
+                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                "torch": torch.__version__,
+                "dtype": str(dtype),
+                "cpu_smoke": args.cpu_smoke,
+                "acceptance": {"max_relative_error": MAX_RELATIVE_ERROR, "min_speedup": MIN_SPEEDUP},
+                "results": results,
+                "verdict": verdict,
+                "passing": winners,
+            },
+        )
         log(f"wrote {args.out}")
     return 0
 

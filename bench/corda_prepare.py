@@ -35,17 +35,33 @@ from peft_core.methods import corda  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODELS = {
     # Llama-3.2-1B shapes (1.24B parameters with the tied 128k vocabulary).
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True),
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        tie_word_embeddings=True,
+    ),
 }
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**MODELS[name], max_position_embeddings=4096, initializer_range=0.02, attn_implementation="sdpa")
+    config = LlamaConfig(
+        **MODELS[name], max_position_embeddings=4096, initializer_range=0.02, attn_implementation="sdpa"
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
     return model.requires_grad_(False)
@@ -78,7 +94,9 @@ def main() -> None:
         args.model, args.n_samples, args.seq_len, args.batch_size, args.r = "tiny", 4, 32, 2, 4
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    out = args.out or str(REPO_ROOT / "bench" / "results" / ("corda_prepare_tiny.json" if args.tiny else "corda_prepare.json"))
+    out = args.out or str(
+        REPO_ROOT / "bench" / "results" / ("corda_prepare_tiny.json" if args.tiny else "corda_prepare.json")
+    )
 
     import peft
     from peft.tuners.lora.corda import preprocess_corda
@@ -87,7 +105,10 @@ def main() -> None:
     parameters = sum(p.numel() for p in model.parameters())
     generator = torch.Generator().manual_seed(233)
     tokens = torch.randint(0, model.config.vocab_size, (args.n_samples, args.seq_len), generator=generator).to(device)
-    log(f"{args.model}: {parameters / 1e9:.2f}B parameters, {args.n_samples} x {args.seq_len} tokens on {device} ({dtype})")
+    log(
+        f"{args.model}: {parameters / 1e9:.2f}B parameters, {args.n_samples} x {args.seq_len} tokens "
+        f"on {device} ({dtype})"
+    )
     with torch.no_grad():
         model(input_ids=tokens[:1], use_cache=False)  # warm-up: kernels, allocator
 
@@ -98,7 +119,9 @@ def main() -> None:
     def step(m, ids):
         return m(input_ids=ids, use_cache=False)
 
-    covariances, collect_s, collect_peak = timed(device, lambda: corda.collect_covariances(model, config, batches, step))
+    covariances, collect_s, collect_peak = timed(
+        device, lambda: corda.collect_covariances(model, config, batches, step)
+    )
     prepared, decompose_s, decompose_peak = timed(device, lambda: corda.prepare(model, config, covariances=covariances))
     ours_s = collect_s + decompose_s
     ours_S = {name: eigens.S.float().cpu() for name, eigens in prepared.items()}
@@ -107,7 +130,10 @@ def main() -> None:
 
     # -- HF PEFT ----------------------------------------------------------------------------
     peft_config = peft.LoraConfig(
-        r=args.r, lora_alpha=args.r, target_modules=TARGETS, init_lora_weights="corda",
+        r=args.r,
+        lora_alpha=args.r,
+        target_modules=TARGETS,
+        init_lora_weights="corda",
         corda_config=peft.tuners.lora.config.CordaConfig(corda_method=args.mode),
     )
 
@@ -126,7 +152,9 @@ def main() -> None:
             del module.eigens
 
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})",
         "model": f"{args.model} (LlamaForCausalLM, {parameters / 1e9:.2f}B parameters, {str(dtype).split('.')[-1]})",
         "n_samples": args.n_samples,
         "seq_len": args.seq_len,

@@ -59,22 +59,32 @@ def sd_prompt_accuracy(pipeline, judge, prompts: int, seed: int) -> dict:
     pictures = []
     for scene in scenes:  # one picture per prompt, each from the same seed: reruns give the same pictures
         generator = torch.Generator().manual_seed(seed)
-        pictures.append(pipeline(scene.caption(), num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                                 generator=generator).images[0])
+        pictures.append(
+            pipeline(scene.caption(), num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=generator).images[0]
+        )
     answers = predict(judge, pictures)
-    per_head = {head: sum(a[head] == getattr(s, head) for a, s in zip(answers, scenes)) / len(scenes)
-                for head in ("content", "colour", "pattern")}
+    per_head = {
+        head: sum(a[head] == getattr(s, head) for a, s in zip(answers, scenes)) / len(scenes)
+        for head in ("content", "colour", "pattern")
+    }
     both = sum(a["content"] == s.content and a["colour"] == s.colour for a, s in zip(answers, scenes)) / len(scenes)
-    return {"sd_prompt_accuracy": round(both, 4), "sd_prompt_accuracy_per_head": {k: round(v, 4) for k, v in per_head.items()},
-            "sd_prompts": len(scenes)}
+    return {
+        "sd_prompt_accuracy": round(both, 4),
+        "sd_prompt_accuracy_per_head": {k: round(v, 4) for k, v in per_head.items()},
+        "sd_prompts": len(scenes),
+    }
 
 
 def cpu_seconds_per_image(pipeline, repeats: int) -> float:
     timings = []
     for index in range(repeats + 1):
         started = time.perf_counter()
-        pipeline("a green circle", num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                 generator=torch.Generator().manual_seed(index))
+        pipeline(
+            "a green circle",
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            generator=torch.Generator().manual_seed(index),
+        )
         timings.append(time.perf_counter() - started)
     return round(statistics.median(timings[1:]), 3)  # the first call pays for one-off set-up
 
@@ -97,11 +107,13 @@ def judge_report(judge, vae) -> dict:
         head = "content" if spec["kind"] == "content" else "style"
         sets[name] = round(float(score(judge, pictures, head, spec["concept"]).mean()), 4)
         sets_after_vae[name] = round(float(score(judge, round_trips, head, spec["concept"]).mean()), 4)
-    return {"judge_accuracy": round(accuracy["content"], 4),
-            "judge_accuracy_per_head": {k: round(v, 4) for k, v in accuracy.items()},
-            "judge_accuracy_per_head_after_vae": {k: round(v, 4) for k, v in accuracy_after_vae.items()},
-            "judge_mean_score_on_shipped_sets": sets,
-            "judge_mean_score_on_shipped_sets_after_vae": sets_after_vae}
+    return {
+        "judge_accuracy": round(accuracy["content"], 4),
+        "judge_accuracy_per_head": {k: round(v, 4) for k, v in accuracy.items()},
+        "judge_accuracy_per_head_after_vae": {k: round(v, 4) for k, v in accuracy_after_vae.items()},
+        "judge_mean_score_on_shipped_sets": sets,
+        "judge_mean_score_on_shipped_sets_after_vae": sets_after_vae,
+    }
 
 
 def lm_report() -> dict:
@@ -112,10 +124,12 @@ def lm_report() -> dict:
     probe = [json.loads(line) for line in embedded_lm_data("knowledge_probe.jsonl").read_text().splitlines()]
     torch.manual_seed(0)
     random_model = AutoModelForCausalLM.from_config(model.config)
-    return {"lm_heldout_ppl": round(text_world.perplexity(model, tokenizer, heldout), 4),
-            "lm_random_init_ppl": round(text_world.perplexity(random_model, tokenizer, heldout), 4),
-            "lm_knowledge_probe_accuracy": round(text_world.multiple_choice_accuracy(model, tokenizer, probe), 4),
-            "lm_parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "lm_heldout_ppl": round(text_world.perplexity(model, tokenizer, heldout), 4),
+        "lm_random_init_ppl": round(text_world.perplexity(random_model, tokenizer, heldout), 4),
+        "lm_knowledge_probe_accuracy": round(text_world.multiple_choice_accuracy(model, tokenizer, probe), 4),
+        "lm_parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def assets_megabytes() -> dict:

@@ -151,8 +151,15 @@ def make_call(pipe, text_input: str, batch: int, size: int, device: torch.device
 
     def eager_call(steps: int) -> torch.Tensor:
         generator = torch.Generator(device=device).manual_seed(seed)
-        common = dict(num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size,
-                      num_images_per_prompt=batch, generator=generator, output_type="pt")
+        common = dict(
+            num_inference_steps=steps,
+            guidance_scale=GUIDANCE,
+            height=size,
+            width=size,
+            num_images_per_prompt=batch,
+            generator=generator,
+            output_type="pt",
+        )
         if text_input == "tokenizer":
             images = pipe(PROMPT, **common).images
         else:  # fixed token ids through the text encoder inside the timed call, as a tokenizer would feed it
@@ -167,8 +174,9 @@ def make_call(pipe, text_input: str, batch: int, size: int, device: torch.device
     return call
 
 
-def time_generation(call, device: torch.device, steps: int, runs: int, warmup_steps: int,
-                    batch: int) -> tuple[dict[str, Any], torch.Tensor]:
+def time_generation(
+    call, device: torch.device, steps: int, runs: int, warmup_steps: int, batch: int
+) -> tuple[dict[str, Any], torch.Tensor]:
     """A short warm-up call (kernels, cuDNN autotuning, allocator), then `runs` timed calls."""
     is_cuda = device.type == "cuda"
     start = time.perf_counter()
@@ -204,16 +212,21 @@ CRITERIA = (("merged_vs_base", 1.02), ("unmerged_vs_base", 1.15))  # issue 11, H
 def update_report(report: dict) -> None:
     report["ratios"], report["criteria"] = {}, {}
     for batch_key, entries in report["results"].items():
-        ms = {v: entries[v]["ms"] if isinstance(entries.get(v), dict) and "ms" in entries[v] else None
-              for v in VARIANTS}
-        ratios = {"merged_vs_base": ratio(ms["merged"], ms["base"]),
-                  "unmerged_vs_base": ratio(ms["unmerged"], ms["base"])}
+        ms = {
+            v: entries[v]["ms"] if isinstance(entries.get(v), dict) and "ms" in entries[v] else None for v in VARIANTS
+        }
+        ratios = {
+            "merged_vs_base": ratio(ms["merged"], ms["base"]),
+            "unmerged_vs_base": ratio(ms["unmerged"], ms["base"]),
+        }
         report["ratios"][batch_key] = ratios
         report["criteria"][batch_key] = {
             f"{key} <= {bound}": None if ratios[key] is None else ratios[key] <= bound for key, bound in CRITERIA
         }
-        studio = {"merged_vs_base": ratio(ms["merged_graphed"], ms["base"]),
-                  "unmerged_vs_base": ratio(ms["unmerged_graphed"], ms["base"])}
+        studio = {
+            "merged_vs_base": ratio(ms["merged_graphed"], ms["base"]),
+            "unmerged_vs_base": ratio(ms["unmerged_graphed"], ms["base"]),
+        }
         report.setdefault("ratios_studio", {})[batch_key] = studio
         report.setdefault("criteria_studio", {})[batch_key] = {
             f"{key} <= {bound}": None if studio[key] is None else studio[key] <= bound for key, bound in CRITERIA
@@ -233,11 +246,21 @@ def print_summary(report: dict) -> None:
                 rows.append([batch_key, variant, "error" if entry else "null", None, None, None])
                 continue
             base = entries.get("base") or {}
-            rows.append([batch_key, variant, entry["ms"], entry["images_per_s"], entry["peak_gib"],
-                         ratio(entry["ms"], base.get("ms"))])
+            rows.append(
+                [
+                    batch_key,
+                    variant,
+                    entry["ms"],
+                    entry["images_per_s"],
+                    entry["peak_gib"],
+                    ratio(entry["ms"], base.get("ms")),
+                ]
+            )
     log("")
-    log(f"{report['model']} on {report['device']}, {report['steps']} steps, {report['resolution_px']} px, "
-        f"{report['dtype']}; torch {report['torch']}, diffusers {report['diffusers']}")
+    log(
+        f"{report['model']} on {report['device']}, {report['steps']} steps, {report['resolution_px']} px, "
+        f"{report['dtype']}; torch {report['torch']}, diffusers {report['diffusers']}"
+    )
     log(format_table(["batch", "variant", "ms", "img/s", "peak GiB", "x base"], rows))
     for name, check in report.get("checks", {}).items():
         log(f"check {name}: {check}")
@@ -258,15 +281,19 @@ def parse_args(argv=None):
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, 2 steps, 1 run, fp32, /tmp")
     parser.add_argument("--batches", default="1,4", help="comma list of batch sizes (images per prompt)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps; default 50 (--tiny: 2)")
-    parser.add_argument("--runs", type=int, default=None, help="timed calls per (variant, batch); default 3 (--tiny: 1)")
+    parser.add_argument(
+        "--runs", type=int, default=None, help="timed calls per (variant, batch); default 3 (--tiny: 1)"
+    )
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps of the untimed warm-up call")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                        help="default bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], default=None, help="default bfloat16 on CUDA, float32 on CPU"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None,
-                        help="default bench/results/generate.json on CUDA, /tmp/generate_<config>.json otherwise")
+    parser.add_argument(
+        "--out", default=None, help="default bench/results/generate.json on CUDA, /tmp/generate_<config>.json otherwise"
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         args.config = "tiny"
@@ -289,7 +316,8 @@ def main(argv=None) -> dict:
     vae_scale = 2 ** (len(VAE_CONFIGS[args.config]["block_out_channels"]) - 1)
     size = unet_config["sample_size"] * vae_scale
     report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
         else f"cpu ({platform.processor() or platform.machine()})",
         "steps": args.steps,
         "batch": args.batches,
@@ -303,8 +331,15 @@ def main(argv=None) -> dict:
         "prompt": PROMPT,
         "runs": args.runs,
         "warmup_steps": args.warmup_steps,
-        "adapters": {"names": list(ADAPTERS), "method": "lora", "r": LORA_R, "alpha": LORA_ALPHA,
-                     "targets": UNET_TARGETS, "lora_B_std": LORA_B_STD, "weights": [1.0, 1.0]},
+        "adapters": {
+            "names": list(ADAPTERS),
+            "method": "lora",
+            "r": LORA_R,
+            "alpha": LORA_ALPHA,
+            "targets": UNET_TARGETS,
+            "lora_B_std": LORA_B_STD,
+            "weights": [1.0, 1.0],
+        },
         "output_type": "pt (VAE decode included; PIL conversion excluded)",
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
@@ -312,8 +347,10 @@ def main(argv=None) -> dict:
         "cuda": torch.version.cuda,
         "checks": {},
     }
-    log(f"generate: {report['model']} on {report['device']} ({report['dtype']}), {args.steps} steps, {size} px, "
-        f"batches {args.batches}, variants {args.variants}")
+    log(
+        f"generate: {report['model']} on {report['device']} ({report['dtype']}), {args.steps} steps, {size} px, "
+        f"batches {args.batches}, variants {args.variants}"
+    )
 
     start = time.perf_counter()
     pipe, text_input = build_pipeline(args.config, device, dtype, args.seed)
@@ -332,21 +369,26 @@ def main(argv=None) -> dict:
             return
         for batch in args.batches:
             free_memory(device)
-            call = make_call(pipe, text_input, batch, size, device, args.seed + 10, graphed=variant.endswith("_graphed"))
+            call = make_call(
+                pipe, text_input, batch, size, device, args.seed + 10, graphed=variant.endswith("_graphed")
+            )
             # On file before it runs: a measurement killed by a timeout shows as such, not as absent.
             report["results"][str(batch)][variant] = {"error": "started but did not finish (killed, e.g. by a timeout)"}
             write_json(out, report)
             try:
-                entry, images[variant, batch] = time_generation(call, device, args.steps, args.runs,
-                                                                args.warmup_steps, batch)
+                entry, images[variant, batch] = time_generation(
+                    call, device, args.steps, args.runs, args.warmup_steps, batch
+                )
             except Exception as error:  # noqa: BLE001 - keep the other measurements
                 traceback.print_exc()
                 entry = {"error": f"{type(error).__name__}: {error}"[:2000]}
             report["results"][str(batch)][variant] = entry
             update_report(report)
             write_json(out, report)
-            log(f"[{variant}] batch {batch}: {entry.get('ms', 'error')} ms "
-                f"(runs {entry.get('ms_all')}, peak {entry.get('peak_gib')} GiB)")
+            log(
+                f"[{variant}] batch {batch}: {entry.get('ms', 'error')} ms "
+                f"(runs {entry.get('ms_all')}, peak {entry.get('peak_gib')} GiB)"
+            )
 
     try:
         probes["base"] = unet_probe(pipe, args.config, device, dtype, args.seed + 20)
@@ -392,7 +434,10 @@ def main(argv=None) -> dict:
                 err = rel_l2(images[f"{variant}_graphed", batch], images[variant, batch])
                 report["checks"][f"graphed_vs_eager_{variant}_images_batch{batch}"] = {
                     "what": "decoded images, graphed denoising vs eager, same seed, relative L2 error",
-                    "rel_l2": err, "tolerance": tolerance, "passed": bool(err <= tolerance)}
+                    "rel_l2": err,
+                    "tolerance": tolerance,
+                    "passed": bool(err <= tolerance),
+                }
     update_report(report)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     write_json(out, report)

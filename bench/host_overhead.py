@@ -26,12 +26,24 @@ repo_on_path()
 
 from peft_core import LoraConfig, PacaConfig, PlpConfig, attach  # noqa: E402
 
-CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=2,
-              vocab_size=128, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
-              tie_word_embeddings=False)
+CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=4096,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = {"lora": LoraConfig(targets=TARGETS, r=4, alpha=8), "paca": PacaConfig(targets=TARGETS, r=4, alpha=8),
-           "plp": PlpConfig(targets=TARGETS, r=4)}
+METHODS = {
+    "lora": LoraConfig(targets=TARGETS, r=4, alpha=8),
+    "paca": PacaConfig(targets=TARGETS, r=4, alpha=8),
+    "plp": PlpConfig(targets=TARGETS, r=4),
+}
 
 
 def make_step(variant: str):
@@ -79,14 +91,29 @@ def main() -> None:
                 step()
                 times[variant].append((time.perf_counter() - start) * 1e3)
     frozen = statistics.median(times["frozen"])
-    results = {v: {"ms_per_step": round(statistics.median(t), 3), "ms_min": round(min(t), 3),
-                   "overhead_over_frozen_ms": round(statistics.median(t) - frozen, 3)} for v, t in times.items()}
-    report = {"device": f"cpu ({platform.processor() or platform.machine()}), 1 thread", "torch": torch.__version__,
-              "model": "llama 32 layers x width 64, 8 tokens", "rounds": args.rounds, "steps_per_round": args.steps,
-              "results": results}
+    results = {
+        v: {
+            "ms_per_step": round(statistics.median(t), 3),
+            "ms_min": round(min(t), 3),
+            "overhead_over_frozen_ms": round(statistics.median(t) - frozen, 3),
+        }
+        for v, t in times.items()
+    }
+    report = {
+        "device": f"cpu ({platform.processor() or platform.machine()}), 1 thread",
+        "torch": torch.__version__,
+        "model": "llama 32 layers x width 64, 8 tokens",
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "results": results,
+    }
     write_json(args.out, report)
-    log(format_table(["variant", "ms/step", "min", "over frozen"],
-                     [[v, r["ms_per_step"], r["ms_min"], r["overhead_over_frozen_ms"]] for v, r in results.items()]))
+    log(
+        format_table(
+            ["variant", "ms/step", "min", "over frozen"],
+            [[v, r["ms_per_step"], r["ms_min"], r["overhead_over_frozen_ms"]] for v, r in results.items()],
+        )
+    )
     log(f"-> {args.out}")
 
 

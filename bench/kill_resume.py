@@ -94,8 +94,11 @@ def worker(run_dir: Path, steps: int, seed: int) -> int:
         if not absolute.is_relative_to(run_dir.resolve()):
             return original_write(path, data)
         relative = absolute.relative_to(run_dir.resolve()).as_posix()
-        names = [key for key in (*GENERAL_POINTS, *END_POINTS)
-                 if key.startswith("tmpfile:") and relative.startswith(key.split(":", 1)[1])]
+        names = [
+            key
+            for key in (*GENERAL_POINTS, *END_POINTS)
+            if key.startswith("tmpfile:") and relative.startswith(key.split(":", 1)[1])
+        ]
         if not any(name == point for name in names):
             for name in names:
                 counts[name] = counts.get(name, 0) + 1
@@ -111,7 +114,7 @@ def worker(run_dir: Path, steps: int, seed: int) -> int:
             os.fsync(file.fileno())
             for name in names:
                 reached(name)
-            file.write(data[len(data) // 2:])
+            file.write(data[len(data) // 2 :])
         os.replace(temporary, path)
 
     io.atomic_write_bytes = atomic_write_bytes
@@ -134,8 +137,17 @@ def worker(run_dir: Path, steps: int, seed: int) -> int:
     else:  # never started, or killed inside Run.create before run.json existed: start over
         shutil.rmtree(run_dir, ignore_errors=True)
         run = Run.create(run_dir.parent, run_dir.name, kind="kill-resume", config={"steps": steps, "seed": seed})
-    train = TrainConfig(steps=steps, batch_size=2, learning_rate=5e-3, lr_schedule="cosine", seed=seed,
-                        checkpoint_every=1, sample_every=SAMPLE_EVERY, sample_prompts=["red"], sample_steps=1)
+    train = TrainConfig(
+        steps=steps,
+        batch_size=2,
+        learning_rate=5e-3,
+        lr_schedule="cosine",
+        seed=seed,
+        checkpoint_every=1,
+        sample_every=SAMPLE_EVERY,
+        sample_prompts=["red"],
+        sample_steps=1,
+    )
     adapter = LoraConfig(targets=UNET_ATTENTION_TARGETS, r=4)
 
     def on_event(event):
@@ -158,10 +170,21 @@ def run_life(run_dir: Path, steps: int, seed: int, plan: str | None, delay: floa
     env.pop("KILL_RESUME_AT", None)
     if plan:
         env["KILL_RESUME_AT"] = plan
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--run-dir", str(run_dir),
-               "--steps", str(steps), "--seed", str(seed)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--run-dir",
+        str(run_dir),
+        "--steps",
+        str(steps),
+        "--seed",
+        str(seed),
+    ]
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT
+    )
     killed = False
     for line in process.stdout:
         if line.startswith("@armed"):
@@ -179,14 +202,22 @@ def run_life(run_dir: Path, steps: int, seed: int, plan: str | None, delay: floa
         killed = False
     if not killed and process.returncode != 0:
         raise RuntimeError(f"worker failed (exit {process.returncode}) with plan {plan}:\n{stderr[-4000:]}")
-    return {"plan": plan, "delay_s": None if delay is None else round(delay, 3), "killed": killed,
-            "returncode": process.returncode, "wall_s": round(time.perf_counter() - started, 2)}
+    return {
+        "plan": plan,
+        "delay_s": None if delay is None else round(delay, 3),
+        "killed": killed,
+        "returncode": process.returncode,
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
 
 
 def leftovers(run_dir: Path) -> list[str]:
     """Staging folders and atomic-write temporaries anywhere in the run folder."""
-    return sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*")
-                  if p.name.endswith(".partial") or (p.name.startswith(".") and p.name.endswith(".tmp")))
+    return sorted(
+        p.relative_to(run_dir).as_posix()
+        for p in run_dir.rglob("*")
+        if p.name.endswith(".partial") or (p.name.startswith(".") and p.name.endswith(".tmp"))
+    )
 
 
 def check_run_folder(run_dir: Path, steps: int, seed: int) -> dict:
@@ -225,8 +256,12 @@ def check_run_folder(run_dir: Path, steps: int, seed: int) -> dict:
         except json.JSONDecodeError:
             raise AssertionError(f"{events} line {number} is torn: {line!r}") from None
     info = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
-    return {"checkpoints": [f.name for f in folders], "leftovers": leftovers(run_dir), "status": info.get("status"),
-            "event_lines": len(lines)}
+    return {
+        "checkpoints": [f.name for f in folders],
+        "leftovers": leftovers(run_dir),
+        "status": info.get("status"),
+        "event_lines": len(lines),
+    }
 
 
 def adapter_tensors(run_dir: Path) -> dict:
@@ -251,8 +286,14 @@ def make_plans(kills: int, seed: int) -> list[tuple[str, float | None]]:
     return plans
 
 
-def run_harness(workdir: Path, kills: int = 20, steps: int | None = None, seed: int = 0,
-                log=print, plans: list[tuple[str, float | None]] | None = None) -> dict:
+def run_harness(
+    workdir: Path,
+    kills: int = 20,
+    steps: int | None = None,
+    seed: int = 0,
+    log=print,
+    plans: list[tuple[str, float | None]] | None = None,
+) -> dict:
     """The whole experiment; returns the result record (and raises AssertionError on any loss).
 
     `plans`: explicit kill points ("<point>:<occurrence>", delay for "time:1") instead of `kills` seeded ones."""
@@ -279,8 +320,10 @@ def run_harness(workdir: Path, kills: int = 20, steps: int | None = None, seed: 
         kill_count += life["killed"]
         leftovers_seen += bool(life.get("leftovers"))
         lives.append(life)
-        log(f"life {len(lives):2d}: plan {plan:<24} killed={life['killed']!s:<5} {life['wall_s']:5.1f} s  "
-            f"checkpoints={life.get('checkpoints')} leftovers={life.get('leftovers')}")
+        log(
+            f"life {len(lives):2d}: plan {plan:<24} killed={life['killed']!s:<5} {life['wall_s']:5.1f} s  "
+            f"checkpoints={life.get('checkpoints')} leftovers={life.get('leftovers')}"
+        )
         if not life["killed"]:
             break  # the run finished before this plan's point: nothing left to kill
     final = run_life(run_dir, steps, seed, None, None) if lives[-1]["killed"] else lives[-1]
@@ -293,7 +336,7 @@ def run_harness(workdir: Path, kills: int = 20, steps: int | None = None, seed: 
     mismatched += sorted(set(got) - set(expected))
     result = {
         "what": "micro SD (tests/pipelines/micro_sd.py), LoRA r=4 on UNet attention, cosine LR, checkpoint every step, "
-                "sample grid every 3 steps; SIGKILL then resume (Run.open + train_adapter), CPU, 1 thread",
+        "sample grid every 3 steps; SIGKILL then resume (Run.open + train_adapter), CPU, 1 thread",
         "steps": steps,
         "seed": seed,
         "kills_planned": kills,

@@ -75,12 +75,18 @@ def run_one(name: str, steps: int, device: str) -> dict:
         adapter["targets"] = TARGETS_ALL_LINEAR
     work = Path(tempfile.mkdtemp(prefix=f"llm_methods_{name}_"))
     train = LlmTrainConfig(steps=steps, checkpoint_every=10**9, **spec.get("train", {}))
-    job = LlmJob(adapter=config_from_dict(adapter), train=train, data=embedded_lm_data("task_add_train.jsonl"),
-                 eval_data=[embedded_lm_data("task_add_test.jsonl"), embedded_lm_data("knowledge_probe.jsonl")],
-                 calibration_data=knowledge_text(work) if spec.get("calibration") == "knowledge" else None,
-                 cpu=device == "cpu")
+    job = LlmJob(
+        adapter=config_from_dict(adapter),
+        train=train,
+        data=embedded_lm_data("task_add_train.jsonl"),
+        eval_data=[embedded_lm_data("task_add_test.jsonl"), embedded_lm_data("knowledge_probe.jsonl")],
+        calibration_data=knowledge_text(work) if spec.get("calibration") == "knowledge" else None,
+        cpu=device == "cpu",
+    )
     result = train_llm(job, work / "run")
-    peak = result.peak_gib if result.peak_gib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = (
+        result.peak_gib if result.peak_gib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
     return {
         "accuracy": round(result.after["task_add_test/accuracy"], 4),
         "knowledge": round(result.after["knowledge_probe/accuracy"], 4),
@@ -89,8 +95,10 @@ def run_one(name: str, steps: int, device: str) -> dict:
         "peak_gib": round(peak, 3),
         "final_loss": round(result.losses[-1], 4),
         "task_loss": round(result.after["task_add_test/loss"], 4),
-        "before": {"accuracy": round(result.before["task_add_test/accuracy"], 4),
-                   "knowledge": round(result.before["knowledge_probe/accuracy"], 4)},
+        "before": {
+            "accuracy": round(result.before["task_add_test/accuracy"], 4),
+            "knowledge": round(result.before["knowledge_probe/accuracy"], 4),
+        },
         "adapter": job.adapter.to_dict(),
     }
 
@@ -114,23 +122,34 @@ def main() -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    output = {"task": "task_add (embedded tiny LM, 19-way multiple choice, 400 test rows)", "steps": args.steps,
-              "results": {}, "device": platform.processor() or platform.machine() if args.device == "cpu" else
-              torch.cuda.get_device_name(0), "torch": torch.__version__, "transformers": transformers.__version__,
-              "schedule": "AdamW lr 3e-3, cosine, 10 warm-up steps, batch 16, seed 0, fp32",
-              "peak_gib_means": "CPU: peak resident memory of the method's process; GPU: peak allocated"}
+    output = {
+        "task": "task_add (embedded tiny LM, 19-way multiple choice, 400 test rows)",
+        "steps": args.steps,
+        "results": {},
+        "device": platform.processor() or platform.machine() if args.device == "cpu" else torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "schedule": "AdamW lr 3e-3, cosine, 10 warm-up steps, batch 16, seed 0, fp32",
+        "peak_gib_means": "CPU: peak resident memory of the method's process; GPU: peak allocated",
+    }
     for name in methods:
         log(f"[{name}] training {args.steps} steps ...")
-        child = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--device", args.device],
-                               capture_output=True, text=True, cwd=REPO_ROOT)
+        child = subprocess.run(
+            [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--device", args.device],
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+        )
         lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
         if child.returncode != 0 or not lines:
             raise SystemExit(f"[{name}] failed:\n{child.stderr[-3000:]}")
-        output["results"][name] = json.loads(lines[-1][len("RESULT "):])
+        output["results"][name] = json.loads(lines[-1][len("RESULT ") :])
         log(f"[{name}] {output['results'][name]}")
         write_json(args.out, output)
-    rows = [[name, r["accuracy"], r["knowledge"], r["trainable_params"], r["wall_s"], r["peak_gib"]]
-            for name, r in output["results"].items()]
+    rows = [
+        [name, r["accuracy"], r["knowledge"], r["trainable_params"], r["wall_s"], r["peak_gib"]]
+        for name, r in output["results"].items()
+    ]
     log(format_table(["method", "accuracy", "knowledge", "trainable", "wall s", "peak GiB"], rows))
     log(f"wrote {args.out}")
 

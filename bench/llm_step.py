@@ -141,13 +141,24 @@ def attention_backend(name: str):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    backend = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
     return sdpa_kernel(backend)
 
 
-def make_train_step(model, optimizer, frozen: bool, autocast: bool, device: torch.device,
-                    sdpa_backend: str = "default", phases: StepPhases | None = None) -> Callable:
+def make_train_step(
+    model,
+    optimizer,
+    frozen: bool,
+    autocast: bool,
+    device: torch.device,
+    sdpa_backend: str = "default",
+    phases: StepPhases | None = None,
+) -> Callable:
     """step(ids, labels) -> detached loss: zero_grad, forward, backward, optimizer step.
 
     With `phases`, each phase's host and GPU time is recorded (bench/_common.StepPhases)."""
@@ -304,13 +315,16 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
     }
     log(
         f"[{name}] {result['ms_per_step']:.1f} ms/step (min {timing['ms_min']:.1f}), "
-        f"peak {result['peak_gib'] if result['peak_gib'] is not None else '-'} GiB, loss {first_loss:.4f} -> {last_loss:.4f}"
+        f"peak {result['peak_gib'] if result['peak_gib'] is not None else '-'} GiB, loss "
+        f"{first_loss:.4f} -> {last_loss:.4f}"
     )
 
     fp32_out_mm = peft_core_layer._FP32_OUT_MM.get(device.type) if name in ("lora", "paca") else None
     if args.diagnose and not graphed:
         phases = StepPhases(device)
-        probed = make_train_step(prepared.model, optimizer, prepared.frozen, args.autocast, device, args.sdpa_backend, phases)
+        probed = make_train_step(
+            prepared.model, optimizer, prepared.frozen, args.autocast, device, args.sdpa_backend, phases
+        )
         for _ in range(args.diagnose):
             probed(ids, labels)
         phases.close()
@@ -329,9 +343,7 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
                 result.update(search_max_seq(name, step, args, device, vocab))
             except Exception as error:  # noqa: BLE001 - keep this variant's timings
                 traceback.print_exc()
-                result.update(
-                    {"max_seq_len": None, "max_seq_error": f"{type(error).__name__}: {error}"[:2000]}
-                )
+                result.update({"max_seq_len": None, "max_seq_error": f"{type(error).__name__}: {error}"[:2000]})
                 free_memory(device)
     result.update(
         {
@@ -391,7 +403,9 @@ def profile_steps(step: Callable, device: torch.device, steps: int = 3) -> dict[
         "gpu_ops_per_step": round(kernels),
         "top_gpu": [(e.key[:80], round(e.self_device_time_total / steps / 1e3, 3), e.count // steps) for e in top_gpu],
         "top_cpu": [(e.key[:80], round(e.self_cpu_time_total / steps / 1e3, 3), e.count // steps) for e in top_cpu],
-        "summary": f"wall {wall_ms:.1f} ms/step (profiled), GPU busy {gpu_us / 1e3:.1f} ms/step, {kernels:.0f} GPU ops/step",
+        "summary": (
+            f"wall {wall_ms:.1f} ms/step (profiled), GPU busy {gpu_us / 1e3:.1f} ms/step, {kernels:.0f} GPU ops/step"
+        ),
     }
 
 
@@ -453,9 +467,7 @@ def check_paca_modes(device: torch.device, dtype: torch.dtype, seed: int) -> dic
     ids, labels = random_batch(MODEL_CONFIGS["tiny"]["vocab_size"], 2, 64, device, seed + 7)
     for resident in (True, False):
         model = build_model("tiny", device, dtype, seed)
-        handle = attach(
-            model, PacaConfig(targets=list(TARGETS), r=PACA_R, alpha=PACA_ALPHA, resident=resident)
-        )
+        handle = attach(model, PacaConfig(targets=list(TARGETS), r=PACA_R, alpha=PACA_ALPHA, resident=resident))
         optimizer = make_optimizer(handle.trainable_parameters(), CHECK_LR, device)
         handle.track_optimizer(optimizer)
         step = make_train_step(model, optimizer, False, False, device)
@@ -477,7 +489,9 @@ def check_paca_modes(device: torch.device, dtype: torch.dtype, seed: int) -> dic
     rtol = _loss_rtol(dtype)
     delta_tol = 0.1 if rtol > 1e-3 else 1e-3
     return {
-        "what": "PaCA resident vs additive (resident=False): losses of 2 AdamW steps + 1 eval forward, deltas after 2 steps",
+        "what": (
+            "PaCA resident vs additive (resident=False): losses of 2 AdamW steps + 1 eval forward, deltas after 2 steps"
+        ),
         "losses_resident": losses["resident"],
         "losses_additive": losses["additive"],
         "max_loss_rel_diff": loss_diff,
@@ -533,9 +547,7 @@ def check_lora_vs_peft(device: torch.device, dtype: torch.dtype, seed: int) -> d
     # lora_B after the step, module by module.
     b_peft, b_ours = [], []
     for module_name, wrapper in handle.wrappers():
-        b_peft.append(
-            peft_base.get_submodule(module_name).lora_B["default"].weight.detach().float().flatten()
-        )
+        b_peft.append(peft_base.get_submodule(module_name).lora_B["default"].weight.detach().float().flatten())
         b_ours.append(wrapper.adapters["default"].lora_B.detach().float().flatten())
     b_err = _rel_err(torch.cat(b_ours), torch.cat(b_peft))
     (p0, p1), (o0, o1) = results["peft"], results["ours"]
@@ -543,7 +555,9 @@ def check_lora_vs_peft(device: torch.device, dtype: torch.dtype, seed: int) -> d
     rtol = _loss_rtol(dtype)
     b_tol = 0.1 if rtol > 1e-3 else 1e-3
     return {
-        "what": "our LoRA vs peft LoRA (lora_A copied from peft): loss at init, loss after one AdamW step, lora_B after it",
+        "what": (
+            "our LoRA vs peft LoRA (lora_A copied from peft): loss at init, loss after one AdamW step, lora_B after it"
+        ),
         "modules": copied,
         "peft_loss_init": p0,
         "ours_loss_init": o0,
@@ -570,9 +584,7 @@ def run_checks(device: torch.device, dtype: torch.dtype, seed: int) -> dict[str,
             traceback.print_exc()
             checks[name] = {"error": f"{type(error).__name__}: {error}", "passed": False}
         free_memory(device)
-        status = (
-            "skipped" if "skipped" in checks[name] else ("PASS" if checks[name].get("passed") else "FAIL")
-        )
+        status = "skipped" if "skipped" in checks[name] else ("PASS" if checks[name].get("passed") else "FAIL")
         log(
             f"[check] {name}: {status} ({time.perf_counter() - start:.1f}s) "
             + ", ".join(f"{k}={v:.3g}" for k, v in checks[name].items() if isinstance(v, float))
@@ -632,9 +644,7 @@ def evaluate_criteria(ratios: dict[str, float | None]) -> dict[str, bool | None]
     out = {}
     for key, op, bound in CRITERIA:
         value = ratios.get(key)
-        out[f"{key} {op} {bound}"] = (
-            None if value is None else (value <= bound if op == "<=" else value >= bound)
-        )
+        out[f"{key} {op} {bound}"] = None if value is None else (value <= bound if op == "<=" else value >= bound)
     return out
 
 
@@ -709,8 +719,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma list of {', '.join(VARIANTS + GRAPHED + EXTRA)}")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS + GRAPHED + EXTRA)}"
+    )
     parser.add_argument("--no-max-seq", action="store_true", help="skip the longest-sequence search")
     parser.add_argument("--max-seq-step", type=int, default=512, help="granularity of the max-seq search")
     parser.add_argument("--max-seq-cap", type=int, default=131072, help="largest sequence length probed")
@@ -723,16 +734,31 @@ def parse_args(argv=None):
         help="model dtype; default bfloat16 on CUDA, float32 on CPU",
     )
     parser.add_argument("--autocast", action="store_true", help="run forward under torch.autocast(bfloat16)")
-    parser.add_argument("--sdpa-backend", choices=SDPA_BACKENDS, default="default",
-                        help="pin scaled_dot_product_attention's backend in every variant (default: PyTorch's choice)")
+    parser.add_argument(
+        "--sdpa-backend",
+        choices=SDPA_BACKENDS,
+        default="default",
+        help="pin scaled_dot_product_attention's backend in every variant (default: PyTorch's choice)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--profile", action="store_true",
-                        help="after timing, profile 3 steps per variant: GPU-busy ms/step vs wall ms/step, top ops")
-    parser.add_argument("--gc-freeze", action="store_true",
-                        help="gc.collect(); gc.freeze() after building each model (fewer, shorter GC pauses)")
-    parser.add_argument("--diagnose", type=int, default=0, metavar="N",
-                        help="after timing, N more eager steps with each phase's host/GPU time, GC pauses and "
-                             "allocator events recorded (results[variant]['phases'])")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile 3 steps per variant: GPU-busy ms/step vs wall ms/step, top ops",
+    )
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.collect(); gc.freeze() after building each model (fewer, shorter GC pauses)",
+    )
+    parser.add_argument(
+        "--diagnose",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, N more eager steps with each phase's host/GPU time, GC pauses and "
+        "allocator events recorded (results[variant]['phases'])",
+    )
     parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "llm_step.json"))
     args = parser.parse_args(argv)
     args.variants = parse_variants(parser, args.variants, VARIANTS + GRAPHED + EXTRA)
@@ -771,8 +797,13 @@ def main(argv=None) -> dict:
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "peft_has_paca": peft_has_paca(),
         "notes": {
-            "frozen": "all weights frozen; inputs_embeds (requires_grad) so backward computes dX through every layer; no optimizer step",
-            "peak_gib": "torch.cuda.max_memory_allocated over the timed steps (weights + optimizer state + activations)",
+            "frozen": (
+                "all weights frozen; inputs_embeds (requires_grad) so backward computes dX "
+                "through every layer; no optimizer step"
+            ),
+            "peak_gib": (
+                "torch.cuda.max_memory_allocated over the timed steps (weights + optimizer state + activations)"
+            ),
             "max_seq_len": "longest batch-1 sequence (multiple of max_seq_step) for which one training step fits",
             "max_seq_step": args.max_seq_step,
             "max_seq_cap": args.max_seq_cap,

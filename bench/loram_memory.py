@@ -55,10 +55,26 @@ from peft_core.methods.loram import DECODER_PROJECTIONS, prune, quantize_nf4, st
 from studio.llm import chunked_token_loss_sum  # noqa: E402
 
 MODELS = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5),
-    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=8, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, rope_theta=500000.0, rms_norm_eps=1e-5),
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+    ),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+    ),
 }
 LORA_R, LORA_ALPHA, LR = 8, 16.0, 1e-4
 LOSS_CHUNK_TOKENS = 1024  # the lean recipe's loss chunk
@@ -78,7 +94,9 @@ def prepare(variant: str, args, device: torch.device):
         info["recipe"] = f"gradient checkpointing + loss in {LOSS_CHUNK_TOKENS}-token chunks"
     if variant.startswith("qloram_"):
         rho = int(variant.split("_")[1]) / 100
-        _, index_map = prune(model, rho, "random", keep_first=KEEP_FIRST, keep_last=KEEP_LAST, seed=args.seed, inplace=True)
+        _, index_map = prune(
+            model, rho, "random", keep_first=KEEP_FIRST, keep_last=KEEP_LAST, seed=args.seed, inplace=True
+        )
         free_memory(device)
         quantize_nf4(model, compute_dtype=torch.bfloat16, double_quant=True)
         free_memory(device)
@@ -105,7 +123,10 @@ def run_variant(variant: str, args, device: torch.device) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if lean:
             hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
-            loss = chunked_token_loss_sum(hidden[:, :-1], model.lm_head, labels[:, 1:], LOSS_CHUNK_TOKENS) / labels[:, 1:].numel()
+            loss = (
+                chunked_token_loss_sum(hidden[:, :-1], model.lm_head, labels[:, 1:], LOSS_CHUNK_TOKENS)
+                / labels[:, 1:].numel()
+            )
         else:
             loss = model(input_ids=ids, labels=labels, use_cache=False).loss
         loss.backward()
@@ -130,7 +151,10 @@ def run_variant(variant: str, args, device: torch.device) -> dict:
         "wall_s": round(time.perf_counter() - start, 2),
         **info,
     }
-    log(f"[{variant}] {result['ms_per_step']:.1f} ms/step, peak {result['peak_gib']} GiB, loss {first:.4f} -> {last:.4f}")
+    log(
+        f"[{variant}] {result['ms_per_step']:.1f} ms/step, peak {result['peak_gib']} GiB, loss "
+        f"{first:.4f} -> {last:.4f}"
+    )
     return result  # the model and optimizer go with this frame; the next variant frees memory first
 
 
@@ -144,25 +168,52 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="default: bench/results/loram_memory.json (GPU), /tmp/loram_memory_tiny.json (--tiny)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="default: bench/results/loram_memory.json (GPU), /tmp/loram_memory_tiny.json (--tiny)",
+    )
     args = parser.parse_args()
     if args.tiny:
         args.model, args.seq_len, args.steps, args.warmup = "tiny", 64, 2, 1
     out = args.out or ("/tmp/loram_memory_tiny.json" if args.tiny else "bench/results/loram_memory.json")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
-    log(f"{device_name}: {args.model}, batch {args.batch} x seq {args.seq_len}, {args.warmup} warm-up + {args.steps} timed steps")
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})"
+    )
+    log(
+        f"{device_name}: {args.model}, batch {args.batch} x seq {args.seq_len}, {args.warmup} warm-up "
+        f"+ {args.steps} timed steps"
+    )
 
     shape = MODELS[args.model]
     storage = {
-        f"rho_{rho}": storage_report(shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"],
-                                     shape["num_attention_heads"], shape["num_key_value_heads"], shape["vocab_size"], rho,
-                                     keep_first=KEEP_FIRST, keep_last=KEEP_LAST)
+        f"rho_{rho}": storage_report(
+            shape["hidden_size"],
+            shape["intermediate_size"],
+            shape["num_hidden_layers"],
+            shape["num_attention_heads"],
+            shape["num_key_value_heads"],
+            shape["vocab_size"],
+            rho,
+            keep_first=KEEP_FIRST,
+            keep_last=KEEP_LAST,
+        )
         for rho in (0.65, 0.85)
     }
-    report = {"device": device_name, "model": args.model, "seq_len": args.seq_len, "batch": args.batch,
-              "results": {}, "ratios": {}, "criteria": {}, "storage_from_config": storage,
-              "torch": torch.__version__}
+    report = {
+        "device": device_name,
+        "model": args.model,
+        "seq_len": args.seq_len,
+        "batch": args.batch,
+        "results": {},
+        "ratios": {},
+        "criteria": {},
+        "storage_from_config": storage,
+        "torch": torch.__version__,
+    }
     for variant in args.variants.split(","):
         report["results"][variant] = run_variant(variant, args, device)
         write_json(out, report)  # after every variant, so an interrupted run keeps what it measured
@@ -171,8 +222,12 @@ def main() -> None:
     for variant in results:
         baseline = "lora_lean" if variant.endswith("_lean") else "lora"  # compare within one recipe
         if variant != baseline and baseline in results:
-            report["ratios"][f"{variant}_vs_{baseline}_memory"] = ratio(results[variant]["peak_gib"], results[baseline]["peak_gib"])
-            report["ratios"][f"{variant}_vs_{baseline}_time"] = ratio(results[variant]["ms_per_step"], results[baseline]["ms_per_step"])
+            report["ratios"][f"{variant}_vs_{baseline}_memory"] = ratio(
+                results[variant]["peak_gib"], results[baseline]["peak_gib"]
+            )
+            report["ratios"][f"{variant}_vs_{baseline}_time"] = ratio(
+                results[variant]["ms_per_step"], results[baseline]["ms_per_step"]
+            )
     for suffix in ("", "_lean"):
         memory_85 = report["ratios"].get(f"qloram_85{suffix}_vs_lora{suffix}_memory")
         if memory_85 is not None:

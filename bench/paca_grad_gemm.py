@@ -52,8 +52,19 @@ def main() -> None:
         results[name] = {label: round(time_ms(fn), 4) for label, fn in variants.items()}
         print(name, results[name], flush=True)
     out = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" / "paca_grad_gemm.json")
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": tokens,
-                               "r": r, "ms": results}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name(),
+                "torch": torch.__version__,
+                "tokens": tokens,
+                "r": r,
+                "ms": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ def main() -> dict:
     size = unet.config.sample_size
     latents = torch.randn(8, unet.config.in_channels, size, size, generator=generator)
     timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (8,), generator=generator)
-    ids = pipe.tokenizer(PROMPTS * 4, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        PROMPTS * 4, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
     results = {}
     with torch.no_grad():
         text = pipe.text_encoder(ids)[0]
@@ -53,11 +54,19 @@ def main() -> dict:
                 for other in handle.adapter_names:
                     (handle.enable if other == name else handle.disable)(other)
                 output = unet(latents, timesteps, encoder_hidden_states=text).sample
-                ratios = sorted(float(wrapper.adapters[name].delta_weight(wrapper.base_layer).norm()
-                                      / wrapper.base_layer.weight.norm()) for _, wrapper in handle.wrappers(name))
-                results[name] = {"layers": len(ratios), "delta_over_weight_median": round(ratios[len(ratios) // 2], 4),
-                                 "delta_over_weight_max": round(ratios[-1], 4),
-                                 "epsilon_rel_change": round(float((output - base).norm() / base.norm()), 4)}
+                ratios = sorted(
+                    float(
+                        wrapper.adapters[name].delta_weight(wrapper.base_layer).norm()
+                        / wrapper.base_layer.weight.norm()
+                    )
+                    for _, wrapper in handle.wrappers(name)
+                )
+                results[name] = {
+                    "layers": len(ratios),
+                    "delta_over_weight_median": round(ratios[len(ratios) // 2], 4),
+                    "delta_over_weight_max": round(ratios[-1], 4),
+                    "epsilon_rel_change": round(float((output - base).norm() / base.norm()), 4),
+                }
                 print(name, results[name], flush=True)
     report = {"model": "embedded tiny SD", "targets": TARGETS, "batch": 8, "results": results}
     out = REPO / "bench" / "results" / "plp_init_perturbation.json"

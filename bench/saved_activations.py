@@ -66,9 +66,15 @@ def main(argv=None) -> dict:
     if "frozen" in results:
         for entry in results.values():
             entry["over_frozen_mib"] = round(entry["saved_mib"] - results["frozen"]["saved_mib"], 2)
-    report = {"model": "sd15 UNet (random weights)", "batch": args.batch, "latents": "64x64", "dtype": "bfloat16",
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "results": results}
+    report = {
+        "model": "sd15 UNet (random weights)",
+        "batch": args.batch,
+        "latents": "64x64",
+        "dtype": "bfloat16",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "results": results,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -199,8 +199,10 @@ def forward_backward(prepared: Prepared, batch: Batch) -> tuple[float, list[torc
     if prepared.frozen:
         grads = [noisy.grad.float().clone()]
     else:
-        grads = [torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float().clone()
-                 for p in prepared.params]
+        grads = [
+            torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float().clone()
+            for p in prepared.params
+        ]
         for parameter in prepared.params:
             parameter.grad = None
     return float(loss.detach()), grads
@@ -214,8 +216,11 @@ def compare_grads(compiled: list[torch.Tensor], eager: list[torch.Tensor]) -> di
         (float((c - e).double().norm() / e.double().norm()) for c, e in zip(compiled, eager) if e.norm() > 0),
         default=0.0,
     )
-    return {"grad_rel_l2": float(difference / reference.clamp_min(1e-30)), "grad_worst_tensor_rel_l2": worst,
-            "grad_norm_eager": float(reference)}
+    return {
+        "grad_rel_l2": float(difference / reference.clamp_min(1e-30)),
+        "grad_worst_tensor_rel_l2": worst,
+        "grad_norm_eager": float(reference),
+    }
 
 
 def compile_unet(unet: torch.nn.Module, scope: str) -> int:
@@ -275,7 +280,8 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         regions = compile_unet(prepared.unet, args.compile_scope)
     optimizer = (
         torch.optim.AdamW(prepared.params, lr=TIMING_LR, fused=device.type == "cuda", capturable=graphed)
-        if prepared.params else None
+        if prepared.params
+        else None
     )
     if method == "paca" and optimizer is not None:
         prepared.handle.track_optimizer(optimizer)
@@ -283,8 +289,13 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
     if graphed:
         torch.cuda.reset_peak_memory_stats(device)  # the capture allocates the graph's pool: count it
         if prepared.handle is not None:  # ours: the trainer's own graphed step
-            trainer_step = GraphedTrainStep(prepared.unet, optimizer, prepared.params, max_grad_norm=0.0,
-                                            after_replay=lambda: prepared.handle.after_optimizer_step(refresh=False))
+            trainer_step = GraphedTrainStep(
+                prepared.unet,
+                optimizer,
+                prepared.params,
+                max_grad_norm=0.0,
+                after_replay=lambda: prepared.handle.after_optimizer_step(refresh=False),
+            )
             inputs = StepInputs(batch.noisy, batch.timesteps, batch.text, batch.noise)
             step = lambda: trainer_step(inputs).clone()  # noqa: E731
             for _ in range(trainer_step.warmup + 1):  # eager warm-ups, then capture + first replay
@@ -320,17 +331,25 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         del reference, eager_grads, compiled_grads
         check = result["compile"]
         if not (loss_rel <= loss_rtol and check["grad_rel_l2"] <= grad_rtol):
-            log(f"[{name}] compiled != eager: loss {compiled_loss:.6f} vs {eager_loss:.6f} (rel {loss_rel:.2e}), "
-                f"gradients rel L2 {check['grad_rel_l2']:.2e}")
-            return {"error": f"compiled differs from eager: loss rel {loss_rel:.3g} (tol {loss_rtol}), "
-                             f"gradients rel L2 {check['grad_rel_l2']:.3g} (tol {grad_rtol})",
-                    **result, **dynamo_summary()}
+            log(
+                f"[{name}] compiled != eager: loss {compiled_loss:.6f} vs {eager_loss:.6f} (rel {loss_rel:.2e}), "
+                f"gradients rel L2 {check['grad_rel_l2']:.2e}"
+            )
+            return {
+                "error": f"compiled differs from eager: loss rel {loss_rel:.3g} (tol {loss_rtol}), "
+                f"gradients rel L2 {check['grad_rel_l2']:.3g} (tol {grad_rtol})",
+                **result,
+                **dynamo_summary(),
+            }
         first_loss = compiled_loss
     else:
         first_loss = float(step())
         sync(device)
         first_step_s = time.perf_counter() - first_start
-    log(f"[{name}] first step {first_step_s:.1f}s, loss {first_loss:.5f}; {args.warmup} warm-up + {args.steps} timed steps")
+    log(
+        f"[{name}] first step {first_step_s:.1f}s, loss {first_loss:.5f}; {args.warmup} warm-up + "
+        f"{args.steps} timed steps"
+    )
 
     timing = time_steps(step, device, args.warmup, args.steps, reset_peak=not graphed)
     last_loss = float(timing["last"])
@@ -359,7 +378,8 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         result["compile"].update(dynamo_summary())
     log(
         f"[{name}] {ms:.1f} ms/step (min {timing['ms_min']:.1f}), {result['images_per_s']} img/s, "
-        f"peak {result['peak_gib'] if result['peak_gib'] is not None else '-'} GiB, loss {first_loss:.4f} -> {last_loss:.4f}"
+        f"peak {result['peak_gib'] if result['peak_gib'] is not None else '-'} GiB, loss "
+        f"{first_loss:.4f} -> {last_loss:.4f}"
     )
     return result
 
@@ -455,13 +475,28 @@ def print_summary(report: dict) -> None:
             rows.append([variant, "null" if entry is None else "error", None, None, None, None, None, None])
             continue
         ms = entry["ms_per_step"]
-        rows.append([variant, ms, entry["images_per_s"], entry["peak_gib"], entry["trainable_params"],
-                     ratio(ms, frozen_ms), ratio(ms, peft_ms), ratio(entry["peak_gib"], peft_mem)])
+        rows.append(
+            [
+                variant,
+                ms,
+                entry["images_per_s"],
+                entry["peak_gib"],
+                entry["trainable_params"],
+                ratio(ms, frozen_ms),
+                ratio(ms, peft_ms),
+                ratio(entry["peak_gib"], peft_mem),
+            ]
+        )
     log("")
-    log(f"{report['model']} UNet on {report['device']}, batch {report['batch']}, {report['dtype']}; "
-        f"torch {report['torch']}, diffusers {report['diffusers']}, peft {report['peft']}")
-    log(format_table(["variant", "ms/step", "img/s", "peak GiB", "trainable", "t/frozen", "t/peft_lora",
-                      "mem/peft_lora"], rows))
+    log(
+        f"{report['model']} UNet on {report['device']}, batch {report['batch']}, {report['dtype']}; "
+        f"torch {report['torch']}, diffusers {report['diffusers']}, peft {report['peft']}"
+    )
+    log(
+        format_table(
+            ["variant", "ms/step", "img/s", "peak GiB", "trainable", "t/frozen", "t/peft_lora", "mem/peft_lora"], rows
+        )
+    )
     for key in ("criteria", "criteria_compiled", "criteria_graphed", "criteria_trainer"):
         for criterion, passed in report.get(key, {}).items():
             value = report["ratios" + key.removeprefix("criteria")].get(criterion.split()[0])
@@ -476,38 +511,52 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", choices=sorted(UNET_CONFIGS), default="sd15")
-    parser.add_argument("--tiny", action="store_true",
-                        help="CPU smoke test: tiny UNet, batch 2, 2 timed steps after 1 warm-up, fp32, output to /tmp")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="CPU smoke test: tiny UNet, batch 2, 2 timed steps after 1 warm-up, fp32, output to /tmp",
+    )
     parser.add_argument("--batch", type=int, default=None, help="default 8 (--tiny: 2)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant; default 10 (--tiny: 2)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed steps per variant after the first; default 3 (--tiny: 1)")
-    parser.add_argument("--variants", default=None,
-                        help=f"comma list of {', '.join(VARIANTS)} (default: the eager ones)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps per variant after the first; default 3 (--tiny: 1)"
+    )
+    parser.add_argument(
+        "--variants", default=None, help=f"comma list of {', '.join(VARIANTS)} (default: the eager ones)"
+    )
     parser.add_argument("--compile", action="store_true", help="also run the compiled variants after the eager ones")
     parser.add_argument("--compile-only", action="store_true", help="run only the compiled variants")
     parser.add_argument("--graphed-only", action="store_true", help="run only the CUDA-graph variants")
-    parser.add_argument("--compile-scope", choices=["unet", "blocks"], default="unet",
-                        help="torch.compile the whole UNet, or each BasicTransformerBlock (faster to compile)")
-    parser.add_argument("--append", action="store_true",
-                        help="add to --out's existing results instead of starting a new file")
+    parser.add_argument(
+        "--compile-scope",
+        choices=["unet", "blocks"],
+        default="unet",
+        help="torch.compile the whole UNet, or each BasicTransformerBlock (faster to compile)",
+    )
+    parser.add_argument(
+        "--append", action="store_true", help="add to --out's existing results instead of starting a new file"
+    )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                        help="default bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], default=None, help="default bfloat16 on CUDA, float32 on CPU"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--memory-trace", action="store_true",
-                        help="CUDA: record the allocator's history per variant and report what is alive at the peak, "
-                             "by allocation site (results[variant]['memory_at_peak']); slows allocations, so "
-                             "its timings are not comparable")
-    parser.add_argument("--out", default=None,
-                        help="default bench/results/sd_step.json on CUDA, /tmp/sd_step_<config>.json otherwise")
+    parser.add_argument(
+        "--memory-trace",
+        action="store_true",
+        help="CUDA: record the allocator's history per variant and report what is alive at the peak, "
+        "by allocation site (results[variant]['memory_at_peak']); slows allocations, so "
+        "its timings are not comparable",
+    )
+    parser.add_argument(
+        "--out", default=None, help="default bench/results/sd_step.json on CUDA, /tmp/sd_step_<config>.json otherwise"
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         args.config = "tiny"
     defaults = (2, 2, 1) if args.tiny else (8, 10, 3)
     args.batch, args.steps, args.warmup = (
-        default if value is None else value
-        for value, default in zip((args.batch, args.steps, args.warmup), defaults)
+        default if value is None else value for value, default in zip((args.batch, args.steps, args.warmup), defaults)
     )
     if args.variants:
         args.variants = parse_variants(parser, args.variants, VARIANTS)
@@ -528,7 +577,8 @@ def main(argv=None) -> dict:
     diffusers.utils.logging.set_verbosity_error()  # "modules that should be kept in float32: []" on .to(dtype)
     started = time.perf_counter()
     report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
         else f"cpu ({platform.processor() or platform.machine()})",
         "model": "sd15-unet" if args.config == "sd15" else f"{args.config}-unet",
         "batch": args.batch,
@@ -537,37 +587,43 @@ def main(argv=None) -> dict:
     if args.append and out.is_file():
         previous = json.loads(out.read_text(encoding="utf-8"))
         if previous.get("device") != report["device"] or previous.get("batch") != args.batch:
-            log(f"warning: appending {report['device']} batch {args.batch} to a file from "
-                f"{previous.get('device')} batch {previous.get('batch')}")
+            log(
+                f"warning: appending {report['device']} batch {args.batch} to a file from "
+                f"{previous.get('device')} batch {previous.get('batch')}"
+            )
         report = previous
     else:
         report["results"] = {v: None for v in EAGER_VARIANTS}
     config = UNET_CONFIGS[args.config]
-    report.update({
-        "dtype": str(dtype).replace("torch.", ""),
-        "resolution_px": config["sample_size"] * 8,
-        "latent_size": config["sample_size"],
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "targets": UNET_TARGETS,
-        "unet_config": config,
-        "optimizer": f"torch.optim.AdamW(lr={TIMING_LR}, fused={device.type == 'cuda'})",
-        "loss": "MSE(unet(noisy, t, text).sample, noise), epsilon prediction, SD 1.5 noise schedule",
-        **package_versions("diffusers", "peft"),
-        "cuda": torch.version.cuda,
-        "notes": {
-            "frozen": "UNet frozen; requires_grad only on the noisy latents; no optimizer step",
-            "peft_lora": "diffusers unet.add_adapter(peft.LoraConfig(r=16, lora_alpha=16, init_lora_weights='gaussian')) "
-                         "on the bf16 UNet, as diffusers' train_text_to_image_lora.py does",
-            "paca": f"r={PACA_R}, alpha={PACA_ALPHA}: parameter-matched to LoRA r={LORA_R} on square layers",
-            "plp": f"r={PLP_R} (Break-for-Make spec), half of each factor trainable",
-            "peak_gib": "torch.cuda.max_memory_allocated over the timed steps",
-            "compiled": "kept only if the compiling forward + backward gives the eager loss and gradients "
-                        "(same model, before any optimizer step) within compile.tolerances",
-        },
-    })
-    log(f"sd_step: {report['model']} on {report['device']} ({report['dtype']}), batch {args.batch}, torch "
-        f"{report['torch']}, diffusers {report['diffusers']}, peft {report['peft']}; variants {args.variants}")
+    report.update(
+        {
+            "dtype": str(dtype).replace("torch.", ""),
+            "resolution_px": config["sample_size"] * 8,
+            "latent_size": config["sample_size"],
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "targets": UNET_TARGETS,
+            "unet_config": config,
+            "optimizer": f"torch.optim.AdamW(lr={TIMING_LR}, fused={device.type == 'cuda'})",
+            "loss": "MSE(unet(noisy, t, text).sample, noise), epsilon prediction, SD 1.5 noise schedule",
+            **package_versions("diffusers", "peft"),
+            "cuda": torch.version.cuda,
+            "notes": {
+                "frozen": "UNet frozen; requires_grad only on the noisy latents; no optimizer step",
+                "peft_lora": "diffusers unet.add_adapter(peft.LoraConfig(r=16, lora_alpha=16, "
+                "init_lora_weights='gaussian')) on the bf16 UNet, as diffusers' train_text_to_image_lora.py does",
+                "paca": f"r={PACA_R}, alpha={PACA_ALPHA}: parameter-matched to LoRA r={LORA_R} on square layers",
+                "plp": f"r={PLP_R} (Break-for-Make spec), half of each factor trainable",
+                "peak_gib": "torch.cuda.max_memory_allocated over the timed steps",
+                "compiled": "kept only if the compiling forward + backward gives the eager loss and gradients "
+                "(same model, before any optimizer step) within compile.tolerances",
+            },
+        }
+    )
+    log(
+        f"sd_step: {report['model']} on {report['device']} ({report['dtype']}), batch {args.batch}, torch "
+        f"{report['torch']}, diffusers {report['diffusers']}, peft {report['peft']}; variants {args.variants}"
+    )
 
     for name in args.variants:
         if name.endswith("_compiled"):

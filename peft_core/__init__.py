@@ -1,7 +1,7 @@
 """peft_core: parameter-efficient fine-tuning methods behind one small contract (pure PyTorch).
 
-    from peft_core import attach, load, LoraConfig, PacaConfig
-    handle = attach(model, PacaConfig(targets=["all-linear"], r=16))
+from peft_core import attach, load, LoraConfig, PacaConfig
+handle = attach(model, PacaConfig(targets=["all-linear"], r=16))
 """
 
 from peft_core.config import AdapterConfig, available_methods, config_from_dict, get_method, register_method

@@ -64,7 +64,9 @@ class MethodSpec:
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register_method(config_class: type[AdapterConfig], adapter_class: type, prepare: Callable[..., Any] | None = None) -> None:
+def register_method(
+    config_class: type[AdapterConfig], adapter_class: type, prepare: Callable[..., Any] | None = None
+) -> None:
     """Make a method known by its `config_class.method` name.
 
     `prepare`: only for methods that need data before attach; its result goes to attach(..., prepared=).

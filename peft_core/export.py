@@ -105,7 +105,9 @@ def export_diffusers(
     lora_metadata: dict[str, Any] = {}
     for component, entry in components.items():
         if not component or not component.isidentifier():
-            raise AdapterError(f"diffusers component {component!r} must be a pipeline attribute such as 'unet' or 'text_encoder'")
+            raise AdapterError(
+                f"diffusers component {component!r} must be a pipeline attribute such as 'unet' or 'text_encoder'"
+            )
         handle, name = entry if isinstance(entry, tuple) else (entry, "default")
         factors = lora_factors(handle, name)
         tensors.update(_lora_tensors(factors, f"{component}.", dtype))
@@ -132,7 +134,9 @@ def _export_peft(
     dtype: torch.dtype | str = torch.float32,
 ) -> Path:
     if task_type is not None and task_type not in PEFT_TASK_TYPES:
-        raise AdapterError(f"task_type {task_type!r} is not a PEFT task type; use one of {', '.join(PEFT_TASK_TYPES)} or None")
+        raise AdapterError(
+            f"task_type {task_type!r} is not a PEFT task type; use one of {', '.join(PEFT_TASK_TYPES)} or None"
+        )
     dtype = _export_dtype(dtype)
     factors = lora_factors(handle, name)
     config = {

@@ -37,8 +37,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise AdapterError(f"no space left to write {path} ({error.strerror}); free some disk space and "
-                               "run again (the previous version of the file, if any, is unchanged)") from None
+            raise AdapterError(
+                f"no space left to write {path} ({error.strerror}); free some disk space and "
+                "run again (the previous version of the file, if any, is unchanged)"
+            ) from None
         raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
@@ -71,10 +73,14 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AdapterError(f"{path} is not valid JSON ({error}); the file is damaged, re-save or re-export it") from None
+        raise AdapterError(
+            f"{path} is not valid JSON ({error}); the file is damaged, re-save or re-export it"
+        ) from None
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     # Own, contiguous CPU copies: safetensors refuses views and shared storage.
     owned = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
     atomic_write_bytes(path, safetensors_save(owned, metadata=metadata))
@@ -85,9 +91,11 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         pickles = [p.name for p in sorted(path.parent.glob(f"{path.stem}.*")) if p.suffix in PICKLE_SUFFIXES]
         if pickles:
-            raise AdapterError(f"{path.parent} holds {pickles[0]}, a pickle file, where {path.name} is expected; "
-                               "pickle can run code when loaded, so it is never read: convert it to safetensors "
-                               "(safetensors.torch.save_file) in a place you trust")
+            raise AdapterError(
+                f"{path.parent} holds {pickles[0]}, a pickle file, where {path.name} is expected; "
+                "pickle can run code when loaded, so it is never read: convert it to safetensors "
+                "(safetensors.torch.save_file) in a place you trust"
+            )
         raise AdapterError(f"{path} does not exist; expected the adapter's weights next to its config")
     try:
         return safetensors_load(path.read_bytes())

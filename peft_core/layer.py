@@ -61,8 +61,9 @@ class Adapter(nn.Module):
         """delta_forward, given base(x) too: methods placed *after* a layer (Compacter) read its output."""
         return self.delta_forward(base, x)
 
-    def add_output_delta_(self, base: nn.Module, x: torch.Tensor, base_output: torch.Tensor, output: torch.Tensor,
-                          weight: float) -> None:
+    def add_output_delta_(
+        self, base: nn.Module, x: torch.Tensor, base_output: torch.Tensor, output: torch.Tensor, weight: float
+    ) -> None:
         """output += weight * output_delta, in place (inference only: AdaptedModule calls it without
         autograd). Methods override it to fold the addition into their last GEMM."""
         output.add_(self.output_delta(base, x, base_output), alpha=weight)

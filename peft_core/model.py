@@ -145,7 +145,9 @@ class AdapterHandle:
         by_class: dict[type, list[tuple[Adapter, nn.Module, float]]] = {}
         for _, wrapper in self.wrappers():
             for name, adapter in wrapper.adapters.items():
-                by_class.setdefault(type(adapter), []).append((adapter, wrapper.base_layer, wrapper.adapter_weights[name]))
+                by_class.setdefault(type(adapter), []).append(
+                    (adapter, wrapper.base_layer, wrapper.adapter_weights[name])
+                )
         for adapter_class, items in by_class.items():
             adapter_class.after_optimizer_step(items, refresh)
 
@@ -203,7 +205,8 @@ class AdapterHandle:
             )
         if missing:
             raise AdapterError(
-                f"the checkpoint lacks {missing[0]!r} ({len(missing)} tensors missing); it does not match adapter {name!r}: "
+                f"the checkpoint lacks {missing[0]!r} ({len(missing)} tensors missing); it does not "
+                f"match adapter {name!r}: "
                 "was it trained on another base model, another method, or with other targets?"
             )
         for key in expected:  # model order, so the first mismatch reported is the first in the model
@@ -211,7 +214,8 @@ class AdapterHandle:
             if tuple(value.shape) != tuple(expected[key].shape):
                 raise AdapterError(
                     f"module {key.rsplit('.', 1)[0]!r}: {key.rsplit('.', 1)[1]} has shape {tuple(value.shape)} in the "
-                    f"checkpoint but {tuple(expected[key].shape)} in this model; was the adapter trained on another base model?"
+                    f"checkpoint but {tuple(expected[key].shape)} in this model; was the adapter "
+                    "trained on another base model?"
                 )
         with torch.no_grad():
             for key, value in state.items():
@@ -278,14 +282,20 @@ def _check_prepared(spec: MethodSpec, module_names: list[str], prepared: Mapping
     missing = [module_name for module_name in module_names if module_name not in prepared]
     extra = sorted(set(prepared) - set(module_names))
     if missing or extra:
-        which = f"has nothing for {missing[0]!r}" if missing else f"was made for {extra[0]!r}, which these targets do not select"
+        which = (
+            f"has nothing for {missing[0]!r}"
+            if missing
+            else f"was made for {extra[0]!r}, which these targets do not select"
+        )
         raise AdapterError(
             f"{spec.name}: the prepared data {which} ({len(missing)} missing, {len(extra)} extra); "
             "run prepare with the same config on this model"
         )
 
 
-def calibration_outputs(model: nn.Module, batches: Iterable[Any], step: Callable[[nn.Module, Any], Any] | None, method: str) -> Iterator[Any]:
+def calibration_outputs(
+    model: nn.Module, batches: Iterable[Any], step: Callable[[nn.Module, Any], Any] | None, method: str
+) -> Iterator[Any]:
     """What `prepare` steps share: run `step(model, batch)` on each batch and yield its result.
 
     The default step calls model(batch), model(**batch) for a dict, model(*batch) for a tuple or list.
@@ -358,11 +368,15 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, st
             " (a PEFT-format folder? load it with peft, or re-save it with peft_core)"
         )
     if data.get("format_version", 0) > FORMAT_VERSION:
-        raise AdapterError(f"{directory} was written by a newer peft_core (format {data['format_version']}); upgrade peft-studio")
+        raise AdapterError(
+            f"{directory} was written by a newer peft_core (format {data['format_version']}); upgrade peft-studio"
+        )
     return config_from_dict(data["config"]), data.get("adapter_name", "default")
 
 
-def _prepared_from_state(model: nn.Module, config: AdapterConfig, state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+def _prepared_from_state(
+    model: nn.Module, config: AdapterConfig, state: dict[str, torch.Tensor]
+) -> dict[str, Any] | None:
     """For methods with a prepare step: each module's `prepared` entry, rebuilt from the checkpoint's shapes."""
     spec = get_method(config.method)
     if spec.prepare is None:
@@ -373,14 +387,22 @@ def _prepared_from_state(model: nn.Module, config: AdapterConfig, state: dict[st
         prefix = module_name + "."
         module_state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
         if not module_state:
-            raise AdapterError(f"the checkpoint has no {spec.name} tensors for module {module_name!r}; it does not match this model")
+            raise AdapterError(
+                f"the checkpoint has no {spec.name} tensors for module {module_name!r}; it does not match this model"
+            )
         module = model.get_submodule(module_name)
         base = module.base_layer if isinstance(module, AdaptedModule) else module
         prepared[module_name] = adapter_class.prepared_from_state(module_state, base, config)
     return prepared
 
 
-def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None, weight: float = 1.0, trainable: bool = False) -> AdapterHandle:
+def load(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    name: str | None = None,
+    weight: float = 1.0,
+    trainable: bool = False,
+) -> AdapterHandle:
     """Attach the adapter saved in `directory` to `model` and load its weights (all-or-nothing)."""
     config, saved_name = read_adapter_config(directory)
     state = read_safetensors(Path(directory) / WEIGHTS_NAME)

@@ -117,8 +117,12 @@ class BreakForMakePipeline:
 
         With `run_dir`, finished break runs are kept in <run_dir>/stages/ and reused by a later call."""
         # 1. Check inputs.
-        for label, dataset in [("content", content), ("style", style), *[("aux style", d) for d in aux_styles],
-                               *[("aux content", d) for d in aux_contents]]:
+        for label, dataset in [
+            ("content", content),
+            ("style", style),
+            *[("aux style", d) for d in aux_styles],
+            *[("aux content", d) for d in aux_contents],
+        ]:
             if len(dataset) == 0:
                 raise UserError(f"the {label} dataset is empty")
         if self.config.content_factor not in ("down", "up"):
@@ -134,8 +138,12 @@ class BreakForMakePipeline:
         self.pipe.unet.requires_grad_(False)
         self.pipe.text_encoder.requires_grad_(False)
         self.pipe.vae.requires_grad_(False)
-        plp = PlpConfig(targets=self.config.targets, r=self.config.rank, seed=self.config.seed, centered=self.config.centered)
-        torch.manual_seed(self.config.seed)  # PLP's learnable D is drawn from its own seeded generator; this covers the rest
+        plp = PlpConfig(
+            targets=self.config.targets, r=self.config.rank, seed=self.config.seed, centered=self.config.centered
+        )
+        torch.manual_seed(
+            self.config.seed
+        )  # PLP's learnable D is drawn from its own seeded generator; this covers the rest
         self._noise = training_scheduler(self.pipe)
 
         content_main, style_main = (DOWN, UP) if self.config.content_factor == "down" else (UP, DOWN)
@@ -144,15 +152,18 @@ class BreakForMakePipeline:
         # 3. Break: style run (main B on style, partner D on other contents).
         self._break_or_load("style", plp, style, list(aux_contents), main=style_main, partner=content_main, emit=emit)
         # 4. Make: pair style's B with content's D and fine-tune both on both sets.
-        make_joint(self.handle, content="content", style="style", name="joint", content_factor=self.config.content_factor)
+        make_joint(
+            self.handle, content="content", style="style", name="joint", content_factor=self.config.content_factor
+        )
         self._make(content, style, emit)
         if run_dir is not None:
             self.save(Path(run_dir) / "b4m")
         return self
 
     # -- stages -----------------------------------------------------------------------------
-    def _break_or_load(self, name: str, plp: PlpConfig, main_data, partner_sets: list, main: str, partner: str,
-                       emit) -> None:
+    def _break_or_load(
+        self, name: str, plp: PlpConfig, main_data, partner_sets: list, main: str, partner: str, emit
+    ) -> None:
         """One break run, or its saved result when an earlier call with this run_dir finished it."""
         stage = self._run_dir / "stages" / name if self._run_dir is not None else None
         if stage is not None and stage.is_dir():
@@ -171,8 +182,10 @@ class BreakForMakePipeline:
             return
         if self._run_dir is not None:
             (self._run_dir / STOP_FILE).unlink(missing_ok=True)  # served; a resume must not stop again
-        raise StopRequested(f"stopped on request in {stage} at step {step} of {total}; the finished break runs "
-                            "are kept and a resume starts from the stage in progress")
+        raise StopRequested(
+            f"stopped on request in {stage} at step {step} of {total}; the finished break runs "
+            "are kept and a resume starts from the stage in progress"
+        )
 
     def _break(self, name: str, plp: PlpConfig, main_data, partner_sets: list, main: str, partner: str, emit) -> None:
         config, device = self.config, self.pipe.unet.device
@@ -187,15 +200,26 @@ class BreakForMakePipeline:
         main_params = [p for n, p in handle.named_trainable_parameters() if n.endswith(main)]
         partner_params = [p for n, p in handle.named_trainable_parameters() if n.endswith(partner)]
         main_opt = torch.optim.AdamW(main_params, lr=config.main_lr, weight_decay=config.weight_decay)
-        partner_opt = torch.optim.AdamW(partner_params, lr=config.main_lr * config.partner_lr_ratio, weight_decay=config.weight_decay)
+        partner_opt = torch.optim.AdamW(
+            partner_params, lr=config.main_lr * config.partner_lr_ratio, weight_decay=config.weight_decay
+        )
         self.pipe.unet.train()
         for step in range(config.break_steps):
             generator = step_generator(config.seed, step)
-            loss = diffusion_loss(self.pipe, self.pipe.unet, sample_batch(main_data, config.batch_size, config.seed, step),
-                                  generator, device, torch.float32, self._noise)
+            loss = diffusion_loss(
+                self.pipe,
+                self.pipe.unet,
+                sample_batch(main_data, config.batch_size, config.seed, step),
+                generator,
+                device,
+                torch.float32,
+                self._noise,
+            )
             if partner_sets and config.mcp_loss == "shared":  # one loss for both factors, each at its own lr
-                self._step(loss + self._partner_loss(partner_sets, step, generator),
-                           [(main_params, main_opt), (partner_params, partner_opt)])
+                self._step(
+                    loss + self._partner_loss(partner_sets, step, generator),
+                    [(main_params, main_opt), (partner_params, partner_opt)],
+                )
             else:  # each factor its own loss (with K = 0 the partner does not train)
                 self._step(loss, [(main_params, main_opt)])
                 if partner_sets:
@@ -208,8 +232,15 @@ class BreakForMakePipeline:
         """The mean diffusion loss over the other concepts, each with its own prompts."""
         config, device = self.config, self.pipe.unet.device
         return sum(
-            diffusion_loss(self.pipe, self.pipe.unet, sample_batch(data, config.batch_size, config.seed + 1 + k, step),
-                           generator, device, torch.float32, self._noise)
+            diffusion_loss(
+                self.pipe,
+                self.pipe.unet,
+                sample_batch(data, config.batch_size, config.seed + 1 + k, step),
+                generator,
+                device,
+                torch.float32,
+                self._noise,
+            )
             for k, data in enumerate(partner_sets)
         ) / len(partner_sets)
 
@@ -220,18 +251,36 @@ class BreakForMakePipeline:
         for step in range(config.make_steps):
             # One noise draw for both halves of the step (spec §2: same noise and timestep).
             seed = config.seed + 10_000
-            content_loss = diffusion_loss(self.pipe, self.pipe.unet, sample_batch(content, config.batch_size, seed, step),
-                                          step_generator(seed, step), device, torch.float32, self._noise)
-            style_loss = diffusion_loss(self.pipe, self.pipe.unet, sample_batch(style, config.batch_size, seed, step),
-                                        step_generator(seed, step), device, torch.float32, self._noise)
+            content_loss = diffusion_loss(
+                self.pipe,
+                self.pipe.unet,
+                sample_batch(content, config.batch_size, seed, step),
+                step_generator(seed, step),
+                device,
+                torch.float32,
+                self._noise,
+            )
+            style_loss = diffusion_loss(
+                self.pipe,
+                self.pipe.unet,
+                sample_batch(style, config.batch_size, seed, step),
+                step_generator(seed, step),
+                device,
+                torch.float32,
+                self._noise,
+            )
             loss = content_loss + style_loss
             self._step(loss, [(params, optimizer)], precondition="joint" if config.riemannian else None)
             emit(TrainEvent("make", step + 1, config.make_steps, loss=loss.item(), lr=config.make_lr))
             if step + 1 < config.make_steps:
                 self._stop_if_requested("make", step + 1, config.make_steps)
 
-    def _step(self, loss: torch.Tensor, groups: list[tuple[list[torch.nn.Parameter], torch.optim.Optimizer]],
-              precondition: str | None = None) -> None:
+    def _step(
+        self,
+        loss: torch.Tensor,
+        groups: list[tuple[list[torch.nn.Parameter], torch.optim.Optimizer]],
+        precondition: str | None = None,
+    ) -> None:
         """Gradient of `loss` for the groups' parameters only; nothing else receives (or keeps) a
         gradient. Each (parameters, optimizer) group is clipped and stepped on its own.
         `precondition`: the PLP adapter whose gradients get the Riemannian scaling first."""
@@ -255,12 +304,20 @@ class BreakForMakePipeline:
             raise UserError(f"no {adapter!r} adapter yet; run the pipeline (break -> make) or load a saved one")
         for other in handle.adapter_names:
             (handle.enable if other == adapter else handle.disable)(other)
-        up_weight, down_weight = (style_weight, content_weight) if self.config.content_factor == "down" else (content_weight, style_weight)
+        up_weight, down_weight = (
+            (style_weight, content_weight) if self.config.content_factor == "down" else (content_weight, style_weight)
+        )
         for _, wrapper in handle.wrappers(adapter):
             wrapper.adapters[adapter].set_factor_weights(up=up_weight, down=down_weight)
 
-    def generate(self, prompts: Sequence[str], content_weight: float = 1.0, style_weight: float = 1.0,
-                 adapter: str = "joint", **options) -> list:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        content_weight: float = 1.0,
+        style_weight: float = 1.0,
+        adapter: str = "joint",
+        **options,
+    ) -> list:
         """Images of `prompts` with one adapter ("joint", or "content"/"style" alone)."""
         self.set_mix(content_weight, style_weight, adapter)
         return generate(self.pipe, prompts, **options)
@@ -270,7 +327,9 @@ class BreakForMakePipeline:
         directory = Path(directory)
         for name in self.handle.adapter_names:
             self.handle.save(directory / name, name=name)
-        write_json(directory / "b4m.json", {"config": dataclasses.asdict(self.config), "adapters": self.handle.adapter_names})
+        write_json(
+            directory / "b4m.json", {"config": dataclasses.asdict(self.config), "adapters": self.handle.adapter_names}
+        )
         return directory
 
     @classmethod

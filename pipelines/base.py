@@ -30,8 +30,13 @@ _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin")  # refused unless allow_pickle=True
 
 
-def load_base(spec: str | os.PathLike | None = DEFAULT_BASE, torch_dtype=None, device: str | None = None,
-              allow_pickle: bool = False, **kwargs):
+def load_base(
+    spec: str | os.PathLike | None = DEFAULT_BASE,
+    torch_dtype=None,
+    device: str | None = None,
+    allow_pickle: bool = False,
+    **kwargs,
+):
     """A `StableDiffusionPipeline` from the embedded name, a folder, a single file or a hub id,
     moved to `device` (default: CUDA when available, else the CPU).
 
@@ -55,18 +60,23 @@ def _load_pipeline(spec: str | os.PathLike | None, torch_dtype, kwargs: dict, al
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise UserError(f"{path} is a folder but not a diffusers pipeline (no model_index.json); "
-                            "pass a diffusers folder, a .safetensors file, a hub id or 'embedded'")
+            raise UserError(
+                f"{path} is a folder but not a diffusers pipeline (no model_index.json); "
+                "pass a diffusers folder, a .safetensors file, a hub id or 'embedded'"
+            )
         return _load_folder(StableDiffusionPipeline, path, kwargs)
     if path.is_file():
         if path.suffix not in _SINGLE_FILE_SUFFIXES:
             raise UserError(f"{path} is not a checkpoint file (expected one of {', '.join(_SINGLE_FILE_SUFFIXES)})")
         if path.suffix in _PICKLE_SUFFIXES and not allow_pickle:
-            raise UserError(f"{path} is a pickle checkpoint ({path.suffix}), which can run code when loaded, so it is "
-                            "refused; convert it to .safetensors, or if you trust it load_base(..., allow_pickle=True)")
+            raise UserError(
+                f"{path} is a pickle checkpoint ({path.suffix}), which can run code when loaded, so it is "
+                "refused; convert it to .safetensors, or if you trust it load_base(..., allow_pickle=True)"
+            )
         if path.suffix in _PICKLE_SUFFIXES:
-            warnings.warn(f"loading pickle checkpoint {path} (allow_pickle=True): only do this for files you trust",
-                          stacklevel=3)
+            warnings.warn(
+                f"loading pickle checkpoint {path} (allow_pickle=True): only do this for files you trust", stacklevel=3
+            )
         # Converting an original-format checkpoint needs its config; offline, diffusers can only
         # build it from the cache, so say so rather than surface a hub error.
         try:
@@ -75,8 +85,10 @@ def _load_pipeline(spec: str | os.PathLike | None, torch_dtype, kwargs: dict, al
             raise UserError(f"could not load single-file checkpoint {path}: {error}") from error
     looks_like_path = str(spec).startswith((".", "/", "~")) or path.suffix in _SINGLE_FILE_SUFFIXES
     if looks_like_path or not _HUB_ID.match(str(spec)):
-        raise UserError(f"base model {str(spec)!r} not found: no such folder or file, and not a hub id "
-                        f"(owner/name); use 'embedded' for the built-in tiny model")
+        raise UserError(
+            f"base model {str(spec)!r} not found: no such folder or file, and not a hub id "
+            f"(owner/name); use 'embedded' for the built-in tiny model"
+        )
     return _load_hub(StableDiffusionPipeline, str(spec), kwargs)
 
 
@@ -120,8 +132,10 @@ def _load_folder(pipeline_class, folder: Path, kwargs: dict):
         return pipeline_class.from_pretrained(str(folder), local_files_only=True, **kwargs)
     except (OSError, ValueError) as error:  # missing/half-downloaded weights, broken configs
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"could not load the diffusers folder {folder}: {first}; an interrupted download or copy? "
-                        "download it again, or pass another base") from error
+        raise UserError(
+            f"could not load the diffusers folder {folder}: {first}; an interrupted download or copy? "
+            "download it again, or pass another base"
+        ) from error
 
 
 def _load_hub(pipeline_class, hub_id: str, kwargs: dict):
@@ -133,6 +147,9 @@ def _load_hub(pipeline_class, hub_id: str, kwargs: dict):
 
 def _offline_hint(error: Exception) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    hint = ("HF_HUB_OFFLINE is set, so only models already in the local cache can load"
-            if offline else "check the id, your network, and that the model is public or you are logged in")
+    hint = (
+        "HF_HUB_OFFLINE is set, so only models already in the local cache can load"
+        if offline
+        else "check the id, your network, and that the model is public or you are logged in"
+    )
     return f"{str(error).splitlines()[0]} ({hint}; 'embedded' works offline)"

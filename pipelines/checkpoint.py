@@ -106,7 +106,9 @@ def load_checkpoint(
     state = read_json(checkpoint / "state.json")
     for name in state["adapters"]:
         if name not in handle.adapter_names:
-            raise UserError(f"{checkpoint} holds adapter {name!r}, which this run does not have; resume with the same config")
+            raise UserError(
+                f"{checkpoint} holds adapter {name!r}, which this run does not have; resume with the same config"
+            )
         handle.load_state_dict(read_safetensors(checkpoint / "adapter" / name / "adapter_model.safetensors"), name=name)
     structure = read_json(checkpoint / "optimizer.json")
     optimizer.load_state_dict(_unflatten_optimizer(read_safetensors(checkpoint / "optimizer.safetensors"), structure))

@@ -108,9 +108,17 @@ class GraphedTrainStep:
     no `load_state_dict`, merge or `release` in between); `train_adapter` keeps it for one run.
     """
 
-    def __init__(self, unet, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter],
-                 max_grad_norm: float = 0.0, autocast_dtype: torch.dtype | None = None, warmup: int = 2,
-                 after_replay: Callable[[], None] | None = None, graph_factory=None) -> None:
+    def __init__(
+        self,
+        unet,
+        optimizer: torch.optim.Optimizer,
+        parameters: list[torch.nn.Parameter],
+        max_grad_norm: float = 0.0,
+        autocast_dtype: torch.dtype | None = None,
+        warmup: int = 2,
+        after_replay: Callable[[], None] | None = None,
+        graph_factory=None,
+    ) -> None:
         self.unet, self.optimizer, self.parameters = unet, optimizer, parameters
         self.max_grad_norm, self.autocast_dtype, self.warmup = max_grad_norm, autocast_dtype, warmup
         self.after_replay = after_replay or (lambda: None)
@@ -123,8 +131,12 @@ class GraphedTrainStep:
     def _step(self) -> torch.Tensor:
         device_type = self.static.noisy.device.type
         # cache_enabled=False: autocast's weight-cast cache must not outlive a capture.
-        with torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None,
-                            cache_enabled=False):
+        with torch.autocast(
+            device_type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+            cache_enabled=False,
+        ):
             loss = prediction_loss(self.unet, self.static)
         loss.backward()
         if self.max_grad_norm > 0:
@@ -142,8 +154,10 @@ class GraphedTrainStep:
         else:
             for buffer, value in zip(self.static.tensors(), inputs.tensors()):
                 if buffer.shape != value.shape or buffer.dtype != value.dtype:
-                    raise UserError(f"a CUDA-graph training step needs the same input shapes every step; got {tuple(value.shape)} "
-                                    f"after {tuple(buffer.shape)}; use fixed-size batches or --cuda-graph off")
+                    raise UserError(
+                        f"a CUDA-graph training step needs the same input shapes every step; got {tuple(value.shape)} "
+                        f"after {tuple(buffer.shape)}; use fixed-size batches or --cuda-graph off"
+                    )
                 buffer.copy_(value)
         self.calls += 1
         if self.calls <= self.warmup:
@@ -161,10 +175,14 @@ class GraphedTrainStep:
         return self.loss
 
 
-def capturable_adamw(parameters: list[torch.nn.Parameter], lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+def capturable_adamw(
+    parameters: list[torch.nn.Parameter], lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.AdamW:
     """Fused AdamW that can live inside a CUDA graph: step counts on the device, and the learning
     rate a device tensor (an LR scheduler fills it in place, so schedules work under replay)."""
-    return torch.optim.AdamW(parameters, lr=torch.tensor(lr, device=device), weight_decay=weight_decay, fused=True, capturable=True)
+    return torch.optim.AdamW(
+        parameters, lr=torch.tensor(lr, device=device), weight_decay=weight_decay, fused=True, capturable=True
+    )
 
 
 def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
@@ -243,7 +261,7 @@ class GraphedForward:
             return args, kwargs
         position = self.timestep_position
         if position is not None and len(args) > position and isinstance(args[position], (int, float)):
-            args = (*args[:position], torch.tensor(args[position], device=sample.device), *args[position + 1:])
+            args = (*args[:position], torch.tensor(args[position], device=sample.device), *args[position + 1 :])
         elif isinstance(kwargs.get("timestep"), (int, float)):
             kwargs = {**kwargs, "timestep": torch.tensor(kwargs["timestep"], device=sample.device)}
         return args, kwargs

@@ -118,23 +118,29 @@ def _check_image(path: Path, max_pixels: int, min_side: int) -> tuple[tuple[int,
                 image.verify()  # structure and checksums, without decoding
             with Image.open(path) as image:  # verify() leaves the file unusable: reopen to decode
                 if min(width, height) < min_side:
-                    raise _Refused(f"too small: {width}x{height} px, the shorter side must be at least "
-                                   f"{min_side} px; remove it or lower min_side")
+                    raise _Refused(
+                        f"too small: {width}x{height} px, the shorter side must be at least "
+                        f"{min_side} px; remove it or lower min_side"
+                    )
                 image.load()  # truncated data only shows up when decoding
                 rgb = to_rgb(image)
     except UnidentifiedImageError:
-        raise _Refused("not an image: no image format recognises its content (a misnamed file?); "
-                       "delete it or replace it with a real image") from None
+        raise _Refused(
+            "not an image: no image format recognises its content (a misnamed file?); "
+            "delete it or replace it with a real image"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         found = re.search(r"\((\d+) pixels\)", str(error))  # PIL gives the size only in its message
         size = f"{int(found.group(1)):,} pixels" if found else str(error)
-        raise _Refused(f"too large: {size}, over the limit of {max_pixels:,}; downscale it "
-                       "or pass a larger max_pixels") from None
+        raise _Refused(
+            f"too large: {size}, over the limit of {max_pixels:,}; downscale it or pass a larger max_pixels"
+        ) from None
     except _Refused:
         raise
     except Exception as error:  # noqa: BLE001 - decoders raise many types on corrupt data; report, don't crash
-        raise _Refused(f"unreadable or truncated ({type(error).__name__}: {error}); "
-                       "re-export or re-copy it, or delete it") from None
+        raise _Refused(
+            f"unreadable or truncated ({type(error).__name__}: {error}); re-export or re-copy it, or delete it"
+        ) from None
     digest = hashlib.sha1(rgb.tobytes(), usedforsecurity=False).hexdigest()
     return rgb.size, f"{rgb.size}:{digest}"
 
@@ -143,8 +149,10 @@ def _read_text(path: Path, relative: str) -> str:
     try:
         return path.read_bytes().decode("utf-8-sig")  # tolerate the BOM some Windows editors write
     except UnicodeDecodeError as error:
-        raise _Refused(f"not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
-                       f"re-save {relative} as UTF-8") from None
+        raise _Refused(
+            f"not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+            f"re-save {relative} as UTF-8"
+        ) from None
 
 
 def _read_metadata(root: Path, images: set[Path], problems: list[tuple[str, str]]) -> dict[Path, str]:
@@ -167,16 +175,20 @@ def _read_metadata(root: Path, images: set[Path], problems: list[tuple[str, str]
             continue
         keys = [key for key in CAPTION_KEYS if isinstance(entry, dict) and key in entry]
         if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str) or not keys:
-            problems.append((where, 'needs a "file_name" string and a caption under "text", "caption" or "prompt", '
-                                    'e.g. {"file_name": "0001.png", "text": "a red cube"}'))
+            problems.append(
+                (
+                    where,
+                    'needs a "file_name" string and a caption under "text", "caption" or "prompt", '
+                    'e.g. {"file_name": "0001.png", "text": "a red cube"}',
+                )
+            )
             continue
         caption, image = entry[keys[0]], Path(os.path.normpath(root / entry["file_name"]))
         if not isinstance(caption, str):
             problems.append((where, f'"{keys[0]}" must be a string, got {type(caption).__name__}'))
         elif image not in images:
             reason = "is not an image in this folder" if image.is_file() else "does not exist"
-            problems.append((where, f"file_name {entry['file_name']!r} {reason}; "
-                                    "fix the name or remove the line"))
+            problems.append((where, f"file_name {entry['file_name']!r} {reason}; fix the name or remove the line"))
         elif image in captions:
             problems.append((where, f"{entry['file_name']!r} is listed twice; keep one line per image"))
         else:
@@ -194,18 +206,30 @@ def _template_fields(template: str | None, trigger: str | None) -> set[str]:
     try:
         names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as error:
-        raise UserError(f"template {template!r} is malformed ({error}); write literal braces as {{{{ and }}}}") from None
+        raise UserError(
+            f"template {template!r} is malformed ({error}); write literal braces as {{{{ and }}}}"
+        ) from None
     if names - {"trigger", "caption"}:
-        raise UserError(f"template {template!r} uses {{{sorted(names - {'trigger', 'caption'})[0]}}}; "
-                        "only {trigger} and {caption} are filled in")
+        raise UserError(
+            f"template {template!r} uses {{{sorted(names - {'trigger', 'caption'})[0]}}}; "
+            "only {trigger} and {caption} are filled in"
+        )
     if ("trigger" in names) != (trigger is not None):
-        raise UserError(f"template {template!r} and trigger={trigger!r} disagree: pass a trigger exactly "
-                        "when the template contains {trigger}")
+        raise UserError(
+            f"template {template!r} and trigger={trigger!r} disagree: pass a trigger exactly "
+            "when the template contains {trigger}"
+        )
     return names
 
 
-def validate_image_folder(path: str | Path, *, template: str | None = None, trigger: str | None = None,
-                          max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE) -> FolderReport:
+def validate_image_folder(
+    path: str | Path,
+    *,
+    template: str | None = None,
+    trigger: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = DEFAULT_MIN_SIDE,
+) -> FolderReport:
     """Check every file of an image folder; return its images and prompts or raise one UserError.
 
     Problems (all collected, then raised together): a missing, empty or image-less folder; empty,
@@ -220,15 +244,19 @@ def validate_image_folder(path: str | Path, *, template: str | None = None, trig
         raise UserError(f"image folder {root} {reason}; pass the folder that holds the training images")
     fields = _template_fields(template, trigger)
     root = root.resolve()
-    files = sorted(p for p in root.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     if not files:
         raise UserError(f"image folder {root} is empty; put the training images ({', '.join(IMAGE_EXTENSIONS)}) in it")
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not images:
         found = ", ".join(_listing([p.relative_to(root).as_posix() for p in files], 5))
-        raise UserError(f"image folder {root} has no images (looked for {', '.join(IMAGE_EXTENSIONS)}); "
-                        f"it holds: {found}")
+        raise UserError(
+            f"image folder {root} has no images (looked for {', '.join(IMAGE_EXTENSIONS)}); it holds: {found}"
+        )
 
     def name(p: Path) -> str:
         return p.relative_to(root).as_posix()
@@ -254,8 +282,10 @@ def validate_image_folder(path: str | Path, *, template: str | None = None, trig
             if p.with_suffix("") not in images_by_stem:
                 report.warnings.append(f"{name(p)}: caption without an image; it is ignored")
         elif p not in image_set and p != root / METADATA_FILE:
-            report.warnings.append(f"{name(p)}: skipped, not an image by its extension "
-                                   f"({', '.join(IMAGE_EXTENSIONS)}); rename it if it is one")
+            report.warnings.append(
+                f"{name(p)}: skipped, not an image by its extension "
+                f"({', '.join(IMAGE_EXTENSIONS)}); rename it if it is one"
+            )
 
     hashes: dict[str, list[Path]] = defaultdict(list)
     for image in images:
@@ -272,8 +302,13 @@ def validate_image_folder(path: str | Path, *, template: str | None = None, trig
         if caption is None and (template is None or "caption" in fields):
             if image not in broken_sidecars:  # whose caption file was already reported
                 needs = "the template uses {caption}, but it" if template else "it"
-                problems.append((name(image), f"{needs} has no caption; add {image.with_suffix('.txt').name} "
-                                              f"next to it or a {METADATA_FILE} line, or pass a template"))
+                problems.append(
+                    (
+                        name(image),
+                        f"{needs} has no caption; add {image.with_suffix('.txt').name} "
+                        f"next to it or a {METADATA_FILE} line, or pass a template",
+                    )
+                )
             continue
         prompt = caption if template is None else template.format(trigger=trigger, caption=caption)
         report.records.append(ImageRecord(image, size, prompt))
@@ -281,8 +316,13 @@ def validate_image_folder(path: str | Path, *, template: str | None = None, trig
     readable = sum(len(group) for group in hashes.values())
     if len(hashes) == 1 and readable > 1:
         copies = ", ".join(_listing([name(p) for p in next(iter(hashes.values()))], 5))
-        problems.append((f"all {readable} images", f"have identical pixels ({copies}); add different pictures, "
-                                                  "or keep one and use repeats= to show it more often"))
+        problems.append(
+            (
+                f"all {readable} images",
+                f"have identical pixels ({copies}); add different pictures, "
+                "or keep one and use repeats= to show it more often",
+            )
+        )
     for group in hashes.values():
         if 1 < len(group) < readable:
             report.warnings.append(f"identical images: {', '.join(_listing([name(p) for p in group], 5))}")
@@ -328,8 +368,9 @@ def assign_bucket(size: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> 
     return min(range(len(buckets)), key=lambda i: abs(aspect - math.log(buckets[i][0] / buckets[i][1])))
 
 
-def resize_and_crop(image: Image.Image, target: tuple[int, int], crop: str, rng: np.random.Generator
-                    ) -> tuple[Image.Image, tuple[int, int]]:
+def resize_and_crop(
+    image: Image.Image, target: tuple[int, int], crop: str, rng: np.random.Generator
+) -> tuple[Image.Image, tuple[int, int]]:
     """Scale to cover `target` (w, h), then crop to it; returns the crop and its (top, left)."""
     width, height = image.size
     scale = max(target[0] / width, target[1] / height)
@@ -353,16 +394,29 @@ class ImageCaptionDataset(Dataset):
     (seed, epoch, i), so a resumed run sees the same pixels; call `set_epoch` to vary them.
     """
 
-    def __init__(self, root: str | Path, resolution: int = 512, *, template: str | None = None,
-                 trigger: str | None = None, repeats: int = 1, crop: str = "center", random_flip: bool = False,
-                 buckets: bool = False, bucket_step: int = 64, seed: int = 0,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        resolution: int = 512,
+        *,
+        template: str | None = None,
+        trigger: str | None = None,
+        repeats: int = 1,
+        crop: str = "center",
+        random_flip: bool = False,
+        buckets: bool = False,
+        bucket_step: int = 64,
+        seed: int = 0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_side: int = DEFAULT_MIN_SIDE,
+    ) -> None:
         if crop not in ("center", "random"):
             raise UserError(f"crop={crop!r} is not one of 'center', 'random'")
         if repeats < 1 or resolution < 1:
             raise UserError(f"repeats and resolution must be >= 1, got repeats={repeats}, resolution={resolution}")
-        self.report = validate_image_folder(root, template=template, trigger=trigger,
-                                            max_pixels=max_pixels, min_side=min_side)
+        self.report = validate_image_folder(
+            root, template=template, trigger=trigger, max_pixels=max_pixels, min_side=min_side
+        )
         self.records = self.report.records
         self.resolution, self.repeats, self.crop, self.random_flip = resolution, repeats, crop, random_flip
         self.seed, self.epoch, self.max_pixels = seed, 0, max_pixels
@@ -391,15 +445,27 @@ class ImageCaptionDataset(Dataset):
         if self.random_flip and rng.random() < 0.5:
             image = ImageOps.mirror(image)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)  # (H, W, 3) in [-1, 1]
-        return {"pixel_values": pixels.permute(2, 0, 1).contiguous(), "prompt": record.prompt,
-                "path": str(record.path), "original_size": original_size, "crop_top_left": torch.tensor(top_left)}
+        return {
+            "pixel_values": pixels.permute(2, 0, 1).contiguous(),
+            "prompt": record.prompt,
+            "path": str(record.path),
+            "original_size": original_size,
+            "crop_top_left": torch.tensor(top_left),
+        }
 
 
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of dataset indices that share one bucket (so they stack), shuffled by (seed, epoch)."""
 
-    def __init__(self, bucket_ids: Sequence[int], batch_size: int, *, shuffle: bool = True,
-                 drop_last: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        bucket_ids: Sequence[int],
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+    ) -> None:
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
         self.groups: dict[int, list[int]] = defaultdict(list)
@@ -422,7 +488,7 @@ class BucketBatchSampler(Sampler[list[int]]):
             if self.shuffle:
                 rng.shuffle(group)
             for start in range(0, len(group), self.batch_size):
-                batch = group[start:start + self.batch_size]
+                batch = group[start : start + self.batch_size]
                 if len(batch) == self.batch_size or not self.drop_last:
                     batches.append(batch)
         if self.shuffle:

@@ -44,13 +44,27 @@ class Judge(nn.Module):
         self.heads = {name: tuple(labels) for name, labels in heads.items()}
 
         def block(c_in: int, c_out: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.SiLU(),
-                                 nn.Conv2d(c_out, c_out, 3, padding=1, stride=2), nn.BatchNorm2d(c_out), nn.SiLU())
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+                nn.BatchNorm2d(c_out),
+                nn.SiLU(),
+                nn.Conv2d(c_out, c_out, 3, padding=1, stride=2),
+                nn.BatchNorm2d(c_out),
+                nn.SiLU(),
+            )
 
         # 64 -> 32 -> 16 -> 8 -> 4, then global pooling: the heads see what and where was drawn.
-        self.features = nn.Sequential(block(3, width), block(width, 2 * width), block(2 * width, 4 * width),
-                                      block(4 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classifiers = nn.ModuleDict({name: nn.Linear(4 * width, len(labels)) for name, labels in self.heads.items()})
+        self.features = nn.Sequential(
+            block(3, width),
+            block(width, 2 * width),
+            block(2 * width, 4 * width),
+            block(4 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.classifiers = nn.ModuleDict(
+            {name: nn.Linear(4 * width, len(labels)) for name, labels in self.heads.items()}
+        )
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.features(pixels)  # (N, 4*width)
@@ -114,7 +128,9 @@ def predict(judge: Judge, images) -> list[dict[str, str]]:
     return [{name: judge.heads[name][answers[name][i]] for name in judge.heads} for i in range(len(answers["content"]))]
 
 
-def prompt_matches(judge: Judge, images, scenes: list[Scene], check: tuple[str, ...] = ("content", "colour")) -> list[bool]:
+def prompt_matches(
+    judge: Judge, images, scenes: list[Scene], check: tuple[str, ...] = ("content", "colour")
+) -> list[bool]:
     """Whether each picture shows its scene's content and colour (the prompt-following criterion)."""
     matches = []
     for answer, scene in zip(predict(judge, images), scenes, strict=True):
@@ -128,8 +144,11 @@ def label_accuracy(judge: Judge, images, scenes: list[Scene]) -> dict[str, float
     answers = predict(judge, images)
     accuracy = {}
     for head in judge.heads:
-        pairs = [(a[head], getattr(s, head)) for a, s in zip(answers, scenes, strict=True)
-                 if head in ("content", "style") or s.style == FLAT_STYLE]
+        pairs = [
+            (a[head], getattr(s, head))
+            for a, s in zip(answers, scenes, strict=True)
+            if head in ("content", "style") or s.style == FLAT_STYLE
+        ]
         accuracy[head] = sum(got == want for got, want in pairs) / len(pairs)
     return accuracy
 
@@ -143,7 +162,9 @@ def scene_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
     """{head: (N,) label indices}, -1 where the head does not apply (colour of a neon picture)."""
     targets = {}
     for head, labels in HEADS.items():
-        targets[head] = torch.tensor([labels.index(getattr(s, head)) if getattr(s, head) in labels else -1 for s in scenes])
+        targets[head] = torch.tensor(
+            [labels.index(getattr(s, head)) if getattr(s, head) in labels else -1 for s in scenes]
+        )
     return targets
 
 
@@ -158,8 +179,9 @@ def _augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def vae_round_trip(vae: nn.Module | Callable[[torch.Tensor], torch.Tensor], images: np.ndarray,
-                   batch_size: int = 256) -> np.ndarray:
+def vae_round_trip(
+    vae: nn.Module | Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int = 256
+) -> np.ndarray:
     """Pictures (N, H, W, 3) uint8 -> the same pictures after a trip through `vae`, (N, H, W, 3) uint8.
 
     `vae` is a diffusers AutoencoderKL (encode -> latent mean -> decode, on the VAE's own device and
@@ -183,10 +205,18 @@ def vae_round_trip(vae: nn.Module | Callable[[torch.Tensor], torch.Tensor], imag
     return np.concatenate(chunks)
 
 
-def train_judge(images: np.ndarray, scenes: list[Scene], steps: int, batch_size: int = 256, lr: float = 2e-3,
-                seed: int = 0, device: str = "cpu", log_every: int = 200,
-                vae: nn.Module | Callable[[torch.Tensor], torch.Tensor] | None = None,
-                vae_probability: float = 0.5) -> tuple[Judge, list[dict]]:
+def train_judge(
+    images: np.ndarray,
+    scenes: list[Scene],
+    steps: int,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    seed: int = 0,
+    device: str = "cpu",
+    log_every: int = 200,
+    vae: nn.Module | Callable[[torch.Tensor], torch.Tensor] | None = None,
+    vae_probability: float = 0.5,
+) -> tuple[Judge, list[dict]]:
     """Fit a fresh judge on rendered pictures (N, 64, 64, 3) uint8 and their scenes; returns (judge, log).
 
     With `vae` (an AutoencoderKL or a callable, see `vae_round_trip`), each training picture is
@@ -245,8 +275,10 @@ def load_judge(folder: str | Path | None = None, device: str = "cpu") -> Judge:
     folder = Path(folder) if folder is not None else DEFAULT_JUDGE_DIR
     config_path = folder / "judge.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"no judge at {folder} (expected judge.json and judge.safetensors); "
-                                "run `studio pretrain-base --stages judges` to train one")
+        raise FileNotFoundError(
+            f"no judge at {folder} (expected judge.json and judge.safetensors); "
+            "run `studio pretrain-base --stages judges` to train one"
+        )
     config = json.loads(config_path.read_text())
     judge = Judge({k: tuple(v) for k, v in config["heads"].items()})
     judge.load_state_dict(load_file(folder / "judge.safetensors"))

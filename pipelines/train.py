@@ -88,8 +88,12 @@ class TrainConfig:
     cuda_graph: str = "auto"
 
     def check(self) -> None:
-        choices = {"lr_schedule": ("constant", "cosine", "linear"), "mixed_precision": ("no", "fp16", "bf16"),
-                   "optimizer": ("adamw", "adamw8bit"), "cuda_graph": ("auto", "on", "off")}
+        choices = {
+            "lr_schedule": ("constant", "cosine", "linear"),
+            "mixed_precision": ("no", "fp16", "bf16"),
+            "optimizer": ("adamw", "adamw8bit"),
+            "cuda_graph": ("auto", "on", "off"),
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
@@ -124,7 +128,9 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
     return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
 
 
-def sample_batch(dataset, batch_size: int, seed: int, step: int, process_index: int = 0, num_processes: int = 1) -> Batch:
+def sample_batch(
+    dataset, batch_size: int, seed: int, step: int, process_index: int = 0, num_processes: int = 1
+) -> Batch:
     """This process's share of step `step`'s batch: an epoch-wise permutation, walked in order."""
     n = len(dataset)
     global_batch = batch_size * num_processes
@@ -141,7 +147,11 @@ def sample_batch(dataset, batch_size: int, seed: int, step: int, process_index: 
 
 def encode_prompts(pipe, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
     tokens = pipe.tokenizer(
-        list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        list(prompts),
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids.to(device)
     return pipe.text_encoder(tokens)[0]
 
@@ -157,8 +167,9 @@ def training_scheduler(pipe):
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
-def diffusion_loss(pipe, unet, batch: Batch, generator: torch.Generator, device: torch.device, dtype: torch.dtype,
-                   scheduler=None) -> torch.Tensor:
+def diffusion_loss(
+    pipe, unet, batch: Batch, generator: torch.Generator, device: torch.device, dtype: torch.dtype, scheduler=None
+) -> torch.Tensor:
     """The noise-prediction loss of one batch, with the scheduler's prediction type.
 
     `unet` is pipe.unet as accelerate prepared it (DDP-wrapped when there are several processes);
@@ -166,16 +177,21 @@ def diffusion_loss(pipe, unet, batch: Batch, generator: torch.Generator, device:
     return prediction_loss(unet, step_inputs(pipe, batch, generator, device, dtype, scheduler))
 
 
-def step_inputs(pipe, batch: Batch, generator: torch.Generator, device: torch.device, dtype: torch.dtype,
-                scheduler=None) -> StepInputs:
+def step_inputs(
+    pipe, batch: Batch, generator: torch.Generator, device: torch.device, dtype: torch.dtype, scheduler=None
+) -> StepInputs:
     """Every random draw of one step, and what the UNet is given and should predict."""
     scheduler = scheduler or training_scheduler(pipe)
     with torch.no_grad():
         posterior = pipe.vae.encode(batch.pixel_values.to(device, pipe.vae.dtype)).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device, posterior.mean.dtype)
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(
+            device, posterior.mean.dtype
+        )
         latents = (latents * pipe.vae.config.scaling_factor).to(dtype)
     noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(
+        device
+    )
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prompt_embeds = encode_prompts(pipe, batch.prompts, device)
     prediction_type = scheduler.config.prediction_type
@@ -186,7 +202,9 @@ def step_inputs(pipe, batch: Batch, generator: torch.Generator, device: torch.de
     elif prediction_type == "sample":
         target = latents
     else:
-        raise UserError(f"the scheduler's prediction_type {prediction_type!r} is not supported (epsilon, v_prediction, sample)")
+        raise UserError(
+            f"the scheduler's prediction_type {prediction_type!r} is not supported (epsilon, v_prediction, sample)"
+        )
     return StepInputs(noisy, timesteps, prompt_embeds.to(dtype), target)
 
 
@@ -206,7 +224,9 @@ def make_accelerator(mixed_precision: str, **options):
     return Accelerator(mixed_precision=mixed_precision, **options)
 
 
-def cuda_graph_blockers(config: TrainConfig, device: torch.device, num_processes: int, trains_text_encoder: bool) -> list[str]:
+def cuda_graph_blockers(
+    config: TrainConfig, device: torch.device, num_processes: int, trains_text_encoder: bool
+) -> list[str]:
     """Why this run cannot replay its step from a CUDA graph (empty: it can)."""
     blockers = []
     if device.type != "cuda":
@@ -226,7 +246,9 @@ def cuda_graph_blockers(config: TrainConfig, device: torch.device, num_processes
     return blockers
 
 
-def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    parameters: list[torch.nn.Parameter], config: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
     if config.optimizer == "adamw8bit":
         if device.type != "cuda":
             raise UserError("optimizer 'adamw8bit' needs a CUDA GPU (bitsandbytes); use 'adamw' on this machine")
@@ -235,7 +257,9 @@ def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig, de
         except ImportError:
             raise UserError("optimizer 'adamw8bit' needs bitsandbytes: pip install 'peft-studio[quant]'") from None
         return bnb.optim.AdamW8bit(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        parameters, lr=config.learning_rate, weight_decay=config.weight_decay, fused=device.type == "cuda"
+    )
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -253,8 +277,15 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> 
 
 
 @torch.no_grad()
-def generate(pipe, prompts: Sequence[str], seed: int = 0, steps: int = 20, guidance: float = 5.0, size: int | None = None,
-             cuda_graph: bool = True) -> list:
+def generate(
+    pipe,
+    prompts: Sequence[str],
+    seed: int = 0,
+    steps: int = 20,
+    guidance: float = 5.0,
+    size: int | None = None,
+    cuda_graph: bool = True,
+) -> list:
     """PIL images for `prompts`, one seeded generator per prompt (the same image for the same seed).
 
     On CUDA the UNet's denoising calls replay from a CUDA graph recorded for this call (adapters
@@ -265,8 +296,15 @@ def generate(pipe, prompts: Sequence[str], seed: int = 0, steps: int = 20, guida
     was_training = pipe.unet.training
     pipe.unet.eval()
     with graphed_unet(pipe, enabled=cuda_graph and steps > 2):
-        images = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                      generator=generators, output_type="pil").images
+        images = pipe(
+            list(prompts),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            generator=generators,
+            output_type="pil",
+        ).images
     pipe.unet.train(was_training)
     return images
 
@@ -323,7 +361,9 @@ def train_adapter(
     if len(set(getattr(dataset, "bucket_ids", [0]))) > 1:
         raise UserError("this training loop batches square crops only; build the dataset with buckets=False")
     if config.train_text_encoder and text_encoder_adapter is None:  # same method, the text encoder's projections
-        text_encoder_adapter = config_from_dict({**adapter_config.to_dict(), "targets": TEXT_ENCODER_TARGETS, "exclude": []})
+        text_encoder_adapter = config_from_dict(
+            {**adapter_config.to_dict(), "targets": TEXT_ENCODER_TARGETS, "exclude": []}
+        )
     run_dir = Path(run_dir)
     emit = on_event or (lambda event: None)
     should_stop = should_stop or (lambda: (run_dir / STOP_FILE).exists())
@@ -333,12 +373,15 @@ def train_adapter(
     processes = PartialState()  # the device and the process count, before any precision is fixed
     blockers = cuda_graph_blockers(config, processes.device, processes.num_processes, text_encoder_adapter is not None)
     if config.cuda_graph == "on" and blockers:
-        raise UserError(f"cuda_graph='on' is not possible for this run: {'; '.join(blockers)}. Use cuda_graph='auto' or 'off'.")
+        raise UserError(
+            f"cuda_graph='on' is not possible for this run: {'; '.join(blockers)}. Use cuda_graph='auto' or 'off'."
+        )
     graphed = config.cuda_graph != "off" and not blockers
     # Graphed, the step does its own autocast (with the cast cache off, as capture needs); accelerate's
     # mixed-precision forward wrapper would cache casts, so accelerate is told "no".
-    accelerator = make_accelerator("no" if graphed else config.mixed_precision,
-                                   gradient_accumulation_steps=config.gradient_accumulation)
+    accelerator = make_accelerator(
+        "no" if graphed else config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation
+    )
     device = accelerator.device
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -365,6 +408,7 @@ def train_adapter(
         text_handle.track_optimizer(optimizer)
     if graphed:
         unet = pipe.unet
+
         def autocast():
             return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     else:
@@ -386,9 +430,14 @@ def train_adapter(
         make_capturable(optimizer, device)  # a resumed checkpoint may come from an eager run
         # The recording holds the optimizer step's hooks too (PaCA's column rewrite), so after a replay
         # the adapters only need to know their cached state is stale.
-        graph_step = GraphedTrainStep(pipe.unet, optimizer, parameters, config.max_grad_norm,
-                                      autocast_dtype=None if dtype == torch.float32 else dtype,
-                                      after_replay=lambda: handle.after_optimizer_step(refresh=False))
+        graph_step = GraphedTrainStep(
+            pipe.unet,
+            optimizer,
+            parameters,
+            config.max_grad_norm,
+            autocast_dtype=None if dtype == torch.float32 else dtype,
+            after_replay=lambda: handle.after_optimizer_step(refresh=False),
+        )
 
     # 4. Train.
     unet.train()
@@ -397,24 +446,35 @@ def train_adapter(
         generator = step_generator(config.seed, step)
         step_loss = None
         if graphed:  # one replayed graph; the same draws as the eager loop below
-            batch = sample_batch(dataset, config.batch_size, config.seed, step, accelerator.process_index, accelerator.num_processes)
+            batch = sample_batch(
+                dataset, config.batch_size, config.seed, step, accelerator.process_index, accelerator.num_processes
+            )
             with torch.no_grad(), autocast():
                 inputs = step_inputs(pipe, batch, generator, device, dtype, noise_scheduler)
             try:
                 step_loss = graph_step(inputs).item()
             except GraphCaptureError as error:
                 if config.cuda_graph == "on":
-                    raise UserError(f"this model's training step cannot be recorded as a CUDA graph ({error}); "
-                                    "use cuda_graph='off'") from error
-                warnings.warn(f"CUDA-graph capture failed ({error}); training eagerly from step {step + 1} on", stacklevel=2)
+                    raise UserError(
+                        f"this model's training step cannot be recorded as a CUDA graph ({error}); use cuda_graph='off'"
+                    ) from error
+                warnings.warn(
+                    f"CUDA-graph capture failed ({error}); training eagerly from step {step + 1} on", stacklevel=2
+                )
                 graphed = False
                 generator = step_generator(config.seed, step)  # this step's draws, again, for the eager path
         if step_loss is None:
             step_loss = 0.0
             for micro in range(config.gradient_accumulation):
                 with accelerator.accumulate(unet):
-                    batch = sample_batch(dataset, config.batch_size, config.seed, step * config.gradient_accumulation + micro,
-                                         accelerator.process_index, accelerator.num_processes)
+                    batch = sample_batch(
+                        dataset,
+                        config.batch_size,
+                        config.seed,
+                        step * config.gradient_accumulation + micro,
+                        accelerator.process_index,
+                        accelerator.num_processes,
+                    )
                     with autocast():
                         loss = diffusion_loss(pipe, unet, batch, generator, device, dtype, noise_scheduler)
                     accelerator.backward(loss)
@@ -435,8 +495,9 @@ def train_adapter(
             emit(TrainEvent("sample", done, config.steps, path=str(path)))
         stop = done < config.steps and stop_requested(should_stop, accelerator)
         if accelerator.is_main_process and (stop or done % config.checkpoint_every == 0 or done == config.steps):
-            path = save_checkpoint(run_dir, done, handle, [adapter_name], optimizer, lr_scheduler,
-                                   extra={"loss": step_loss})
+            path = save_checkpoint(
+                run_dir, done, handle, [adapter_name], optimizer, lr_scheduler, extra={"loss": step_loss}
+            )
             if text_handle:
                 text_handle.save(path / "text_encoder" / adapter_name, name=adapter_name)
             emit(TrainEvent("checkpoint", done, config.steps, path=str(path)))
@@ -455,8 +516,15 @@ def train_adapter(
         if config.sample_prompts:
             path = write_samples(pipe, config, run_dir / "samples" / "final.png", accelerator)
             emit(TrainEvent("sample", config.steps, config.steps, path=str(path)))
-    emit(TrainEvent("done", config.steps, config.steps, loss=losses[-1] if losses else None,
-                    path=str(run_dir / "adapter" / adapter_name)))
+    emit(
+        TrainEvent(
+            "done",
+            config.steps,
+            config.steps,
+            loss=losses[-1] if losses else None,
+            path=str(run_dir / "adapter" / adapter_name),
+        )
+    )
     return handle
 
 
@@ -476,5 +544,7 @@ def handle_state(checkpoint: Path, component: str, name: str) -> dict[str, torch
 
 
 def write_samples(pipe, config: TrainConfig, path: Path, accelerator) -> Path:
-    images = generate(pipe, config.sample_prompts, seed=config.seed, steps=config.sample_steps, guidance=config.sample_guidance)
+    images = generate(
+        pipe, config.sample_prompts, seed=config.seed, steps=config.sample_steps, guidance=config.sample_guidance
+    )
     return save_image_atomic(image_grid(images), path)

@@ -22,22 +22,40 @@ EMBEDDED = {"embedded-lm": "lm", "embedded-sd": "sd"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="embedded-lm",
-                        help="embedded-lm, embedded-sd, a hub id or a local folder/file (default embedded-lm)")
-    parser.add_argument("--kind", choices=("auto", "lm", "sd"), default="auto",
-                        help="lm (causal LM) or sd (Stable Diffusion); auto reads the folder (needed for hub ids)")
-    parser.add_argument("--adapter", default=None, metavar="RUN_OR_ADAPTER_DIR",
-                        help="adapter folder or run folder to analyse on top of the base (SD: on the UNet)")
+    parser.add_argument(
+        "--model",
+        default="embedded-lm",
+        help="embedded-lm, embedded-sd, a hub id or a local folder/file (default embedded-lm)",
+    )
+    parser.add_argument(
+        "--kind",
+        choices=("auto", "lm", "sd"),
+        default="auto",
+        help="lm (causal LM) or sd (Stable Diffusion); auto reads the folder (needed for hub ids)",
+    )
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        metavar="RUN_OR_ADAPTER_DIR",
+        help="adapter folder or run folder to analyse on top of the base (SD: on the UNet)",
+    )
     parser.add_argument("--batches", type=int, default=2, help="batches to run (default 2)")
-    parser.add_argument("--batch-size", type=int, default=None, help="sequences (LM, default 4) or prompts (SD, default 2) per batch")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="sequences (LM, default 4) or prompts (SD, default 2) per batch"
+    )
     parser.add_argument("--seq-len", type=int, default=128, help="LM: tokens per packed sequence (default 128)")
-    parser.add_argument("--data", default=None,
-                        help="LM: a .txt (one document per line) or .jsonl (text / instruction+response) file; "
-                             "default: the embedded held-out text")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="LM: a .txt (one document per line) or .jsonl (text / instruction+response) file; "
+        "default: the embedded held-out text",
+    )
     parser.add_argument("--steps", type=int, default=4, help="SD: denoising steps per batch (default 4)")
     parser.add_argument("--guidance", type=float, default=5.0, help="SD: classifier-free guidance scale (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="SD: noise seed (default 0)")
-    parser.add_argument("--out", default="analysis", help="output folder for report.json and heatmap.png (default analysis)")
+    parser.add_argument(
+        "--out", default="analysis", help="output folder for report.json and heatmap.png (default analysis)"
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
@@ -74,8 +92,12 @@ def _resolve_kind(model: str, kind: str) -> str:
     if (path / "config.json").is_file():
         return "lm"
     if path.exists():
-        raise UserError(f"{model} is neither a diffusers folder (model_index.json) nor a transformers folder (config.json)")
-    raise UserError(f"cannot tell whether {model!r} is a language model or Stable Diffusion; pass --kind lm or --kind sd")
+        raise UserError(
+            f"{model} is neither a diffusers folder (model_index.json) nor a transformers folder (config.json)"
+        )
+    raise UserError(
+        f"cannot tell whether {model!r} is a language model or Stable Diffusion; pass --kind lm or --kind sd"
+    )
 
 
 def _adapter_folder(argument: str | None) -> Path | None:
@@ -111,7 +133,14 @@ def _lm_setup(args: argparse.Namespace, metadata: dict[str, Any]):
     documents = _documents(Path(args.data) if args.data else embedded_lm_data("heldout.txt"))
     blocks = _pack(documents, tokenizer, seq_len, args.batches * batch_size)
     batches = [{"input_ids": blocks[i : i + batch_size].to(device)} for i in range(0, len(blocks), batch_size)]
-    metadata.update({"batches": len(batches), "batch_size": batch_size, "seq_len": seq_len, "data": args.data or "embedded heldout.txt"})
+    metadata.update(
+        {
+            "batches": len(batches),
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "data": args.data or "embedded heldout.txt",
+        }
+    )
     return model, batches, None, model.config
 
 
@@ -168,10 +197,23 @@ def _sd_setup(args: argparse.Namespace, metadata: dict[str, Any]):
 
     def step(unet, batch: list[str]) -> None:
         generator = torch.Generator().manual_seed(args.seed)
-        pipe(batch, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="latent", generator=generator)
+        pipe(
+            batch,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            output_type="latent",
+            generator=generator,
+        )
 
-    metadata.update({"batches": len(batches), "batch_size": batch_size, "steps": args.steps, "guidance": args.guidance,
-                     "prompts": prompts})
+    metadata.update(
+        {
+            "batches": len(batches),
+            "batch_size": batch_size,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "prompts": prompts,
+        }
+    )
     return pipe.unet, batches, step, None
 
 

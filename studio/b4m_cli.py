@@ -30,36 +30,57 @@ B4M_HELP = {
     "make_lr": "learning rate of the make stage",
     "weight_decay": "AdamW weight decay",
     "max_grad_norm": "gradient clipping norm (0: off)",
-    "content_factor": "PLP factor that learns the content: 'down' (D, the official code) or 'up' (B; the style then trains D)",
+    "content_factor": (
+        "PLP factor that learns the content: 'down' (D, the official code) or 'up' (B; the style then trains D)"
+    ),
     "riemannian": "make with Riemannian-preconditioned gradients (the TOG version of B4M)",
     "riemannian_delta": "damping delta of the Riemannian preconditioner",
     "centered": "leave out the PLPs' frozen A C block and start D at zero, so training starts from the base model",
     "mcp_loss": "break runs: 'separate' (each factor learns only its own loss) or 'shared' (both learn the main + "
-                "partner loss, as the official code's updates do)",
+    "partner loss, as the official code's updates do)",
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--content", default=str(SETS / "content-moon"), help="content image folder (default: embedded moon)")
+    parser.add_argument(
+        "--content", default=str(SETS / "content-moon"), help="content image folder (default: embedded moon)"
+    )
     parser.add_argument("--style", default=str(SETS / "style-neon"), help="style image folder (default: embedded neon)")
-    parser.add_argument("--aux-styles", nargs="*", default=None,
-                        help="other style folders the content run pairs with (default: the shipped auxiliary styles)")
-    parser.add_argument("--aux-contents", nargs="*", default=None,
-                        help="other content folders the style run pairs with (default: the shipped auxiliary contents)")
+    parser.add_argument(
+        "--aux-styles",
+        nargs="*",
+        default=None,
+        help="other style folders the content run pairs with (default: the shipped auxiliary styles)",
+    )
+    parser.add_argument(
+        "--aux-contents",
+        nargs="*",
+        default=None,
+        help="other content folders the style run pairs with (default: the shipped auxiliary contents)",
+    )
     parser.add_argument("--prompt", action="append", default=None, help="prompt(s) of the final grid")
-    parser.add_argument("--base", default="embedded", help="base model: 'embedded', a hub id, a diffusers folder or a single file")
+    parser.add_argument(
+        "--base", default="embedded", help="base model: 'embedded', a hub id, a diffusers folder or a single file"
+    )
     parser.add_argument("--config", default=None, help="YAML file with any of these options")
     parser.add_argument("--name", default=None, help="run name (default: b4m-<content>-<style>)")
     parser.add_argument("--runs-dir", default="runs", help="where run folders go")
     parser.add_argument("--device", default=None, help="cpu or cuda")
-    parser.add_argument("--resume", default=None, metavar="RUN_DIR",
-                        help="continue an interrupted run: its finished break runs are loaded, the rest trained")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted run: its finished break runs are loaded, the rest trained",
+    )
     add_dataclass_arguments(parser.add_argument_group("break-for-make"), BreakForMakeConfig, B4M_HELP)
 
 
 def auxiliary_folders(kind: str, exclude: Path) -> list[Path]:
-    return sorted(p for p in SETS.glob(f"{kind}-*") if p.is_dir() and p.resolve() != exclude.resolve()
-                  and p.name not in ("content-moon", "style-neon"))
+    return sorted(
+        p
+        for p in SETS.glob(f"{kind}-*")
+        if p.is_dir() and p.resolve() != exclude.resolve() and p.name not in ("content-moon", "style-neon")
+    )
 
 
 def resolve(args: argparse.Namespace) -> tuple:
@@ -69,8 +90,14 @@ def resolve(args: argparse.Namespace) -> tuple:
     if values:
         raise UserError(f"unknown option(s) in {args.config}: {', '.join(sorted(values))}")
     content_dir, style_dir = Path(args.content), Path(args.style)
-    aux_styles = [Path(p) for p in args.aux_styles] if args.aux_styles is not None else auxiliary_folders("style", style_dir)
-    aux_contents = [Path(p) for p in args.aux_contents] if args.aux_contents is not None else auxiliary_folders("content", content_dir)
+    aux_styles = (
+        [Path(p) for p in args.aux_styles] if args.aux_styles is not None else auxiliary_folders("style", style_dir)
+    )
+    aux_contents = (
+        [Path(p) for p in args.aux_contents]
+        if args.aux_contents is not None
+        else auxiliary_folders("content", content_dir)
+    )
     prompts = args.prompt or [f"a {content_dir.name.split('-', 1)[-1]} in {style_dir.name.split('-', 1)[-1]} style"] * 4
     return config, content_dir, style_dir, aux_styles, aux_contents, prompts
 
@@ -106,10 +133,20 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. Run folder, then break -> make.
     if not args.resume:
-        run_folder = Run.create(args.runs_dir, args.name or f"b4m-{content_dir.name}-{style_dir.name}", kind="break-for-make",
-                                config={"content": str(content_dir), "style": str(style_dir),
-                                        "aux_styles": [str(p) for p in aux_styles], "aux_contents": [str(p) for p in aux_contents],
-                                        "base": args.base, "b4m": dataclasses.asdict(config), "prompts": prompts})
+        run_folder = Run.create(
+            args.runs_dir,
+            args.name or f"b4m-{content_dir.name}-{style_dir.name}",
+            kind="break-for-make",
+            config={
+                "content": str(content_dir),
+                "style": str(style_dir),
+                "aux_styles": [str(p) for p in aux_styles],
+                "aux_contents": [str(p) for p in aux_contents],
+                "base": args.base,
+                "b4m": dataclasses.asdict(config),
+                "prompts": prompts,
+            },
+        )
     else:
         run_folder.update(status="running", error=None)
     print(f"run folder: {run_folder.directory}", flush=True)

@@ -1,6 +1,7 @@
 """`studio chat`: talk to a finished `studio train-llm` run (its base + its adapter), or to a base alone.
 
-    studio chat runs/llm-lora-task_add_train --prompt "bexa has 8 cheese and buys 2 more . how many cheese does bexa have ?"
+    studio chat runs/llm-lora-task_add_train \
+        --prompt "bexa has 8 cheese and buys 2 more . how many cheese does bexa have ?"
     studio chat --prompt "mira lives in" --raw                 # the embedded tiny LM alone, plain continuation
     studio chat runs/my-run --prompt "..." --temperature 0.8 --out replies.json
 
@@ -14,8 +15,12 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", nargs="?", default=None,
-                        help="a finished `studio train-llm` run folder (default: no adapter, the base alone)")
+    parser.add_argument(
+        "run",
+        nargs="?",
+        default=None,
+        help="a finished `studio train-llm` run folder (default: no adapter, the base alone)",
+    )
     parser.add_argument("--prompt", action="append", required=True, help="what to say (repeat for several prompts)")
     parser.add_argument("--base", default=None, help="the base LM (default: the run's base, or 'embedded')")
     parser.add_argument("--raw", action="store_true", help="continue the prompt as plain text (no chat template)")
@@ -34,8 +39,16 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_generation(args.run, base=args.base, device="cpu" if args.cpu else None)
     replies = []
     for prompt in args.prompt:
-        reply = generate_text(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed, chat=not args.raw)
+        reply = generate_text(
+            model,
+            tokenizer,
+            prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            chat=not args.raw,
+        )
         replies.append({"prompt": prompt, "reply": reply})
         print(f"> {prompt}\n{reply}", flush=True)
     if args.out:

@@ -17,16 +17,39 @@ from studio.errors import UserError
 
 # subcommand name -> (module path, one-line help[, options for add_arguments]).
 SUBCOMMANDS: dict[str, tuple] = {
-    "train-style": ("studio.train_diffusion", "Train a style adapter on images (no arguments: the embedded demo).",
-                    {"kind": "style"}),
-    "train-content": ("studio.train_diffusion", "Train a content adapter on images of one subject.", {"kind": "content"}),
-    "break-for-make": ("studio.b4m_cli", "Break-for-Make: content PLP + style PLP (break), joint adapter (make), compose."),
-    "generate": ("studio.generate", "Generate images with a base model and any adapters (with weights).", {"mode": "generate"}),
-    "compose": ("studio.generate", "Compose a content and a style adapter (or a B4M folder) at generation time.",
-                {"mode": "compose"}),
+    "train-style": (
+        "studio.train_diffusion",
+        "Train a style adapter on images (no arguments: the embedded demo).",
+        {"kind": "style"},
+    ),
+    "train-content": (
+        "studio.train_diffusion",
+        "Train a content adapter on images of one subject.",
+        {"kind": "content"},
+    ),
+    "break-for-make": (
+        "studio.b4m_cli",
+        "Break-for-Make: content PLP + style PLP (break), joint adapter (make), compose.",
+    ),
+    "generate": (
+        "studio.generate",
+        "Generate images with a base model and any adapters (with weights).",
+        {"mode": "generate"},
+    ),
+    "compose": (
+        "studio.generate",
+        "Compose a content and a style adapter (or a B4M folder) at generation time.",
+        {"mode": "compose"},
+    ),
     "export": ("studio.export", "Export an adapter to the diffusers or HF PEFT format."),
-    "analyze": ("studio.analyze", "LoRA computational-limits report: per-head attention regime (table, JSON, heatmap)."),
-    "train-llm": ("studio.train_llm", "Fine-tune a causal LM with any method on JSONL (no arguments: the embedded demo)."),
+    "analyze": (
+        "studio.analyze",
+        "LoRA computational-limits report: per-head attention regime (table, JSON, heatmap).",
+    ),
+    "train-llm": (
+        "studio.train_llm",
+        "Fine-tune a causal LM with any method on JSONL (no arguments: the embedded demo).",
+    ),
     "chat": ("studio.chat", "Talk to a finished train-llm run (its base + adapter), or to a base LM alone."),
     "ui": ("studio.ui_cmd", "The studio in a browser (Gradio): train, watch, generate, compose, manage runs."),
     "pretrain-base": ("studio.pretrain", "Recipe that pretrains the embedded tiny SD, tiny LM and judges in assets/."),

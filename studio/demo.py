@@ -32,7 +32,9 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         n, t, width = h.shape
         x = self.norm1(h)
-        q, k, v = (proj(x).view(n, t, self.heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            proj(x).view(n, t, self.heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         attention = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (n, heads, t, width/heads)
         h = h + self.o_proj(attention.transpose(1, 2).reshape(n, t, width))
         return h + self.down_proj(F.gelu(self.up_proj(self.norm2(h))))

@@ -17,7 +17,9 @@ from pipelines.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser, mode: str = "generate") -> None:
-    parser.add_argument("--base", default="embedded", help="base model: 'embedded', a hub id, a diffusers folder or a single file")
+    parser.add_argument(
+        "--base", default="embedded", help="base model: 'embedded', a hub id, a diffusers folder or a single file"
+    )
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several images)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
@@ -25,10 +27,17 @@ def add_arguments(parser: argparse.ArgumentParser, mode: str = "generate") -> No
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--out", default=None, help="output PNG (a grid when there are several prompts)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--merge", action="store_true", help="merge the adapters into the weights before sampling (faster)")
+    parser.add_argument(
+        "--merge", action="store_true", help="merge the adapters into the weights before sampling (faster)"
+    )
     if mode == "generate":
-        parser.add_argument("--adapter", action="append", default=[], metavar="PATH[:WEIGHT]",
-                            help="adapter or run folder, with an optional weight (repeat to compose several)")
+        parser.add_argument(
+            "--adapter",
+            action="append",
+            default=[],
+            metavar="PATH[:WEIGHT]",
+            help="adapter or run folder, with an optional weight (repeat to compose several)",
+        )
     else:
         parser.add_argument("--content", default=None, metavar="PATH[:WEIGHT]", help="content adapter or run folder")
         parser.add_argument("--style", default=None, metavar="PATH[:WEIGHT]", help="style adapter or run folder")
@@ -66,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = load_base(args.base, device=args.device)
     if args.mode == "compose" and args.b4m:
-        b4m = BreakForMakePipeline.from_pretrained(pipe, Path(args.b4m) / "b4m" if (Path(args.b4m) / "b4m").is_dir() else args.b4m)
+        b4m = BreakForMakePipeline.from_pretrained(
+            pipe, Path(args.b4m) / "b4m" if (Path(args.b4m) / "b4m").is_dir() else args.b4m
+        )
         b4m.set_mix(args.content_weight, args.style_weight)
         label = f"b4m(content={args.content_weight}, style={args.style_weight})"
     else:

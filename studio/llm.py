@@ -63,7 +63,9 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier
 
 @dataclass
 class LlmTrainConfig:
-    """How to train (what to train is the adapter config). Defaults: the embedded demo (about a minute on 2 CPU cores)."""
+    """How to train (what to train is the adapter config).
+
+    Defaults: the embedded demo (about a minute on 2 CPU cores)."""
 
     steps: int = 300
     batch_size: int = 16
@@ -93,13 +95,24 @@ class LlmTrainConfig:
     loram_keep_last: int = -1
 
     def check(self) -> None:
-        choices = {"lr_schedule": ("constant", "cosine", "linear"), "mixed_precision": ("no", "fp16", "bf16"),
-                   "optimizer": ("adamw", "adamw8bit"), "base_dtype": tuple(DTYPES),
-                   "loram_strategy": ("random", "norm", "semi", "unstructured")}
+        choices = {
+            "lr_schedule": ("constant", "cosine", "linear"),
+            "mixed_precision": ("no", "fp16", "bf16"),
+            "optimizer": ("adamw", "adamw8bit"),
+            "base_dtype": tuple(DTYPES),
+            "loram_strategy": ("random", "norm", "semi", "unstructured"),
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        for key in ("steps", "batch_size", "gradient_accumulation", "max_length", "eval_batch_size", "calibration_examples"):
+        for key in (
+            "steps",
+            "batch_size",
+            "gradient_accumulation",
+            "max_length",
+            "eval_batch_size",
+            "calibration_examples",
+        ):
             if getattr(self, key) < 1:
                 raise UserError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.learning_rate <= 0:
@@ -182,8 +195,14 @@ def _row_problem(row: Any, for_training: bool) -> str | None:
         return None if isinstance(row["text"], str) and row["text"] else '"text" must be a non-empty string'
     if "messages" in row:
         messages = row["messages"]
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        ):
             return '"messages" must be a non-empty list of {"role": str, "content": str}'
         if not any(m["role"] == "assistant" for m in messages) and (for_training or "choices" not in row):
             return '"messages" has no "assistant" message to learn'
@@ -199,7 +218,9 @@ def _row_problem(row: Any, for_training: bool) -> str | None:
     if "prompt" in row and not for_training:
         return _choice_problem(row) if isinstance(row["prompt"], str) else '"prompt" must be a string'
     keys = ", ".join(sorted(row)) or "none"
-    expected = '"text", "instruction" + "response" or "messages"' + ("" if for_training else ', or "prompt" + "choices" + "answer"')
+    expected = '"text", "instruction" + "response" or "messages"' + (
+        "" if for_training else ', or "prompt" + "choices" + "answer"'
+    )
     return f"no known fields (has {keys}; expected {expected})"
 
 
@@ -236,8 +257,10 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, for_traini
         listed = "; ".join(f"line {n}: {why}" for n, why in problems[:10])
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         if not skip_bad_lines:
-            raise UserError(f"{path} has {len(problems)} malformed line(s): {listed}{more}. "
-                            "Fix them, or pass --skip-bad-lines to train without them")
+            raise UserError(
+                f"{path} has {len(problems)} malformed line(s): {listed}{more}. "
+                "Fix them, or pass --skip-bad-lines to train without them"
+            )
         print(f"warning: skipped {len(problems)} malformed line(s) of {path}: {listed}{more}", flush=True)
     if not rows:
         raise UserError(f"{path} has no usable rows")
@@ -246,8 +269,9 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, for_traini
 
 def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     template = tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -294,7 +318,9 @@ def encode_row(row: dict, tokenizer) -> Example:
     return Example(ids, labels)
 
 
-def tokenize(rows: list[dict], tokenizer, max_length: int, packing: bool = False, source: str = "data") -> TokenizedData:
+def tokenize(
+    rows: list[dict], tokenizer, max_length: int, packing: bool = False, source: str = "data"
+) -> TokenizedData:
     """Encode rows, truncating to max_length (counted); packing concatenates them into max_length blocks."""
     data = TokenizedData([], len(rows))
     for index, row in enumerate(rows):
@@ -344,7 +370,9 @@ class StepSampler:
 
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch not in self._orders:
-            self._orders = {epoch: torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + 7919 * epoch))}
+            self._orders = {
+                epoch: torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + 7919 * epoch))
+            }
         return self._orders[epoch]
 
     def indices(self, micro_step: int, process_index: int | None = None) -> list[int]:
@@ -368,7 +396,9 @@ def model_source(base: str) -> str:
 
     if base in EMBEDDED_LM_NAMES:
         if not (EMBEDDED_LM / "config.json").is_file():
-            raise UserError(f"the embedded tiny LM is missing from {EMBEDDED_LM}; rebuild it with `studio pretrain-base`")
+            raise UserError(
+                f"the embedded tiny LM is missing from {EMBEDDED_LM}; rebuild it with `studio pretrain-base`"
+            )
         return str(EMBEDDED_LM)
     path = Path(base).expanduser()
     if path.exists():
@@ -399,14 +429,20 @@ def check_method_on_model(job: LlmJob) -> None:
         except ImportError:
             raise UserError(f"{what} needs bitsandbytes: pip install 'peft-studio[quant]'") from None
     if train.load_in_4bit and method not in NF4_METHODS:
-        raise UserError(f"method {method!r} cannot train on an NF4 base (it needs dense weights); "
-                        f"methods that can: {', '.join(NF4_METHODS)}")
+        raise UserError(
+            f"method {method!r} cannot train on an NF4 base (it needs dense weights); "
+            f"methods that can: {', '.join(NF4_METHODS)}"
+        )
     if train.loram_ratio > 0 and method not in LORAM_METHODS:
-        raise UserError(f"LoRAM recovers {', '.join(LORAM_METHODS)} adapters only, not {method!r}; "
-                        "pick --method lora or paca with --loram-ratio")
+        raise UserError(
+            f"LoRAM recovers {', '.join(LORAM_METHODS)} adapters only, not {method!r}; "
+            "pick --method lora or paca with --loram-ratio"
+        )
     if job.save_merged and method not in MERGEABLE:
-        raise UserError(f"--save-merged: a {method!r} adapter cannot be merged into the weights "
-                        "(its update is not linear in them); keep the adapter")
+        raise UserError(
+            f"--save-merged: a {method!r} adapter cannot be merged into the weights "
+            "(its update is not linear in them); keep the adapter"
+        )
     if job.export_peft and method not in ("lora", "paca", "corda", "plp", "spt"):
         raise UserError(f"--export-peft: a {method!r} adapter has no exact low-rank form, so PEFT cannot load it")
     source = model_source(job.base)
@@ -425,9 +461,13 @@ def check_method_on_model(job: LlmJob) -> None:
             layers = loram.find_decoder_layers(skeleton)
             first, last = _loram_keep(train, len(layers))
             if train.loram_strategy in ("random", "norm") and len(layers) - first - last <= 0:
-                raise UserError(f"LoRAM keeps the first {first} and last {last} of this model's {len(layers)} decoder "
-                                "layers whole, so it would prune nothing; lower --loram-keep-first/--loram-keep-last")
-        find_targets(skeleton, job.adapter.targets, job.adapter.exclude, get_method(method).adapter_class.supported_types)
+                raise UserError(
+                    f"LoRAM keeps the first {first} and last {last} of this model's {len(layers)} decoder "
+                    "layers whole, so it would prune nothing; lower --loram-keep-first/--loram-keep-last"
+                )
+        find_targets(
+            skeleton, job.adapter.targets, job.adapter.exclude, get_method(method).adapter_class.supported_types
+        )
     except AdapterError as error:
         raise UserError(f"{method} does not fit {job.base!r} ({type(skeleton).__name__}): {error}") from None
 
@@ -442,9 +482,16 @@ def load_model(job: LlmJob, device: torch.device):
         from transformers import BitsAndBytesConfig
 
         compute = torch.bfloat16 if train.base_dtype == "float32" else DTYPES[train.base_dtype]
-        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute),
-                      device_map={"": device}, dtype=compute)
+        kwargs.update(
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute,
+            ),
+            device_map={"": device},
+            dtype=compute,
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -486,18 +533,24 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 0)
     if chunk_tokens > 0:
         head, config = model.get_output_embeddings(), model.config
         if not isinstance(head, torch.nn.Linear) or any(getattr(config, key, None) for key in LOGIT_TRANSFORMS):
-            raise UserError(f"loss_chunk_tokens: {type(model).__name__} does not compute its logits as a plain linear layer "
-                            "of the last hidden state (output layer or logit scaling/soft-capping): set loss_chunk_tokens=0")
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            raise UserError(
+                f"loss_chunk_tokens: {type(model).__name__} does not compute its logits as a plain linear layer "
+                "of the last hidden state (output layer or logit scaling/soft-capping): set loss_chunk_tokens=0"
+            )
+        hidden = model.base_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
         return chunked_token_loss_sum(hidden[:, :-1], head, batch["labels"][:, 1:], chunk_tokens)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits, targets = logits[:, :-1], batch["labels"][:, 1:]  # (B, T-1, V), (B, T-1)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
 
 
-def chunked_token_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
-                           chunk_tokens: int) -> torch.Tensor:
+def chunked_token_loss_sum(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk_tokens: int
+) -> torch.Tensor:
     """sum_t CE(head(hidden_t), targets_t) over the positions whose target is not IGNORE (at least float32).
 
     With a 128k vocabulary the logits of one 2048-token sequence take 1 GiB in float32, and the
@@ -512,13 +565,16 @@ def chunked_token_loss_sum(hidden: torch.Tensor, head: torch.nn.Module, targets:
 
     def chunk_loss(chunk_hidden: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
         logits = head(chunk_hidden)
-        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), chunk_targets, reduction="sum")
+        return F.cross_entropy(
+            logits.to(torch.promote_types(logits.dtype, torch.float32)), chunk_targets, reduction="sum"
+        )
 
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     for start in range(0, targets.numel(), chunk_tokens):
         end = start + chunk_tokens
-        total = total + torch.utils.checkpoint.checkpoint(chunk_loss, hidden[start:end], targets[start:end],
-                                                          use_reentrant=False)
+        total = total + torch.utils.checkpoint.checkpoint(
+            chunk_loss, hidden[start:end], targets[start:end], use_reentrant=False
+        )
     return total
 
 
@@ -566,7 +622,9 @@ def multiple_choice_accuracy(model, rows: list[dict], tokenizer, batch_size: int
     for start in range(0, len(single), batch_size):  # one-token choices: one forward per batch of prompts
         chunk = single[start : start + batch_size]
         batch = collate([Example(p, p) for p, _, _ in chunk], pad)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
         last = batch["attention_mask"].sum(1) - 1  # (B,) position of each prompt's last token
         next_logits = logits[torch.arange(len(chunk)), last.to(device)]  # (B, V)
         for row_logits, (_, continuations, answer) in zip(next_logits, chunk):
@@ -592,7 +650,11 @@ class EvalSet:
 
 def load_eval_set(path: Path, tokenizer, train: LlmTrainConfig) -> EvalSet:
     rows = read_jsonl(path, train.skip_bad_lines, for_training=False)
-    trainable = [r for r in rows if "text" in r or "response" in r or any(m.get("role") == "assistant" for m in r.get("messages", []))]
+    trainable = [
+        r
+        for r in rows
+        if "text" in r or "response" in r or any(m.get("role") == "assistant" for m in r.get("messages", []))
+    ]
     examples = tokenize(trainable, tokenizer, train.max_length, source=str(path)).examples if trainable else []
     return EvalSet(path.stem, rows, examples, [r for r in rows if "choices" in r])
 
@@ -604,10 +666,14 @@ def evaluate(model, eval_sets: list[EvalSet], tokenizer, batch_size: int, device
     metrics = {}
     for eval_set in eval_sets:
         if eval_set.examples:
-            for key, value in evaluate_loss(model, eval_set.examples, tokenizer.pad_token_id, batch_size, device).items():
+            for key, value in evaluate_loss(
+                model, eval_set.examples, tokenizer.pad_token_id, batch_size, device
+            ).items():
                 metrics[f"{eval_set.name}/{key}"] = value
         if eval_set.choice_rows:
-            metrics[f"{eval_set.name}/accuracy"] = multiple_choice_accuracy(model, eval_set.choice_rows, tokenizer, batch_size, device)
+            metrics[f"{eval_set.name}/accuracy"] = multiple_choice_accuracy(
+                model, eval_set.choice_rows, tokenizer, batch_size, device
+            )
     model.train(was_training)
     return metrics
 
@@ -632,15 +698,20 @@ def default_data() -> tuple[Path, list[Path]]:
     """The embedded demo: the tiny LM's held-out addition task (train / test) and its knowledge probe."""
     from pipelines.base import embedded_lm_data
 
-    return embedded_lm_data("task_add_train.jsonl"), [embedded_lm_data("task_add_test.jsonl"),
-                                                      embedded_lm_data("knowledge_probe.jsonl")]
+    return embedded_lm_data("task_add_train.jsonl"), [
+        embedded_lm_data("task_add_test.jsonl"),
+        embedded_lm_data("knowledge_probe.jsonl"),
+    ]
 
 
 def _calibration_batches(job: LlmJob, examples: list[Example], tokenizer, device) -> Iterator[dict[str, torch.Tensor]]:
     """CorDA / SPT data: the first `calibration_examples` examples, in training-size batches."""
     chosen = examples[: job.train.calibration_examples]
     for start in range(0, len(chosen), job.train.batch_size):
-        yield {k: v.to(device) for k, v in collate(chosen[start : start + job.train.batch_size], tokenizer.pad_token_id).items()}
+        yield {
+            k: v.to(device)
+            for k, v in collate(chosen[start : start + job.train.batch_size], tokenizer.pad_token_id).items()
+        }
 
 
 def _resume_checkpoint(run_dir: Path) -> Path | None:
@@ -649,8 +720,14 @@ def _resume_checkpoint(run_dir: Path) -> Path | None:
     return latest_checkpoint(run_dir)
 
 
-def train_llm(job: LlmJob, run_dir: str | os.PathLike, on_event: Callable[[LlmEvent], Any] | None = None,
-              accelerator=None, adapter_name: str = "default", should_stop: Callable[[], bool] | None = None) -> LlmResult:
+def train_llm(
+    job: LlmJob,
+    run_dir: str | os.PathLike,
+    on_event: Callable[[LlmEvent], Any] | None = None,
+    accelerator=None,
+    adapter_name: str = "default",
+    should_stop: Callable[[], bool] | None = None,
+) -> LlmResult:
     """Check, set up, fit, evaluate, save (see the module docstring). Resumes from run_dir's newest
     checkpoint if there is one. Every process of an `accelerate launch` runs this; only the main
     process writes files and emits events.
@@ -674,8 +751,10 @@ def train_llm(job: LlmJob, run_dir: str | os.PathLike, on_event: Callable[[LlmEv
     should_stop = should_stop or (lambda: (run_dir / STOP_FILE).exists())
     accelerator = accelerator or make_accelerator(train.mixed_precision, cpu=job.cpu)
     if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise UserError(f"train-llm runs data-parallel (DDP) only, not {accelerator.distributed_type.value}: adapters are "
-                        "saved and recovered from unsharded tensors (docs/llm.md says which methods could shard and why)")
+        raise UserError(
+            f"train-llm runs data-parallel (DDP) only, not {accelerator.distributed_type.value}: adapters are "
+            "saved and recovered from unsharded tensors (docs/llm.md says which methods could shard and why)"
+        )
     main = accelerator.is_main_process
     emit = (on_event or (lambda event: None)) if main else (lambda event: None)
     started = time.perf_counter()
@@ -683,19 +762,27 @@ def train_llm(job: LlmJob, run_dir: str | os.PathLike, on_event: Callable[[LlmEv
     # 1. Check everything before loading weights: config, method vs architecture, data.
     train.check()
     if train.loss_chunk_tokens and accelerator.num_processes > 1:
-        raise UserError("loss_chunk_tokens works in one process only for now (the chunked loss bypasses the DDP "
-                        "wrapper's forward, which would skip the gradient all-reduce): set it to 0 with several processes")
+        raise UserError(
+            "loss_chunk_tokens works in one process only for now (the chunked loss bypasses the DDP "
+            "wrapper's forward, which would skip the gradient all-reduce): set it to 0 with several processes"
+        )
     check_method_on_model(job)
     if job.data is None:
         job.data, job.eval_data = default_data()
     tokenizer = load_tokenizer(job)
-    data = tokenize(read_jsonl(job.data, train.skip_bad_lines), tokenizer, train.max_length, train.packing, str(job.data))
+    data = tokenize(
+        read_jsonl(job.data, train.skip_bad_lines), tokenizer, train.max_length, train.packing, str(job.data)
+    )
     emit(LlmEvent("data", 0, train.steps, message=data.summary(job.data, train.max_length)))
     eval_sets = [load_eval_set(Path(path), tokenizer, train) for path in job.eval_data]
     calibration = data.examples
     if job.calibration_data is not None:
-        calibration = tokenize(read_jsonl(job.calibration_data, train.skip_bad_lines), tokenizer, train.max_length,
-                               source=str(job.calibration_data)).examples
+        calibration = tokenize(
+            read_jsonl(job.calibration_data, train.skip_bad_lines),
+            tokenizer,
+            train.max_length,
+            source=str(job.calibration_data),
+        ).examples
 
     # 2. Set up: model, LoRAM's prune, the method's prepare step, adapter, optimizer, schedule.
     torch.manual_seed(train.seed)
@@ -710,7 +797,9 @@ def train_llm(job: LlmJob, run_dir: str | os.PathLike, on_event: Callable[[LlmEv
     if train.loram_ratio > 0:
         first, last = _loram_keep(train, len(loram.find_decoder_layers(model)))
         full_model = model.to("cpu")  # the large model waits on the CPU; only the small one trains
-        model, index_map = loram.prune(full_model, train.loram_ratio, train.loram_strategy, first, last, seed=train.seed)
+        model, index_map = loram.prune(
+            full_model, train.loram_ratio, train.loram_strategy, first, last, seed=train.seed
+        )
         model.to(device)
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -718,7 +807,9 @@ def train_llm(job: LlmJob, run_dir: str | os.PathLike, on_event: Callable[[LlmEv
     if checkpoint is not None:  # the checkpoint's adapter rebuilds itself (prepared data included) without data
         handle = load_adapter(model, checkpoint / "adapter" / adapter_name, name=adapter_name, trainable=True)
     elif get_method(job.adapter.method).prepare is not None:
-        prepared = get_method(job.adapter.method).prepare(model, job.adapter, _calibration_batches(job, calibration, tokenizer, device))
+        prepared = get_method(job.adapter.method).prepare(
+            model, job.adapter, _calibration_batches(job, calibration, tokenizer, device)
+        )
         handle = attach(model, job.adapter, name=adapter_name, prepared=prepared)
     else:
         handle = attach(model, job.adapter, name=adapter_name)
@@ -765,12 +856,27 @@ def train_llm(job: LlmJob, run_dir: str | os.PathLike, on_event: Callable[[LlmEv
         eta = (time.perf_counter() - fit_started) / (done - start_step) * (train.steps - done)
         emit(LlmEvent("step", done, train.steps, loss=step_loss, lr=lr_scheduler.get_last_lr()[0], eta_s=eta))
         if main and train.eval_every and done % train.eval_every == 0 and done < train.steps and eval_sets:
-            emit(LlmEvent("eval", done, train.steps, metrics=evaluate(accelerator.unwrap_model(wrapped), eval_sets,
-                                                                       tokenizer, train.eval_batch_size, device)))
+            emit(
+                LlmEvent(
+                    "eval",
+                    done,
+                    train.steps,
+                    metrics=evaluate(
+                        accelerator.unwrap_model(wrapped), eval_sets, tokenizer, train.eval_batch_size, device
+                    ),
+                )
+            )
         stop = done < train.steps and stop_requested(should_stop, accelerator)
         if main and (stop or done % train.checkpoint_every == 0 or done == train.steps):
-            path = save_checkpoint(run_dir, done, handle, [adapter_name], optimizer, lr_scheduler,
-                                   extra={"loss": step_loss, "before": before})
+            path = save_checkpoint(
+                run_dir,
+                done,
+                handle,
+                [adapter_name],
+                optimizer,
+                lr_scheduler,
+                extra={"loss": step_loss, "before": before},
+            )
             emit(LlmEvent("checkpoint", done, train.steps, path=str(path)))
         if stop:
             accelerator.wait_for_everyone()
@@ -797,13 +903,26 @@ def train_llm(job: LlmJob, run_dir: str | os.PathLike, on_event: Callable[[LlmEv
             result.after = evaluate(model, eval_sets, tokenizer, train.eval_batch_size, device)
             emit(LlmEvent("eval", train.steps, train.steps, metrics={"when": "after", **result.after}))
         if job.export_peft:
-            result.peft_dir = handle.export(run_dir / "peft", format="peft", name=adapter_name, task_type="CAUSAL_LM",
-                                            base_model_name_or_path=model_source(job.base))
+            result.peft_dir = handle.export(
+                run_dir / "peft",
+                format="peft",
+                name=adapter_name,
+                task_type="CAUSAL_LM",
+                base_model_name_or_path=model_source(job.base),
+            )
         if job.save_merged:
             result.merged_dir = save_merged(job, adapter_dir, run_dir / "merged", tokenizer)
         result.wall_s = time.perf_counter() - started
-        emit(LlmEvent("done", train.steps, train.steps, loss=losses[-1] if losses else None, path=str(adapter_dir),
-                      metrics={"trainable_params": trainable_params, "wall_s": result.wall_s, "peak_gib": peak}))
+        emit(
+            LlmEvent(
+                "done",
+                train.steps,
+                train.steps,
+                loss=losses[-1] if losses else None,
+                path=str(adapter_dir),
+                metrics={"trainable_params": trainable_params, "wall_s": result.wall_s, "peak_gib": peak},
+            )
+        )
     accelerator.wait_for_everyone()
     return result
 
@@ -833,8 +952,9 @@ def save_merged(job: LlmJob, adapter_dir: Path, out_dir: Path, tokenizer) -> Pat
 # =============================================================================================
 # Generation: talk to a trained run.
 # =============================================================================================
-def load_for_generation(run_dir: str | os.PathLike | None = None, base: str | None = None,
-                        device: str | torch.device | None = None):
+def load_for_generation(
+    run_dir: str | os.PathLike | None = None, base: str | None = None, device: str | torch.device | None = None
+):
     """(model, tokenizer) ready for `generate_text`: a finished `studio train-llm` run's base with its
     final adapter loaded (LoRAM runs: the recovered, full-size adapter), or a base alone when
     `run_dir` is None. `base` overrides the run's own base (default "embedded")."""
@@ -852,8 +972,10 @@ def load_for_generation(run_dir: str | os.PathLike | None = None, base: str | No
         raise UserError(f"{run.directory} is a {config.get('kind')} run, not a `studio train-llm` run")
     adapters = sorted(p for p in (run.directory / "adapter").glob("*") if (p / "adapter_config.json").is_file())
     if not adapters:
-        raise UserError(f"{run.directory} has no final adapter (status: {run.info.get('status')}); "
-                        "resume it to the end or pick a finished run")
+        raise UserError(
+            f"{run.directory} has no final adapter (status: {run.info.get('status')}); "
+            "resume it to the end or pick a finished run"
+        )
     job = job_from_record(config)
     if base is not None:
         job.base = base
@@ -864,8 +986,16 @@ def load_for_generation(run_dir: str | os.PathLike | None = None, base: str | No
 
 
 @torch.no_grad()
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
-                  top_p: float = 1.0, seed: int = 0, chat: bool = True) -> str:
+def generate_text(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool = True,
+) -> str:
     """The model's continuation of `prompt` (new text only, special tokens dropped).
 
     chat=True renders the prompt as one user turn with the tokenizer's chat template (the
@@ -876,8 +1006,10 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, tempe
     if not prompt or not prompt.strip():
         raise UserError("write a prompt")
     if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise UserError(f"max_new_tokens must be >= 1, temperature >= 0 and top_p in (0, 1]; "
-                        f"got {max_new_tokens}, {temperature}, {top_p}")
+        raise UserError(
+            f"max_new_tokens must be >= 1, temperature >= 0 and top_p in (0, 1]; "
+            f"got {max_new_tokens}, {temperature}, {top_p}"
+        )
     text = _chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True) if chat else prompt
     device = next(model.parameters()).device
     input_ids = torch.tensor([_ids(tokenizer, text)], device=device)  # (1, T)
@@ -886,21 +1018,36 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, tempe
         raise UserError(f"the prompt is {input_ids.shape[1]} tokens; this model reads at most {limit}")
     if limit is not None:
         max_new_tokens = min(max_new_tokens, limit - input_ids.shape[1])
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                top_k=None, **sampling)
-    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            top_k=None,
+            **sampling,
+        )
+    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def job_record(job: LlmJob) -> dict[str, Any]:
     """The run's resolved config (config.yaml): enough to rerun or resume it."""
-    return {"data": None if job.data is None else str(job.data), "eval_data": [str(p) for p in job.eval_data],
-            "calibration_data": None if job.calibration_data is None else str(job.calibration_data),
-            "base": job.base, "save_merged": job.save_merged, "export_peft": job.export_peft, "cpu": job.cpu,
-            "adapter": job.adapter.to_dict(), "train": dataclasses.asdict(job.train)}
+    return {
+        "data": None if job.data is None else str(job.data),
+        "eval_data": [str(p) for p in job.eval_data],
+        "calibration_data": None if job.calibration_data is None else str(job.calibration_data),
+        "base": job.base,
+        "save_merged": job.save_merged,
+        "export_peft": job.export_peft,
+        "cpu": job.cpu,
+        "adapter": job.adapter.to_dict(),
+        "train": dataclasses.asdict(job.train),
+    }
 
 
 def job_from_record(record: dict[str, Any]) -> LlmJob:
@@ -908,12 +1055,17 @@ def job_from_record(record: dict[str, Any]) -> LlmJob:
     from studio.options import build_dataclass
 
     optional = lambda key: None if record.get(key) is None else Path(record[key])  # noqa: E731
-    return LlmJob(adapter=config_from_dict(record["adapter"]),
-                  train=build_dataclass(LlmTrainConfig, dict(record["train"]), "the run's config"),
-                  data=optional("data"), eval_data=[Path(p) for p in record.get("eval_data", [])],
-                  calibration_data=optional("calibration_data"), base=record["base"],
-                  save_merged=record.get("save_merged", False), export_peft=record.get("export_peft", False),
-                  cpu=record.get("cpu", False))
+    return LlmJob(
+        adapter=config_from_dict(record["adapter"]),
+        train=build_dataclass(LlmTrainConfig, dict(record["train"]), "the run's config"),
+        data=optional("data"),
+        eval_data=[Path(p) for p in record.get("eval_data", [])],
+        calibration_data=optional("calibration_data"),
+        base=record["base"],
+        save_merged=record.get("save_merged", False),
+        export_peft=record.get("export_peft", False),
+        cpu=record.get("cpu", False),
+    )
 
 
 def method_defaults(method: str) -> tuple[list[str], dict[str, Any]]:
@@ -923,6 +1075,11 @@ def method_defaults(method: str) -> tuple[list[str], dict[str, Any]]:
     scale); CorDA r=8, alpha=16; Compacter at the paper's Llama placement (after o_proj and down_proj)."""
     if method == "compacter":
         return [], {"placement": "llama"}
-    defaults = {"lora": {"r": 8, "alpha": 16.0}, "paca": {"r": 16, "alpha": 32.0}, "corda": {"r": 8, "alpha": 16.0},
-                "plp": {"r": 8}, "spt": {"r": 8}}
+    defaults = {
+        "lora": {"r": 8, "alpha": 16.0},
+        "paca": {"r": 16, "alpha": 32.0},
+        "corda": {"r": 8, "alpha": 16.0},
+        "plp": {"r": 8},
+        "spt": {"r": 8},
+    }
     return ["all-linear"], defaults.get(method, {})

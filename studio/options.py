@@ -19,8 +19,13 @@ from peft_core.errors import AdapterError
 from pipelines.errors import UserError
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, help_texts: dict[str, str] | None = None,
-                            skip: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> None:
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    help_texts: dict[str, str] | None = None,
+    skip: tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
+) -> None:
     """One flag per field (`--batch-size`), left out of `args` unless given (so YAML can fill it)."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
@@ -37,7 +42,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, help_tex
         elif typing.get_origin(kind) is list:
             parser.add_argument(flag, nargs="*", default=argparse.SUPPRESS, help=text, metavar="VALUE")
         else:
-            parser.add_argument(flag, type=kind if kind in (int, float, str) else str, default=argparse.SUPPRESS, help=text)
+            parser.add_argument(
+                flag, type=kind if kind in (int, float, str) else str, default=argparse.SUPPRESS, help=text
+            )
 
 
 def load_yaml(path: str | Path | None) -> dict[str, Any]:
@@ -78,24 +85,43 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
         elif typing.get_origin(expected) is list:
             if not isinstance(value, list):
                 raise UserError(f"option {key!r} in {where} expects a list, got {value!r}")
-        elif expected in (int, float, str, bool) and not (isinstance(value, expected) and not (expected is int and isinstance(value, bool))):
-            raise UserError(f"option {key!r} in {where} expects {expected.__name__}, got {value!r} ({type(value).__name__})")
+        elif expected in (int, float, str, bool) and not (
+            isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        ):
+            raise UserError(
+                f"option {key!r} in {where} expects {expected.__name__}, got {value!r} ({type(value).__name__})"
+            )
     return cls(**values)
 
 
 def add_method_arguments(parser: argparse.ArgumentParser, default_method: str) -> None:
     group = parser.add_argument_group("adapter method")
-    group.add_argument("--method", default=argparse.SUPPRESS,
-                       help=f"peft_core method: lora, paca, plp, ... (default: {default_method})")
-    group.add_argument("--rank", type=int, default=argparse.SUPPRESS, help="the method's rank r (LoRA rank, PaCA columns, PLP rank)")
+    group.add_argument(
+        "--method",
+        default=argparse.SUPPRESS,
+        help=f"peft_core method: lora, paca, plp, ... (default: {default_method})",
+    )
+    group.add_argument(
+        "--rank", type=int, default=argparse.SUPPRESS, help="the method's rank r (LoRA rank, PaCA columns, PLP rank)"
+    )
     group.add_argument("--alpha", type=float, default=argparse.SUPPRESS, help="scale numerator alpha (LoRA, PaCA)")
     group.add_argument("--targets", nargs="+", default=argparse.SUPPRESS, help="module names/patterns to adapt")
-    group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="any other method hyperparameter, e.g. --set dropout=0.1 --set use_rslora=true")
+    group.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other method hyperparameter, e.g. --set dropout=0.1 --set use_rslora=true",
+    )
 
 
-def method_config(args: argparse.Namespace, yaml_values: dict[str, Any], default_method: str,
-                  default_targets: list[str], defaults: dict[str, Any] | None = None) -> AdapterConfig:
+def method_config(
+    args: argparse.Namespace,
+    yaml_values: dict[str, Any],
+    default_method: str,
+    default_targets: list[str],
+    defaults: dict[str, Any] | None = None,
+) -> AdapterConfig:
     """The adapter config from --method/--rank/--alpha/--targets/--set over YAML's `adapter:` mapping."""
     values: dict[str, Any] = {"targets": default_targets, **(defaults or {}), **dict(yaml_values)}
     method = getattr(args, "method", values.pop("method", default_method))

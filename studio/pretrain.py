@@ -20,7 +20,8 @@ The shipped weights were made on one H100 with two commands (about 11 minutes to
     studio pretrain-base --scale full-phase2 --stages sd --seed 0 --out assets --device cuda
 The shipped judge was then refit to that VAE on a 2-core CPU with a reduced judge recipe (its
 training.json says which and why):
-    studio pretrain-base --stages judges --out assets --device cpu --set judge_images=20000 --set judge_steps=1000 --set judge_batch=128
+    studio pretrain-base --stages judges --out assets --device cpu \
+        --set judge_images=20000 --set judge_steps=1000 --set judge_batch=128
 Every stage writes a training.json next to its weights with the recipe, the steps actually run,
 losses, timings and the device; a stage that hit its time budget (--set sd_max_minutes=...)
 says so there, and rerunning with that step count (--set sd_steps=N) reproduces it.
@@ -106,26 +107,60 @@ SCALES: dict[str, Recipe] = {
     # Phase 2 (sd only): continue phase 1's UNet + text encoder with 3x larger batches. The tiny UNet
     # is launch-bound on an H100 (98 ms/step at batch 512, 128 ms at 1536), so big batches are
     # nearly free; phase 1 alone reached 0.41 judged prompt accuracy, phase 2 lifts it to ~0.8.
-    "full-phase2": Recipe(sd_init="same", vae_steps=0, sd_images=100_000, sd_batch=1536, sd_lr=3e-4,
-                          sd_warmup=50, sd_steps=823, ema_decay=0.995),
+    "full-phase2": Recipe(
+        sd_init="same",
+        vae_steps=0,
+        sd_images=100_000,
+        sd_batch=1536,
+        sd_lr=3e-4,
+        sd_warmup=50,
+        sd_steps=823,
+        ema_decay=0.995,
+    ),
     # The same code path at a size a CPU finishes in about a minute (for tests and dry runs).
-    "toy": Recipe(judge_images=512, judge_steps=20, judge_batch=32, judge_check_images=64, sd_images=256, vae_steps=4, vae_batch=8,
-                  sd_steps=6, sd_batch=8, sd_warmup=2, sanity_prompts=4, lm_documents=64, lm_steps=4, lm_batch=4,
-                  task_train=16, task_test=8, heldout_documents=8, set_size=2),
+    "toy": Recipe(
+        judge_images=512,
+        judge_steps=20,
+        judge_batch=32,
+        judge_check_images=64,
+        sd_images=256,
+        vae_steps=4,
+        vae_batch=8,
+        sd_steps=6,
+        sd_batch=8,
+        sd_warmup=2,
+        sanity_prompts=4,
+        lm_documents=64,
+        lm_steps=4,
+        lm_batch=4,
+        task_train=16,
+        task_test=8,
+        heldout_documents=8,
+        set_size=2,
+    ),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--out", default="assets", help="folder receiving tiny-sd/, tiny-lm/, judges/, sets/ (default: assets)")
+    parser.add_argument(
+        "--out", default="assets", help="folder receiving tiny-sd/, tiny-lm/, judges/, sets/ (default: assets)"
+    )
     parser.add_argument("--scale", choices=sorted(SCALES), default="full", help="recipe size (default: full)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default: 0)")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
+    parser.add_argument(
+        "--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)} (default: all)"
+    )
     parser.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cuda, cpu")
     parser.add_argument("--workers", type=int, default=0, help="processes rendering pictures (default: all cores)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one recipe number, e.g. --set sd_steps=4000 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one recipe number, e.g. --set sd_steps=4000 (repeatable)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
         started = time.time()
         print(f"[pretrain-base] stage {stage} on {device}", flush=True)
         {"sets": pretrain_sets, "judges": pretrain_judges, "sd": pretrain_sd, "lm": pretrain_lm}[stage](
-            recipe, out, device, workers)
+            recipe, out, device, workers
+        )
         print(f"[pretrain-base] stage {stage} done in {time.time() - started:.0f}s", flush=True)
     return 0
 
@@ -175,9 +211,12 @@ def _resolve_device(name: str) -> str:
 def _environment(device: str) -> dict:
     import torch
 
-    return {"device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
 def _write_record(folder: Path, record: dict) -> None:
@@ -213,8 +252,17 @@ def render_parallel(kind: str, seed: int, count: int, size: int, workers: int):
     return np.concatenate([p[0] for p in parts]), [s for p in parts for s in p[1]]
 
 
-def train_loop(name: str, step_fn: Callable[[int], torch.Tensor], parameters, lr: float, steps: int, warmup: int,
-               max_minutes: float, weight_decay: float = 0.0, on_step: Callable[[], None] | None = None) -> dict:
+def train_loop(
+    name: str,
+    step_fn: Callable[[int], torch.Tensor],
+    parameters,
+    lr: float,
+    steps: int,
+    warmup: int,
+    max_minutes: float,
+    weight_decay: float = 0.0,
+    on_step: Callable[[], None] | None = None,
+) -> dict:
     """AdamW with linear warm-up and cosine decay to 10%, for `steps` or until `max_minutes`.
 
     If the first 60 steps show that `steps` cannot finish in `max_minutes`, the plan shrinks to
@@ -251,7 +299,11 @@ def train_loop(name: str, step_fn: Callable[[int], torch.Tensor], parameters, lr
             affordable = step + int((max_minutes * 60 - (time.time() - started)) / seconds_per_step)
             if affordable < plan["steps"]:
                 affordable = max(affordable, step)
-                print(f"[{name}] {seconds_per_step * 1000:.0f} ms/step: plan cut from {plan['steps']} to {affordable} steps", flush=True)
+                print(
+                    f"[{name}] {seconds_per_step * 1000:.0f} ms/step: plan cut from {plan['steps']} "
+                    f"to {affordable} steps",
+                    flush=True,
+                )
                 plan["steps"] = affordable
         if step % 250 == 0 or step == plan["steps"]:
             # Losses stay on the device between reports: no host sync per step.
@@ -259,8 +311,13 @@ def train_loop(name: str, step_fn: Callable[[int], torch.Tensor], parameters, lr
             print(f"[{name}] step {step}/{plan['steps']} loss {recent:.4f} ({time.time() - started:.0f}s)", flush=True)
     history = torch.stack(losses).float().cpu().tolist()
     curve = [round(sum(history[i : i + 100]) / len(history[i : i + 100]), 5) for i in range(0, len(history), 100)]
-    return {"steps_planned": steps, "steps_run": step, "cut_by_time_budget": step < steps,
-            "seconds": round(time.time() - started, 1), "loss_every_100_steps": curve}
+    return {
+        "steps_planned": steps,
+        "steps_run": step,
+        "cut_by_time_budget": step < steps,
+        "seconds": round(time.time() - started, 1),
+        "loss_every_100_steps": curve,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,18 +347,36 @@ def pretrain_judges(recipe: Recipe, out: Path, device: str, workers: int) -> Non
     # Training pictures come from stream seed; the accuracy check uses a disjoint stream.
     images, scenes = render_parallel("judge", recipe.seed, recipe.judge_images, recipe.image_size, workers)
     started = time.time()
-    judge, log = train_judge(images, scenes, recipe.judge_steps, recipe.judge_batch, recipe.judge_lr,
-                             seed=recipe.seed, device=device, vae=vae, vae_probability=recipe.judge_vae_probability)
+    judge, log = train_judge(
+        images,
+        scenes,
+        recipe.judge_steps,
+        recipe.judge_batch,
+        recipe.judge_lr,
+        seed=recipe.seed,
+        device=device,
+        vae=vae,
+        vae_probability=recipe.judge_vae_probability,
+    )
     seconds = round(time.time() - started, 1)
-    check_images, check_scenes = render_parallel("judge", recipe.seed + 10_000, recipe.judge_check_images,
-                                                 recipe.image_size, workers)
+    check_images, check_scenes = render_parallel(
+        "judge", recipe.seed + 10_000, recipe.judge_check_images, recipe.image_size, workers
+    )
     accuracy = label_accuracy(judge, check_images, check_scenes)
     accuracy_after_vae = label_accuracy(judge, vae_round_trip(vae, check_images), check_scenes)
-    print(f"[judges] accuracy on held-out renders: {accuracy}; on their VAE round trips: {accuracy_after_vae}", flush=True)
+    print(
+        f"[judges] accuracy on held-out renders: {accuracy}; on their VAE round trips: {accuracy_after_vae}", flush=True
+    )
     folder = save_judge(judge.cpu(), out / "judges", {"vae_fingerprint": fingerprint})
-    record = {"recipe": dataclasses.asdict(recipe), "vae": {"folder": str(vae_folder), "fingerprint": fingerprint},
-              "seconds": seconds, "loss_log": log, "heldout_accuracy": accuracy,
-              "heldout_accuracy_after_vae": accuracy_after_vae, **_environment(device)}
+    record = {
+        "recipe": dataclasses.asdict(recipe),
+        "vae": {"folder": str(vae_folder), "fingerprint": fingerprint},
+        "seconds": seconds,
+        "loss_log": log,
+        "heldout_accuracy": accuracy,
+        "heldout_accuracy_after_vae": accuracy_after_vae,
+        **_environment(device),
+    }
     # The sd stage could not check prompt following with a judge fitted to another VAE (or none):
     # check the tiny SD in --out now, if this judge reads its VAE.
     sd_folder = out / "tiny-sd"
@@ -319,9 +394,11 @@ def _judge_vae_folder(recipe: Recipe, out: Path) -> Path:
     if (folder / "vae" / "config.json").is_file():
         folder = folder / "vae"
     if not (folder / "config.json").is_file():
-        raise UserError(f"the judges stage fits the judge to the tiny SD's VAE, and there is none at {folder}: "
-                        "run the sd stage first (--stages sd,judges), or name a tiny-sd folder with "
-                        "--set judge_vae=FOLDER (e.g. assets/tiny-sd)")
+        raise UserError(
+            f"the judges stage fits the judge to the tiny SD's VAE, and there is none at {folder}: "
+            "run the sd stage first (--stages sd,judges), or name a tiny-sd folder with "
+            "--set judge_vae=FOLDER (e.g. assets/tiny-sd)"
+        )
     return folder
 
 
@@ -391,21 +468,26 @@ def pretrain_sd(recipe: Recipe, out: Path, device: str, workers: int) -> None:
             posterior = vae.encode(x).latent_dist
             reconstruction = vae.decode(posterior.sample(generator=generator)).sample
         reconstruction = reconstruction.float()
-        loss = F.l1_loss(reconstruction, x) + F.mse_loss(reconstruction, x) + recipe.vae_kl_weight * posterior.kl().mean()
+        loss = (
+            F.l1_loss(reconstruction, x) + F.mse_loss(reconstruction, x) + recipe.vae_kl_weight * posterior.kl().mean()
+        )
         loss.backward()
         return loss.detach()
 
     if recipe.vae_steps > 0:
         vae.train()
-        record["vae"] = train_loop("vae", vae_step, vae.parameters(), recipe.vae_lr, recipe.vae_steps, 100,
-                                   recipe.vae_max_minutes)
+        record["vae"] = train_loop(
+            "vae", vae_step, vae.parameters(), recipe.vae_lr, recipe.vae_steps, 100, recipe.vae_max_minutes
+        )
     vae.eval().requires_grad_(False)
 
     # 3. Latents of every picture, and the scale that gives them unit variance (SD's scaling_factor).
     means, stds = [], []
     with torch.no_grad(), autocast:
         for start in range(0, num_pictures, 1024):
-            dist = vae.encode(pixel_batch(torch.arange(start, min(start + 1024, num_pictures), device=device))).latent_dist
+            dist = vae.encode(
+                pixel_batch(torch.arange(start, min(start + 1024, num_pictures), device=device))
+            ).latent_dist
             means.append(dist.mean.float())
             stds.append(dist.std.float())
     latent_mean, latent_std = torch.cat(means), torch.cat(stds)  # (N, 4, 16, 16)
@@ -414,16 +496,23 @@ def pretrain_sd(recipe: Recipe, out: Path, device: str, workers: int) -> None:
     scaling_factor = vae.config.scaling_factor  # a continued UNet keeps the scale it was trained with
     with torch.no_grad(), autocast:
         check = pixel_batch(torch.arange(min(512, num_pictures), device=device))
-        record["vae_reconstruction_mse"] = round(F.mse_loss(vae.decode(vae.encode(check).latent_dist.mean).sample.float(), check).item(), 5)
+        record["vae_reconstruction_mse"] = round(
+            F.mse_loss(vae.decode(vae.encode(check).latent_dist.mean).sample.float(), check).item(), 5
+        )
     record["scaling_factor"] = scaling_factor
-    print(f"[sd] latent scaling factor {scaling_factor:.4f}, reconstruction mse {record['vae_reconstruction_mse']}", flush=True)
+    print(
+        f"[sd] latent scaling factor {scaling_factor:.4f}, reconstruction mse {record['vae_reconstruction_mse']}",
+        flush=True,
+    )
 
     # 4. UNet + text encoder, jointly, on the standard epsilon-prediction loss.
     captions = [scene.caption() for scene in scenes]
-    token_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                          return_tensors="pt").input_ids.to(device)
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                          return_tensors="pt").input_ids.to(device)
+    token_ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+    empty_ids = tokenizer(
+        [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids.to(device)
     noise_scheduler = DDPMScheduler(**tiny_sd.scheduler_config())
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     trained = [*unet.parameters(), *text_encoder.parameters()]
@@ -431,11 +520,14 @@ def pretrain_sd(recipe: Recipe, out: Path, device: str, workers: int) -> None:
 
     def sd_step(step: int) -> float:
         index = random_index(recipe.sd_batch)
-        latents = (latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, device=device,
-                                                                         generator=generator)) * scaling_factor
+        latents = (
+            latent_mean[index]
+            + latent_std[index] * torch.randn(latent_mean[index].shape, device=device, generator=generator)
+        ) * scaling_factor
         noise = torch.randn(latents.shape, device=device, generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), device=device,
-                                  generator=generator)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (len(index),), device=device, generator=generator
+        )
         alpha = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
         # Caption dropout teaches the unconditional branch that classifier-free guidance needs.
@@ -455,8 +547,17 @@ def pretrain_sd(recipe: Recipe, out: Path, device: str, workers: int) -> None:
 
     unet.train()
     text_encoder.train()
-    record["unet_text_encoder"] = train_loop("sd", sd_step, trained, recipe.sd_lr, recipe.sd_steps, recipe.sd_warmup,
-                                             recipe.sd_max_minutes, weight_decay=1e-2, on_step=update_ema)
+    record["unet_text_encoder"] = train_loop(
+        "sd",
+        sd_step,
+        trained,
+        recipe.sd_lr,
+        recipe.sd_steps,
+        recipe.sd_warmup,
+        recipe.sd_max_minutes,
+        weight_decay=1e-2,
+        on_step=update_ema,
+    )
     # Ship the EMA weights: smoother than the last step's.
     with torch.no_grad():
         for parameter, average in zip(trained, ema):
@@ -481,16 +582,23 @@ def sanity_check(pipeline, recipe: Recipe, judge_folder: Path, device: str) -> d
     # A judge fitted to another VAE misreads this one's colours: the judges stage refits it and checks.
     fitted_to = json.loads((judge_folder / "judge.json").read_text()).get("vae_fingerprint")
     if fitted_to is not None and fitted_to != vae_fingerprint(pipeline.vae):
-        return {"skipped": f"the judge at {judge_folder} was fitted to another VAE; the judges stage refits it "
-                           "and runs this check"}
+        return {
+            "skipped": f"the judge at {judge_folder} was fitted to another VAE; the judges stage refits it "
+            "and runs this check"
+        }
     judge = load_judge(judge_folder, device)
     scenes = heldout_prompt_scenes(recipe.sanity_prompts) * 2
     pipeline.set_progress_bar_config(disable=True)
     results = {}
     for guidance in (3.0, 5.0, 7.5):
         generator = torch.Generator(device=device).manual_seed(recipe.seed)
-        pictures = pipeline([s.caption() for s in scenes], num_inference_steps=20, guidance_scale=guidance,
-                            generator=generator, output_type="np").images
+        pictures = pipeline(
+            [s.caption() for s in scenes],
+            num_inference_steps=20,
+            guidance_scale=guidance,
+            generator=generator,
+            output_type="np",
+        ).images
         matches = prompt_matches(judge, (pictures * 255).round().astype("uint8"), scenes)
         results[f"guidance_{guidance}"] = round(sum(matches) / len(matches), 4)
     print(f"[sd] held-out prompt accuracy (content + colour, judged): {results}", flush=True)
@@ -514,8 +622,9 @@ def pretrain_lm(recipe: Recipe, out: Path, device: str, workers: int) -> None:
     record: dict = {"recipe": dataclasses.asdict(recipe), **_environment(device)}
     tokenizer = world.build_tokenizer()
     torch.manual_seed(recipe.seed)
-    model = LlamaForCausalLM(world.lm_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
-                                             tokenizer.pad_token_id)).to(device)
+    model = LlamaForCausalLM(
+        world.lm_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    ).to(device)
 
     # 1. Pack the pretraining documents (each <s> ... </s>) into fixed blocks.
     documents = world.pretraining_text(recipe.seed, recipe.lm_documents)
@@ -535,24 +644,40 @@ def pretrain_lm(recipe: Recipe, out: Path, device: str, workers: int) -> None:
         return loss.detach()
 
     model.train()
-    record["training"] = train_loop("lm", lm_step, model.parameters(), recipe.lm_lr, recipe.lm_steps,
-                                    min(200, recipe.lm_steps // 10 + 1), recipe.lm_max_minutes, weight_decay=0.1)
+    record["training"] = train_loop(
+        "lm",
+        lm_step,
+        model.parameters(),
+        recipe.lm_lr,
+        recipe.lm_steps,
+        min(200, recipe.lm_steps // 10 + 1),
+        recipe.lm_max_minutes,
+        weight_decay=0.1,
+    )
     model.eval()
 
     # 2. Held-out text, the downstream task (never in pretraining) and the knowledge probe.
     heldout = world.pretraining_text(world.HELDOUT_SEED, recipe.heldout_documents)
     (data / "heldout.txt").write_text("\n".join(heldout) + "\n")
-    files = {"task_add_train.jsonl": world.addition_task("train", recipe.task_train),
-             "task_add_test.jsonl": world.addition_task("test", recipe.task_test),
-             "knowledge_probe.jsonl": world.knowledge_probe()}
+    files = {
+        "task_add_train.jsonl": world.addition_task("train", recipe.task_train),
+        "task_add_test.jsonl": world.addition_task("test", recipe.task_test),
+        "knowledge_probe.jsonl": world.knowledge_probe(),
+    }
     for name, rows in files.items():
         (data / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
     record["heldout_ppl"] = round(world.perplexity(model, tokenizer, heldout), 4)
-    record["knowledge_accuracy"] = round(world.multiple_choice_accuracy(model, tokenizer, files["knowledge_probe.jsonl"]), 4)
+    record["knowledge_accuracy"] = round(
+        world.multiple_choice_accuracy(model, tokenizer, files["knowledge_probe.jsonl"]), 4
+    )
     record["task_add_test_accuracy_before_finetuning"] = round(
-        world.multiple_choice_accuracy(model, tokenizer, files["task_add_test.jsonl"], prompt_key="instruction"), 4)
-    print(f"[lm] held-out ppl {record['heldout_ppl']}, knowledge probe {record['knowledge_accuracy']}, "
-          f"addition task (zero-shot) {record['task_add_test_accuracy_before_finetuning']}", flush=True)
+        world.multiple_choice_accuracy(model, tokenizer, files["task_add_test.jsonl"], prompt_key="instruction"), 4
+    )
+    print(
+        f"[lm] held-out ppl {record['heldout_ppl']}, knowledge probe {record['knowledge_accuracy']}, "
+        f"addition task (zero-shot) {record['task_add_test_accuracy_before_finetuning']}",
+        flush=True,
+    )
     model.cpu().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     _write_record(folder, record)

@@ -1,13 +1,13 @@
 """Runs on disk: every training job is one folder the CLI, the UI and `--resume` all understand.
 
-    runs/<name>/
-        config.yaml          the resolved config (what was asked + every default), enough to rerun
-        run.json             status (running / finished / failed / interrupted), step, loss, timestamps
-        logs/events.jsonl    one JSON line per progress event
-        logs/tensorboard/    scalars, when the tensorboard package is installed
-        samples/             sample grids written during and after training
-        checkpoints/         atomic checkpoints (pipelines.checkpoint)
-        adapter/<name>/      the final adapter (peft_core format)
+runs/<name>/
+    config.yaml          the resolved config (what was asked + every default), enough to rerun
+    run.json             status (running / finished / failed / interrupted), step, loss, timestamps
+    logs/events.jsonl    one JSON line per progress event
+    logs/tensorboard/    scalars, when the tensorboard package is installed
+    samples/             sample grids written during and after training
+    checkpoints/         atomic checkpoints (pipelines.checkpoint)
+    adapter/<name>/      the final adapter (peft_core format)
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class Run:
             directory = root / f"{base}-{counter}"
         (directory / "logs").mkdir(parents=True)
         run = cls(directory)
-        atomic_write_bytes(directory / "config.yaml", yaml.safe_dump({"kind": kind, **config}, sort_keys=False).encode())
+        atomic_write_bytes(
+            directory / "config.yaml", yaml.safe_dump({"kind": kind, **config}, sort_keys=False).encode()
+        )
         run.update(status="running", kind=kind, created=time.time(), step=0)
         return run
 
@@ -83,7 +85,9 @@ class Run:
         with open(self.directory / "logs" / "events.jsonl", "a", encoding="utf-8") as file:
             file.write(json.dumps(record) + "\n")
         if record.get("kind") == "step":
-            self.update(step=record["step"], total_steps=record["total_steps"], loss=record["loss"], eta_s=record.get("eta_s"))
+            self.update(
+                step=record["step"], total_steps=record["total_steps"], loss=record["loss"], eta_s=record.get("eta_s")
+            )
         elif record.get("kind") == "sample":
             self.update(latest_sample=record["path"])
         self._tensorboard(record)

@@ -51,7 +51,7 @@ TRAIN_HELP = {
     "sample_guidance": "classifier-free guidance of the sample grids",
     "train_text_encoder": "also adapt the text encoder's attention projections",
     "cuda_graph": "auto | on | off: replay each training step from a CUDA graph (one CUDA GPU, adamw, no fp16, "
-                  "no accumulation or checkpointing; auto falls back to eager where it cannot)",
+    "no accumulation or checkpointing; auto falls back to eager where it cannot)",
 }
 
 # What each kind trains on by default (the embedded demo) and how its prompts look.
@@ -71,22 +71,38 @@ KINDS = {
 
 def add_arguments(parser: argparse.ArgumentParser, kind: str = "style") -> None:
     defaults = KINDS[kind]
-    parser.add_argument("data", nargs="?", default=None,
-                        help=f"folder of images with captions (sidecar .txt or metadata.jsonl); default: {defaults['data']}")
-    parser.add_argument("--base", default="embedded",
-                        help="base model: 'embedded' (the shipped tiny SD), a hub id, a diffusers folder or a .safetensors file")
+    parser.add_argument(
+        "data",
+        nargs="?",
+        default=None,
+        help=f"folder of images with captions (sidecar .txt or metadata.jsonl); default: {defaults['data']}",
+    )
+    parser.add_argument(
+        "--base",
+        default="embedded",
+        help="base model: 'embedded' (the shipped tiny SD), a hub id, a diffusers folder or a .safetensors file",
+    )
     parser.add_argument("--config", default=None, help="YAML file with any of these options (flags win over it)")
     parser.add_argument("--name", default=None, help=f"run name (default: {kind}-<data folder name>)")
     parser.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs)")
-    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    parser.add_argument(
+        "--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint"
+    )
     parser.add_argument("--template", default=None, help="prompt template, e.g. 'a photo of {trigger} {caption}'")
     parser.add_argument("--trigger", default=None, help="trigger word the template uses")
     parser.add_argument("--resolution", type=int, default=None, help="training resolution (default: the base model's)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     add_method_arguments(parser, default_method="lora")
-    add_dataclass_arguments(parser.add_argument_group("training"), TrainConfig, TRAIN_HELP,
-                            defaults={"steps": defaults["steps"], "learning_rate": DEFAULT_LEARNING_RATE,
-                                      "sample_prompts": defaults["samples"]})
+    add_dataclass_arguments(
+        parser.add_argument_group("training"),
+        TrainConfig,
+        TRAIN_HELP,
+        defaults={
+            "steps": defaults["steps"],
+            "learning_rate": DEFAULT_LEARNING_RATE,
+            "sample_prompts": defaults["samples"],
+        },
+    )
     parser.set_defaults(kind=kind)
 
 
@@ -94,14 +110,20 @@ def resolve(args: argparse.Namespace) -> dict:
     """Everything the run needs, from YAML < flags, validated before anything is written."""
     values = load_yaml(args.config)
     kind = KINDS[args.kind]
-    train_values = {"steps": kind["steps"], "learning_rate": DEFAULT_LEARNING_RATE, "sample_prompts": kind["samples"],
-                    **values.pop("train", {})}
+    train_values = {
+        "steps": kind["steps"],
+        "learning_rate": DEFAULT_LEARNING_RATE,
+        "sample_prompts": kind["samples"],
+        **values.pop("train", {}),
+    }
     train = dataclass_from_flags(TrainConfig, train_values, args, "the training options")
     train.check()
     adapter = method_config(args, values.pop("adapter", {}), "lora", DEFAULT_TARGETS, defaults={"r": 16, "alpha": 16.0})
     data = Path(args.data or values.pop("data", None) or kind["data"])
-    options = {key: getattr(args, key) if getattr(args, key) is not None else values.pop(key, None)
-               for key in ("base", "template", "trigger", "resolution", "device")}
+    options = {
+        key: getattr(args, key) if getattr(args, key) is not None else values.pop(key, None)
+        for key in ("base", "template", "trigger", "resolution", "device")
+    }
     for key in ("name", "runs_dir"):
         values.pop(key, None)
     if values:
@@ -113,9 +135,13 @@ def from_record(record: dict) -> dict:
     """The settings of a run folder's config.yaml (for --resume)."""
     from peft_core import config_from_dict
 
-    return {"data": Path(record["data"]), "train": build_dataclass(TrainConfig, dict(record["train"]), "the run's config"),
-            "adapter": config_from_dict(record["adapter"]), "device": None,
-            **{key: record.get(key) for key in ("base", "template", "trigger", "resolution")}}
+    return {
+        "data": Path(record["data"]),
+        "train": build_dataclass(TrainConfig, dict(record["train"]), "the run's config"),
+        "adapter": config_from_dict(record["adapter"]),
+        "device": None,
+        **{key: record.get(key) for key in ("base", "template", "trigger", "resolution")},
+    }
 
 
 def check_adapter_fits(model, config) -> None:
@@ -140,19 +166,32 @@ def run(args: argparse.Namespace) -> int:
     else:
         settings = resolve(args)
     if settings["data"] == KINDS[args.kind]["data"] and not settings["data"].is_dir():
-        raise UserError(f"the embedded demo set {settings['data']} is missing; run `studio pretrain-base` or pass a folder")
-    validate_image_folder(settings["data"], template=settings["template"], trigger=settings["trigger"])  # fail before loading
+        raise UserError(
+            f"the embedded demo set {settings['data']} is missing; run `studio pretrain-base` or pass a folder"
+        )
+    validate_image_folder(
+        settings["data"], template=settings["template"], trigger=settings["trigger"]
+    )  # fail before loading
     pipe = load_base(settings["base"] or "embedded", device=settings["device"])
     check_adapter_fits(pipe.unet, settings["adapter"])  # missing targets, rank > layer: before the run folder exists
     resolution = settings["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    dataset = ImageCaptionDataset(settings["data"], resolution=resolution, template=settings["template"],
-                                  trigger=settings["trigger"], seed=settings["train"].seed)
+    dataset = ImageCaptionDataset(
+        settings["data"],
+        resolution=resolution,
+        template=settings["template"],
+        trigger=settings["trigger"],
+        seed=settings["train"].seed,
+    )
 
     # 2. The run folder.
     config_record = {
-        "data": str(settings["data"]), "base": settings["base"], "resolution": resolution,
-        "template": settings["template"], "trigger": settings["trigger"],
-        "adapter": settings["adapter"].to_dict(), "train": dataclasses.asdict(settings["train"]),
+        "data": str(settings["data"]),
+        "base": settings["base"],
+        "resolution": resolution,
+        "template": settings["template"],
+        "trigger": settings["trigger"],
+        "adapter": settings["adapter"].to_dict(),
+        "train": dataclasses.asdict(settings["train"]),
     }
     if not args.resume:
         data_name = settings["data"].name
@@ -163,8 +202,15 @@ def run(args: argparse.Namespace) -> int:
     # 3. Train.
     progress = ProgressPrinter(settings["train"].steps)
     try:
-        train_adapter(pipe, dataset, settings["adapter"], settings["train"], run_folder.directory, adapter_name=args.kind,
-                      on_event=lambda event: (run_folder.log_event(event), progress(event)))
+        train_adapter(
+            pipe,
+            dataset,
+            settings["adapter"],
+            settings["train"],
+            run_folder.directory,
+            adapter_name=args.kind,
+            on_event=lambda event: (run_folder.log_event(event), progress(event)),
+        )
     except KeyboardInterrupt:
         run_folder.update(status="interrupted")
         print(f"\ninterrupted; resume with: studio train-{args.kind} --resume {run_folder.directory}", file=sys.stderr)

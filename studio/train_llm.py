@@ -40,7 +40,7 @@ TRAIN_HELP = {
     "load_in_4bit": "NF4 base through bitsandbytes (QLoRA / QPaCA; CUDA only)",
     "gradient_checkpointing": "trade compute for activation memory",
     "loss_chunk_tokens": "compute the output layer and loss N tokens at a time, recomputed in backward: "
-                         "saves the (tokens x vocab) logits memory (0: off; one process only)",
+    "saves the (tokens x vocab) logits memory (0: off; one process only)",
     "optimizer": "adamw, or adamw8bit (bitsandbytes, CUDA only)",
     "weight_decay": "AdamW weight decay",
     "max_grad_norm": "gradient clipping norm (0: off)",
@@ -60,21 +60,36 @@ TRAIN_HELP = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", nargs="?", default=None,
-                        help="training JSONL ({text}, {instruction, response} or {messages}); default: the embedded "
-                             "tiny LM's held-out addition task")
-    parser.add_argument("--eval", nargs="*", default=None, metavar="JSONL",
-                        help="held-out JSONL files: loss/perplexity, and accuracy on rows with choices + answer")
+    parser.add_argument(
+        "data",
+        nargs="?",
+        default=None,
+        help="training JSONL ({text}, {instruction, response} or {messages}); default: the embedded "
+        "tiny LM's held-out addition task",
+    )
+    parser.add_argument(
+        "--eval",
+        nargs="*",
+        default=None,
+        metavar="JSONL",
+        help="held-out JSONL files: loss/perplexity, and accuracy on rows with choices + answer",
+    )
     parser.add_argument("--base", default=None, help="causal LM: 'embedded' (default), a hub id or a local folder")
-    parser.add_argument("--calibration-data", default=None, metavar="JSONL",
-                        help="CorDA / SPT calibration rows (default: the training data)")
+    parser.add_argument(
+        "--calibration-data",
+        default=None,
+        metavar="JSONL",
+        help="CorDA / SPT calibration rows (default: the training data)",
+    )
     parser.add_argument("--save-merged", action="store_true", help="also write the model with the adapter merged in")
     parser.add_argument("--export-peft", action="store_true", help="also export the adapter in HF PEFT format")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     parser.add_argument("--config", default=None, help="YAML file with any of these options (flags win over it)")
     parser.add_argument("--name", default=None, help="run name (default: llm-<method>-<data file name>)")
     parser.add_argument("--runs-dir", default="runs", help="where run folders go (default: runs)")
-    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    parser.add_argument(
+        "--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint"
+    )
     add_method_arguments(parser, default_method="lora")
     add_dataclass_arguments(parser.add_argument_group("training"), LlmTrainConfig, TRAIN_HELP)
 
@@ -99,9 +114,15 @@ def resolve(args: argparse.Namespace) -> LlmJob:
         raise UserError(f"unknown option(s) in {args.config}: {', '.join(sorted(values))}")
     if data is None and eval_data is None:
         eval_data = None  # the embedded demo picks its own test set and knowledge probe
-    return LlmJob(adapter=adapter, train=train, data=None if data is None else Path(data),
-                  eval_data=[Path(p) for p in (eval_data or [])],
-                  calibration_data=None if calibration is None else Path(calibration), base=base, **flags)
+    return LlmJob(
+        adapter=adapter,
+        train=train,
+        data=None if data is None else Path(data),
+        eval_data=[Path(p) for p in (eval_data or [])],
+        calibration_data=None if calibration is None else Path(calibration),
+        base=base,
+        **flags,
+    )
 
 
 def _format_metrics(metrics: dict) -> str:
@@ -137,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
             broadcast_object_list(path)
         run_folder = Run(Path(path[0]))
     if main:
-        processes = f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}, {accelerator.device}"
+        processes = (
+            f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}, {accelerator.device}"
+        )
         print(f"run folder: {run_folder.directory} ({processes})", flush=True)
 
     # 3. Train (events go to the run folder and the progress bar).
@@ -146,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
     def on_event(event) -> None:
         run_folder.log_event(event)
         if event.kind == "eval":
-            progress.bar.write(f"eval ({event.metrics.get('when', f'step {event.step}')}): {_format_metrics(event.metrics)}")
+            progress.bar.write(
+                f"eval ({event.metrics.get('when', f'step {event.step}')}): {_format_metrics(event.metrics)}"
+            )
         elif event.kind == "data":
             progress.bar.write(event.message)
         else:
@@ -168,8 +193,14 @@ def run(args: argparse.Namespace) -> int:
             progress.close()
     if not main:
         return 0
-    run_folder.update(status="finished", before=result.before, after=result.after, trainable_params=result.trainable_params,
-                      wall_s=result.wall_s, peak_gib=result.peak_gib)
+    run_folder.update(
+        status="finished",
+        before=result.before,
+        after=result.after,
+        trainable_params=result.trainable_params,
+        wall_s=result.wall_s,
+        peak_gib=result.peak_gib,
+    )
     for key in sorted(result.after):
         if key.endswith("/accuracy") or key.endswith("/perplexity"):
             print(f"{key}: {result.before.get(key, float('nan')):.4f} before -> {result.after[key]:.4f} after")

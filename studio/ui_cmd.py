@@ -26,16 +26,28 @@ SETS = ASSETS / "sets"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes it, use --auth then)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes it, use --auth then)",
+    )
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    parser.add_argument("--auth", default=None, metavar="USER:PASS",
-                        help="require this login (visible in the process list: prefer --auth-file)")
+    parser.add_argument(
+        "--auth",
+        default=None,
+        metavar="USER:PASS",
+        help="require this login (visible in the process list: prefer --auth-file)",
+    )
     parser.add_argument("--auth-file", default=None, metavar="FILE", help="file of USER:PASS lines ('#' comments)")
-    parser.add_argument("--workspace", default="studio-workspace",
-                        help="folder for runs, uploads, jobs and outputs; the only files the UI serves (default ./studio-workspace)")
+    parser.add_argument(
+        "--workspace",
+        default="studio-workspace",
+        help="folder for runs, uploads, jobs and outputs; the only files the UI serves (default ./studio-workspace)",
+    )
     parser.add_argument("--max-jobs", type=int, default=1, help="training jobs running at once (default 1)")
-    parser.add_argument("--max-queued", type=int, default=8, help="jobs waiting in the queue, all users together (default 8)")
+    parser.add_argument(
+        "--max-queued", type=int, default=8, help="jobs waiting in the queue, all users together (default 8)"
+    )
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest uploaded file in MB (default 20)")
 
 
@@ -49,7 +61,11 @@ def parse_auth(auth: str | None, auth_file: str | None) -> list[tuple[str, str]]
         if not path.is_file():
             raise UserError(f"auth file {path} does not exist; write one USER:PASS per line")
         lines = path.read_text(encoding="utf-8").splitlines()
-        entries += [(f"{path}:{n}", line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.strip().startswith("#")]
+        entries += [
+            (f"{path}:{n}", line.strip())
+            for n, line in enumerate(lines, 1)
+            if line.strip() and not line.strip().startswith("#")
+        ]
         if not any(where.startswith(str(path)) for where, _ in entries):
             raise UserError(f"auth file {path} holds no USER:PASS line")
     pairs = []
@@ -68,9 +84,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--max-jobs and --max-queued must be >= 1 and --max-upload-mb > 0")
     auth = parse_auth(args.auth, args.auth_file)
     if auth is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {args.host} without --auth: anyone who reaches this port can train and delete runs")
-    launch(Path(args.workspace), host=args.host, port=args.port, auth=auth, max_jobs=args.max_jobs,
-           max_queued=args.max_queued, max_upload_mb=args.max_upload_mb)
+        print(
+            f"warning: listening on {args.host} without --auth: anyone who reaches this port can train and delete runs"
+        )
+    launch(
+        Path(args.workspace),
+        host=args.host,
+        port=args.port,
+        auth=auth,
+        max_jobs=args.max_jobs,
+        max_queued=args.max_queued,
+        max_upload_mb=args.max_upload_mb,
+    )
     return 0
 
 
@@ -118,8 +143,12 @@ def train_defaults(kind: str) -> dict[str, Any]:
 
     settings = resolve(check_command([f"train-{kind}"]))
     adapter = settings["adapter"].to_dict()
-    return {**dataclasses.asdict(settings["train"]), "method": adapter["method"], "rank": adapter.get("r"),
-            "alpha": adapter.get("alpha")}
+    return {
+        **dataclasses.asdict(settings["train"]),
+        "method": adapter["method"],
+        "rank": adapter.get("r"),
+        "alpha": adapter.get("alpha"),
+    }
 
 
 def llm_methods() -> list[str]:
@@ -138,8 +167,12 @@ def llm_defaults(method: str = "lora") -> dict[str, Any]:
 
     hyperparameters = method_defaults(method)  # also refuses an unknown method
     _, adapter = llm_method_defaults(method)
-    return {**dataclasses.asdict(LlmTrainConfig()), "rank": adapter.get("r"), "alpha": adapter.get("alpha"),
-            "hyperparameters": {**hyperparameters, **adapter}}
+    return {
+        **dataclasses.asdict(LlmTrainConfig()),
+        "rank": adapter.get("r"),
+        "alpha": adapter.get("alpha"),
+        "hyperparameters": {**hyperparameters, **adapter},
+    }
 
 
 def validate_jsonl(path: str | Path, for_training: bool = True) -> int:
@@ -165,7 +198,9 @@ def b4m_defaults() -> dict[str, Any]:
     return dataclasses.asdict(BreakForMakeConfig())
 
 
-def validate_dataset(folder: str | Path, template: str | None = None, trigger: str | None = None) -> tuple[int, list[str]]:
+def validate_dataset(
+    folder: str | Path, template: str | None = None, trigger: str | None = None
+) -> tuple[int, list[str]]:
     """(number of usable images, warnings) of a training folder, or the CLI's UserError listing every problem."""
     from pipelines.data import validate_image_folder
 
@@ -229,9 +264,12 @@ def config_yaml(argv: list[str]) -> str:
     from studio.train_diffusion import resolve
 
     settings = resolve(args)
-    record = {"data": str(settings["data"]), **{key: settings[key] for key in ("base", "template", "trigger", "resolution")
-                                                if settings[key] is not None},
-              "adapter": settings["adapter"].to_dict(), "train": dataclasses.asdict(settings["train"])}
+    record = {
+        "data": str(settings["data"]),
+        **{key: settings[key] for key in ("base", "template", "trigger", "resolution") if settings[key] is not None},
+        "adapter": settings["adapter"].to_dict(),
+        "train": dataclasses.asdict(settings["train"]),
+    }
     return yaml.safe_dump(record, sort_keys=False)
 
 

@@ -96,12 +96,24 @@ def _worker(argv: list[str], log_path: str) -> None:
 
 
 class JobManager:
-    def __init__(self, limits: dict[str, int] | None = None, jobs_dir: str | os.PathLike = "jobs", max_queued: int = 8,
-                 max_per_owner: int = 3, stop_grace_s: float = 120.0, poll_s: float = 0.2) -> None:
+    def __init__(
+        self,
+        limits: dict[str, int] | None = None,
+        jobs_dir: str | os.PathLike = "jobs",
+        max_queued: int = 8,
+        max_per_owner: int = 3,
+        stop_grace_s: float = 120.0,
+        poll_s: float = 0.2,
+    ) -> None:
         self.limits = dict(limits or {"train": 1, "light": 1})
         self.jobs_dir = Path(jobs_dir)
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self.max_queued, self.max_per_owner, self.stop_grace_s, self.poll_s = max_queued, max_per_owner, stop_grace_s, poll_s
+        self.max_queued, self.max_per_owner, self.stop_grace_s, self.poll_s = (
+            max_queued,
+            max_per_owner,
+            stop_grace_s,
+            poll_s,
+        )
         self._jobs: dict[str, Job] = {}
         self._processes: dict[str, multiprocessing.process.BaseProcess] = {}
         self._lock = threading.RLock()
@@ -111,8 +123,14 @@ class JobManager:
         self._thread.start()
 
     # -- the API the UI calls -----------------------------------------------------------------
-    def submit(self, argv: list[str], lane: str = "train", owner: str = "", run_dir: str | os.PathLike | None = None,
-               stoppable: bool = False) -> Job:
+    def submit(
+        self,
+        argv: list[str],
+        lane: str = "train",
+        owner: str = "",
+        run_dir: str | os.PathLike | None = None,
+        stoppable: bool = False,
+    ) -> Job:
         if lane not in self.limits:
             raise UserError(f"unknown job lane {lane!r}; lanes: {', '.join(self.limits)}")
         with self._lock:
@@ -121,13 +139,22 @@ class JobManager:
                 raise UserError(f"the job queue is full ({self.max_queued} waiting); try again when a job has finished")
             mine = [j for j in self._jobs.values() if j.owner == owner and not j.done]
             if owner and len(mine) >= self.max_per_owner:
-                raise UserError(f"you already have {len(mine)} jobs queued or running (limit {self.max_per_owner}); "
-                                "wait for one to finish or cancel one")
+                raise UserError(
+                    f"you already have {len(mine)} jobs queued or running (limit {self.max_per_owner}); "
+                    "wait for one to finish or cancel one"
+                )
             if run_dir is not None and any(j.run_dir == Path(run_dir) and not j.done for j in self._jobs.values()):
                 raise UserError(f"a job for {Path(run_dir).name} is already queued or running")
             job_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-            job = Job(job_id, lane, [str(a) for a in argv], self.jobs_dir / f"{job_id}.log", owner=owner,
-                      run_dir=Path(run_dir) if run_dir is not None else None, stoppable=stoppable)
+            job = Job(
+                job_id,
+                lane,
+                [str(a) for a in argv],
+                self.jobs_dir / f"{job_id}.log",
+                owner=owner,
+                run_dir=Path(run_dir) if run_dir is not None else None,
+                stoppable=stoppable,
+            )
             self._jobs[job_id] = job
         self._schedule()
         return job
@@ -197,8 +224,9 @@ class JobManager:
         with self._lock:
             for lane, limit in self.limits.items():
                 running = sum(1 for j in self._jobs.values() if j.lane == lane and j.status in ("running", "stopping"))
-                for job in sorted((j for j in self._jobs.values() if j.lane == lane and j.status == "queued"),
-                                  key=lambda j: j.created)[:max(0, limit - running)]:
+                for job in sorted(
+                    (j for j in self._jobs.values() if j.lane == lane and j.status == "queued"), key=lambda j: j.created
+                )[: max(0, limit - running)]:
                     self._start(job)
 
     def _start(self, job: Job) -> None:
@@ -206,8 +234,9 @@ class JobManager:
             (job.run_dir / STOP_FILE).unlink(missing_ok=True)  # a stale request must not stop a resume
             if (job.run_dir / "run.json").is_file():
                 Run(job.run_dir).update(status="running")
-        process = self._context.Process(target=_worker, args=(job.argv, str(job.log_path)), name=f"studio-job-{job.id}",
-                                        daemon=True)
+        process = self._context.Process(
+            target=_worker, args=(job.argv, str(job.log_path)), name=f"studio-job-{job.id}", daemon=True
+        )
         process.start()
         self._processes[job.id] = process
         job.status, job.started = "running", time.time()

@@ -56,8 +56,11 @@ def events_of(run_dir: Path) -> list[dict[str, Any]]:
 def loss_points(events: list[dict[str, Any]]) -> dict[str, list]:
     """Columns for the loss plot: step, loss and stage (B4M runs log break-content/break-style/make)."""
     steps = [e for e in events if e.get("kind") == "step" and e.get("loss") is not None]
-    return {"step": [e["step"] for e in steps], "loss": [float(e["loss"]) for e in steps],
-            "stage": [e.get("stage", "train") for e in steps]}
+    return {
+        "step": [e["step"] for e in steps],
+        "loss": [float(e["loss"]) for e in steps],
+        "stage": [e.get("stage", "train") for e in steps],
+    }
 
 
 def eval_table(events: list[dict[str, Any]]) -> str:
@@ -74,8 +77,11 @@ def eval_table(events: list[dict[str, Any]]) -> str:
     lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for key in keys:
         cells = [columns[when].get(key) for when in columns]
-        lines.append(f"| {key} | " + " | ".join("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-                                                 for v in cells) + " |")
+        lines.append(
+            f"| {key} | "
+            + " | ".join("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -88,8 +94,11 @@ def run_info(run_dir: Path | None) -> dict[str, Any]:
 def describe(info: dict[str, Any], job_status: str | None = None) -> str:
     """One line of status: state, step / total, loss, ETA."""
     if not info:
-        return f"**{job_status or 'waiting'}**: starting (loading the model)" if job_status in ("running", "queued", None) \
+        return (
+            f"**{job_status or 'waiting'}**: starting (loading the model)"
+            if job_status in ("running", "queued", None)
             else f"**{job_status}**"
+        )
     status = job_status if job_status in ("queued", "stopping") else info.get("status", "?")
     parts = [f"**{status}**"]
     if info.get("total_steps"):

@@ -94,7 +94,9 @@ class Workspace:
         to safe basenames (no folders, no '..'). Content is checked by the caller with the CLI's
         dataset validation before any job starts."""
         if not files:
-            raise UserError("no files uploaded; add images (with .txt captions or a metadata.jsonl), or pick a demo set")
+            raise UserError(
+                "no files uploaded; add images (with .txt captions or a metadata.jsonl), or pick a demo set"
+            )
         if len(files) > limits.max_files:
             raise UserError(f"{len(files)} files uploaded; at most {limits.max_files} per set")
         checked, total = [], 0
@@ -103,11 +105,15 @@ class Workspace:
             original = Path(str(item)).name
             suffix = source.suffix.lower()
             if suffix not in limits.suffixes or (suffix == ".jsonl" and original.lower() != METADATA_NAME):
-                raise UserError(f"{original}: not accepted; upload images ({', '.join(IMAGE_SUFFIXES)}), "
-                                f".txt captions or one {METADATA_NAME}")
+                raise UserError(
+                    f"{original}: not accepted; upload images ({', '.join(IMAGE_SUFFIXES)}), "
+                    f".txt captions or one {METADATA_NAME}"
+                )
             size = source.stat().st_size
             if size > limits.max_file_bytes:
-                raise UserError(f"{original}: {size / 2**20:.1f} MB is over the {limits.max_file_bytes / 2**20:.0f} MB limit")
+                raise UserError(
+                    f"{original}: {size / 2**20:.1f} MB is over the {limits.max_file_bytes / 2**20:.0f} MB limit"
+                )
             total += size
             if total > limits.max_total_bytes:
                 raise UserError(f"the upload is over its {limits.max_total_bytes / 2**20:.0f} MB total limit")
@@ -135,7 +141,9 @@ class Workspace:
             raise UserError(f"{original}: not accepted; upload a .jsonl file (one JSON object a line)")
         size = source.stat().st_size
         if size > limits.max_file_bytes:
-            raise UserError(f"{original}: {size / 2**20:.1f} MB is over the {limits.max_file_bytes / 2**20:.0f} MB limit")
+            raise UserError(
+                f"{original}: {size / 2**20:.1f} MB is over the {limits.max_file_bytes / 2**20:.0f} MB limit"
+            )
         folder = self.uploads / f"{safe_run_name(label)}-{uuid.uuid4().hex[:8]}"
         folder.mkdir(parents=True)
         target = folder / (safe_run_name(Path(original).stem) + ".jsonl")

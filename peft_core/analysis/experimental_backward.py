@@ -95,13 +95,17 @@ class _RowSampledBackward(torch.autograd.Function):
         weights = 1.0 / (m * probabilities.gather(1, rows).clamp_min(1e-30))  # (N, m): unbiasing
         pick = rows[..., None].expand(-1, -1, dim)
         do_rows = do2.gather(1, pick) * weights[..., None].to(do2.dtype)
-        dq_rows, dk, dv = _rows_backward(q2.gather(1, pick), k2, v2, o2.gather(1, pick), do_rows, ctx.scale, rows, ctx.causal)
+        dq_rows, dk, dv = _rows_backward(
+            q2.gather(1, pick), k2, v2, o2.gather(1, pick), do_rows, ctx.scale, rows, ctx.causal
+        )
         dq = torch.zeros_like(q2).scatter_add_(1, pick, dq_rows)  # a row sampled twice adds twice
         shape = (*batch_shape, -1, dim)
         return dq.reshape(q.shape), dk.reshape(shape), dv.reshape(shape), None, None, None, None
 
 
-def nystrom_factors(q: torch.Tensor, k: torch.Tensor, scale: float, landmarks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nystrom_factors(
+    q: torch.Tensor, k: torch.Tensor, scale: float, landmarks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(U1, V1) with softmax(scale q k^T) ≈ U1 V1^T: q (N, L, d), k (N, Lk, d) -> (N, L, m), (N, Lk, m).
 
     Landmarks are segment means of q and k (Nyströmformer); U1 = softmax(q k~^T) pinv(softmax(q~ k~^T)),

@@ -137,7 +137,9 @@ def relative_error(approx: dict[str, torch.Tensor], exact: dict[str, torch.Tenso
     return math.sqrt(float(diff) / max(float(norm), 1e-300))
 
 
-def surrogate_gradient_error(problem: LoraAttentionProblem, degree: int | None = None, rank: int | None = None) -> float:
+def surrogate_gradient_error(
+    problem: LoraAttentionProblem, degree: int | None = None, rank: int | None = None
+) -> float:
     """Relative gradient error of the chain run on a degree-g polynomial or a rank-m surrogate of f."""
     if (degree is None) == (rank is None):
         raise ValueError("pass exactly one of degree (polynomial surrogate) or rank (low-rank surrogate)")

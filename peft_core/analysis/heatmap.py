@@ -16,11 +16,19 @@ from peft_core.analysis.regime import EXACT_MIN_RHO, LOW_RANK_MAX_RHO, RegimeRep
 from peft_core.io import atomic_write_bytes
 
 # (rho, RGB) stops: green through the low-rank range, yellow at the transition's middle, red beyond.
-COLOUR_STOPS = ((0.0, (26, 152, 80)), (0.5, (166, 217, 106)), (1.0, (254, 224, 139)), (1.5, (244, 109, 67)),
-                (3.0, (165, 0, 38)))
+COLOUR_STOPS = (
+    (0.0, (26, 152, 80)),
+    (0.5, (166, 217, 106)),
+    (1.0, (254, 224, 139)),
+    (1.5, (244, 109, 67)),
+    (3.0, (165, 0, 38)),
+)
 MISSING = (220, 220, 220)
 CELL_W, CELL_H, PAD = 46, 22, 8
-FOOTER = f"low-rank <= {LOW_RANK_MAX_RHO} < transition <= {EXACT_MIN_RHO} < exact;  black border: the adapter moved the head across"
+FOOTER = (
+    f"low-rank <= {LOW_RANK_MAX_RHO} < transition <= {EXACT_MIN_RHO} < exact;  "
+    "black border: the adapter moved the head across"
+)
 
 
 def colour(value: float) -> tuple[int, int, int]:
@@ -34,7 +42,7 @@ def colour(value: float) -> tuple[int, int, int]:
 
 
 def _short(name: str, limit: int = 64) -> str:
-    return name if len(name) <= limit else "..." + name[-(limit - 3):]
+    return name if len(name) <= limit else "..." + name[-(limit - 3) :]
 
 
 def render_heatmap(report: RegimeReport, path: str | os.PathLike, value: str = "rho") -> Path:
@@ -57,10 +65,19 @@ def render_heatmap(report: RegimeReport, path: str | os.PathLike, value: str = "
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     summary = report.summary()
-    draw.text((PAD, 6), f"attention regime: {value} per head (rho = max(G_Q, G_K) / sqrt(ln L_k))",
-              fill="black", font=title_font)
-    draw.text((PAD, 24), f"{summary['heads']} heads: {summary['low-rank']} low-rank, {summary['transition']} transition, "
-              f"{summary['exact']} exact; max rho {summary['max_rho'] or 0:.2f}", fill=(60, 60, 60), font=font)
+    draw.text(
+        (PAD, 6),
+        f"attention regime: {value} per head (rho = max(G_Q, G_K) / sqrt(ln L_k))",
+        fill="black",
+        font=title_font,
+    )
+    draw.text(
+        (PAD, 24),
+        f"{summary['heads']} heads: {summary['low-rank']} low-rank, {summary['transition']} transition, "
+        f"{summary['exact']} exact; max rho {summary['max_rho'] or 0:.2f}",
+        fill=(60, 60, 60),
+        font=font,
+    )
     for column in range(columns):
         draw.text((label_w + column * CELL_W + CELL_W // 2 - 8, top), f"h{column}", fill="black", font=font)
     for row, heads in enumerate(rows.values()):
@@ -70,7 +87,9 @@ def render_heatmap(report: RegimeReport, path: str | os.PathLike, value: str = "
             x = label_w + head.head * CELL_W
             cell = getattr(head, value)
             # gammas are coloured by the rho they would give alone: gamma / sqrt(ln L_k)
-            scaled = cell if cell is None or value.startswith("rho") else cell / math.sqrt(math.log(max(head.key_length, 2)))
+            scaled = (
+                cell if cell is None or value.startswith("rho") else cell / math.sqrt(math.log(max(head.key_length, 2)))
+            )
             draw.rectangle((x, y, x + CELL_W - 2, y + CELL_H - 2), fill=colour(scaled))
             text = "-" if cell is None or not math.isfinite(cell) else f"{cell:.2f}"
             draw.text((x + 6, y + 5), text, fill="black", font=font)
@@ -81,8 +100,12 @@ def render_heatmap(report: RegimeReport, path: str | os.PathLike, value: str = "
     bar_w = min(bar_w, width - bar_x - PAD)
     for i in range(bar_w):
         draw.line((bar_x + i, bar_y, bar_x + i, bar_y + 12), fill=colour(3.0 * i / bar_w))
-    for threshold, name in ((0.0, "0"), (LOW_RANK_MAX_RHO, f"{LOW_RANK_MAX_RHO}"), (EXACT_MIN_RHO, f"{EXACT_MIN_RHO}"),
-                            (3.0, "3")):
+    for threshold, name in (
+        (0.0, "0"),
+        (LOW_RANK_MAX_RHO, f"{LOW_RANK_MAX_RHO}"),
+        (EXACT_MIN_RHO, f"{EXACT_MIN_RHO}"),
+        (3.0, "3"),
+    ):
         x = bar_x + round(threshold / 3.0 * (bar_w - 1))
         draw.line((x, bar_y - 2, x, bar_y + 16), fill="black")
         draw.text((x - 6, bar_y + 18), name, fill="black", font=font)

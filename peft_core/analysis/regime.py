@@ -119,8 +119,11 @@ def _out_features(module: nn.Module) -> int:
 def _llama_site(name: str, module: nn.Module, config: Any) -> AttentionSite:
     config = _first(config, getattr(module, "config", None))
     q_features, k_features = _out_features(module.q_proj), _out_features(module.k_proj)
-    num_heads = _first(getattr(module, "num_heads", None), getattr(module, "num_attention_heads", None),
-                       getattr(config, "num_attention_heads", None))
+    num_heads = _first(
+        getattr(module, "num_heads", None),
+        getattr(module, "num_attention_heads", None),
+        getattr(config, "num_attention_heads", None),
+    )
     head_dim = _first(getattr(module, "head_dim", None), getattr(config, "head_dim", None))
     if head_dim is None and num_heads is None:
         raise AdapterError(
@@ -212,7 +215,9 @@ def _apply_rope(x: torch.Tensor, position_embeddings: Any) -> torch.Tensor:
     return torch.cat((rotated, rest), dim=-1)
 
 
-def _allowed_keys(mask: torch.Tensor | None, causal: bool, batch: int, q_len: int, k_len: int, device) -> torch.Tensor | None:
+def _allowed_keys(
+    mask: torch.Tensor | None, causal: bool, batch: int, q_len: int, k_len: int, device
+) -> torch.Tensor | None:
     """Boolean (B or 1, 1 or H, Lq, Lk) of the keys each query sees; None when it sees them all."""
     allowed = None
     if mask is not None and mask.dim() >= 2 and mask.shape[-1] == k_len:
@@ -381,8 +386,12 @@ class RegimeReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": REPORT_FORMAT_VERSION,
-            "thresholds": {"low_rank_max_rho": LOW_RANK_MAX_RHO, "exact_min_rho": EXACT_MIN_RHO, "labels": list(LABELS),
-                           "percentile": PERCENTILE},
+            "thresholds": {
+                "low_rank_max_rho": LOW_RANK_MAX_RHO,
+                "exact_min_rho": EXACT_MIN_RHO,
+                "labels": list(LABELS),
+                "percentile": PERCENTILE,
+            },
             "metadata": self.metadata,
             "batches": self.batches,
             "adapter": self.adapter,
@@ -403,12 +412,42 @@ class RegimeReport:
 
     def format_table(self) -> str:
         """The per-head table the CLI prints (ASCII; '-' where a quantity was not measured)."""
-        columns = [("site", 0), ("kind", 0), ("head", 0), ("L_k", 0), ("G_Q", 2), ("G_K", 2), ("p999_Q", 2),
-                   ("p999_K", 2), ("G_Q_base", 2), ("G_K_base", 2), ("G_dQ", 3), ("G_dK", 3), ("rho", 2),
-                   ("rho_base", 2), ("max_logit", 2), ("label", 0)]
-        keys = ["site", "kind", "head", "key_length", "gamma_q", "gamma_k", "gamma_q_p999", "gamma_k_p999",
-                "gamma_q_frozen", "gamma_k_frozen", "gamma_q_adapter", "gamma_k_adapter", "rho", "rho_frozen",
-                "max_logit", "label"]
+        columns = [
+            ("site", 0),
+            ("kind", 0),
+            ("head", 0),
+            ("L_k", 0),
+            ("G_Q", 2),
+            ("G_K", 2),
+            ("p999_Q", 2),
+            ("p999_K", 2),
+            ("G_Q_base", 2),
+            ("G_K_base", 2),
+            ("G_dQ", 3),
+            ("G_dK", 3),
+            ("rho", 2),
+            ("rho_base", 2),
+            ("max_logit", 2),
+            ("label", 0),
+        ]
+        keys = [
+            "site",
+            "kind",
+            "head",
+            "key_length",
+            "gamma_q",
+            "gamma_k",
+            "gamma_q_p999",
+            "gamma_k_p999",
+            "gamma_q_frozen",
+            "gamma_k_frozen",
+            "gamma_q_adapter",
+            "gamma_k_adapter",
+            "rho",
+            "rho_frozen",
+            "max_logit",
+            "label",
+        ]
         rows = []
         for head in self.heads:
             cells = []
@@ -425,12 +464,19 @@ class RegimeReport:
             rows.append(cells)
         header = [name for name, _ in columns]
         widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(widths[i]) if i < 2 or i == len(header) - 1 else cell.rjust(widths[i])
-                           for i, cell in enumerate(line)) for line in [header, *rows]]
+        lines = [
+            "  ".join(
+                cell.ljust(widths[i]) if i < 2 or i == len(header) - 1 else cell.rjust(widths[i])
+                for i, cell in enumerate(line)
+            )
+            for line in [header, *rows]
+        ]
         counts = self.counts()
         lines.append(
-            f"{len(self.heads)} heads over {self.batches} batches: " + ", ".join(f"{counts[label]} {label}" for label in LABELS)
-            + f"; rho = max(G_Q, G_K) / sqrt(ln L_k); low-rank <= {LOW_RANK_MAX_RHO} < transition <= {EXACT_MIN_RHO} < exact"
+            f"{len(self.heads)} heads over {self.batches} batches: "
+            + ", ".join(f"{counts[label]} {label}" for label in LABELS)
+            + f"; rho = max(G_Q, G_K) / sqrt(ln L_k); low-rank <= {LOW_RANK_MAX_RHO} < transition <= "
+            f"{EXACT_MIN_RHO} < exact"
         )
         crossed = sum(head.crossed for head in self.heads)
         if crossed:
@@ -463,8 +509,13 @@ class RegimeRecorder:
     entering are seen.
     """
 
-    def __init__(self, model: nn.Module, sites: list[AttentionSite] | None = None, config: Any = None,
-                 record_calls_per_site: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: list[AttentionSite] | None = None,
+        config: Any = None,
+        record_calls_per_site: int | None = None,
+    ) -> None:
         self.model = model
         self.sites = sites if sites is not None else find_attention_sites(model, config)
         if not self.sites:
@@ -496,8 +547,11 @@ class RegimeRecorder:
     def _begin(self, site: AttentionSite) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             mask = kwargs.get("attention_mask")
-            self._pending[site.name] = {"position_embeddings": kwargs.get("position_embeddings"),
-                                        "mask": mask if isinstance(mask, torch.Tensor) else None}
+            self._pending[site.name] = {
+                "position_embeddings": kwargs.get("position_embeddings"),
+                "mask": mask if isinstance(mask, torch.Tensor) else None,
+            }
+
         return hook
 
     def _capture(self, site: AttentionSite, role: str, projection: nn.Module) -> Callable:
@@ -507,6 +561,7 @@ class RegimeRecorder:
                 return
             with torch.no_grad():
                 pending[role] = (output.detach(), adapter_branch(projection, args[0].detach()))
+
         return hook
 
     def _finish(self, site: AttentionSite) -> Callable:
@@ -519,6 +574,7 @@ class RegimeRecorder:
                 return
             with torch.no_grad():
                 self._measure(site, stats, pending)
+
         return hook
 
     def _measure(self, site: AttentionSite, stats: _SiteStats, pending: dict[str, Any]) -> None:
@@ -559,23 +615,35 @@ class RegimeRecorder:
                     return float(stats.gamma[key][index])
 
                 rho_frozen = float(stats.rho["frozen"][head]) if has_adapter else None
-                heads.append(HeadStats(
-                    site=site.name, kind=site.kind, layer=layer, head=head, kv_head=kv, key_length=stats.key_length,
-                    gamma_q=value("q_total", head), gamma_k=value("k_total", kv),
-                    gamma_q_p999=float(p999_q[head]), gamma_k_p999=float(p999_k[kv]),
-                    gamma_q_frozen=value("q_frozen", head) if has_adapter else value("q_total", head),
-                    gamma_k_frozen=value("k_frozen", kv) if has_adapter else value("k_total", kv),
-                    gamma_q_adapter=value("q_adapter", head) if has_adapter else None,
-                    gamma_k_adapter=value("k_adapter", kv) if has_adapter else None,
-                    rho=float(stats.rho["total"][head]), rho_frozen=rho_frozen,
-                    max_logit=float(stats.max_logit[head]), max_row_range=float(stats.max_row_range[head]),
-                    mean_row_range=float(stats.row_range_sum[head]) / max(stats.rows, 1),
-                    label=regime_label(float(stats.rho["total"][head])),
-                    label_frozen=None if rho_frozen is None or math.isnan(rho_frozen) else regime_label(rho_frozen),
-                ))
+                heads.append(
+                    HeadStats(
+                        site=site.name,
+                        kind=site.kind,
+                        layer=layer,
+                        head=head,
+                        kv_head=kv,
+                        key_length=stats.key_length,
+                        gamma_q=value("q_total", head),
+                        gamma_k=value("k_total", kv),
+                        gamma_q_p999=float(p999_q[head]),
+                        gamma_k_p999=float(p999_k[kv]),
+                        gamma_q_frozen=value("q_frozen", head) if has_adapter else value("q_total", head),
+                        gamma_k_frozen=value("k_frozen", kv) if has_adapter else value("k_total", kv),
+                        gamma_q_adapter=value("q_adapter", head) if has_adapter else None,
+                        gamma_k_adapter=value("k_adapter", kv) if has_adapter else None,
+                        rho=float(stats.rho["total"][head]),
+                        rho_frozen=rho_frozen,
+                        max_logit=float(stats.max_logit[head]),
+                        max_row_range=float(stats.max_row_range[head]),
+                        mean_row_range=float(stats.row_range_sum[head]) / max(stats.rows, 1),
+                        label=regime_label(float(stats.rho["total"][head])),
+                        label_frozen=None if rho_frozen is None or math.isnan(rho_frozen) else regime_label(rho_frozen),
+                    )
+                )
         adapter = "unknown" if "unknown" in adapters else "known" if "known" in adapters else "none"
-        return RegimeReport(heads=heads, sites=list(self.sites), batches=batches, adapter=adapter,
-                            metadata=dict(metadata or {}))
+        return RegimeReport(
+            heads=heads, sites=list(self.sites), batches=batches, adapter=adapter, metadata=dict(metadata or {})
+        )
 
 
 def attention_regime_report(

@@ -120,8 +120,10 @@ class RegimeTracker:
             key = (head.site, head.head)
             previous = self._labels.get(key)
             if previous is not None and LABELS.index(head.label) > LABELS.index(previous):
-                crossings.append(f"step {step}: {head.site} head {head.head} crossed from {previous} to {head.label} "
-                                 f"(rho {head.rho:.2f}, max logit {head.max_logit:.1f})")
+                crossings.append(
+                    f"step {step}: {head.site} head {head.head} crossed from {previous} to {head.label} "
+                    f"(rho {head.rho:.2f}, max logit {head.max_logit:.1f})"
+                )
             self._labels[key] = head.label
         entry["crossings"] = crossings
         self.history.append(entry)

@@ -92,7 +92,9 @@ class CompacterConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         if self.placement is not None and self.placement not in PLACEMENTS:
-            raise AdapterError(f"compacter: placement {self.placement!r} is unknown; choose one of {', '.join(PLACEMENTS)}")
+            raise AdapterError(
+                f"compacter: placement {self.placement!r} is unknown; choose one of {', '.join(PLACEMENTS)}"
+            )
         unknown_sites = sorted(set(self.sites) - {"attn", "ffn"})
         if unknown_sites:
             raise AdapterError(f"compacter: sites {unknown_sites} are unknown; use 'attn' and/or 'ffn'")
@@ -102,7 +104,9 @@ class CompacterConfig(AdapterConfig):
             if self.train_layernorms:
                 self.targets += rules["norm"]
         elif self.train_layernorms and self.placement is None:
-            raise AdapterError("compacter: train_layernorms needs a `placement` (or name the norm modules in `targets`)")
+            raise AdapterError(
+                "compacter: train_layernorms needs a `placement` (or name the norm modules in `targets`)"
+            )
         super().__post_init__()
         checks = {
             "n": self.n >= 1,
@@ -133,7 +137,14 @@ def phm_weight(rule: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Te
     return H.reshape(n * block_in, n * fast.shape[-1])
 
 
-def phm_linear(h: torch.Tensor, rule: torch.Tensor, s: torch.Tensor, t: torch.Tensor, bias: torch.Tensor | None, factored: bool = False) -> torch.Tensor:
+def phm_linear(
+    h: torch.Tensor,
+    rule: torch.Tensor,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    bias: torch.Tensor | None,
+    factored: bool = False,
+) -> torch.Tensor:
     """h @ H + b for h (..., d_in); `factored` never forms H: Y = sum_i A_i^T (X s_i) t_i with X = h as (n, d_in/n)."""
     if not factored:
         out = h @ phm_weight(rule, s, t)
@@ -152,7 +163,8 @@ def bottleneck_size(d: int, config: CompacterConfig, module_name: str) -> int:
     if m < 1 or d % config.n or m % config.n:
         raise AdapterError(
             f"compacter: {module_name!r} has width d={d} and bottleneck m={m}, but n={config.n} must divide both; "
-            f"pick reduction_factor/bottleneck so that m is a multiple of n (e.g. bottleneck={max(config.n, m // config.n * config.n)}) "
+            "pick reduction_factor/bottleneck so that m is a multiple of n (e.g. "
+            f"bottleneck={max(config.n, m // config.n * config.n)}) "
             "or another n"
         )
     return m
@@ -174,7 +186,9 @@ class PHMLinear(nn.Module):
 
     def forward(self, h: torch.Tensor, rule: torch.Tensor, factored: bool) -> torch.Tensor:
         bias = None if self.bias is None else cast_like_input(self.bias, h)
-        return phm_linear(h, cast_like_input(rule, h), cast_like_input(self.s, h), cast_like_input(self.t, h), bias, factored)
+        return phm_linear(
+            h, cast_like_input(rule, h), cast_like_input(self.s, h), cast_like_input(self.t, h), bias, factored
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,9 +270,17 @@ class CompacterAdapter(Adapter):
         return self.norm_delta
 
 
-def compacter_parameter_count(d_model: int, num_sites: int, n: int = 4, rank: int = 1, reduction_factor: int = 32,
-                              bottleneck: int | None = None, layernorm_params: int = 0, bias: bool = True,
-                              share_A: str = "model") -> int:
+def compacter_parameter_count(
+    d_model: int,
+    num_sites: int,
+    n: int = 4,
+    rank: int = 1,
+    reduction_factor: int = 32,
+    bottleneck: int | None = None,
+    layernorm_params: int = 0,
+    bias: bool = True,
+    share_A: str = "model",
+) -> int:
     """Trainable parameters from a config alone: sites * (2r(d + m) + m + d) + n^3 (once) + norms."""
     m = bottleneck or d_model // reduction_factor
     per_site = 2 * rank * (d_model + m) + ((m + d_model) if bias else 0)

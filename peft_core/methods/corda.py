@@ -155,7 +155,9 @@ class CordaPrepared(Mapping):
     def load(cls, path: str | os.PathLike) -> CordaPrepared:
         layers = json.loads(_metadata(path, "peft_core.corda.eigens")["layers"])
         tensors = read_safetensors(path)
-        return cls({name: CordaEigens(*(tensors[f"{name}.{k}"] for k in "USV"), **info) for name, info in layers.items()})
+        return cls(
+            {name: CordaEigens(*(tensors[f"{name}.{k}"] for k in "USV"), **info) for name, info in layers.items()}
+        )
 
 
 def _metadata(path: str | os.PathLike, expected: str) -> dict[str, str]:
@@ -201,7 +203,9 @@ def accumulate_covariance(gram: torch.Tensor, rows: torch.Tensor) -> torch.Tenso
     return maxima
 
 
-def damped(covariance: torch.Tensor, damping: float, peft_compatible: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
+def damped(
+    covariance: torch.Tensor, damping: float, peft_compatible: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(C', factor, lam): C' = C + lam mean(diag C) I with the smallest lam = damping * 2^k that passes.
 
     Default: the Cholesky factor must exist (one d^3/3 factorisation per try); factor = L.
@@ -226,7 +230,12 @@ def damped(covariance: torch.Tensor, damping: float, peft_compatible: bool = Fal
 
 
 def decompose(
-    weight: torch.Tensor, covariance: torch.Tensor, r: int, mode: str, damping: float = 0.01, peft_compatible: bool = False
+    weight: torch.Tensor,
+    covariance: torch.Tensor,
+    r: int,
+    mode: str,
+    damping: float = 0.01,
+    peft_compatible: bool = False,
 ) -> CordaEigens:
     """The r components CorDA keeps for W (out x in, already 2-D) under covariance C (in x in)."""
     damped_covariance, factor, lam = damped(covariance, damping, peft_compatible)
@@ -296,7 +305,9 @@ def collect_covariances(
     samples = {}
     for name in layers:
         if name not in grams:
-            raise AdapterError(f"corda: layer {name!r} was never called by the calibration batches; check `targets` and `step`")
+            raise AdapterError(
+                f"corda: layer {name!r} was never called by the calibration batches; check `targets` and `step`"
+            )
         seen = torch.cat(maxima[name])
         if not bool(((seen != 0) & torch.isfinite(seen)).all() and torch.isfinite(grams[name]).all()):
             raise AdapterError(
@@ -331,19 +342,29 @@ def prepare(
     for name, layer in layers.items():
         weight = _weight_2d(layer)  # (out, in*kh*kw)
         if name not in covariances:
-            raise AdapterError(f"corda: the covariances have no entry for layer {name!r}; collect them with the same targets")
+            raise AdapterError(
+                f"corda: the covariances have no entry for layer {name!r}; collect them with the same targets"
+            )
         covariance = covariances[name].to(weight.device, weight.dtype)
         if covariance.shape != (weight.shape[1], weight.shape[1]):
-            raise AdapterError(f"corda: layer {name!r} needs a {weight.shape[1]}x{weight.shape[1]} covariance, got {tuple(covariance.shape)}")
+            raise AdapterError(
+                f"corda: layer {name!r} needs a {weight.shape[1]}x{weight.shape[1]} covariance, got "
+                f"{tuple(covariance.shape)}"
+            )
         tokens = getattr(covariances, "tokens", {}).get(name)
         if tokens is not None and tokens < weight.shape[1]:
-            warnings.warn(f"corda: layer {name!r} saw {tokens} tokens for {weight.shape[1]} input features; C is rank-deficient", stacklevel=2)
+            warnings.warn(
+                f"corda: layer {name!r} saw {tokens} tokens for {weight.shape[1]} input features; C is rank-deficient",
+                stacklevel=2,
+            )
         try:
             eigens[name] = decompose(weight, covariance, config.r, config.mode, config.damping, peft_compatible)
         except AdapterError as error:
             raise AdapterError(f"layer {name!r}: {error}") from None
         if eigens[name].damping > config.damping:
-            warnings.warn(f"corda: layer {name!r} needed damping {eigens[name].damping:g}; C is nearly singular", stacklevel=2)
+            warnings.warn(
+                f"corda: layer {name!r} needed damping {eigens[name].damping:g}; C is nearly singular", stacklevel=2
+            )
     return CordaPrepared(eigens)
 
 
@@ -359,13 +380,21 @@ def _target_layers(model: nn.Module, config: CordaConfig) -> dict[str, nn.Module
 
 
 def _check_layer(name: str, layer: nn.Module, r: int) -> None:
-    if not has_dense_weight(layer) or layer.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+    if not has_dense_weight(layer) or layer.weight.dtype not in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float64,
+    ):
         raise AdapterError(
             f"corda: {name!r} has a {layer.weight.dtype} {type(layer.weight).__name__} weight; CorDA needs a float "
             "weight (decompose first, quantize the model after)"
         )
     if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"):
-        raise AdapterError(f"corda: {name!r} is a conv with groups={layer.groups}, padding_mode={layer.padding_mode!r}; only groups=1 with zero padding is supported")
+        raise AdapterError(
+            f"corda: {name!r} is a conv with groups={layer.groups}, "
+            f"padding_mode={layer.padding_mode!r}; only groups=1 with zero padding is supported"
+        )
     rank = min(layer.weight.shape[0], layer.weight[0].numel())
     if r > rank:
         raise AdapterError(f"corda: r={r} is larger than {name!r}'s rank bound {rank}; lower r or exclude the layer")
@@ -388,11 +417,14 @@ class CordaAdapter(Adapter):
         out_features, in_flat = base.weight.shape[0], base.weight[0].numel()
         if prepared.mode != config.mode or tuple(prepared.S.shape) != (config.r,):
             raise AdapterError(
-                f"corda: {module_name!r} was prepared with mode={prepared.mode!r}, r={prepared.S.shape[0]} but the config "
+                f"corda: {module_name!r} was prepared with mode={prepared.mode!r}, "
+                f"r={prepared.S.shape[0]} but the config "
                 f"has mode={config.mode!r}, r={config.r}; run prepare with this config"
             )
         if prepared.U.shape != (out_features, config.r) or prepared.V.shape != (in_flat, config.r):
-            raise AdapterError(f"corda: {module_name!r}'s prepared components do not fit its {tuple(base.weight.shape)} weight")
+            raise AdapterError(
+                f"corda: {module_name!r}'s prepared components do not fit its {tuple(base.weight.shape)} weight"
+            )
         self.scaling, self.is_conv = config.scaling, isinstance(base, nn.Conv2d)
         device, dtype = base.weight.device, master_dtype(base.weight)
         A, B = corda_factors(prepared, self.scaling)  # (r, in*kh*kw), (out, r)
@@ -423,7 +455,9 @@ class CordaAdapter(Adapter):
         return (trained - self._low_rank(base, x, self.initial_A, self.initial_B)) * self.scaling
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return lora_delta_weight(self.lora_A, self.lora_B, self.scaling) - lora_delta_weight(self.initial_A, self.initial_B, self.scaling)
+        return lora_delta_weight(self.lora_A, self.lora_B, self.scaling) - lora_delta_weight(
+            self.initial_A, self.initial_B, self.scaling
+        )
 
     def lora_factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """The rank-2r LoRA on the untouched base: [A; A0] and [s B, -s B0]."""
@@ -461,7 +495,10 @@ def export_with_residual(handle: Any, directory: str | os.PathLike, name: str = 
     factors = {}
     for module_name, wrapper in handle.wrappers(name):
         adapter = wrapper.adapters[name]
-        factors[module_name] = (adapter.lora_A.detach().float().cpu(), (adapter.lora_B.detach() * adapter.scaling).float().cpu())
+        factors[module_name] = (
+            adapter.lora_A.detach().float().cpu(),
+            (adapter.lora_B.detach() * adapter.scaling).float().cpu(),
+        )
     directory = Path(directory)
     dtype = export_module._export_dtype(options.pop("dtype", torch.float32))
     config = {
@@ -474,9 +511,18 @@ def export_with_residual(handle: Any, directory: str | os.PathLike, name: str = 
         **export_module._lora_config_fields(handle.model, factors),
     }
     if options:
-        raise AdapterError(f"export_with_residual has no option {sorted(options)[0]!r}; its options: task_type, base_model_name_or_path, dtype")
-    write_safetensors(directory / "residual_model.safetensors", residual_weights(handle, name), metadata={"format": "pt"})
-    write_safetensors(directory / export_module.PEFT_WEIGHTS_NAME, export_module._lora_tensors(factors, "base_model.model.", dtype), metadata={"format": "pt"})
+        raise AdapterError(
+            f"export_with_residual has no option {sorted(options)[0]!r}; its options: task_type, "
+            "base_model_name_or_path, dtype"
+        )
+    write_safetensors(
+        directory / "residual_model.safetensors", residual_weights(handle, name), metadata={"format": "pt"}
+    )
+    write_safetensors(
+        directory / export_module.PEFT_WEIGHTS_NAME,
+        export_module._lora_tensors(factors, "base_model.model.", dtype),
+        metadata={"format": "pt"},
+    )
     export_module.write_json(directory / export_module.PEFT_CONFIG_NAME, config)
     return directory
 

@@ -134,7 +134,9 @@ class LoraAdapter(Adapter):
         device, dtype = base.weight.device, master_dtype(base.weight)
         if isinstance(base, nn.Conv2d):
             if base.groups != 1:
-                raise AdapterError(f"lora: {module_name!r} is a grouped conv (groups={base.groups}); only groups=1 is supported")
+                raise AdapterError(
+                    f"lora: {module_name!r} is a grouped conv (groups={base.groups}); only groups=1 is supported"
+                )
             a_shape = (config.r, base.in_channels, *base.kernel_size)
             b_shape = (base.out_channels, config.r, 1, 1)
         else:
@@ -154,18 +156,27 @@ class LoraAdapter(Adapter):
             return F.conv2d(h, B) * self.scaling
         return F.linear(F.linear(x, A), B) * self.scaling
 
-    def add_output_delta_(self, base: nn.Module, x: torch.Tensor, base_output: torch.Tensor, output: torch.Tensor,
-                          weight: float) -> None:
+    def add_output_delta_(
+        self, base: nn.Module, x: torch.Tensor, base_output: torch.Tensor, output: torch.Tensor, weight: float
+    ) -> None:
         # output += w s (x A^T) B^T as one GEMM with accumulation: no (T, out) temporaries, which at
         # generation time (two adapters, batch 4, SD's widest layers) cost more than the GEMMs.
-        if not isinstance(base, nn.Linear) or not output.is_contiguous() or (self.training and not isinstance(self.dropout, nn.Identity)):
+        if (
+            not isinstance(base, nn.Linear)
+            or not output.is_contiguous()
+            or (self.training and not isinstance(self.dropout, nn.Identity))
+        ):
             return super().add_output_delta_(base, x, base_output, output, weight)
         A, B = self.lora_A.to(output.dtype), self.lora_B.to(output.dtype)
         h = F.linear(x.reshape(-1, x.shape[-1]).to(output.dtype), A)  # (T, r)
         output.view(-1, output.shape[-1]).addmm_(h, B.t(), alpha=self.scaling * weight)
 
     def fused_forward(self, base: nn.Module, x: torch.Tensor, weight: float) -> torch.Tensor | None:
-        if not isinstance(base, nn.Linear) or not has_dense_weight(base) or (self.training and not isinstance(self.dropout, nn.Identity)):
+        if (
+            not isinstance(base, nn.Linear)
+            or not has_dense_weight(base)
+            or (self.training and not isinstance(self.dropout, nn.Identity))
+        ):
             return None
         return LoraLinearFunction.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling * weight)
 

@@ -138,8 +138,22 @@ def find_decoder_layers(model: nn.Module, head_dim: int | None = None) -> list[D
     layers = []
     for name, module in model.named_modules():
         children = dict(module.named_children())
-        attention = next((c for c, m in children.items() if all(isinstance(getattr(m, p, None), nn.Linear) for p in ATTENTION_PROJECTIONS)), None)
-        mlp = next((c for c, m in children.items() if all(isinstance(getattr(m, p, None), nn.Linear) for p in MLP_PROJECTIONS)), None)
+        attention = next(
+            (
+                c
+                for c, m in children.items()
+                if all(isinstance(getattr(m, p, None), nn.Linear) for p in ATTENTION_PROJECTIONS)
+            ),
+            None,
+        )
+        mlp = next(
+            (
+                c
+                for c, m in children.items()
+                if all(isinstance(getattr(m, p, None), nn.Linear) for p in MLP_PROJECTIONS)
+            ),
+            None,
+        )
         if attention is None or mlp is None:
             continue
         dim = head_dim or getattr(children[attention], "head_dim", None)
@@ -155,7 +169,9 @@ def find_decoder_layers(model: nn.Module, head_dim: int | None = None) -> list[D
     return layers
 
 
-def _group_norms(model: nn.Module, layer: DecoderLayer, num_kv_heads: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_norms(
+    model: nn.Module, layer: DecoderLayer, num_kv_heads: int, group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared L2 norm of every weight each KV group / MLP channel owns: (Hkv,), (I,)."""
     attention, mlp = model.get_submodule(layer.attention), model.get_submodule(layer.mlp)
     hd = layer.head_dim
@@ -163,14 +179,25 @@ def _group_norms(model: nn.Module, layer: DecoderLayer, num_kv_heads: int, group
     def rows(weight: torch.Tensor, width: int) -> torch.Tensor:  # (out, in) -> per block of `width` rows
         return weight.detach().float().square().sum(1).reshape(-1, width).sum(1)
 
-    heads = rows(attention.q_proj.weight, group * hd) + rows(attention.k_proj.weight, hd) + rows(attention.v_proj.weight, hd)
+    heads = (
+        rows(attention.q_proj.weight, group * hd)
+        + rows(attention.k_proj.weight, hd)
+        + rows(attention.v_proj.weight, hd)
+    )
     heads = heads + rows(attention.o_proj.weight.t(), group * hd)
     channels = rows(mlp.gate_proj.weight, 1) + rows(mlp.up_proj.weight, 1) + rows(mlp.down_proj.weight.t(), 1)
     return heads.cpu(), channels.cpu()
 
 
-def plan_pruning(model: nn.Module, ratio: float, strategy: str = "random", keep_first: int = 4, keep_last: int = 2,
-                 head_dim: int | None = None, seed: int = 0) -> IndexMap:
+def plan_pruning(
+    model: nn.Module,
+    ratio: float,
+    strategy: str = "random",
+    keep_first: int = 4,
+    keep_last: int = 2,
+    head_dim: int | None = None,
+    seed: int = 0,
+) -> IndexMap:
     """The index map `apply_pruning` realises (structured: kept heads and channels; semi/unstructured:
     the projections to mask, with their full index sets)."""
     if strategy not in STRATEGIES:
@@ -181,7 +208,9 @@ def plan_pruning(model: nn.Module, ratio: float, strategy: str = "random", keep_
     layers = find_decoder_layers(model, head_dim)
     index_map = IndexMap(strategy, ratio)
     for number, layer in enumerate(layers):
-        names = [f"{layer.attention}.{p}" for p in ATTENTION_PROJECTIONS] + [f"{layer.mlp}.{p}" for p in MLP_PROJECTIONS]
+        names = [f"{layer.attention}.{p}" for p in ATTENTION_PROJECTIONS] + [
+            f"{layer.mlp}.{p}" for p in MLP_PROJECTIONS
+        ]
         shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in names}
         if not index_map.structured:
             index_map.modules.update({name: PrunedModule(shapes[name]) for name in names})
@@ -205,15 +234,17 @@ def plan_pruning(model: nn.Module, ratio: float, strategy: str = "random", keep_
         kv_channels = (heads[:, None] * hd + torch.arange(hd)).flatten()  # (Hkv' * hd,)
         index_map.kept_kv_heads[layer.attention] = heads.tolist()
         q, k, v, o, gate, up, down = names
-        index_map.modules.update({
-            q: PrunedModule(shapes[q], kept_rows=q_channels),
-            k: PrunedModule(shapes[k], kept_rows=kv_channels),
-            v: PrunedModule(shapes[v], kept_rows=kv_channels),
-            o: PrunedModule(shapes[o], kept_cols=q_channels),
-            gate: PrunedModule(shapes[gate], kept_rows=channels),
-            up: PrunedModule(shapes[up], kept_rows=channels),
-            down: PrunedModule(shapes[down], kept_cols=channels),
-        })
+        index_map.modules.update(
+            {
+                q: PrunedModule(shapes[q], kept_rows=q_channels),
+                k: PrunedModule(shapes[k], kept_rows=kv_channels),
+                v: PrunedModule(shapes[v], kept_rows=kv_channels),
+                o: PrunedModule(shapes[o], kept_cols=q_channels),
+                gate: PrunedModule(shapes[gate], kept_rows=channels),
+                up: PrunedModule(shapes[up], kept_rows=channels),
+                down: PrunedModule(shapes[down], kept_cols=channels),
+            }
+        )
     return index_map
 
 
@@ -267,8 +298,16 @@ def apply_pruning(model: nn.Module, index_map: IndexMap, inplace: bool = False) 
     return small
 
 
-def prune(model: nn.Module, ratio: float, strategy: str = "random", keep_first: int = 4, keep_last: int = 2,
-          head_dim: int | None = None, seed: int = 0, inplace: bool = False) -> tuple[nn.Module, IndexMap]:
+def prune(
+    model: nn.Module,
+    ratio: float,
+    strategy: str = "random",
+    keep_first: int = 4,
+    keep_last: int = 2,
+    head_dim: int | None = None,
+    seed: int = 0,
+    inplace: bool = False,
+) -> tuple[nn.Module, IndexMap]:
     """(small model, index map): `plan_pruning` then `apply_pruning` (a copy unless inplace)."""
     index_map = plan_pruning(model, ratio, strategy, keep_first, keep_last, head_dim, seed)
     return apply_pruning(model, index_map, inplace=inplace), index_map
@@ -277,8 +316,13 @@ def prune(model: nn.Module, ratio: float, strategy: str = "random", keep_first: 
 # ---------------------------------------------------------------------------------------------
 # QLoRAM: the small model's projections in NF4.
 # ---------------------------------------------------------------------------------------------
-def quantize_nf4(model: nn.Module, targets: tuple[str, ...] = DECODER_PROJECTIONS, compute_dtype: torch.dtype = torch.bfloat16,
-                 double_quant: bool = True, device: str | torch.device | None = None) -> nn.Module:
+def quantize_nf4(
+    model: nn.Module,
+    targets: tuple[str, ...] = DECODER_PROJECTIONS,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    double_quant: bool = True,
+    device: str | torch.device | None = None,
+) -> nn.Module:
     """Replace (in place) every nn.Linear named like `targets` by a bitsandbytes NF4 Linear4bit on
     `device` (default: where its weight is). Embeddings, norms and lm_head stay as they are."""
     try:
@@ -289,10 +333,22 @@ def quantize_nf4(model: nn.Module, targets: tuple[str, ...] = DECODER_PROJECTION
         if not isinstance(module, nn.Linear) or name.rpartition(".")[2] not in targets:
             continue
         target_device = torch.device(device) if device is not None else module.weight.device
-        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4", device="meta")
-        weight = bnb.nn.Params4bit(module.weight.data.to(compute_dtype), requires_grad=False, compress_statistics=double_quant,
-                                   quant_type="nf4", module=layer)
+        layer = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=double_quant,
+            quant_type="nf4",
+            device="meta",
+        )
+        weight = bnb.nn.Params4bit(
+            module.weight.data.to(compute_dtype),
+            requires_grad=False,
+            compress_statistics=double_quant,
+            quant_type="nf4",
+            module=layer,
+        )
         layer.weight = weight.to(target_device)  # quantizes
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.data.to(target_device, compute_dtype), requires_grad=False)
@@ -314,23 +370,33 @@ def _scatter(values: torch.Tensor, index: torch.Tensor | None, size: int, dim: i
         return values
     shape = list(values.shape)
     shape[dim] = size
-    return torch.zeros(shape, dtype=values.dtype, device=values.device).index_copy_(dim, index.to(values.device), values)
+    return torch.zeros(shape, dtype=values.dtype, device=values.device).index_copy_(
+        dim, index.to(values.device), values
+    )
 
 
 def _recover_lora(state: dict[str, torch.Tensor], entry: PrunedModule) -> dict[str, torch.Tensor]:
     out, inp = entry.full_shape  # B: (out', r) -> (out, r);  A: (r, in') -> (r, in)
-    return {**state, "lora_B": _scatter(state["lora_B"], entry.kept_rows, out, 0), "lora_A": _scatter(state["lora_A"], entry.kept_cols, inp, 1)}
+    return {
+        **state,
+        "lora_B": _scatter(state["lora_B"], entry.kept_rows, out, 0),
+        "lora_A": _scatter(state["lora_A"], entry.kept_cols, inp, 1),
+    }
 
 
 def _recover_paca(state: dict[str, torch.Tensor], entry: PrunedModule) -> dict[str, torch.Tensor]:
-    columns = state["columns"] if entry.kept_cols is None else entry.kept_cols.to(state["columns"].device)[state["columns"]]
+    columns = (
+        state["columns"] if entry.kept_cols is None else entry.kept_cols.to(state["columns"].device)[state["columns"]]
+    )
     return {**state, "delta": _scatter(state["delta"], entry.kept_rows, entry.full_shape[0], 0), "columns": columns}
 
 
 RECOVERY: dict[str, Recovery] = {"lora": _recover_lora, "paca": _recover_paca}
 
 
-def recover_state_dict(state: dict[str, torch.Tensor], config: AdapterConfig, index_map: IndexMap) -> dict[str, torch.Tensor]:
+def recover_state_dict(
+    state: dict[str, torch.Tensor], config: AdapterConfig, index_map: IndexMap
+) -> dict[str, torch.Tensor]:
     """An adapter state dict of the small model ("<module>.<tensor>") in the full model's shapes."""
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -362,8 +428,12 @@ def recover(source, index_map: IndexMap, directory: str | os.PathLike, name: str
         config, name = read_adapter_config(source)
         state = read_safetensors(Path(source) / WEIGHTS_NAME)
     directory = Path(directory)
-    write_safetensors(directory / WEIGHTS_NAME, recover_state_dict(state, config, index_map), metadata={"format": "peft_core"})
-    write_json(directory / CONFIG_NAME, {"format_version": FORMAT_VERSION, "adapter_name": name, "config": config.to_dict()})
+    write_safetensors(
+        directory / WEIGHTS_NAME, recover_state_dict(state, config, index_map), metadata={"format": "peft_core"}
+    )
+    write_json(
+        directory / CONFIG_NAME, {"format_version": FORMAT_VERSION, "adapter_name": name, "config": config.to_dict()}
+    )
     return directory
 
 
@@ -373,9 +443,20 @@ def recover(source, index_map: IndexMap, directory: str | os.PathLike, name: str
 NF4_DOUBLE_QUANT_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64, fp32 per 256 absmaxes
 
 
-def storage_report(hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
-                   vocab_size: int, ratio: float, strategy: str = "random", head_dim: int | None = None,
-                   tie_embeddings: bool = False, keep_first: int = 4, keep_last: int = 2) -> dict[str, float | int]:
+def storage_report(
+    hidden_size: int,
+    intermediate_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    vocab_size: int,
+    ratio: float,
+    strategy: str = "random",
+    head_dim: int | None = None,
+    tie_embeddings: bool = False,
+    keep_first: int = 4,
+    keep_last: int = 2,
+) -> dict[str, float | int]:
     """Parameter storage of the original, pruned and pruned + 4-bit models (Llama: no biases).
 
     P_layer(Hq, Hkv, I) = 2 h hd (Hq + Hkv) + 3 h I + 2 h;  P = sum P_layer + (1 or 2) V h + h.
@@ -392,7 +473,9 @@ def storage_report(hidden_size: int, intermediate_size: int, num_layers: int, nu
     elif strategy in ("semi", "unstructured"):
         if strategy == "semi":
             rho = Fraction(1, 2)
-        shapes = [(hd * num_heads, h), (hd * num_kv_heads, h), (hd * num_kv_heads, h), (h, hd * num_heads)] + [(intermediate_size, h)] * 3
+        shapes = [(hd * num_heads, h), (hd * num_kv_heads, h), (hd * num_kv_heads, h), (h, hd * num_heads)] + [
+            (intermediate_size, h)
+        ] * 3
         pruned_projections = num_layers * sum(o * i - math.floor(o * i * rho) for o, i in shapes)
     else:
         raise AdapterError(f"loram: unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")

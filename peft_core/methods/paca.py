@@ -83,7 +83,9 @@ def select_columns(in_features: int, r: int, seed: int, key: str) -> torch.Tenso
     return torch.randperm(in_features, generator=generator)[:r].sort().values
 
 
-def paca_delta_weight(delta: torch.Tensor, columns: torch.Tensor, weight_shape: tuple[int, ...], scaling: float) -> torch.Tensor:
+def paca_delta_weight(
+    delta: torch.Tensor, columns: torch.Tensor, weight_shape: tuple[int, ...], scaling: float
+) -> torch.Tensor:
     """The dense update (in delta's dtype): zeros except columns idx, which hold s * delta."""
     dense = torch.zeros(weight_shape, dtype=delta.dtype, device=delta.device)
     return dense.index_copy_(1, columns.to(delta.device), scaling * delta)
@@ -153,15 +155,20 @@ class PacaConv2dFunction(torch.autograd.Function):
                 grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight.to(ctx.dtype), g, stride, padding, dilation)
             if ctx.needs_input_grad[3]:
                 accumulate = torch.promote_types(ctx.dtype, torch.float32)  # fp32 gradient for bf16 runs
-                grad_delta = torch.nn.grad.conv2d_weight(
-                    x_selected.to(accumulate), ctx.delta_shape, g.to(accumulate), stride, padding, dilation
-                ) * ctx.scaling
+                grad_delta = (
+                    torch.nn.grad.conv2d_weight(
+                        x_selected.to(accumulate), ctx.delta_shape, g.to(accumulate), stride, padding, dilation
+                    )
+                    * ctx.scaling
+                )
             if ctx.needs_input_grad[2]:
                 grad_bias = g.sum((0, 2, 3)).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, grad_delta, None, None, None
 
 
-def dequantized_effective_weight(base: nn.Module, delta: torch.Tensor, columns: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+def dequantized_effective_weight(
+    base: nn.Module, delta: torch.Tensor, columns: torch.Tensor, scaling: float, dtype: torch.dtype
+) -> torch.Tensor:
     """QPaCA's W_eff: the dequantized 4-bit weight with columns idx replaced by W[:, idx] + s * delta."""
     import bitsandbytes.functional as bnb_functional  # only reached with a bitsandbytes base layer
 
@@ -241,7 +248,10 @@ class PacaAdapter(Adapter):
             )
         self.scaling, self.resident, self.quantized = config.scaling, config.resident, is_4bit(base)
         if not self.quantized and not has_dense_weight(base):
-            raise AdapterError(f"paca: {module_name!r} has a {type(base.weight).__name__} weight; only dense and bitsandbytes 4-bit bases are supported")
+            raise AdapterError(
+                f"paca: {module_name!r} has a {type(base.weight).__name__} weight; only dense and "
+                "bitsandbytes 4-bit bases are supported"
+            )
         key = sibling_key(module_name) if config.share_siblings else module_name
         self.register_buffer("columns", select_columns(in_features, config.r, config.seed, key).to(base.weight.device))
         self.weight_shape = tuple(base.weight.shape) if self.is_conv else (base.out_features, base.in_features)

@@ -71,7 +71,9 @@ class PlpConfig(AdapterConfig):
 # ---------------------------------------------------------------------------------------------
 # The math: pure tensor functions.
 # ---------------------------------------------------------------------------------------------
-def frozen_bases(out_features: int, in_features: int, r: int, seed: int, key: str, orthogonal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def frozen_bases(
+    out_features: int, in_features: int, r: int, seed: int, key: str, orthogonal: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, C): A (out//2, r) and C (r, in//2), deterministic from (seed, key) on every machine."""
     generator = torch.Generator().manual_seed((seed + zlib.crc32(key.encode())) % (2**63))
     rows_a, rows_c = out_features // 2, in_features // 2
@@ -85,21 +87,28 @@ def frozen_bases(out_features: int, in_features: int, r: int, seed: int, key: st
     return a.float().contiguous(), c.float().contiguous()
 
 
-def plp_factors(frozen_up: torch.Tensor, learnable_up: torch.Tensor, frozen_down: torch.Tensor, learnable_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def plp_factors(
+    frozen_up: torch.Tensor, learnable_up: torch.Tensor, frozen_down: torch.Tensor, learnable_down: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """U = [A; B] (out x r) and V = [C | D] (r x in)."""
     return torch.cat([frozen_up, learnable_up], dim=0), torch.cat([frozen_down, learnable_down], dim=1)
 
 
-def centered_pieces(frozen_up: torch.Tensor, learnable_up: torch.Tensor, frozen_down: torch.Tensor,
-                    learnable_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def centered_pieces(
+    frozen_up: torch.Tensor, learnable_up: torch.Tensor, frozen_down: torch.Tensor, learnable_down: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pieces of a rank-2r PLP equal to U V - [A; 0][C | 0], i.e. dW = [[0, A D], [B C, B D]]:
 
         U' = [A, -A; B, 0]    V' = [C, D; C, 0]
 
     Same learnable blocks (B, D receive exactly the centered product's gradients), so every PLP
     code path (the fused Function, merge, export) serves the centered variant unchanged."""
-    return (torch.cat([frozen_up, -frozen_up], dim=1), torch.cat([learnable_up, torch.zeros_like(learnable_up)], dim=1),
-            torch.cat([frozen_down, frozen_down], dim=0), torch.cat([learnable_down, torch.zeros_like(learnable_down)], dim=0))
+    return (
+        torch.cat([frozen_up, -frozen_up], dim=1),
+        torch.cat([learnable_up, torch.zeros_like(learnable_up)], dim=1),
+        torch.cat([frozen_down, frozen_down], dim=0),
+        torch.cat([learnable_down, torch.zeros_like(learnable_down)], dim=0),
+    )
 
 
 # q, k and v read one input tensor (the attention block's norm output), so the input half that D's
@@ -116,10 +125,21 @@ def shared_input_half(x: torch.Tensor, x2: torch.Tensor, start: int) -> torch.Te
     if entry is not None:
         source, version, entry_start, half_ref = entry
         half = half_ref()
-        if source() is x and version == x._version and entry_start == start and half is not None and half.dtype == x2.dtype:
+        if (
+            source() is x
+            and version == x._version
+            and entry_start == start
+            and half is not None
+            and half.dtype == x2.dtype
+        ):
             return half
     half = x2[:, start:].contiguous()
-    _input_halves[key] = (weakref.ref(x, lambda _, key=key: _input_halves.pop(key, None)), x._version, start, weakref.ref(half))
+    _input_halves[key] = (
+        weakref.ref(x, lambda _, key=key: _input_halves.pop(key, None)),
+        x._version,
+        start,
+        weakref.ref(half),
+    )
     return half
 
 
@@ -156,8 +176,11 @@ class PlpLinearFunction(torch.autograd.Function):
             return out
         needs_up, needs_down = ctx.needs_input_grad[4], ctx.needs_input_grad[6]
         kept_by_producer = x._base is not None and x.dtype == dtype  # x2 is then a view of that tensor too
-        ctx.keep_input = (torch.compiler.is_compiling() or kept_by_producer
-                          or (needs_up and needs_down and 4 * h.shape[1] > x2.shape[1]))
+        ctx.keep_input = (
+            torch.compiler.is_compiling()
+            or kept_by_producer
+            or (needs_up and needs_down and 4 * h.shape[1] > x2.shape[1])
+        )
         if ctx.keep_input:
             saved_input, saved_h = x2, None
         else:
@@ -184,17 +207,18 @@ class PlpLinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[4]:
                 if ctx.keep_input:
                     h = saved_input @ down.t()  # (T, r), as in forward
-                grad_up = mm_float32(g[:, frozen_up.shape[0]:].t(), h).to(learnable_up.dtype)  # (out - out/2, r)
+                grad_up = mm_float32(g[:, frozen_up.shape[0] :].t(), h).to(learnable_up.dtype)  # (out - out/2, r)
             if ctx.needs_input_grad[6]:
-                input_half = saved_input[:, frozen_down.shape[1]:] if ctx.keep_input else saved_input
+                input_half = saved_input[:, frozen_down.shape[1] :] if ctx.keep_input else saved_input
                 grad_down = mm_float32(grad_h.t(), input_half).to(learnable_down.dtype)  # (r, in - in/2)
             if ctx.needs_input_grad[2]:
                 grad_bias = g.sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, None, grad_up, None, grad_down, None
 
 
-def riemannian_precondition(grad_up: torch.Tensor, grad_down: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-                            delta: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def riemannian_precondition(
+    grad_up: torch.Tensor, grad_down: torch.Tensor, up: torch.Tensor, down: torch.Tensor, delta: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled gradients of the learnable halves (Zhang & Pilanci 2024, as B4M's TOG version uses them).
 
     For dW = U V the preconditioned gradients are grad_U (V V^T + delta I)^-1 and
@@ -220,7 +244,9 @@ def precondition_gradients(handle: AdapterHandle, name: str, delta: float = 1e-6
         if up_grad is None or down_grad is None:
             continue
         up, down = adapter.factors()
-        adapter.learnable_up.grad, adapter.learnable_down.grad = riemannian_precondition(up_grad, down_grad, up, down, delta)
+        adapter.learnable_up.grad, adapter.learnable_down.grad = riemannian_precondition(
+            up_grad, down_grad, up, down, delta
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +268,9 @@ class PlpAdapter(Adapter):
         d = torch.randn(config.r, in_features - c.shape[1], generator=generator) / config.r
         if config.centered:
             d.zero_()  # drawn anyway, so the generator's later draws do not depend on the flag
-        self.learnable_up = nn.Parameter(torch.zeros(out_features - a.shape[0], config.r, device=device, dtype=dtype))  # B, style
+        self.learnable_up = nn.Parameter(
+            torch.zeros(out_features - a.shape[0], config.r, device=device, dtype=dtype)
+        )  # B, style
         self.learnable_down = nn.Parameter(d.to(device, dtype))  # D, content
         self.up_weight, self.down_weight = 1.0, 1.0  # composition weights of B (style) and D (content)
         self.centered = config.centered
@@ -278,7 +306,9 @@ class PlpAdapter(Adapter):
         frozen_up, up, frozen_down, down = self.product_pieces()
         if weight != 1.0:  # w U V = [wA; wB] V
             frozen_up, up = weight * frozen_up, weight * up
-        return PlpLinearFunction.apply(x, base.weight, base.bias, frozen_up, up, frozen_down, down, torch.is_grad_enabled())
+        return PlpLinearFunction.apply(
+            x, base.weight, base.bias, frozen_up, up, frozen_down, down, torch.is_grad_enabled()
+        )
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         up, down = plp_factors(*self.product_pieces())
@@ -289,8 +319,13 @@ class PlpAdapter(Adapter):
         return down.detach().clone(), up.detach().clone()
 
 
-def make_joint(handle: AdapterHandle, content: str = "content", style: str = "style", name: str = "joint",
-               content_factor: str = "down") -> None:
+def make_joint(
+    handle: AdapterHandle,
+    content: str = "content",
+    style: str = "style",
+    name: str = "joint",
+    content_factor: str = "down",
+) -> None:
     """Break-for-Make's *make* init: a new adapter U* = [A; B_style], V* = [C | D_content].
 
     content_factor="up" is the role swap (content trained B, style trained D): U* = [A; B_content],
@@ -303,7 +338,9 @@ def make_joint(handle: AdapterHandle, content: str = "content", style: str = "st
     up_source, down_source = (style, content) if content_factor == "down" else (content, style)
     for source in (content, style):
         if handle.configs.get(source) is None or handle.configs[source].method != "plp":
-            raise AdapterError(f"make_joint needs a PLP adapter named {source!r}; this model has {handle.adapter_names}")
+            raise AdapterError(
+                f"make_joint needs a PLP adapter named {source!r}; this model has {handle.adapter_names}"
+            )
     content_config, style_config = handle.configs[content], handle.configs[style]
     if (content_config.r, content_config.seed) != (style_config.r, style_config.seed):
         raise AdapterError(
@@ -311,15 +348,19 @@ def make_joint(handle: AdapterHandle, content: str = "content", style: str = "st
             f"seed={style_config.seed}) PLPs were made with different frozen bases; train both with the same r and seed"
         )
     if content_config.centered != style_config.centered:
-        raise AdapterError(f"content (centered={content_config.centered}) and style (centered={style_config.centered}) "
-                           "PLPs apply different products; train both with the same `centered` setting")
+        raise AdapterError(
+            f"content (centered={content_config.centered}) and style (centered={style_config.centered}) "
+            "PLPs apply different products; train both with the same `centered` setting"
+        )
     content_layers = {module for module, _ in handle.wrappers(content)}
     if content_layers != {module for module, _ in handle.wrappers(style)}:
         raise AdapterError("content and style PLPs adapt different layers; train both with the same targets")
     for module_name, wrapper in handle.wrappers(content):
         a, b = wrapper.adapters[content], wrapper.adapters[style]
         if not (torch.equal(a.frozen_up, b.frozen_up) and torch.equal(a.frozen_down, b.frozen_down)):
-            raise AdapterError(f"{module_name!r}: the content and style PLPs have different frozen bases; they cannot be paired")
+            raise AdapterError(
+                f"{module_name!r}: the content and style PLPs have different frozen bases; they cannot be paired"
+            )
 
     handle.add(content_config, name=name)
     with torch.no_grad():

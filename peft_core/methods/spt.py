@@ -65,9 +65,13 @@ class SptConfig(AdapterConfig):
         if self.budget <= 0 or (self.budget >= 1 and self.budget != int(self.budget)):
             raise AdapterError(f"spt: budget must be a count >= 1 or a fraction in (0, 1), got {self.budget}")
         if self.alpha < 1:
-            raise AdapterError(f"spt: alpha must be >= 1 (below it the cost of a plan can fall as it grows), got {self.alpha}")
+            raise AdapterError(
+                f"spt: alpha must be >= 1 (below it the cost of a plan can fall as it grows), got {self.alpha}"
+            )
         if self.beta <= 0 or self.r < 1 or self.n_batches < 1:
-            raise AdapterError(f"spt: beta > 0, r >= 1 and n_batches >= 1 are required, got {self.beta}, {self.r}, {self.n_batches}")
+            raise AdapterError(
+                f"spt: beta > 0, r >= 1 and n_batches >= 1 are required, got {self.beta}, {self.r}, {self.n_batches}"
+            )
 
     @property
     def scaling(self) -> float:
@@ -140,7 +144,9 @@ def plan_budget(scores: list[torch.Tensor], units: list[Unit], budget: int) -> t
     added = torch.where(hit_number < t, 1, torch.where(hit_number == t, c - (t - 1), 0))
     total = torch.cumsum(added, 0)
     if budget > flat.numel():
-        raise AdapterError(f"spt: a budget of {budget} exceeds the {flat.numel()} scored scalars; lower it or add targets")
+        raise AdapterError(
+            f"spt: a budget of {budget} exceeds the {flat.numel()} scored scalars; lower it or add targets"
+        )
     prefix = int(torch.searchsorted(total, torch.tensor([budget]), right=True))  # longest prefix costing <= budget
     flips = torch.nonzero(hit_number == t).flatten()  # ranked positions where a unit turns structured
     while True:
@@ -168,7 +174,9 @@ def sparse_dense(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, 
     return dense.index_put((indices.long(),), values).reshape(shape)
 
 
-def sparse_linear_delta(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, out_features: int) -> torch.Tensor:
+def sparse_linear_delta(
+    x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, out_features: int
+) -> torch.Tensor:
     """x @ dW^T for dW sparse at (rows, cols), without a dense dW: y[..., rows] += x[..., cols] * values.
 
     Autograd keeps x[..., cols] (T x k): dValues = sum_t g[t, rows] x[t, cols].
@@ -184,7 +192,7 @@ def sparse_linear_delta(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
 def sensitivity_scores(
     model: nn.Module, config: SptConfig, batches: Iterable[Any], step: Callable[[nn.Module, Any], Any] | None = None
 ) -> dict[str, torch.Tensor]:
-    """"<layer>.weight"/"<layer>.bias" -> sum over (at most n_batches) batches of grad^2, float32.
+    """ "<layer>.weight"/"<layer>.bias" -> sum over (at most n_batches) batches of grad^2, float32.
 
     step(model, batch) returns the loss (default: model(batch).loss or a scalar output). Runs in
     eval mode (no dropout: plans are reproducible). Each gradient is squared into its score by a
@@ -217,9 +225,13 @@ def sensitivity_scores(
         outputs = calibration_outputs(model, batches, step or _loss_step, "spt")
         for index, loss in enumerate(islice(outputs, config.n_batches)):
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
-                raise AdapterError(f"spt.prepare: step must return the scalar training loss; batch {index} gave {type(loss).__name__}")
+                raise AdapterError(
+                    f"spt.prepare: step must return the scalar training loss; batch {index} gave {type(loss).__name__}"
+                )
             if not torch.isfinite(loss):
-                raise AdapterError(f"spt.prepare: the loss of calibration batch {index} is {loss.item()}; check the data")
+                raise AdapterError(
+                    f"spt.prepare: the loss of calibration batch {index} is {loss.item()}; check the data"
+                )
             loss.backward()
     finally:
         for hook in hooks:
@@ -251,13 +263,17 @@ def prepare(
         weight = layer.weight
         can_lora = not (isinstance(layer, nn.Conv2d) and layer.groups != 1)
         lora_cost = config.r * (weight[0].numel() + weight.shape[0])
-        units.append(Unit(f"{name}.weight", weight.numel(), lora_cost / config.alpha if can_lora else math.inf, lora_cost))
+        units.append(
+            Unit(f"{name}.weight", weight.numel(), lora_cost / config.alpha if can_lora else math.inf, lora_cost)
+        )
         if layer.bias is not None:
             d = layer.bias.numel()
             units.append(Unit(f"{name}.bias", d, d / config.beta if config.structured_vector else math.inf, d))
     for unit in units:
         if unit.key not in scores or scores[unit.key].numel() != unit.numel:
-            raise AdapterError(f"spt: the scores have no {unit.numel}-entry tensor for {unit.key!r}; score with the same targets")
+            raise AdapterError(
+                f"spt: the scores have no {unit.numel}-entry tensor for {unit.key!r}; score with the same targets"
+            )
         unit_scores.append(scores[unit.key])
     scored = sum(u.numel for u in units)
     budget = int(config.budget) if config.budget >= 1 else int(config.budget * scored)
@@ -284,7 +300,9 @@ def _loss_step(model: nn.Module, batch: Any) -> torch.Tensor:
     if loss is None and isinstance(output, torch.Tensor) and output.numel() == 1:
         loss = output
     if loss is None:
-        raise AdapterError("spt.prepare: the model's output has no loss; pass step=lambda model, batch: <the training loss>")
+        raise AdapterError(
+            "spt.prepare: the model's output has no loss; pass step=lambda model, batch: <the training loss>"
+        )
     return loss
 
 
@@ -294,7 +312,10 @@ def _target_layers(model: nn.Module, config: SptConfig) -> dict[str, nn.Module]:
         module = model.get_submodule(name)
         layer = module.base_layer if isinstance(module, AdaptedModule) else module
         if not has_dense_weight(layer):
-            raise AdapterError(f"spt: {name!r} has a {type(layer.weight).__name__} weight; only dense float weights can take a sparse delta")
+            raise AdapterError(
+                f"spt: {name!r} has a {type(layer.weight).__name__} weight; only dense float weights "
+                "can take a sparse delta"
+            )
         layers[name] = layer
     return layers
 
@@ -335,7 +356,9 @@ class SptAdapter(Adapter):
             if indices.numel():
                 self.weight_values = nn.Parameter(torch.zeros(indices.numel(), device=device, dtype=dtype))
             if not self.is_conv:  # the (row, col) pairs the index-add path reads
-                self.register_buffer("rows", indices.long().div(self.weight_shape[1], rounding_mode="floor").to(device), persistent=False)
+                self.register_buffer(
+                    "rows", indices.long().div(self.weight_shape[1], rounding_mode="floor").to(device), persistent=False
+                )
                 self.register_buffer("cols", (indices.long() % self.weight_shape[1]).to(device), persistent=False)
         self.bias_full = bool(prepared.bias_full)
         if (prepared.bias_full or prepared.bias_indices is not None) and base.bias is None:
@@ -343,7 +366,9 @@ class SptAdapter(Adapter):
         if self.bias_full:
             self.bias_delta = nn.Parameter(torch.zeros(base.bias.shape, device=device, dtype=dtype))
         elif base.bias is not None:
-            bias_indices = prepared.bias_indices if prepared.bias_indices is not None else torch.zeros(0, dtype=torch.long)
+            bias_indices = (
+                prepared.bias_indices if prepared.bias_indices is not None else torch.zeros(0, dtype=torch.long)
+            )
             bias_indices = self._indices(bias_indices, base.bias.numel(), module_name, "bias")
             self.register_buffer("bias_indices", bias_indices.to(device))
             if bias_indices.numel():
@@ -352,7 +377,9 @@ class SptAdapter(Adapter):
     @staticmethod
     def _indices(indices: torch.Tensor, numel: int, module_name: str, what: str) -> torch.Tensor:
         indices = indices.reshape(-1).long()
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel or not bool((indices[1:] > indices[:-1]).all())):
+        if indices.numel() and (
+            int(indices.min()) < 0 or int(indices.max()) >= numel or not bool((indices[1:] > indices[:-1]).all())
+        ):
             raise AdapterError(f"spt: {module_name!r}'s {what} indices must be sorted, distinct and below {numel}")
         return indices.to(torch.int32 if numel < 2**31 else torch.int64)
 
@@ -364,7 +391,9 @@ class SptAdapter(Adapter):
         elif "weight_indices" in state:
             plan = SptModulePlan(state["weight_indices"])
         else:
-            raise AdapterError(f"the checkpoint has neither lora_A nor weight_indices for an spt layer ({sorted(state)})")
+            raise AdapterError(
+                f"the checkpoint has neither lora_A nor weight_indices for an spt layer ({sorted(state)})"
+            )
         plan.bias_full = "bias_delta" in state
         plan.bias_indices = state.get("bias_indices")
         return plan
@@ -386,9 +415,13 @@ class SptAdapter(Adapter):
             weight = cast_like_input(sparse_dense(self.weight_indices, self.weight_values, self.weight_shape), x)
             delta = F.conv2d(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
         elif self.weight_values.numel() < self.weight_shape[1]:  # k < in: gather beats a dense dW
-            delta = sparse_linear_delta(x, self.rows, self.cols, cast_like_input(self.weight_values, x), self.weight_shape[0])
+            delta = sparse_linear_delta(
+                x, self.rows, self.cols, cast_like_input(self.weight_values, x), self.weight_shape[0]
+            )
         else:
-            delta = F.linear(x, cast_like_input(sparse_dense(self.weight_indices, self.weight_values, self.weight_shape), x))
+            delta = F.linear(
+                x, cast_like_input(sparse_dense(self.weight_indices, self.weight_values, self.weight_shape), x)
+            )
         bias = self.bias_update()
         if bias is not None:
             bias = cast_like_input(bias, x)

@@ -159,7 +159,9 @@ def scene_rng(seed: int, index: int) -> np.random.Generator:
 _SUPERSAMPLE = 4
 
 
-def _polygon(points: list[tuple[float, float]], cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+def _polygon(
+    points: list[tuple[float, float]], cx: float, cy: float, r: float, angle: float
+) -> list[tuple[float, float]]:
     cos_a, sin_a = math.cos(angle), math.sin(angle)
     return [(cx + r * (x * cos_a - y * sin_a), cy + r * (x * sin_a + y * cos_a)) for x, y in points]
 
@@ -190,8 +192,20 @@ _OUTLINES: dict[str, list[tuple[float, float]]] = {
     "star": _star_points(),
     "heart": _heart_points(),
     "hexagon": _regular(6),
-    "cross": [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1),
-              (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)],
+    "cross": [
+        (-0.3, -1),
+        (0.3, -1),
+        (0.3, -0.3),
+        (1, -0.3),
+        (1, 0.3),
+        (0.3, 0.3),
+        (0.3, 1),
+        (-0.3, 1),
+        (-0.3, 0.3),
+        (-1, 0.3),
+        (-1, -0.3),
+        (-0.3, -0.3),
+    ],
     "diamond": [(0, -1), (0.65, 0), (0, 1), (-0.65, 0)],
     "arrow": [(-1, -0.25), (0.2, -0.25), (0.2, -0.65), (1, 0), (0.2, 0.65), (0.2, 0.25), (-1, 0.25)],
     "bolt": [(0.2, -1), (-0.55, 0.15), (-0.05, 0.15), (-0.25, 1), (0.55, -0.2), (0.05, -0.2), (0.35, -1)],
@@ -295,17 +309,27 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
     elif scene.style == "pixel":
         # Blocky 12x12 rendering on a four-green palette: "pixel art".
         cells = 12
-        small = np.asarray(Image.fromarray((mask * 255).astype(np.uint8)).resize((cells, cells), Image.Resampling.BOX), np.float32) / 255
+        small = (
+            np.asarray(
+                Image.fromarray((mask * 255).astype(np.uint8)).resize((cells, cells), Image.Resampling.BOX), np.float32
+            )
+            / 255
+        )
         shade = (np.add.outer(np.arange(cells), np.arange(cells)) % 2).astype(np.float32)
         palette = np.asarray(PIXEL_PALETTE, np.float32)
         # Inside the shape the two dark greens alternate, outside the two light ones.
         index = np.where(small > 0.5, shade, 3 - shade).astype(int)
-        image = np.asarray(Image.fromarray(palette[index].astype(np.uint8)).resize((size, size), Image.Resampling.NEAREST), np.float32)
+        image = np.asarray(
+            Image.fromarray(palette[index].astype(np.uint8)).resize((size, size), Image.Resampling.NEAREST), np.float32
+        )
     elif scene.style == "blueprint":
         # Blue paper with a fine grid; the shape as a thin white outline with light hatching inside.
         yy, xx = np.mgrid[0:size, 0:size]
         grid = (((xx % 8) == 0) | ((yy % 8) == 0)).astype(np.float32)[..., None]
-        ground = np.asarray((25, 70, 150), np.float32) * (1 - 0.35 * grid) + np.asarray((90, 140, 210), np.float32) * 0.35 * grid
+        ground = (
+            np.asarray((25, 70, 150), np.float32) * (1 - 0.35 * grid)
+            + np.asarray((90, 140, 210), np.float32) * 0.35 * grid
+        )
         hatch = ((((xx + yy) % 6) == 0).astype(np.float32) * mask)[..., None] * 0.5
         line = np.clip(_outline(mask, max(1, size // 64))[..., None] + hatch, 0, 1)
         image = ground * (1 - line) + np.asarray((235, 240, 255), np.float32) * line

@@ -22,8 +22,32 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PEOPLE = ("mira", "tolan", "bexa", "corin", "dalia", "evo", "fenna", "galt", "hesper", "ilo", "jorun", "kesa",
-          "lunet", "marek", "nilla", "osric", "pella", "quen", "rusa", "sorel", "tamsin", "ulva", "varo", "wenna")
+PEOPLE = (
+    "mira",
+    "tolan",
+    "bexa",
+    "corin",
+    "dalia",
+    "evo",
+    "fenna",
+    "galt",
+    "hesper",
+    "ilo",
+    "jorun",
+    "kesa",
+    "lunet",
+    "marek",
+    "nilla",
+    "osric",
+    "pella",
+    "quen",
+    "rusa",
+    "sorel",
+    "tamsin",
+    "ulva",
+    "varo",
+    "wenna",
+)
 TOWNS = ("tolva", "brenn", "cardel", "dunmar", "elsby", "farrow", "glenna", "harl", "istra", "jarro")
 JOBS = ("baker", "smith", "farmer", "weaver", "potter", "fisher", "miller", "tailor", "healer", "carver")
 FOODS = ("plums", "bread", "cheese", "apples", "soup", "honey", "pears", "fish", "beans", "cakes")
@@ -38,7 +62,12 @@ HELDOUT_SEED = 999_999  # held-out text for perplexity comes from this stream
 
 # Sentence templates. Fields in braces; everything else is literal words and spaced punctuation.
 FACT_TEMPLATES = {
-    "town": ("{p} lives in {town} .", "{p} has a house in {town} .", "in {town} lives {p} .", "the home of {p} is {town} ."),
+    "town": (
+        "{p} lives in {town} .",
+        "{p} has a house in {town} .",
+        "in {town} lives {p} .",
+        "the home of {p} is {town} .",
+    ),
     "job": ("{p} works as a {job} .", "{p} is a {job} .", "by trade {p} is a {job} .", "the {job} {p} works hard ."),
     "food": ("{p} likes {food} .", "{p} eats {food} every day .", "the favourite food of {p} is {food} ."),
     "pet": ("{p} has a pet {pet} .", "the pet of {p} is a {pet} .", "{p} walks with a {pet} ."),
@@ -56,8 +85,12 @@ COUNT_TEMPLATE = "{p} has {n} {food} ."
 TASK_TEMPLATE = "{p} has {a} {food} and buys {b} more . how many {food} does {p} have ?"
 
 # The probe's question for each fact and the candidates it chooses among (the canonical phrasing).
-PROBE_RELATIONS = {"town": ("{p} lives in", TOWNS), "job": ("{p} works as a", JOBS),
-                   "food": ("{p} likes", FOODS), "pet": ("{p} has a pet", PETS)}
+PROBE_RELATIONS = {
+    "town": ("{p} lives in", TOWNS),
+    "job": ("{p} works as a", JOBS),
+    "food": ("{p} likes", FOODS),
+    "pet": ("{p} has a pet", PETS),
+}
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 CHAT_WORDS = ("###", "instruction", "response", ":")
@@ -82,8 +115,12 @@ class Facts:
 def world_facts() -> Facts:
     rng = np.random.default_rng(WORLD_SEED)
     person = {
-        p: {"town": str(rng.choice(TOWNS)), "job": str(rng.choice(JOBS)), "food": str(rng.choice(FOODS)),
-            "pet": str(rng.choice(PETS))}
+        p: {
+            "town": str(rng.choice(TOWNS)),
+            "job": str(rng.choice(JOBS)),
+            "food": str(rng.choice(FOODS)),
+            "pet": str(rng.choice(PETS)),
+        }
         for p in PEOPLE
     }
     return Facts(person, {t: str(rng.choice(PLACES)) for t in TOWNS})
@@ -104,8 +141,16 @@ def _sentence(rng: np.random.Generator, facts: Facts) -> str:
     if roll < 0.9:
         pet, pet2 = rng.choice(PETS, size=2, replace=False).tolist()
         return _pick(rng, SCENE_TEMPLATES).format(
-            p=p, p2=p2, pet=pet, pet2=pet2, colour=_pick(rng, COLOURS), verb=_pick(rng, VERBS),
-            place=_pick(rng, PLACES), town=_pick(rng, TOWNS), food=_pick(rng, FOODS))
+            p=p,
+            p2=p2,
+            pet=pet,
+            pet2=pet2,
+            colour=_pick(rng, COLOURS),
+            verb=_pick(rng, VERBS),
+            place=_pick(rng, PLACES),
+            town=_pick(rng, TOWNS),
+            food=_pick(rng, FOODS),
+        )
     return COUNT_TEMPLATE.format(p=p, n=rng.integers(10), food=_pick(rng, FOODS))
 
 
@@ -122,8 +167,14 @@ def knowledge_probe() -> list[dict]:
     items = []
     for p in PEOPLE:
         for relation, (template, candidates) in PROBE_RELATIONS.items():
-            items.append({"prompt": template.format(p=p), "choices": list(candidates),
-                          "answer": candidates.index(facts.person[p][relation]), "relation": relation})
+            items.append(
+                {
+                    "prompt": template.format(p=p),
+                    "choices": list(candidates),
+                    "answer": candidates.index(facts.person[p][relation]),
+                    "relation": relation,
+                }
+            )
     return items
 
 
@@ -135,8 +186,14 @@ def addition_task(split: str, count: int) -> list[dict]:
         a, b = (int(x) for x in rng.integers(10, size=2))
         instruction = TASK_TEMPLATE.format(p=_pick(rng, PEOPLE), a=a, b=b, food=_pick(rng, FOODS))
         # Choices 0..18 make the same rows usable as a 19-way multiple-choice test.
-        rows.append({"instruction": instruction, "response": str(a + b),
-                     "choices": [str(n) for n in range(19)], "answer": a + b})
+        rows.append(
+            {
+                "instruction": instruction,
+                "response": str(a + b),
+                "choices": [str(n) for n in range(19)],
+                "answer": a + b,
+            }
+        )
     return rows
 
 
@@ -161,10 +218,16 @@ def build_tokenizer():
     # Split on whitespace and between word characters and punctuation ("?" and "###" are words).
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        model_max_length=256)
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=256,
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -174,10 +237,18 @@ def lm_config(vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_i
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=True, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id)
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,8 +290,9 @@ def multiple_choice_accuracy(model, tokenizer, items: list[dict], prompt_key: st
         for item in items:
             prompt = item[prompt_key]
             if prompt_key == "instruction":
-                prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                       add_generation_prompt=True)
+                prompt = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+                )
             input_ids = torch.tensor([tokenizer(prompt).input_ids], device=device)
             next_logits = model(input_ids=input_ids).logits[0, -1]
             choice_ids = [tokenizer.convert_tokens_to_ids(choice) for choice in item["choices"]]

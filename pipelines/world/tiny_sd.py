@@ -55,8 +55,9 @@ def build_tokenizer(folder: str | Path):
     from transformers import CLIPTokenizer
 
     folder = write_clip_tokenizer_files(folder)
-    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
-                              model_max_length=TOKENIZER_MAX_LENGTH)
+    tokenizer = CLIPTokenizer(
+        vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=TOKENIZER_MAX_LENGTH
+    )
     tokenizer.save_pretrained(folder)
     return tokenizer
 
@@ -65,34 +66,60 @@ def text_encoder_config(tokenizer):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=TOKENIZER_MAX_LENGTH,
-        projection_dim=TEXT_HIDDEN, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=4 * TEXT_HIDDEN,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH,
+        projection_dim=TEXT_HIDDEN,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def vae_config() -> dict:
     # Three blocks = two downsamplings: 64x64x3 pixels <-> 16x16x4 latents (SD uses 8x; 4x keeps
     # the small patterns of this world readable at 64 px).
     return dict(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=IMAGE_SIZE,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16)
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=IMAGE_SIZE,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        norm_num_groups=16,
+    )
 
 
 def unet_config() -> dict:
     return dict(
-        sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=IMAGE_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(64, 128, 192), cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8,
-        norm_num_groups=32)
+        block_out_channels=(64, 128, 192),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
 
 
 def scheduler_config() -> dict:
     """Stable Diffusion 1.x's noise schedule (the UNet is trained on it, any SD sampler works)."""
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                prediction_type="epsilon", steps_offset=1)
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        steps_offset=1,
+    )
 
 
 def build_models(tokenizer_folder: str | Path, seed: int):
@@ -115,8 +142,12 @@ def load_parts(folder: str | Path):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
-    return (CLIPTokenizer.from_pretrained(folder / "tokenizer"), CLIPTextModel.from_pretrained(folder / "text_encoder"),
-            AutoencoderKL.from_pretrained(folder / "vae"), UNet2DConditionModel.from_pretrained(folder / "unet"))
+    return (
+        CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        CLIPTextModel.from_pretrained(folder / "text_encoder"),
+        AutoencoderKL.from_pretrained(folder / "vae"),
+        UNet2DConditionModel.from_pretrained(folder / "unet"),
+    )
 
 
 def assemble_pipeline(tokenizer, text_encoder, vae, unet):
@@ -125,5 +156,12 @@ def assemble_pipeline(tokenizer, text_encoder, vae, unet):
 
     scheduler = DPMSolverMultistepScheduler(**scheduler_config())
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

@@ -20,7 +20,10 @@ def frame(path: str, line: int, name: str) -> dict:
 
 
 def test_peak_breakdown_finds_the_peak_and_what_was_alive_then():
-    ours = [frame("/x/site-packages/torch/nn/modules/linear.py", 1, "forward"), frame(f"{REPO_ROOT}/peft_core/a.py", 5, "f")]
+    ours = [
+        frame("/x/site-packages/torch/nn/modules/linear.py", 1, "forward"),
+        frame(f"{REPO_ROOT}/peft_core/a.py", 5, "f"),
+    ]
     theirs = [frame("/x/site-packages/diffusers/attention.py", 9, "g")]
     events = [
         {"action": "alloc", "addr": 1, "size": 4 * MIB, "frames": ours},
@@ -40,7 +43,10 @@ def test_peak_breakdown_finds_the_peak_and_what_was_alive_then():
 
 
 def test_allocation_site_skips_torch_frames_and_says_when_there_is_no_python():
-    frames = [frame("/v/lib/site-packages/torch/autograd/graph.py", 3, "backward"), frame(f"{REPO_ROOT}/bench/x.py", 7, "step")]
+    frames = [
+        frame("/v/lib/site-packages/torch/autograd/graph.py", 3, "backward"),
+        frame(f"{REPO_ROOT}/bench/x.py", 7, "step"),
+    ]
     assert allocation_site(frames) == "bench/x.py:7 (step)"
     assert allocation_site([]) == "torch internals / no Python frame"
 

@@ -170,7 +170,9 @@ def test_report_grouped_query_heads_causal_mask_and_outputs(tmp_path):
     x = torch.randn(1, 16, 32)
     sites = find_attention_sites(model)
     assert [(s.name, s.num_heads, s.num_kv_heads, s.head_dim, s.causal) for s in sites] == [
-        ("layers.0", 4, 2, 8, True), ("layers.1", 4, 2, 8, True)]
+        ("layers.0", 4, 2, 8, True),
+        ("layers.1", 4, 2, 8, True),
+    ]
     report = attention_regime_report(model, [x, x])
     assert report.batches == 2 and len(report.heads) == 8
     assert [head.kv_head for head in report.heads[:4]] == [0, 0, 1, 1]
@@ -189,11 +191,15 @@ def test_report_grouped_query_heads_causal_mask_and_outputs(tmp_path):
     assert "layers.1" in table and "rho" in table and len(table.splitlines()) == 1 + 8 + 1
 
 
-@pytest.mark.parametrize("config", [
-    LoraConfig(targets=["q_proj", "k_proj"], r=2, alpha=4),
-    PacaConfig(targets=["q_proj", "k_proj"], r=2),
-    PlpConfig(targets=["q_proj", "k_proj"], r=4),
-], ids=lambda config: config.method)
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoraConfig(targets=["q_proj", "k_proj"], r=2, alpha=4),
+        PacaConfig(targets=["q_proj", "k_proj"], r=2),
+        PlpConfig(targets=["q_proj", "k_proj"], r=4),
+    ],
+    ids=lambda config: config.method,
+)
 def test_report_splits_frozen_and_adapter_branch(config):
     torch.manual_seed(2)
     model = ToyModel(layers=1, dim=32, heads=4, kv_heads=2)
@@ -252,7 +258,9 @@ def test_report_errors_are_actionable():
 
 def test_hand_built_sites_and_hooks_are_removed():
     model = ToyModel(layers=2)
-    site = AttentionSite(name="layers.1", kind="self", num_heads=4, num_kv_heads=2, head_dim=8, scale=8**-0.5, causal=False)
+    site = AttentionSite(
+        name="layers.1", kind="self", num_heads=4, num_kv_heads=2, head_dim=8, scale=8**-0.5, causal=False
+    )
     report = attention_regime_report(model, [torch.randn(1, 5, 32)], sites=[site])
     assert {head.site for head in report.heads} == {"layers.1"}
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
@@ -320,8 +328,16 @@ def test_row_sampled_backward_is_unbiased_at_one_over_sqrt_n(causal):
     for count in (4, 64):
         mean = [torch.zeros_like(t) for t in exact]
         for seed in range(count):
-            out, grads = _grads(q, k, v, upstream, mode="row_sampled", samples=32, causal=causal,
-                                generator=torch.Generator().manual_seed(1000 + seed))
+            out, grads = _grads(
+                q,
+                k,
+                v,
+                upstream,
+                mode="row_sampled",
+                samples=32,
+                causal=causal,
+                generator=torch.Generator().manual_seed(1000 + seed),
+            )
             mean = [m + g / count for m, g in zip(mean, grads)]
         assert torch.equal(out, exact_out)  # the forward stays exact
         errors[count] = _relative(mean, exact)

@@ -23,8 +23,13 @@ transformers = pytest.importorskip("transformers")
 def tiny_llama(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64, attn_implementation="eager",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        attn_implementation="eager",
     )
     model = transformers.LlamaForCausalLM(config).double().eval()
     with torch.no_grad():  # non-trivial norms, so a norm delta test means something
@@ -37,8 +42,15 @@ def tiny_llama(seed: int = 0) -> nn.Module:
 def tiny_t5(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = transformers.T5Config(
-        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-        feed_forward_proj="relu", dropout_rate=0.0,
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        feed_forward_proj="relu",
+        dropout_rate=0.0,
     )
     return transformers.T5ForConditionalGeneration(config).double().eval()
 
@@ -99,16 +111,29 @@ def test_adapted_layer_equals_dense_reference_and_factored_path():
 # ---------------------------------------------------------------------------------------------
 # 2. Parameter counts and the paper's table (T5-base, tied embeddings counted once).
 # ---------------------------------------------------------------------------------------------
-T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12,
-               feed_forward_proj="relu", tie_word_embeddings=True)
+T5_BASE = dict(
+    vocab_size=32128,
+    d_model=768,
+    d_kv=64,
+    d_ff=3072,
+    num_layers=12,
+    num_decoder_layers=12,
+    num_heads=12,
+    feed_forward_proj="relu",
+    tie_word_embeddings=True,
+)
 T5_BASE_TOTAL = 222_903_552
 T5_BASE_NORMS = (12 * 2 + 1 + 12 * 3 + 1) * 768  # 62 T5LayerNorm scales
 
 
-@pytest.mark.parametrize("sites,num_sites,count,percent", [(["ffn"], 24, 104_704, 0.047), (["attn", "ffn"], 48, 161_728, 0.073)])
+@pytest.mark.parametrize(
+    "sites,num_sites,count,percent", [(["ffn"], 24, 104_704, 0.047), (["attn", "ffn"], 48, 161_728, 0.073)]
+)
 def test_t5_base_trainable_fraction_matches_the_paper(sites, num_sites, count, percent):
     # The paper's T5-base setting: n=4, rank 1, reduction 32 (m=24), shared A, layer norms trained.
-    formula = compacter_parameter_count(768, num_sites, n=4, rank=1, reduction_factor=32, layernorm_params=T5_BASE_NORMS)
+    formula = compacter_parameter_count(
+        768, num_sites, n=4, rank=1, reduction_factor=32, layernorm_params=T5_BASE_NORMS
+    )
     assert formula == count == num_sites * (2 * (768 + 24) + 24 + 768) + 4**3 + 47_616
     with torch.device("meta"):  # the real module structure, no memory, no download
         model = transformers.T5ForConditionalGeneration(transformers.T5Config(**T5_BASE))
@@ -153,11 +178,23 @@ def test_t5_identity_at_init():
 def test_unet_identity_at_init_and_divisibility():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
-    ).double().eval().requires_grad_(False)
+    unet = (
+        diffusers.UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        .double()
+        .eval()
+        .requires_grad_(False)
+    )
     sample, text = torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.randn(1, 3, 16, dtype=torch.float64)
     expected = unet(sample, 1, text).sample
     handle = attach(unet, CompacterConfig(placement="unet", n=4, reduction_factor=4, train_layernorms=True))
@@ -188,7 +225,9 @@ def test_save_load_exact_one_shared_A_and_ties_survive(tmp_path):
     assert torch.equal(logits(fresh), expected)
     for key, value in loaded.state_dict("task").items():
         assert torch.equal(value, state[key]), key
-    pointers = {w.adapters["task"]._rule[0].data_ptr() for _, w in loaded.wrappers("task") if not w.adapters["task"].is_norm}
+    pointers = {
+        w.adapters["task"]._rule[0].data_ptr() for _, w in loaded.wrappers("task") if not w.adapters["task"].is_norm
+    }
     assert len(pointers) == 1
     # Disabling or unloading puts the base norms back: the delta never touched them.
     base_norm = tiny_llama().model.norm.weight

@@ -17,8 +17,15 @@ from torch import nn
 
 from peft_core import LoraConfig, PacaConfig, PlpConfig, attach
 
-BACKENDS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                                                                             reason="inductor on CPU needs a C++ compiler"))]
+BACKENDS = [
+    "aot_eager",
+    pytest.param(
+        "inductor",
+        marks=pytest.mark.skipif(
+            shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor on CPU needs a C++ compiler"
+        ),
+    ),
+]
 CONFIGS = {
     "lora": LoraConfig(targets=["up", "down"], r=4, alpha=8),
     "paca": PacaConfig(targets=["up", "down"], r=4, alpha=8),  # resident columns: the weight is written in place
@@ -79,12 +86,18 @@ def test_compiled_training_follows_eager_training(method, backend):
     compiled.compile(backend=backend)  # compiles __call__; compiled.forward stays the eager method
 
     x, upstream = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
-    for got, want in zip(gradients(compiled, compiled_handle, x, upstream), gradients(eager, eager_handle, x, upstream)):
+    for got, want in zip(
+        gradients(compiled, compiled_handle, x, upstream), gradients(eager, eager_handle, x, upstream)
+    ):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
     inputs, targets = [torch.randn(4, 16) for _ in range(4)], [torch.randn(4, 16) for _ in range(4)]
-    torch.testing.assert_close(train(compiled, compiled_handle, inputs, targets), train(eager, eager_handle, inputs, targets),
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        train(compiled, compiled_handle, inputs, targets),
+        train(eager, eager_handle, inputs, targets),
+        rtol=1e-4,
+        atol=1e-6,
+    )
     for got, want in zip(compiled_handle.trainable_parameters(), eager_handle.trainable_parameters()):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     # After training, the compiled model run eagerly (PaCA: resident columns rewritten from the

@@ -79,7 +79,9 @@ def calibration_batches(model: nn.Module) -> list[torch.Tensor]:
 # suite feeds them. The rest of the suite is the same for every method.
 PREPARE = {
     "corda": lambda model, config: corda.prepare(model, config, calibration_batches(model)),
-    "spt": lambda model, config: spt.prepare(model, config, calibration_batches(model), step=lambda m, x: m(x).square().mean()),
+    "spt": lambda model, config: spt.prepare(
+        model, config, calibration_batches(model), step=lambda m, x: m(x).square().mean()
+    ),
 }
 
 
@@ -181,7 +183,10 @@ def test_save_load_round_trip(method, image, tmp_path):
     randomize(handle, "style")
     expected = model(image)
     handle.save(tmp_path / "style", name="style")
-    assert sorted(p.name for p in (tmp_path / "style").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "style").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
 
     fresh = make_model()
     loaded = load(fresh, tmp_path / "style")
@@ -279,7 +284,9 @@ def test_load_into_wrong_model_names_the_module(tmp_path):
     handle.save(tmp_path / "a")
 
     wider = TinyBlock(width=24).double()
-    with pytest.raises(AdapterError, match=r"module 'q_proj': lora_A has shape \(2, 16\) in the checkpoint but \(2, 24\)"):
+    with pytest.raises(
+        AdapterError, match=r"module 'q_proj': lora_A has shape \(2, 16\) in the checkpoint but \(2, 24\)"
+    ):
         load(wider, tmp_path / "a")
     assert not any(isinstance(m, AdaptedModule) for m in wider.modules())  # all-or-nothing
 

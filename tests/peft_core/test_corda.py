@@ -64,7 +64,9 @@ def test_output_unchanged_at_init_bf16():
 def _layer_problem(out_features=12, in_features=20, tokens=200, seed=0):
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=generator, dtype=torch.float64)
-    x = torch.randn(tokens, in_features, generator=generator, dtype=torch.float64) @ torch.randn(in_features, in_features, generator=generator, dtype=torch.float64)
+    x = torch.randn(tokens, in_features, generator=generator, dtype=torch.float64) @ torch.randn(
+        in_features, in_features, generator=generator, dtype=torch.float64
+    )
     covariance = x.T @ x / tokens
     return weight, covariance
 
@@ -99,9 +101,15 @@ def test_full_decomposition_reconstructs_weight():
 
 def test_peft_damping_rule_and_cholesky_rule_agree_on_a_healthy_covariance():
     weight, covariance = _layer_problem()
-    ours, peft_rule = decompose(weight, covariance, 4, "kpm"), decompose(weight, covariance, 4, "kpm", peft_compatible=True)
+    ours, peft_rule = (
+        decompose(weight, covariance, 4, "kpm"),
+        decompose(weight, covariance, 4, "kpm", peft_compatible=True),
+    )
     assert ours.damping == peft_rule.damping == 0.01
-    for a, b in ((ours.S, peft_rule.S), (ours.U @ torch.diag(ours.S) @ ours.V.T, peft_rule.U @ torch.diag(peft_rule.S) @ peft_rule.V.T)):
+    for a, b in (
+        (ours.S, peft_rule.S),
+        (ours.U @ torch.diag(ours.S) @ ours.V.T, peft_rule.U @ torch.diag(peft_rule.S) @ peft_rule.V.T),
+    ):
         torch.testing.assert_close(a, b)
 
 
@@ -136,7 +144,11 @@ def test_covariance_and_eigens_caches_round_trip(tmp_path):
     prepared.save(tmp_path / "eigens.safetensors")
     cached = CordaPrepared.load(tmp_path / "eigens.safetensors")
     for name in TARGETS:
-        for a, b, c in zip((direct[name].U, direct[name].S, direct[name].V), (prepared[name].U, prepared[name].S, prepared[name].V), (cached[name].U, cached[name].S, cached[name].V)):
+        for a, b, c in zip(
+            (direct[name].U, direct[name].S, direct[name].V),
+            (prepared[name].U, prepared[name].S, prepared[name].V),
+            (cached[name].U, cached[name].S, cached[name].V),
+        ):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
             assert torch.equal(b, c)
     with pytest.raises(AdapterError, match="prepared with mode='kpm', r=4 but the config has mode='kpm', r=2"):
@@ -210,7 +222,12 @@ def test_pointwise_conv_equals_linear_and_kxk_conv_keeps_identity():
     config = CordaConfig(targets=["0"], r=5, mode="kpm")
     handle = attach(model, config, prepared=corda.prepare(model, config, [images]))
     assert torch.equal(model(images), expected)
-    assert handle.state_dict()["0.lora_A"].shape == (5, 3, 3, 3) and handle.state_dict()["0.lora_B"].shape == (8, 5, 1, 1)
+    assert handle.state_dict()["0.lora_A"].shape == (5, 3, 3, 3) and handle.state_dict()["0.lora_B"].shape == (
+        8,
+        5,
+        1,
+        1,
+    )
 
 
 # -- training semantics, save/load ------------------------------------------------------------------
@@ -239,7 +256,10 @@ def _align_signs(A, B):
     return A * signs[:, None], B * signs[None, :]
 
 
-@pytest.mark.parametrize(("mode", "use_rslora", "rank_pattern"), [("ipm", False, {}), ("kpm", False, {}), ("ipm", True, {}), ("kpm", False, {"mid": 6})])
+@pytest.mark.parametrize(
+    ("mode", "use_rslora", "rank_pattern"),
+    [("ipm", False, {}), ("kpm", False, {}), ("ipm", True, {}), ("kpm", False, {"mid": 6})],
+)
 def test_matches_hf_peft_preprocess_corda(mode, use_rslora, rank_pattern):
     peft = pytest.importorskip("peft")
     from peft.tuners.lora.corda import preprocess_corda
@@ -248,8 +268,13 @@ def test_matches_hf_peft_preprocess_corda(mode, use_rslora, rank_pattern):
     r, alpha = 4, 6.0
     theirs = make_mlp()
     peft_config = peft.LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights="corda", use_rslora=use_rslora,
-        rank_pattern=rank_pattern, corda_config=peft.tuners.lora.config.CordaConfig(corda_method=mode),
+        r=r,
+        lora_alpha=alpha,
+        target_modules=TARGETS,
+        init_lora_weights="corda",
+        use_rslora=use_rslora,
+        rank_pattern=rank_pattern,
+        corda_config=peft.tuners.lora.config.CordaConfig(corda_method=mode),
     )
     # PEFT's hook takes one sample per call (input[0].squeeze(0)); ours takes the whole batch at once.
     preprocess_corda(theirs, peft_config, run_model=lambda: [theirs(sample[None]) for sample in data])
@@ -261,13 +286,17 @@ def test_matches_hf_peft_preprocess_corda(mode, use_rslora, rank_pattern):
     for name in TARGETS:
         layer_r = rank_pattern.get(name, r)
         config = CordaConfig(targets=[name], r=layer_r, alpha=alpha, mode=mode, use_rslora=use_rslora)
-        handle = attach(ours, config, name=f"corda_{name}", prepared=corda.prepare(ours, config, covariances=covariances))
+        handle = attach(
+            ours, config, name=f"corda_{name}", prepared=corda.prepare(ours, config, covariances=covariances)
+        )
         adapter = handle.model.get_submodule(name).adapters[f"corda_{name}"]
         peft_layer = peft_model.base_model.model.get_submodule(name)
         scaling = peft_layer.scaling["default"]
         assert math.isclose(adapter.scaling, scaling)
         their_A, their_B = peft_layer.lora_A["default"].weight.detach(), peft_layer.lora_B["default"].weight.detach()
-        torch.testing.assert_close(handle.model.get_submodule(name).adapters[f"corda_{name}"].lora_A.shape, their_A.shape)
+        torch.testing.assert_close(
+            handle.model.get_submodule(name).adapters[f"corda_{name}"].lora_A.shape, their_A.shape
+        )
         our_S = corda.prepare(ours, config, covariances=covariances)[name].S
         torch.testing.assert_close(our_S, their_S[name], rtol=1e-4, atol=0)
         weight = ours.get_submodule(name).base_layer.weight.detach()
@@ -275,7 +304,9 @@ def test_matches_hf_peft_preprocess_corda(mode, use_rslora, rank_pattern):
         our_update = scaling * adapter.lora_B.detach() @ adapter.lora_A.detach()
         torch.testing.assert_close(our_update, scaling * their_B @ their_A, rtol=0, atol=limit)
         their_residual = peft_layer.base_layer.weight.detach()
-        torch.testing.assert_close(corda.residual_weights(handle, f"corda_{name}")[f"{name}.weight"], their_residual, rtol=0, atol=limit)
+        torch.testing.assert_close(
+            corda.residual_weights(handle, f"corda_{name}")[f"{name}.weight"], their_residual, rtol=0, atol=limit
+        )
         ours_A, ours_B = _align_signs(adapter.lora_A.detach(), adapter.lora_B.detach())
         their_A, their_B = _align_signs(their_A, their_B)
         torch.testing.assert_close(ours_A, their_A, rtol=0, atol=1e-4 * their_A.abs().max().item())
@@ -303,7 +334,9 @@ def test_exports_load_in_hf_peft(tmp_path):
     from safetensors.torch import load_file
 
     base = make_mlp()
-    missing, unexpected = base.load_state_dict(load_file(tmp_path / "residual" / "residual_model.safetensors"), strict=False)
+    missing, unexpected = base.load_state_dict(
+        load_file(tmp_path / "residual" / "residual_model.safetensors"), strict=False
+    )
     assert not unexpected and sorted(missing) == sorted(f"{n}.bias" for n in TARGETS)
     with_residual = peft.PeftModel.from_pretrained(base, tmp_path / "residual")
     assert with_residual.base_model.model.up.lora_A["default"].weight.shape == (4, 24)

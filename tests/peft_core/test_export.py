@@ -35,8 +35,14 @@ LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     config._attn_implementation = "eager"
     return LlamaForCausalLM(config).eval()
@@ -45,17 +51,31 @@ def tiny_llama() -> LlamaForCausalLM:
 def tiny_unet() -> UNet2DConditionModel:
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
     ).eval()
 
 
 def tiny_text_encoder() -> CLIPTextModel:
     torch.manual_seed(1)
     config = CLIPTextConfig(
-        vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        vocab_size=8,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
     )
     return CLIPTextModel(config).eval()
 
@@ -69,13 +89,24 @@ def tiny_pipeline(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, folde
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8)
     torch.manual_seed(2)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8,),
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
     )
     scheduler = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -108,18 +139,24 @@ def train_a_few_steps(handle: AdapterHandle, loss_fn, steps: int = 3) -> None:
 
 
 def assert_adapter_matters(adapted: torch.Tensor, base: torch.Tensor) -> None:
-    assert (adapted - base).abs().max() > 100 * TOLERANCE, "the adapter does not change the output; the test could not fail"
+    assert (adapted - base).abs().max() > 100 * TOLERANCE, (
+        "the adapter does not change the output; the test could not fail"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The contract export relies on.
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", [
-    LoraConfig(targets=["conv", "re:proj"], r=3),
-    PacaConfig(targets=["conv", "re:proj"], r=2),
-    PlpConfig(targets=["re:proj"], r=2),
-    PlpConfig(targets=["re:proj"], r=2, centered=True),  # rank 2r: U V minus the frozen A C block
-], ids=["lora", "paca", "plp", "plp_centered"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoraConfig(targets=["conv", "re:proj"], r=3),
+        PacaConfig(targets=["conv", "re:proj"], r=2),
+        PlpConfig(targets=["re:proj"], r=2),
+        PlpConfig(targets=["re:proj"], r=2, centered=True),  # rank 2r: U V minus the frozen A C block
+    ],
+    ids=["lora", "paca", "plp", "plp_centered"],
+)
 def test_lora_factors_multiply_to_the_dense_update(config) -> None:
     handle = attach(ConvThenLinear(), config)
     for parameter in handle.trainable_parameters():
@@ -131,7 +168,9 @@ def test_lora_factors_multiply_to_the_dense_update(config) -> None:
             product = torch.einsum("or,rikl->oikl", B[:, :, 0, 0], A)
         else:
             product = B @ A
-        torch.testing.assert_close(product, wrapper.adapters["default"].delta_weight(wrapper.base_layer), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            product, wrapper.adapters["default"].delta_weight(wrapper.base_layer), atol=1e-6, rtol=0
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +201,9 @@ def test_peft_export_reproduces_llama_logits(config, tmp_path: Path) -> None:
     assert saved["peft_type"] == "LORA" and saved["task_type"] == "CAUSAL_LM" and saved["bias"] == "none"
     assert saved["lora_alpha"] == saved["r"] == config.r and saved["rank_pattern"] == {} and not saved["use_rslora"]
     assert sorted(saved["target_modules"]) == sorted(name for name, _ in handle.wrappers("default"))
-    assert all(k.startswith("base_model.model.model.layers.") for k in load_file(tmp_path / "adapter_model.safetensors"))
+    assert all(
+        k.startswith("base_model.model.model.layers.") for k in load_file(tmp_path / "adapter_model.safetensors")
+    )
 
     loaded = PeftModel.from_pretrained(reference, tmp_path).eval()
     with torch.no_grad():
@@ -170,7 +211,11 @@ def test_peft_export_reproduces_llama_logits(config, tmp_path: Path) -> None:
     torch.testing.assert_close(theirs, ours, atol=TOLERANCE, rtol=0)
 
 
-@pytest.mark.parametrize("config", [LoraConfig(targets=["conv", "re:proj"], r=3), PacaConfig(targets=["conv", "re:proj"], r=2)], ids=["lora", "paca"])
+@pytest.mark.parametrize(
+    "config",
+    [LoraConfig(targets=["conv", "re:proj"], r=3), PacaConfig(targets=["conv", "re:proj"], r=2)],
+    ids=["lora", "paca"],
+)
 def test_peft_export_of_conv_and_mixed_ranks_targets_exactly_our_modules(config, tmp_path: Path) -> None:
     model = ConvThenLinear()
     reference = copy.deepcopy(model)
@@ -317,7 +362,10 @@ def test_a_method_without_an_exact_low_rank_form_is_refused(tmp_path: Path, monk
     handle = attach(ConvThenLinear(), LoraConfig(targets=["conv"], r=2))
     monkeypatch.setattr(LoraAdapter, "lora_factors", lambda self, base: None)
     for format in ("peft", "diffusers"):
-        with pytest.raises(AdapterError, match=r"\(lora\): its update of 'conv' is not exactly low-rank, so it cannot be exported as a LoRA"):
+        with pytest.raises(
+            AdapterError,
+            match=r"\(lora\): its update of 'conv' is not exactly low-rank, so it cannot be exported as a LoRA",
+        ):
             handle.export(tmp_path, format=format)
     assert not any(tmp_path.iterdir())
 

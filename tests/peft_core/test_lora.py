@@ -41,7 +41,9 @@ def test_linear_function_gradcheck():
     bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
     A = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     B = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, b, A, B: LoraLinearFunction.apply(x, weight, b, A, B, 1.3), (x, bias, A, B))
+    assert torch.autograd.gradcheck(
+        lambda x, b, A, B: LoraLinearFunction.apply(x, weight, b, A, B, 1.3), (x, bias, A, B)
+    )
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
@@ -151,7 +153,10 @@ def test_fused_lora_under_autocast_matches_fp32_and_keeps_no_weight_copy():
     weight_copies = []
 
     def pack(tensor):
-        if tensor.shape == model.layer.base_layer.weight.shape and tensor.data_ptr() != model.layer.base_layer.weight.data_ptr():
+        if (
+            tensor.shape == model.layer.base_layer.weight.shape
+            and tensor.data_ptr() != model.layer.base_layer.weight.data_ptr()
+        ):
             weight_copies.append(tensor.dtype)
         return tensor
 

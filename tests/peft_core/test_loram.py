@@ -22,8 +22,15 @@ from peft_core.methods.loram import (
 
 transformers = pytest.importorskip("transformers")
 
-GQA = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-           head_dim=8, vocab_size=128)
+GQA = dict(
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=8,
+    vocab_size=128,
+)
 MHA = {**GQA, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 16}
 KEEP = dict(keep_first=1, keep_last=1)
 IDS = torch.tensor([[3, 17, 99, 4, 56, 23, 8, 120], [1, 2, 3, 4, 5, 6, 7, 8]])
@@ -81,7 +88,9 @@ def test_structured_plan_keeps_whole_gqa_groups_and_counts():
         assert kept_query_heads == [g * G + j for g in heads for j in range(G)]
         kv_rows = index_map.modules[f"{attention}.k_proj"].kept_rows
         assert kv_rows.tolist() == [g * hd + i for g in heads for i in range(hd)]
-        assert torch.equal(index_map.modules[f"{attention}.o_proj"].kept_cols, index_map.modules[f"{attention}.q_proj"].kept_rows)
+        assert torch.equal(
+            index_map.modules[f"{attention}.o_proj"].kept_cols, index_map.modules[f"{attention}.q_proj"].kept_rows
+        )
         q = small.get_submodule(f"{attention}.q_proj")
         assert (q.out_features, small.get_submodule(f"{attention}.k_proj").out_features) == (4 * hd, 1 * hd)
     for entry in index_map.modules.values():  # kept sets are sorted and distinct (and disjoint from the rest)
@@ -90,7 +99,10 @@ def test_structured_plan_keeps_whole_gqa_groups_and_counts():
                 assert torch.equal(kept, kept.unique()) and kept.max() < max(entry.full_shape)
     mlp = "model.layers.3.mlp"
     assert torch.equal(index_map.modules[f"{mlp}.gate_proj"].kept_rows, index_map.modules[f"{mlp}.down_proj"].kept_cols)
-    assert small.model.layers[0].mlp.gate_proj.out_features == 160 and small.model.layers[7].self_attn.q_proj.out_features == 64
+    assert (
+        small.model.layers[0].mlp.gate_proj.out_features == 160
+        and small.model.layers[7].self_attn.q_proj.out_features == 64
+    )
     # "norm" keeps the channels with the largest weight norms, which the random plan need not.
     gate, up, down = (model.get_submodule(f"{mlp}.{p}").weight for p in ("gate_proj", "up_proj", "down_proj"))
     scores = gate.square().sum(1) + up.square().sum(1) + down.square().sum(0)
@@ -101,8 +113,18 @@ def test_structured_plan_keeps_whole_gqa_groups_and_counts():
 def test_pruned_model_runs_trains_generates_and_matches_the_formula(shape, tied):
     model = tiny_llama(shape, tied)
     small, _ = prune(model, 0.5, "random", **KEEP)
-    report = storage_report(64, 160, 8, shape["num_attention_heads"], shape["num_key_value_heads"], 128, 0.5,
-                            head_dim=shape["head_dim"], tie_embeddings=tied, **KEEP)
+    report = storage_report(
+        64,
+        160,
+        8,
+        shape["num_attention_heads"],
+        shape["num_key_value_heads"],
+        128,
+        0.5,
+        head_dim=shape["head_dim"],
+        tie_embeddings=tied,
+        **KEEP,
+    )
     assert sum(p.numel() for p in small.parameters()) == report["params_pruned"]
     assert sum(p.numel() for p in model.parameters()) == report["params_original"]
     handle = attach(small, LoraConfig(targets=list(DECODER_PROJECTIONS), r=4))
@@ -119,9 +141,13 @@ def test_pruned_model_runs_trains_generates_and_matches_the_formula(shape, tied)
 def test_ratio_zero_is_exactly_plain_lora(tmp_path):
     plain = tiny_llama()
     small, index_map = prune(tiny_llama(), 0.0, "random", **KEEP)
-    assert all(torch.equal(entry.kept_rows if entry.kept_rows is not None else entry.kept_cols,
-                           torch.arange(entry.full_shape[0 if entry.kept_rows is not None else 1]))
-               for entry in index_map.modules.values())
+    assert all(
+        torch.equal(
+            entry.kept_rows if entry.kept_rows is not None else entry.kept_cols,
+            torch.arange(entry.full_shape[0 if entry.kept_rows is not None else 1]),
+        )
+        for entry in index_map.modules.values()
+    )
     config = LoraConfig(targets=list(DECODER_PROJECTIONS), r=4, alpha=8.0)
     plain_handle, small_handle = train(plain, config), train(small, config)
     recover(small_handle, index_map, tmp_path / "recovered")
@@ -179,7 +205,9 @@ def test_recovered_lora_and_paca_match_a_brute_force_scatter():
 def test_full_model_with_recovered_adapter_equals_small_model_on_kept_channels(tmp_path, shape, tied, strategy, method):
     small, index_map = prune(tiny_llama(shape, tied), 0.5, strategy, **KEEP)
     targets = list(DECODER_PROJECTIONS) + (["lm_head"] if not tied else [])
-    config = LoraConfig(targets=targets, r=4, alpha=8.0) if method == "lora" else PacaConfig(targets=targets, r=4, alpha=8.0)
+    config = (
+        LoraConfig(targets=targets, r=4, alpha=8.0) if method == "lora" else PacaConfig(targets=targets, r=4, alpha=8.0)
+    )
     handle = train(small, config)
     handle.save(tmp_path / "small")
     index_map.save(tmp_path / "small")
@@ -287,9 +315,13 @@ def test_qloram_trains_on_nf4_and_recovers_onto_the_bf16_original(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The paper's storage table from config numbers alone (spec section 4).
 # ---------------------------------------------------------------------------------------------
-LLAMA_31_70B = dict(hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8, vocab_size=128256)
+LLAMA_31_70B = dict(
+    hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8, vocab_size=128256
+)
 LLAMA_2_70B = {**LLAMA_31_70B, "vocab_size": 32000}
-LLAMA_2_13B = dict(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40, vocab_size=32000)
+LLAMA_2_13B = dict(
+    hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40, vocab_size=32000
+)
 
 
 def test_qloram_storage_reduction_llama31_70b_is_15_81x():
@@ -306,19 +338,29 @@ def test_qloram_storage_reduction_llama31_70b_is_15_81x():
     assert round(report["qloram_reduction_realistic"], 1) == 11.4
 
 
-@pytest.mark.parametrize("ratio,pruned,loram,qloram", [
-    (0.65, 28_099_436_544, 2.45, 9.82), (0.75, 21_488_738_304, 3.21, 12.84),
-    (0.85, 16_272_924_672, 4.24, 16.95), (0.95, 9_662_226_432, 7.14, 28.56),
-])
+@pytest.mark.parametrize(
+    "ratio,pruned,loram,qloram",
+    [
+        (0.65, 28_099_436_544, 2.45, 9.82),
+        (0.75, 21_488_738_304, 3.21, 12.84),
+        (0.85, 16_272_924_672, 4.24, 16.95),
+        (0.95, 9_662_226_432, 7.14, 28.56),
+    ],
+)
 def test_llama2_70b_sweep(ratio, pruned, loram, qloram):
     report = storage_report(**LLAMA_2_70B, ratio=ratio)
     assert report["params_original"] == 68_976_648_192 and report["params_pruned"] == pruned
     assert (round(report["loram_reduction"], 2), round(report["qloram_reduction"], 2)) == (loram, qloram)
 
 
-@pytest.mark.parametrize("strategy,ratio,pruned,reduction", [
-    ("random", 0.65, 6_005_662_720, 2.17), ("unstructured", 0.55, 6_037_591_040, 2.16), ("semi", 0.5, 6_671_979_520, 1.95),
-])
+@pytest.mark.parametrize(
+    "strategy,ratio,pruned,reduction",
+    [
+        ("random", 0.65, 6_005_662_720, 2.17),
+        ("unstructured", 0.55, 6_037_591_040, 2.16),
+        ("semi", 0.5, 6_671_979_520, 1.95),
+    ],
+)
 def test_llama2_13b_rows(strategy, ratio, pruned, reduction):
     report = storage_report(**LLAMA_2_13B, ratio=ratio, strategy=strategy)
     assert report["params_original"] == 13_015_864_320 and report["params_pruned"] == pruned

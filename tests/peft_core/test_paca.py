@@ -51,7 +51,9 @@ def test_linear_function_gradcheck():
 
     def resident(x, delta, bias):
         # gradcheck perturbs delta, so write the columns from it each call, as the module does
-        return PacaLinearFunction.apply(x, reference_weight(weight, delta.detach(), columns, 0.5), bias, delta, columns, 0.5)
+        return PacaLinearFunction.apply(
+            x, reference_weight(weight, delta.detach(), columns, 0.5), bias, delta, columns, 0.5
+        )
 
     assert torch.autograd.gradcheck(resident, (x, delta, bias))
 
@@ -277,4 +279,3 @@ def test_rank_larger_than_layer_is_a_clear_error():
     with pytest.raises(AdapterError, match="r=8 is larger than 'layer'"):
         attach(model, PacaConfig(targets=["layer"], r=8))
     assert isinstance(model.layer, nn.Linear)  # nothing was wrapped
-

@@ -32,7 +32,9 @@ def test_forward_is_base_plus_u_v_and_rank_is_at_most_r():
     down = torch.cat([adapter.frozen_down, adapter.learnable_down], dim=1)  # (3, 12)
     assert up.shape == (10, 3) and down.shape == (3, 12)
     assert adapter.frozen_up.shape == (5, 3) and adapter.frozen_down.shape == (3, 6)
-    torch.testing.assert_close(model.to_q(x), F.linear(x, base.weight, base.bias) + x @ down.t() @ up.t(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        model.to_q(x), F.linear(x, base.weight, base.bias) + x @ down.t() @ up.t(), rtol=1e-12, atol=1e-12
+    )
     assert torch.linalg.matrix_rank(adapter.delta_weight(base)) <= 3
 
 
@@ -185,8 +187,14 @@ def test_riemannian_preconditioned_sgd_step_matches_the_closed_form():
         up = torch.cat([adapter.frozen_up, adapter.learnable_up.detach()]).requires_grad_(True)
         down = torch.cat([adapter.frozen_down, adapter.learnable_down.detach()], dim=1).requires_grad_(True)
         expected[name] = (base, up, down)
-    hidden = F.linear(x, expected["to_q"][0].weight, expected["to_q"][0].bias) + x @ expected["to_q"][2].t() @ expected["to_q"][1].t()
-    out = F.linear(hidden, expected["to_k"][0].weight, expected["to_k"][0].bias) + hidden @ expected["to_k"][2].t() @ expected["to_k"][1].t()
+    hidden = (
+        F.linear(x, expected["to_q"][0].weight, expected["to_q"][0].bias)
+        + x @ expected["to_q"][2].t() @ expected["to_q"][1].t()
+    )
+    out = (
+        F.linear(hidden, expected["to_k"][0].weight, expected["to_k"][0].bias)
+        + hidden @ expected["to_k"][2].t() @ expected["to_k"][1].t()
+    )
     F.mse_loss(out, target).backward()
 
     optimizer = torch.optim.SGD(handle.trainable_parameters(), lr=lr)
@@ -222,11 +230,14 @@ def saved_activations(model: nn.Module, run) -> list[tuple[tuple[int, ...], int]
     return saved
 
 
-@pytest.mark.parametrize("r, input_kind, expected", [
-    (4, "fresh", [(40, 8), (40, 4)]),   # 4r <= in: the half D reads + h, no full input
-    (5, "fresh", [(40, 16)]),           # 4r > in: the input itself (h recomputed in backward)
-    (4, "view", [(40, 16)]),            # a view of another op's tensor: the input, by reference
-])
+@pytest.mark.parametrize(
+    "r, input_kind, expected",
+    [
+        (4, "fresh", [(40, 8), (40, 4)]),  # 4r <= in: the half D reads + h, no full input
+        (5, "fresh", [(40, 16)]),  # 4r > in: the input itself (h recomputed in backward)
+        (4, "view", [(40, 16)]),  # a view of another op's tensor: the input, by reference
+    ],
+)
 def test_fused_plp_keeps_the_smaller_of_its_input_or_half_of_it_plus_h(r, input_kind, expected):
     """Saved-tensor audit: besides references to A, B, C, D (which the module holds anyway), only
     what the learnable halves' gradients need; never a cast or concatenated copy of the factors."""
@@ -297,7 +308,10 @@ def test_sibling_layers_share_what_they_keep_and_get_exact_gradients(input_kind,
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
     for layer, (_, B, D) in zip(layers, references):
         adapter = layer.adapters["default"]
-        for mine, want, trains in ((adapter.learnable_up, B, trained != "down"), (adapter.learnable_down, D, trained != "up")):
+        for mine, want, trains in (
+            (adapter.learnable_up, B, trained != "down"),
+            (adapter.learnable_down, D, trained != "up"),
+        ):
             if trains:
                 torch.testing.assert_close(mine.grad, want.grad, rtol=1e-10, atol=1e-12)
             else:
@@ -339,7 +353,9 @@ def test_fused_plp_with_an_adapter_weight_matches_the_reference():
     x_ref = x.detach().clone().requires_grad_(True)
     up, down = torch.cat([adapter.frozen_up, B]), torch.cat([adapter.frozen_down, D], dim=1)
     (((F.linear(x_ref, base.weight, base.bias) + 0.7 * x_ref @ down.t() @ up.t()) * upstream).sum()).backward()
-    for value, want in zip((x.grad, adapter.learnable_up.grad, adapter.learnable_down.grad), (x_ref.grad, B.grad, D.grad)):
+    for value, want in zip(
+        (x.grad, adapter.learnable_up.grad, adapter.learnable_down.grad), (x_ref.grad, B.grad, D.grad)
+    ):
         torch.testing.assert_close(value, want, rtol=1e-10, atol=1e-12)
 
 
@@ -364,12 +380,15 @@ def test_centered_plp_starts_at_the_base_and_matches_the_block_formula():
     B = adapter.learnable_up.detach().clone().requires_grad_(True)
     D = adapter.learnable_down.detach().clone().requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
-    blocks = torch.cat([torch.cat([torch.zeros(5, 6, dtype=torch.float64), A @ D], dim=1),
-                        torch.cat([B @ C, B @ D], dim=1)], dim=0)  # (10, 12)
+    blocks = torch.cat(
+        [torch.cat([torch.zeros(5, 6, dtype=torch.float64), A @ D], dim=1), torch.cat([B @ C, B @ D], dim=1)], dim=0
+    )  # (10, 12)
     reference = F.linear(x_ref, base.weight + blocks, base.bias)
     (reference * upstream).sum().backward()
     torch.testing.assert_close(adapter.delta_weight(base), blocks.detach(), rtol=1e-12, atol=1e-12)
-    for value, want in zip((x.grad, adapter.learnable_up.grad, adapter.learnable_down.grad), (x_ref.grad, B.grad, D.grad)):
+    for value, want in zip(
+        (x.grad, adapter.learnable_up.grad, adapter.learnable_down.grad), (x_ref.grad, B.grad, D.grad)
+    ):
         torch.testing.assert_close(value, want, rtol=1e-10, atol=1e-12)
     # the unfused path (delta_forward) gives the same output
     torch.testing.assert_close(base(x) + adapter.delta_forward(base, x), reference, rtol=1e-10, atol=1e-12)
@@ -388,7 +407,9 @@ def test_make_joint_of_centered_plps_has_no_frozen_block_and_refuses_a_mix():
         joint, content, style = (wrapper.adapters[n] for n in ("joint", "content", "style"))
         rows, cols = joint.frozen_up.shape[0], joint.frozen_down.shape[1]
         dw = joint.delta_weight(wrapper.base_layer)
-        torch.testing.assert_close(dw[:rows, :cols], torch.zeros(rows, cols, dtype=dw.dtype), rtol=0, atol=1e-12)  # A C - A C
+        torch.testing.assert_close(
+            dw[:rows, :cols], torch.zeros(rows, cols, dtype=dw.dtype), rtol=0, atol=1e-12
+        )  # A C - A C
         torch.testing.assert_close(dw[:rows, cols:], joint.frozen_up @ content.learnable_down)
         torch.testing.assert_close(dw[rows:, :cols], style.learnable_up @ joint.frozen_down)
         torch.testing.assert_close(dw[rows:, cols:], style.learnable_up @ content.learnable_down)

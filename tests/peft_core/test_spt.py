@@ -39,7 +39,13 @@ def make_toy(seed=0, bias=True, dtype=torch.float64):
 
 def batches(n=3, seed=1, dtype=torch.float64):
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(2, 3, 4, 4, generator=generator, dtype=dtype), torch.randn(2, 16, 8, generator=generator, dtype=dtype)) for _ in range(n)]
+    return [
+        (
+            torch.randn(2, 3, 4, 4, generator=generator, dtype=dtype),
+            torch.randn(2, 16, 8, generator=generator, dtype=dtype),
+        )
+        for _ in range(n)
+    ]
 
 
 def mse_step(model, batch):
@@ -137,7 +143,9 @@ def test_taylor_scores_rank_like_brute_force_loss_drops():
     def loss_of(weight):
         return (F.linear(x, weight, layer.bias) - target).square().mean()
 
-    scores = spt.sensitivity_scores(model, SptConfig(targets=["layer"]), [(x, target)], lambda m, b: (m(b[0]) - b[1]).square().mean())
+    scores = spt.sensitivity_scores(
+        model, SptConfig(targets=["layer"]), [(x, target)], lambda m, b: (m(b[0]) - b[1]).square().mean()
+    )
     weight = layer.weight.detach()
     g = torch.sqrt(scores["layer.weight"].double())  # |g|
     eps, base_loss, drops = 1e-4, loss_of(weight), torch.empty_like(weight)
@@ -185,7 +193,10 @@ def test_sparse_linear_matches_dense_reference_and_routes_gradients(k):
     (dense_grad,) = torch.autograd.grad(reference, dense, g)
     torch.testing.assert_close(adapter.weight_values.grad, dense_grad.reshape(-1)[indices], rtol=1e-10, atol=1e-12)
     assert layer.weight.grad is None and layer.bias.grad is None
-    assert sorted(n for n, p in model.named_parameters() if p.grad is not None) == ["layer.adapters.default.bias_values", "layer.adapters.default.weight_values"]
+    assert sorted(n for n, p in model.named_parameters() if p.grad is not None) == [
+        "layer.adapters.default.bias_values",
+        "layer.adapters.default.weight_values",
+    ]
 
 
 def test_sparse_conv_gradient_is_the_masked_dense_gradient():
@@ -281,7 +292,13 @@ def test_exports_as_lora_without_bias_deltas(tmp_path):
 # -- bad input -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("data", "message"),
-    [([], "calibration data is empty"), ([(torch.randn(2, 5, 4, 4, dtype=torch.float64), None)], r"batch 0 \(\(a torch.float64 tensor of shape \(2, 5, 4, 4\)")],
+    [
+        ([], "calibration data is empty"),
+        (
+            [(torch.randn(2, 5, 4, 4, dtype=torch.float64), None)],
+            r"batch 0 \(\(a torch.float64 tensor of shape \(2, 5, 4, 4\)",
+        ),
+    ],
 )
 def test_bad_calibration_data_fails_clearly_and_changes_nothing(data, message):
     model = make_toy()

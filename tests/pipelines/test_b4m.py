@@ -13,8 +13,14 @@ def test_break_make_compose_save_and_reload(tmp_path):
     config = BreakForMakeConfig(rank=4, break_steps=3, make_steps=2, batch_size=2)
     b4m = BreakForMakePipeline(pipe, config)
     stages = []
-    b4m(ColourDataset(4), ColourDataset(4), aux_styles=[ColourDataset(2)], aux_contents=[ColourDataset(2)],
-        run_dir=tmp_path / "run", on_event=lambda e: stages.append(e.kind))
+    b4m(
+        ColourDataset(4),
+        ColourDataset(4),
+        aux_styles=[ColourDataset(2)],
+        aux_contents=[ColourDataset(2)],
+        run_dir=tmp_path / "run",
+        on_event=lambda e: stages.append(e.kind),
+    )
     assert stages.count("break-content") == 3 and stages.count("break-style") == 3 and stages.count("make") == 2
     assert b4m.handle.adapter_names == ["content", "style", "joint"]
     for _, wrapper in b4m.handle.wrappers("joint"):
@@ -77,17 +83,23 @@ def test_a_stopped_run_resumes_from_its_finished_stages_and_ends_like_an_uninter
 
 def test_role_swap_trains_content_into_up_and_riemannian_make_changes_the_step(tmp_path):
     data = (ColourDataset(4), ColourDataset(4), [ColourDataset(2)], [ColourDataset(2)])
-    swapped = BreakForMakePipeline(micro_pipeline(tmp_path / "tok1"),
-                                   BreakForMakeConfig(rank=4, break_steps=2, make_steps=0, batch_size=2, content_factor="up"))
+    swapped = BreakForMakePipeline(
+        micro_pipeline(tmp_path / "tok1"),
+        BreakForMakeConfig(rank=4, break_steps=2, make_steps=0, batch_size=2, content_factor="up"),
+    )
     swapped(*data)
     for _, wrapper in swapped.handle.wrappers("joint"):
         content, style, joint = (wrapper.adapters[n] for n in ("content", "style", "joint"))
         assert torch.count_nonzero(content.learnable_up) > 0  # the content run's main factor is B
-        assert torch.equal(joint.learnable_up, content.learnable_up) and torch.equal(joint.learnable_down, style.learnable_down)
+        assert torch.equal(joint.learnable_up, content.learnable_up) and torch.equal(
+            joint.learnable_down, style.learnable_down
+        )
 
     def joint_after_make(riemannian: bool, folder: str) -> dict[str, torch.Tensor]:
-        b4m = BreakForMakePipeline(micro_pipeline(tmp_path / folder),
-                                   BreakForMakeConfig(rank=4, break_steps=2, make_steps=2, batch_size=2, riemannian=riemannian))
+        b4m = BreakForMakePipeline(
+            micro_pipeline(tmp_path / folder),
+            BreakForMakeConfig(rank=4, break_steps=2, make_steps=2, batch_size=2, riemannian=riemannian),
+        )
         b4m(*data)
         return b4m.handle.state_dict(name="joint")
 
@@ -103,15 +115,30 @@ def test_centered_b4m_starts_from_the_base_and_reloads_as_centered(tmp_path):
     pipe = micro_pipeline(tmp_path / "tok")
     latents, text = torch.randn(1, 4, 8, 8), torch.randn(1, 16, 16)
     base = pipe.unet(latents, 10, text).sample.detach()
-    b4m = BreakForMakePipeline(pipe, BreakForMakeConfig(rank=4, break_steps=0, make_steps=0, batch_size=2, centered=True))
-    b4m(ColourDataset(4), ColourDataset(4), aux_styles=[ColourDataset(2)], aux_contents=[ColourDataset(2)], run_dir=tmp_path / "run")
+    b4m = BreakForMakePipeline(
+        pipe, BreakForMakeConfig(rank=4, break_steps=0, make_steps=0, batch_size=2, centered=True)
+    )
+    b4m(
+        ColourDataset(4),
+        ColourDataset(4),
+        aux_styles=[ColourDataset(2)],
+        aux_contents=[ColourDataset(2)],
+        run_dir=tmp_path / "run",
+    )
     b4m.set_mix(1.0, 1.0)
     torch.testing.assert_close(pipe.unet(latents, 10, text).sample, base, rtol=0, atol=1e-6)
 
-    trained = BreakForMakePipeline(micro_pipeline(tmp_path / "tok2"),
-                                   BreakForMakeConfig(rank=4, break_steps=2, make_steps=2, batch_size=2, centered=True))
-    trained(ColourDataset(4), ColourDataset(4), aux_styles=[ColourDataset(2)], aux_contents=[ColourDataset(2)],
-            run_dir=tmp_path / "run2")
+    trained = BreakForMakePipeline(
+        micro_pipeline(tmp_path / "tok2"),
+        BreakForMakeConfig(rank=4, break_steps=2, make_steps=2, batch_size=2, centered=True),
+    )
+    trained(
+        ColourDataset(4),
+        ColourDataset(4),
+        aux_styles=[ColourDataset(2)],
+        aux_contents=[ColourDataset(2)],
+        run_dir=tmp_path / "run2",
+    )
     trained.set_mix(1.0, 1.0)
     joint = trained.pipe.unet(latents, 10, text).sample
     assert not torch.allclose(joint, base)
@@ -135,7 +162,9 @@ def test_shared_mcp_loss_makes_the_main_factor_fit_the_partner_concepts_and_sepa
     the break run must not depend on the auxiliary pictures when separate, and must when shared."""
 
     def content_run(mcp_loss: str, aux_style, folder: str) -> dict[str, torch.Tensor]:
-        config = BreakForMakeConfig(rank=4, break_steps=2, make_steps=0, batch_size=2, partner_lr_ratio=0.0, mcp_loss=mcp_loss)
+        config = BreakForMakeConfig(
+            rank=4, break_steps=2, make_steps=0, batch_size=2, partner_lr_ratio=0.0, mcp_loss=mcp_loss
+        )
         b4m = BreakForMakePipeline(micro_pipeline(tmp_path / folder), config)
         b4m(ColourDataset(4), ColourDataset(4), aux_styles=[aux_style], aux_contents=[ColourDataset(2)])
         adapters = [wrapper.adapters["content"] for _, wrapper in b4m.handle.wrappers("content")]
@@ -156,4 +185,5 @@ def test_shared_mcp_loss_makes_the_main_factor_fit_the_partner_concepts_and_sepa
 
     with pytest.raises(UserError, match="mcp_loss"):
         BreakForMakePipeline(micro_pipeline(tmp_path / "e"), BreakForMakeConfig(mcp_loss="both"))(
-            ColourDataset(2), ColourDataset(2))
+            ColourDataset(2), ColourDataset(2)
+        )

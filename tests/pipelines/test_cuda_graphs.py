@@ -76,8 +76,11 @@ class ForwardGraphs(StandInGraphs):
 @pytest.mark.parametrize("method", ["lora", "paca"])
 def test_graphed_train_step_is_the_eager_step(tmp_path, method):
     """warm-up calls, capture, replays: every call is one real step on its own inputs, in order."""
-    config = LoraConfig(targets=["to_q", "to_k", "to_v", "to_out.0"], r=4) if method == "lora" else \
-        PacaConfig(targets=["to_q", "to_k", "to_v", "to_out.0"], r=4)
+    config = (
+        LoraConfig(targets=["to_q", "to_k", "to_v", "to_out.0"], r=4)
+        if method == "lora"
+        else PacaConfig(targets=["to_q", "to_k", "to_v", "to_out.0"], r=4)
+    )
     data, steps = ColourDataset(6), 6
 
     def run(graphed: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -91,10 +94,19 @@ def test_graphed_train_step_is_the_eager_step(tmp_path, method):
         handle.track_optimizer(optimizer)
         scheduler, losses = training_scheduler(pipe), []
         graphs = LossGraphs()
-        step = GraphedTrainStep(pipe.unet, optimizer, params, max_grad_norm=1.0, warmup=2,
-                                after_replay=handle.after_optimizer_step, graph_factory=graphs)
+        step = GraphedTrainStep(
+            pipe.unet,
+            optimizer,
+            params,
+            max_grad_norm=1.0,
+            warmup=2,
+            after_replay=handle.after_optimizer_step,
+            graph_factory=graphs,
+        )
         for s in range(steps):
-            inputs = step_inputs(pipe, sample_batch(data, 2, 0, s), step_generator(0, s), "cpu", torch.float32, scheduler)
+            inputs = step_inputs(
+                pipe, sample_batch(data, 2, 0, s), step_generator(0, s), "cpu", torch.float32, scheduler
+            )
             if graphed:
                 losses.append(float(step(inputs)))
             else:
@@ -129,7 +141,10 @@ def test_graphed_train_step_refuses_new_shapes_and_reports_capture_failures(tmp_
             raise RuntimeError("operation not permitted when stream is capturing")
 
     step = GraphedTrainStep(pipe.unet, optimizer, handle.trainable_parameters(), warmup=1, graph_factory=Failing())
-    inputs = [step_inputs(pipe, sample_batch(data, 2, 0, s), step_generator(0, s), "cpu", torch.float32, scheduler) for s in range(2)]
+    inputs = [
+        step_inputs(pipe, sample_batch(data, 2, 0, s), step_generator(0, s), "cpu", torch.float32, scheduler)
+        for s in range(2)
+    ]
     step(inputs[0])  # the warm-up step runs
     with pytest.raises(GraphCaptureError, match="not permitted"):
         step(inputs[1])
@@ -158,7 +173,9 @@ def test_graphed_forward_replays_per_signature_and_returns_fresh_outputs():
     got.add_(100)  # the caller owns what it gets: the next replay is unaffected
     (again,) = runner(sample, 2, encoder_hidden_states=states, added=extra, return_dict=False)
     torch.testing.assert_close(again, sample * 2 + 2 + states.sum() + extra["x"].sum())
-    runner(torch.randn(4, 3), 1, encoder_hidden_states=states, added=extra, return_dict=False)  # a new shape: warm-up again
+    runner(
+        torch.randn(4, 3), 1, encoder_hidden_states=states, added=extra, return_dict=False
+    )  # a new shape: warm-up again
     assert graphs.warmups == 2
 
 
@@ -176,8 +193,13 @@ def test_cuda_graph_on_without_cuda_is_a_clear_error(tmp_path):
         pytest.skip("this machine has CUDA")
     pipe = micro_pipeline(tmp_path / "tok")
     with pytest.raises(UserError, match="cuda_graph='on' is not possible.*CUDA GPU"):
-        train_adapter(pipe, ColourDataset(4), LoraConfig(targets=["to_q"], r=2), TrainConfig(steps=1, batch_size=2, cuda_graph="on"),
-                      tmp_path / "run")
+        train_adapter(
+            pipe,
+            ColourDataset(4),
+            LoraConfig(targets=["to_q"], r=2),
+            TrainConfig(steps=1, batch_size=2, cuda_graph="on"),
+            tmp_path / "run",
+        )
     with pytest.raises(UserError, match="cuda_graph"):
         TrainConfig(cuda_graph="yes").check()
 
@@ -187,13 +209,13 @@ def test_checkpoint_of_an_optimizer_with_a_tensor_learning_rate(tmp_path):
     wrapper.add_module("proj", torch.nn.Linear(3, 2))
     handle = attach(wrapper, LoraConfig(targets=["proj"], r=1))
     optimizer = torch.optim.AdamW(handle.trainable_parameters(), lr=torch.tensor(0.01))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 ** s)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5**s)
     wrapper(torch.randn(4, 3)).sum().backward()
     optimizer.step()
     scheduler.step()
     path = save_checkpoint(tmp_path, 1, handle, ["default"], optimizer, scheduler)
     fresh = torch.optim.AdamW(handle.trainable_parameters(), lr=0.01)
-    fresh_scheduler = torch.optim.lr_scheduler.LambdaLR(fresh, lambda s: 0.5 ** s)
+    fresh_scheduler = torch.optim.lr_scheduler.LambdaLR(fresh, lambda s: 0.5**s)
     load_checkpoint(path, handle, fresh, fresh_scheduler)
     assert fresh.param_groups[0]["lr"] == pytest.approx(0.005)
     assert fresh_scheduler.last_epoch == 1
@@ -207,9 +229,16 @@ def _train(tmp_path, name: str, config, cuda_graph: str, steps: int = 8, **optio
     torch.backends.cudnn.allow_tf32 = False
     pipe = micro_pipeline(tmp_path / f"tok-{name}")
     losses = []
-    handle = train_adapter(pipe, ColourDataset(6), config, TrainConfig(steps=steps, batch_size=2, learning_rate=1e-2,
-                                                                       cuda_graph=cuda_graph, checkpoint_every=4, **options),
-                           tmp_path / name, on_event=lambda e: losses.append(e.loss) if e.kind == "step" else None)
+    handle = train_adapter(
+        pipe,
+        ColourDataset(6),
+        config,
+        TrainConfig(
+            steps=steps, batch_size=2, learning_rate=1e-2, cuda_graph=cuda_graph, checkpoint_every=4, **options
+        ),
+        tmp_path / name,
+        on_event=lambda e: losses.append(e.loss) if e.kind == "step" else None,
+    )
     return pipe, handle, losses
 
 
@@ -217,8 +246,11 @@ def _train(tmp_path, name: str, config, cuda_graph: str, steps: int = 8, **optio
 @pytest.mark.parametrize("method", ["lora", "paca", "plp"])
 def test_cuda_graph_training_matches_eager_training(tmp_path, method):
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
-    config = {"lora": LoraConfig(targets=targets, r=4), "paca": PacaConfig(targets=targets, r=4),
-              "plp": PlpConfig(targets=targets, r=4)}[method]
+    config = {
+        "lora": LoraConfig(targets=targets, r=4),
+        "paca": PacaConfig(targets=targets, r=4),
+        "plp": PlpConfig(targets=targets, r=4),
+    }[method]
     _, eager, eager_losses = _train(tmp_path, "eager", config, "off", lr_schedule="cosine")
     pipe, graphed, graphed_losses = _train(tmp_path, "graphed", config, "on", lr_schedule="cosine")
     torch.testing.assert_close(torch.tensor(graphed_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-6)
@@ -232,7 +264,9 @@ def test_cuda_graph_training_matches_eager_training(tmp_path, method):
     eager_pipe = micro_pipeline(tmp_path / "tok-check").to("cuda")
     attach(eager_pipe.unet, config).load_state_dict(graphed.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(pipe.unet(latents, 10, text).sample, eager_pipe.unet(latents, 10, text).sample, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            pipe.unet(latents, 10, text).sample, eager_pipe.unet(latents, 10, text).sample, rtol=1e-4, atol=1e-5
+        )
 
 
 @cuda
@@ -244,8 +278,14 @@ def test_cuda_graph_training_resumes_exactly(tmp_path):
     from pipelines.train import StopRequested
 
     with pytest.raises(StopRequested):
-        train_adapter(pipe, ColourDataset(6), config, TrainConfig(steps=8, batch_size=2, learning_rate=1e-2, cuda_graph="on"),
-                      tmp_path / "part", should_stop=lambda: next(stops))
+        train_adapter(
+            pipe,
+            ColourDataset(6),
+            config,
+            TrainConfig(steps=8, batch_size=2, learning_rate=1e-2, cuda_graph="on"),
+            tmp_path / "part",
+            should_stop=lambda: next(stops),
+        )
     _, resumed, _ = _train(tmp_path, "part", config, "on", steps=8)
     for key, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-4, atol=1e-5)
@@ -276,7 +316,9 @@ def test_diffusion_loss_is_prediction_loss_of_step_inputs(tmp_path):
     a = diffusion_loss(pipe, pipe.unet, batch, step_generator(0, 3), "cpu", torch.float32, training_scheduler(pipe))
     from pipelines.cuda_graphs import prediction_loss
 
-    b = prediction_loss(pipe.unet, step_inputs(pipe, batch, step_generator(0, 3), "cpu", torch.float32, training_scheduler(pipe)))
+    b = prediction_loss(
+        pipe.unet, step_inputs(pipe, batch, step_generator(0, 3), "cpu", torch.float32, training_scheduler(pipe))
+    )
     assert torch.equal(a, b)
 
 
@@ -305,7 +347,11 @@ def test_make_capturable_rearms_an_optimizer_loaded_from_an_eager_checkpoint():
     assert loaded.param_groups[0]["capturable"] is False and loaded.param_groups[0]["lr"] == 0.01
     make_capturable(loaded, torch.device("cpu"))
     group = loaded.param_groups[0]
-    assert group["capturable"] is True and isinstance(group["lr"], torch.Tensor) and float(group["lr"]) == pytest.approx(0.01)
+    assert (
+        group["capturable"] is True
+        and isinstance(group["lr"], torch.Tensor)
+        and float(group["lr"]) == pytest.approx(0.01)
+    )
     assert all(state["step"].dtype == torch.float32 and float(state["step"]) == 1.0 for state in loaded.state.values())
 
 
@@ -317,9 +363,14 @@ def test_a_graphed_run_resumes_a_checkpoint_written_eagerly(tmp_path):
     _, whole, _ = _train(tmp_path, "whole", config, "on", steps=8)
     stops = iter([False] * 3 + [True])
     with pytest.raises(StopRequested):
-        train_adapter(micro_pipeline(tmp_path / "tok-part"), ColourDataset(6), config,
-                      TrainConfig(steps=8, batch_size=2, learning_rate=1e-2, cuda_graph="off"), tmp_path / "part",
-                      should_stop=lambda: next(stops))
+        train_adapter(
+            micro_pipeline(tmp_path / "tok-part"),
+            ColourDataset(6),
+            config,
+            TrainConfig(steps=8, batch_size=2, learning_rate=1e-2, cuda_graph="off"),
+            tmp_path / "part",
+            should_stop=lambda: next(stops),
+        )
     _, resumed, _ = _train(tmp_path, "part", config, "on", steps=8)
     for key, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-3, atol=1e-4)

@@ -48,10 +48,14 @@ def snapshot(root: Path) -> list[tuple[str, int, int]]:
 
 # --- captions and prompts -----------------------------------------------------------------------
 
+
 def test_sidecar_captions(tmp_path):
     report = validate_image_folder(folder(tmp_path))
     assert [(r.path.name, r.prompt, r.size) for r in report.records] == [
-        ("img0.png", "caption 0", (24, 24)), ("img1.png", "caption 1", (24, 24)), ("img2.png", "caption 2", (24, 24))]
+        ("img0.png", "caption 0", (24, 24)),
+        ("img1.png", "caption 1", (24, 24)),
+        ("img2.png", "caption 2", (24, 24)),
+    ]
     assert report.warnings == []
 
 
@@ -79,14 +83,17 @@ def test_fixed_template_needs_no_captions_and_repeats(tmp_path):
     assert [Path(dataset[i]["path"]).name for i in (0, 3, 4)] == ["img0.png", "img0.png", "img1.png"]
 
 
-@pytest.mark.parametrize("template, trigger, needle", [
-    ("a photo of {subject}", None, "{subject}"),
-    ("a photo of {trigger}", None, "pass a trigger"),
-    ("a photo of a dog", "sks", "pass a trigger"),
-    (None, "sks", "needs a template"),
-    ("a photo of {", None, "malformed"),
-    ("  ", None, "template is empty"),
-])
+@pytest.mark.parametrize(
+    "template, trigger, needle",
+    [
+        ("a photo of {subject}", None, "{subject}"),
+        ("a photo of {trigger}", None, "pass a trigger"),
+        ("a photo of a dog", "sks", "pass a trigger"),
+        (None, "sks", "needs a template"),
+        ("a photo of {", None, "malformed"),
+        ("  ", None, "template is empty"),
+    ],
+)
 def test_bad_templates(tmp_path, template, trigger, needle):
     with pytest.raises(UserError, match="template") as error:
         validate_image_folder(folder(tmp_path), template=template, trigger=trigger)
@@ -110,6 +117,7 @@ def test_load_prompts(tmp_path):
 
 
 # --- pixels -------------------------------------------------------------------------------------
+
 
 def test_resize_crop_shapes_and_range(tmp_path):
     rng = np.random.default_rng(0)
@@ -162,14 +170,17 @@ def test_exif_orientation_is_honoured(tmp_path):
     assert item["pixel_values"].shape == (3, 80, 48)  # the portrait bucket
 
 
-@pytest.mark.parametrize("mode, colour, expected", [
-    ("RGBA", (255, 0, 0, 0), (255, 255, 255)),  # fully transparent: white
-    ("RGBA", (0, 0, 0, 128), (127, 127, 127)),  # half transparent black over white: grey
-    ("LA", (0, 255), (0, 0, 0)),
-    ("L", 77, (77, 77, 77)),
-    ("CMYK", (0, 0, 0, 0), (255, 255, 255)),
-    ("1", 1, (255, 255, 255)),
-])
+@pytest.mark.parametrize(
+    "mode, colour, expected",
+    [
+        ("RGBA", (255, 0, 0, 0), (255, 255, 255)),  # fully transparent: white
+        ("RGBA", (0, 0, 0, 128), (127, 127, 127)),  # half transparent black over white: grey
+        ("LA", (0, 255), (0, 0, 0)),
+        ("L", 77, (77, 77, 77)),
+        ("CMYK", (0, 0, 0, 0), (255, 255, 255)),
+        ("1", 1, (255, 255, 255)),
+    ],
+)
 def test_modes_become_rgb_on_white(mode, colour, expected):
     rgb = to_rgb(Image.new(mode, (4, 4), colour))
     assert rgb.mode == "RGB" and np.abs(np.asarray(rgb)[0, 0].astype(int) - expected).max() <= 1
@@ -191,6 +202,7 @@ def test_rgba_file_composited_in_dataset(tmp_path):
 
 
 # --- buckets ------------------------------------------------------------------------------------
+
 
 def test_make_buckets():
     buckets = make_buckets(512)
@@ -239,10 +251,13 @@ def test_bucket_sampler_yields_single_bucket_batches(tmp_path):
 
 # --- bad inputs ---------------------------------------------------------------------------------
 
+
 def png_header(width: int, height: int) -> bytes:
     """A PNG that claims width x height: a decompression bomb if anyone decoded it."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
@@ -258,6 +273,7 @@ def with_metadata(*lines: str):
     def build(root: Path) -> None:
         folder(root, n=2, captions=False)
         (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
     return build
 
 
@@ -265,36 +281,77 @@ BAD_FOLDERS = {
     "missing folder": (lambda root: root.rmdir(), {}, ["does not exist"]),
     "empty folder": (lambda root: None, {}, ["is empty"]),
     "no images": (lambda root: (root / "notes.txt").write_text("hi"), {}, ["has no images", "notes.txt"]),
-    "zero-size file": (lambda root: (folder(root), (root / "zero.png").touch()), {}, ["zero.png", "empty file (0 bytes)"]),
-    "text renamed .png": (lambda root: (folder(root), (root / "fake.png").write_text("not a picture")), {},
-                          ["fake.png", "not an image"]),
+    "zero-size file": (
+        lambda root: (folder(root), (root / "zero.png").touch()),
+        {},
+        ["zero.png", "empty file (0 bytes)"],
+    ),
+    "text renamed .png": (
+        lambda root: (folder(root), (root / "fake.png").write_text("not a picture")),
+        {},
+        ["fake.png", "not an image"],
+    ),
     "truncated png": (lambda root: (folder(root), truncated(root / "cut.png", "PNG")), {}, ["cut.png", "truncated"]),
     "truncated jpeg": (lambda root: (folder(root), truncated(root / "cut.jpg", "JPEG")), {}, ["cut.jpg", "truncated"]),
-    "decompression bomb": (lambda root: (folder(root), (root / "bomb.png").write_bytes(png_header(100_000, 100_000))),
-                           {}, ["bomb.png", "too large: 10,000,000,000 pixels", "max_pixels"]),
-    "over max_pixels": (lambda root: (folder(root), image(root / "big.png", (40, 40))), {"max_pixels": 1000},
-                        ["big.png", "too large: 1,600 pixels, over the limit of 1,000"]),
-    "too small": (lambda root: (folder(root), image(root / "tiny.png", (8, 30))), {},
-                  ["tiny.png", "too small: 8x30 px", "min_side"]),
-    "all duplicates": (lambda root: [image(root / f"same{i}.png", colour=(9, 9, 9)) for i in range(3)],
-                       {"template": "x"}, ["all 3 images", "identical pixels", "same0.png, same1.png, same2.png"]),
-    "caption not UTF-8": (lambda root: (folder(root), (root / "img1.txt").write_bytes(b"caf\xe9 au lait")), {},
-                          ["img1.txt", "not UTF-8", "0xe9"]),
-    "metadata not UTF-8": (lambda root: (folder(root), (root / "metadata.jsonl").write_bytes(b"\xff\n")), {},
-                           ["metadata.jsonl", "not UTF-8"]),
-    "metadata broken line": (with_metadata('{"file_name": "img0.png", "text": "a"}', '{"file_name": "img1.png", "te'),
-                             {}, ["metadata.jsonl line 2", "not valid JSON"]),
-    "metadata missing keys": (with_metadata('{"file_name": "img0.png"}', '["img1.png", "b"]'), {},
-                              ["metadata.jsonl line 1", "metadata.jsonl line 2", '"file_name"']),
-    "metadata names a missing file": (with_metadata('{"file_name": "img0.png", "text": "a"}',
-                                                    '{"file_name": "img1.png", "text": "b"}',
-                                                    '{"file_name": "ghost.png", "text": "c"}'), {},
-                                      ["metadata.jsonl line 3", "'ghost.png' does not exist"]),
-    "image without caption": (lambda root: (folder(root), image(root / "lonely.png", colour=(1, 2, 3))), {},
-                              ["lonely.png", "no caption", "lonely.txt"]),
-    "template needs caption": (lambda root: (folder(root), image(root / "lonely.png", colour=(1, 2, 3))),
-                               {"template": "{trigger} {caption}", "trigger": "sks"},
-                               ["lonely.png", "uses {caption}", "no caption"]),
+    "decompression bomb": (
+        lambda root: (folder(root), (root / "bomb.png").write_bytes(png_header(100_000, 100_000))),
+        {},
+        ["bomb.png", "too large: 10,000,000,000 pixels", "max_pixels"],
+    ),
+    "over max_pixels": (
+        lambda root: (folder(root), image(root / "big.png", (40, 40))),
+        {"max_pixels": 1000},
+        ["big.png", "too large: 1,600 pixels, over the limit of 1,000"],
+    ),
+    "too small": (
+        lambda root: (folder(root), image(root / "tiny.png", (8, 30))),
+        {},
+        ["tiny.png", "too small: 8x30 px", "min_side"],
+    ),
+    "all duplicates": (
+        lambda root: [image(root / f"same{i}.png", colour=(9, 9, 9)) for i in range(3)],
+        {"template": "x"},
+        ["all 3 images", "identical pixels", "same0.png, same1.png, same2.png"],
+    ),
+    "caption not UTF-8": (
+        lambda root: (folder(root), (root / "img1.txt").write_bytes(b"caf\xe9 au lait")),
+        {},
+        ["img1.txt", "not UTF-8", "0xe9"],
+    ),
+    "metadata not UTF-8": (
+        lambda root: (folder(root), (root / "metadata.jsonl").write_bytes(b"\xff\n")),
+        {},
+        ["metadata.jsonl", "not UTF-8"],
+    ),
+    "metadata broken line": (
+        with_metadata('{"file_name": "img0.png", "text": "a"}', '{"file_name": "img1.png", "te'),
+        {},
+        ["metadata.jsonl line 2", "not valid JSON"],
+    ),
+    "metadata missing keys": (
+        with_metadata('{"file_name": "img0.png"}', '["img1.png", "b"]'),
+        {},
+        ["metadata.jsonl line 1", "metadata.jsonl line 2", '"file_name"'],
+    ),
+    "metadata names a missing file": (
+        with_metadata(
+            '{"file_name": "img0.png", "text": "a"}',
+            '{"file_name": "img1.png", "text": "b"}',
+            '{"file_name": "ghost.png", "text": "c"}',
+        ),
+        {},
+        ["metadata.jsonl line 3", "'ghost.png' does not exist"],
+    ),
+    "image without caption": (
+        lambda root: (folder(root), image(root / "lonely.png", colour=(1, 2, 3))),
+        {},
+        ["lonely.png", "no caption", "lonely.txt"],
+    ),
+    "template needs caption": (
+        lambda root: (folder(root), image(root / "lonely.png", colour=(1, 2, 3))),
+        {"template": "{trigger} {caption}", "trigger": "sks"},
+        ["lonely.png", "uses {caption}", "no caption"],
+    ),
 }
 
 

@@ -45,12 +45,15 @@ def test_weights_stay_small():
     assert total < 50e6
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("/no/such/folder", "not found"),
-    ("./missing-model", "not found"),
-    ("model.safetensors", "not found"),
-    ("not a hub id", "not found"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("/no/such/folder", "not found"),
+        ("./missing-model", "not found"),
+        ("model.safetensors", "not found"),
+        ("not a hub id", "not found"),
+    ],
+)
 def test_missing_paths_are_user_errors(spec, message):
     with pytest.raises(UserError, match=message):
         load_base(spec)

@@ -15,7 +15,10 @@ def test_tokenizer_covers_the_world_without_unknowns():
     documents = world.pretraining_text(0, 200) + [row["instruction"] for row in world.addition_task("train", 50)]
     ids = [i for doc in tokenizer(documents).input_ids for i in doc]
     assert tokenizer.unk_token_id not in ids
-    assert tokenizer.decode(tokenizer("mira lives in tolva .").input_ids, skip_special_tokens=True) == "mira lives in tolva ."
+    assert (
+        tokenizer.decode(tokenizer("mira lives in tolva .").input_ids, skip_special_tokens=True)
+        == "mira lives in tolva ."
+    )
 
 
 def test_downstream_task_is_absent_from_pretraining():
@@ -43,6 +46,7 @@ def test_addition_rows_are_correct_and_splits_differ():
 
 def test_chat_template_renders_instruction_and_response():
     tokenizer = world.build_tokenizer()
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "what ?"}, {"role": "assistant", "content": "7"}],
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "what ?"}, {"role": "assistant", "content": "7"}], tokenize=False
+    )
     assert text.split() == ["###", "instruction", ":", "what", "?", "###", "response", ":", "7", "</s>"]

@@ -31,6 +31,7 @@ FAST = ["--steps", "1", "--batch-size", "2", "--sample-steps", "1", "--checkpoin
 @pytest.fixture(autouse=True)
 def never_unpickle(monkeypatch):
     """Nothing in these cases may unpickle anything."""
+
     def refuse(*_args, **_kwargs):
         raise AssertionError("something tried to unpickle")
 
@@ -106,53 +107,186 @@ def write_yaml(tmp: Path, text: str | bytes) -> str:
 # (case id, argv builder(tmp) -> argv, words the message must contain, max stderr lines)
 CLI_CASES = [
     ("data-folder-missing", lambda t: ["train-style", str(t / "nope")], ["does not exist", "pass the folder"], 1),
-    ("data-folder-empty", lambda t: ["train-style", str((t / "e").mkdir() or t / "e")], ["is empty", "put the training images"], 1),
+    (
+        "data-folder-empty",
+        lambda t: ["train-style", str((t / "e").mkdir() or t / "e")],
+        ["is empty", "put the training images"],
+        1,
+    ),
     ("data-folder-no-images", lambda t: ["train-style", str(_only_text(t))], ["has no images", "notes.txt"], 1),
-    ("image-zero-bytes", lambda t: ["train-style", str(folder_with(t, "zero.png", b""))], ["zero.png", "empty file (0 bytes)"], 3),
-    ("image-truncated", lambda t: ["train-style", str(folder_with(t, "cut.png", truncated_png(t)))], ["cut.png", "truncated"], 3),
-    ("image-wrong-type", lambda t: ["train-style", str(folder_with(t, "fake.png", b"%PDF-1.4 not an image"))], ["fake.png", "not an image"], 3),
-    ("caption-not-utf8", lambda t: ["train-style", str(folder_with(t, "x.png", png(t / "x.png").read_bytes(), b"caf\xe9 au lait"))],
-     ["x.txt", "not UTF-8", "re-save"], 3),
-    ("metadata-broken-line", lambda t: ["train-style", str(_broken_metadata(t))], ["metadata.jsonl line 2", "not valid JSON"], 3),
-    ("image-without-caption", lambda t: ["train-style", str(folder_with(t, "lonely.png", png(t / "l.png").read_bytes(), None))],
-     ["lonely.png", "no caption", "lonely.txt"], 3),
-    ("unknown-method", lambda t: ["train-style", "--method", "dora", *FAST], ["unknown method 'dora'", "available methods", "lora"], 1),
+    (
+        "image-zero-bytes",
+        lambda t: ["train-style", str(folder_with(t, "zero.png", b""))],
+        ["zero.png", "empty file (0 bytes)"],
+        3,
+    ),
+    (
+        "image-truncated",
+        lambda t: ["train-style", str(folder_with(t, "cut.png", truncated_png(t)))],
+        ["cut.png", "truncated"],
+        3,
+    ),
+    (
+        "image-wrong-type",
+        lambda t: ["train-style", str(folder_with(t, "fake.png", b"%PDF-1.4 not an image"))],
+        ["fake.png", "not an image"],
+        3,
+    ),
+    (
+        "caption-not-utf8",
+        lambda t: ["train-style", str(folder_with(t, "x.png", png(t / "x.png").read_bytes(), b"caf\xe9 au lait"))],
+        ["x.txt", "not UTF-8", "re-save"],
+        3,
+    ),
+    (
+        "metadata-broken-line",
+        lambda t: ["train-style", str(_broken_metadata(t))],
+        ["metadata.jsonl line 2", "not valid JSON"],
+        3,
+    ),
+    (
+        "image-without-caption",
+        lambda t: ["train-style", str(folder_with(t, "lonely.png", png(t / "l.png").read_bytes(), None))],
+        ["lonely.png", "no caption", "lonely.txt"],
+        3,
+    ),
+    (
+        "unknown-method",
+        lambda t: ["train-style", "--method", "dora", *FAST],
+        ["unknown method 'dora'", "available methods", "lora"],
+        1,
+    ),
     ("set-unknown-key", lambda t: ["train-style", "--set", "rnak=4", *FAST], ["unknown key 'rnak'", "valid keys"], 1),
     ("set-without-value", lambda t: ["train-style", "--set", "dropout", *FAST], ["--set expects KEY=VALUE"], 1),
     ("steps-zero", lambda t: ["train-style", "--steps", "0"], ["steps must be >= 1"], 1),
-    ("lr-schedule-unknown", lambda t: ["train-style", "--lr-schedule", "exp", *FAST], ["lr_schedule='exp'", "constant, cosine, linear"], 1),
-    ("yaml-unknown-key", lambda t: ["train-style", "--config", write_yaml(t, "train:\n  stepz: 3\n"), *FAST],
-     ["unknown option 'stepz'", "valid options"], 1),
-    ("yaml-unknown-top-key", lambda t: ["train-style", "--config", write_yaml(t, "colour: red\n"), *FAST], ["unknown option(s)", "colour"], 1),
-    ("yaml-wrong-type", lambda t: ["train-style", "--config", write_yaml(t, "train:\n  batch_size: two\n")],
-     ["'batch_size'", "expects int", "'two'"], 1),
-    ("yaml-adapter-wrong-type", lambda t: ["train-style", "--config", write_yaml(t, "adapter:\n  r: [4]\n"), *FAST], ["'r'", "expects int"], 1),
-    ("yaml-not-a-mapping", lambda t: ["train-style", "--config", write_yaml(t, "- steps\n- 3\n")], ["must hold a mapping", "not a list"], 1),
-    ("yaml-invalid", lambda t: ["train-style", "--config", write_yaml(t, "train: {steps: 3\n")], ["is not valid YAML"], 1),
-    ("yaml-not-utf8", lambda t: ["train-style", "--config", write_yaml(t, b"name: caf\xe9\n")], ["is not valid YAML"], 1),
+    (
+        "lr-schedule-unknown",
+        lambda t: ["train-style", "--lr-schedule", "exp", *FAST],
+        ["lr_schedule='exp'", "constant, cosine, linear"],
+        1,
+    ),
+    (
+        "yaml-unknown-key",
+        lambda t: ["train-style", "--config", write_yaml(t, "train:\n  stepz: 3\n"), *FAST],
+        ["unknown option 'stepz'", "valid options"],
+        1,
+    ),
+    (
+        "yaml-unknown-top-key",
+        lambda t: ["train-style", "--config", write_yaml(t, "colour: red\n"), *FAST],
+        ["unknown option(s)", "colour"],
+        1,
+    ),
+    (
+        "yaml-wrong-type",
+        lambda t: ["train-style", "--config", write_yaml(t, "train:\n  batch_size: two\n")],
+        ["'batch_size'", "expects int", "'two'"],
+        1,
+    ),
+    (
+        "yaml-adapter-wrong-type",
+        lambda t: ["train-style", "--config", write_yaml(t, "adapter:\n  r: [4]\n"), *FAST],
+        ["'r'", "expects int"],
+        1,
+    ),
+    (
+        "yaml-not-a-mapping",
+        lambda t: ["train-style", "--config", write_yaml(t, "- steps\n- 3\n")],
+        ["must hold a mapping", "not a list"],
+        1,
+    ),
+    (
+        "yaml-invalid",
+        lambda t: ["train-style", "--config", write_yaml(t, "train: {steps: 3\n")],
+        ["is not valid YAML"],
+        1,
+    ),
+    (
+        "yaml-not-utf8",
+        lambda t: ["train-style", "--config", write_yaml(t, b"name: caf\xe9\n")],
+        ["is not valid YAML"],
+        1,
+    ),
     ("yaml-missing", lambda t: ["train-style", "--config", str(t / "none.yaml")], ["config file", "does not exist"], 1),
-    ("base-missing-path", lambda t: ["train-style", "--base", str(t / "no-such-model"), *FAST], ["not found", "'embedded'"], 1),
-    ("base-folder-not-diffusers", lambda t: ["train-style", "--base", str((t / "m").mkdir() or t / "m"), *FAST],
-     ["no model_index.json", "diffusers folder"], 1),
-    ("base-interrupted-download", lambda t: ["train-style", "--base", str(_half_downloaded_base(t)), *FAST],
-     ["could not load the diffusers folder", "interrupted download"], 1),
-    ("base-pickle-checkpoint", lambda t: ["train-style", "--base", str(_pickle_file(t / "model.ckpt")), *FAST],
-     ["pickle checkpoint", "convert it to .safetensors"], 1),
-    ("base-wrong-file-type", lambda t: ["train-style", "--base", str(_text_file(t / "model.txt")), *FAST], ["not a checkpoint file"], 1),
-    ("targets-missing", lambda t: ["train-style", "--targets", "to_qq", *FAST], ["no module matches targets=['to_qq']", "adaptable modules"], 1),
-    ("paca-rank-larger-than-layer", lambda t: ["train-style", "--method", "paca", "--rank", "4096", *FAST],
-     ["r=4096 is larger than", "use r <="], 1),
+    (
+        "base-missing-path",
+        lambda t: ["train-style", "--base", str(t / "no-such-model"), *FAST],
+        ["not found", "'embedded'"],
+        1,
+    ),
+    (
+        "base-folder-not-diffusers",
+        lambda t: ["train-style", "--base", str((t / "m").mkdir() or t / "m"), *FAST],
+        ["no model_index.json", "diffusers folder"],
+        1,
+    ),
+    (
+        "base-interrupted-download",
+        lambda t: ["train-style", "--base", str(_half_downloaded_base(t)), *FAST],
+        ["could not load the diffusers folder", "interrupted download"],
+        1,
+    ),
+    (
+        "base-pickle-checkpoint",
+        lambda t: ["train-style", "--base", str(_pickle_file(t / "model.ckpt")), *FAST],
+        ["pickle checkpoint", "convert it to .safetensors"],
+        1,
+    ),
+    (
+        "base-wrong-file-type",
+        lambda t: ["train-style", "--base", str(_text_file(t / "model.txt")), *FAST],
+        ["not a checkpoint file"],
+        1,
+    ),
+    (
+        "targets-missing",
+        lambda t: ["train-style", "--targets", "to_qq", *FAST],
+        ["no module matches targets=['to_qq']", "adaptable modules"],
+        1,
+    ),
+    (
+        "paca-rank-larger-than-layer",
+        lambda t: ["train-style", "--method", "paca", "--rank", "4096", *FAST],
+        ["r=4096 is larger than", "use r <="],
+        1,
+    ),
     ("resume-not-a-run", lambda t: ["train-style", "--resume", str(t)], ["is not a run folder", "studio train-"], 1),
-    ("generate-adapter-missing", lambda t: ["generate", "--prompt", "a star", "--adapter", str(t / "gone")], ["does not exist"], 1),
-    ("generate-adapter-other-base", lambda t: ["generate", "--prompt", "a star", "--adapter",
-                                              str(tiny_unet_adapter(t, LoraConfig(targets=["to_q"], r=2)))],
-     ["does not match", "to_q"], 1),
-    ("generate-adapter-pickle", lambda t: ["generate", "--prompt", "a star", "--adapter", str(_pickle_adapter(t))],
-     ["adapter_model.bin", "pickle", "never read", "convert it to safetensors"], 1),
-    ("generate-adapter-truncated", lambda t: ["generate", "--prompt", "a star", "--adapter", str(_truncated_adapter(t))],
-     ["not a readable safetensors file", "truncated"], 1),
-    ("generate-adapter-config-damaged", lambda t: ["generate", "--prompt", "a star", "--adapter", str(_damaged_config(t))],
-     ["not valid JSON", "re-save"], 1),
+    (
+        "generate-adapter-missing",
+        lambda t: ["generate", "--prompt", "a star", "--adapter", str(t / "gone")],
+        ["does not exist"],
+        1,
+    ),
+    (
+        "generate-adapter-other-base",
+        lambda t: [
+            "generate",
+            "--prompt",
+            "a star",
+            "--adapter",
+            str(tiny_unet_adapter(t, LoraConfig(targets=["to_q"], r=2))),
+        ],
+        ["does not match", "to_q"],
+        1,
+    ),
+    (
+        "generate-adapter-pickle",
+        lambda t: ["generate", "--prompt", "a star", "--adapter", str(_pickle_adapter(t))],
+        ["adapter_model.bin", "pickle", "never read", "convert it to safetensors"],
+        1,
+    ),
+    (
+        "generate-adapter-truncated",
+        lambda t: ["generate", "--prompt", "a star", "--adapter", str(_truncated_adapter(t))],
+        ["not a readable safetensors file", "truncated"],
+        1,
+    ),
+    (
+        "generate-adapter-config-damaged",
+        lambda t: ["generate", "--prompt", "a star", "--adapter", str(_damaged_config(t))],
+        ["not valid JSON", "re-save"],
+        1,
+    ),
 ]
 
 
@@ -166,8 +300,9 @@ def _broken_metadata(tmp: Path) -> Path:
     root = good_folder(tmp / "images")
     for i in range(3):
         (root / f"{i}.txt").unlink()
-    (root / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a"}\n{"file_name": "1.png", "text": \n'
-                                         '{"file_name": "2.png", "text": "c"}\n')
+    (root / "metadata.jsonl").write_text(
+        '{"file_name": "0.png", "text": "a"}\n{"file_name": "1.png", "text": \n{"file_name": "2.png", "text": "c"}\n'
+    )
     return root
 
 
@@ -282,25 +417,51 @@ def _bomb(tmp):
 
 
 API_CASES = [
-    ("config-unknown-method", lambda t: config_from_dict({"method": "nope", "targets": ["q"]}), AdapterError,
-     "unknown method 'nope'; available methods"),
-    ("config-unknown-key", lambda t: config_from_dict({"method": "lora", "targets": ["q"], "rank": 4}), AdapterError,
-     "unknown key 'rank' in a 'lora' config; valid keys"),
-    ("config-wrong-type", lambda t: config_from_dict({"method": "lora", "targets": ["q"], "r": "8"}), AdapterError,
-     "'lora' config key 'r' expects int, got '8'"),
+    (
+        "config-unknown-method",
+        lambda t: config_from_dict({"method": "nope", "targets": ["q"]}),
+        AdapterError,
+        "unknown method 'nope'; available methods",
+    ),
+    (
+        "config-unknown-key",
+        lambda t: config_from_dict({"method": "lora", "targets": ["q"], "rank": 4}),
+        AdapterError,
+        "unknown key 'rank' in a 'lora' config; valid keys",
+    ),
+    (
+        "config-wrong-type",
+        lambda t: config_from_dict({"method": "lora", "targets": ["q"], "r": "8"}),
+        AdapterError,
+        "'lora' config key 'r' expects int, got '8'",
+    ),
     ("config-not-a-dict", lambda t: config_from_dict(["lora"]), AdapterError, "needs a 'method' key"),
     ("config-empty-targets", lambda t: LoraConfig(targets=[]), AdapterError, "`targets` is empty"),
     ("attach-missing-targets", _attach_missing_targets, AdapterError, "no module matches targets=['k_proj']"),
     ("paca-rank-larger-than-layer", _paca_rank_too_large, AdapterError, "r=9 is larger than"),
     ("load-other-base-shapes", _load_other_shape, AdapterError, "shape"),
-    ("load-other-method-state", _load_other_method_state, AdapterError, "that adapter 'default' on this model does not have"),
+    (
+        "load-other-method-state",
+        _load_other_method_state,
+        AdapterError,
+        "that adapter 'default' on this model does not have",
+    ),
     ("load-pickle-weights", _load_pickle_weights, AdapterError, "adapter_model.pt, a pickle file"),
     ("read-pickle-named-safetensors", _read_pickle_as_safetensors, AdapterError, "not a readable safetensors file"),
     ("load-peft-format-folder", _load_peft_format_folder, AdapterError, "not a peft_core adapter config"),
     ("data-decompression-bomb", _bomb, UserError, "too large: 90,000 pixels, over the limit of 50,000"),
-    ("data-empty-folder", lambda t: ImageCaptionDataset((t / "e").mkdir() or t / "e", resolution=16), UserError, "is empty"),
-    ("data-template-without-trigger", lambda t: validate_image_folder(good_folder(t / "i"), template="a {trigger}"),
-     UserError, "pass a trigger exactly when"),
+    (
+        "data-empty-folder",
+        lambda t: ImageCaptionDataset((t / "e").mkdir() or t / "e", resolution=16),
+        UserError,
+        "is empty",
+    ),
+    (
+        "data-template-without-trigger",
+        lambda t: validate_image_folder(good_folder(t / "i"), template="a {trigger}"),
+        UserError,
+        "pass a trigger exactly when",
+    ),
     ("data-all-identical", lambda t: validate_image_folder(_identical(t)), UserError, "have identical pixels"),
     ("load-base-pickle", lambda t: _load_base(_pickle_file(t / "m.bin")), UserError, "pickle checkpoint (.bin)"),
 ]

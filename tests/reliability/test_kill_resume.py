@@ -23,10 +23,10 @@ def harness():
 def test_killed_and_resumed_run_ends_with_the_uninterrupted_adapter(harness, tmp_path):
     plans = [
         ("tmpfile:checkpoints/:5", None),  # half of a checkpoint's rng.safetensors written
-        ("staged:2", None),                # second checkpoint complete in its staging folder, not renamed
-        ("renamed:1", None),               # renamed, older checkpoints not pruned yet
-        ("time:1", 1.3),                   # anywhere: loading, a step, a write
-        ("tmpfile:adapter/:2", None),      # half of the final adapter's weights written
+        ("staged:2", None),  # second checkpoint complete in its staging folder, not renamed
+        ("renamed:1", None),  # renamed, older checkpoints not pruned yet
+        ("time:1", 1.3),  # anywhere: loading, a step, a write
+        ("tmpfile:adapter/:2", None),  # half of the final adapter's weights written
     ]
     result = harness.run_harness(tmp_path, steps=7, plans=plans, log=lambda message: None)
     assert result["kills"] == len(plans)

@@ -25,7 +25,9 @@ def _check_outputs(out, heads, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["heads"] == heads == len(report["heads"])
     assert report["adapter"] == "known"
-    assert all(head["gamma_q_adapter"] > 0 and head["label"] in ("low-rank", "transition", "exact") for head in report["heads"])
+    assert all(
+        head["gamma_q_adapter"] > 0 and head["label"] in ("low-rank", "transition", "exact") for head in report["heads"]
+    )
     assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return report
 
@@ -36,8 +38,25 @@ def test_analyze_embedded_lm_with_adapter(tmp_path, capsys):
     model, _ = load_embedded_lm()
     adapter = _save_random_lora(model, ["q_proj", "k_proj", "v_proj"], tmp_path / "adapter")
     out = tmp_path / "lm"
-    code = main(["analyze", "--model", "embedded-lm", "--adapter", str(adapter), "--batches", "2", "--batch-size", "2",
-                 "--seq-len", "64", "--out", str(out), "--device", "cpu"])
+    code = main(
+        [
+            "analyze",
+            "--model",
+            "embedded-lm",
+            "--adapter",
+            str(adapter),
+            "--batches",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "64",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     report = _check_outputs(out, 16, capsys)  # 4 layers x 4 heads
     assert report["metadata"]["seq_len"] == 64 and report["batches"] == 2
@@ -50,8 +69,25 @@ def test_analyze_embedded_sd_with_adapter(tmp_path, capsys):
     pipe = load_base(device="cpu")
     adapter = _save_random_lora(pipe.unet, ["to_q", "to_k"], tmp_path / "adapter")
     out = tmp_path / "sd"
-    code = main(["analyze", "--model", "embedded-sd", "--adapter", str(adapter), "--batches", "1", "--batch-size", "1",
-                 "--steps", "2", "--out", str(out), "--device", "cpu"])
+    code = main(
+        [
+            "analyze",
+            "--model",
+            "embedded-sd",
+            "--adapter",
+            str(adapter),
+            "--batches",
+            "1",
+            "--batch-size",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     report = _check_outputs(out, 14 * 8, capsys)  # 7 self + 7 cross attention modules, 8 heads each
     kinds = {head["kind"] for head in report["heads"]}

@@ -1,4 +1,5 @@
-"""`studio chat` / `studio.llm.generate_text`, and the clean STOP-file stop of `studio train-llm`, on the embedded tiny LM (CPU)."""
+"""`studio chat` / `studio.llm.generate_text`, and the clean STOP-file stop of `studio train-llm`,
+on the embedded tiny LM (CPU)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,24 @@ def small_train(tmp_path_factory) -> Path:
 
 
 def train_argv(runs: Path, data: Path, steps: int, *flags: str) -> list[str]:
-    return ["train-llm", str(data), "--runs-dir", str(runs), "--name", "chat", "--steps", str(steps), "--batch-size", "4",
-            "--warmup-steps", "1", "--checkpoint-every", "100", "--cpu", *flags]
+    return [
+        "train-llm",
+        str(data),
+        "--runs-dir",
+        str(runs),
+        "--name",
+        "chat",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "4",
+        "--warmup-steps",
+        "1",
+        "--checkpoint-every",
+        "100",
+        "--cpu",
+        *flags,
+    ]
 
 
 def greedy_without_cache(model, input_ids: torch.Tensor, new_tokens: int, eos: int) -> list[int]:
@@ -59,7 +76,9 @@ def test_chat_with_a_trained_run_is_greedy_decoding_of_base_plus_adapter(tmp_pat
     reply = generate_text(model, tokenizer, QUESTION, max_new_tokens=6)
     # The same reply from a plain argmax loop over the chat-rendered prompt: generate() with its KV
     # cache runs the adapter layers correctly, and the prompt is rendered as in training.
-    text = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+    )
     prompt_ids = torch.tensor([tokenizer(text, add_special_tokens=not text.startswith(tokenizer.bos_token)).input_ids])
     expected = greedy_without_cache(model, prompt_ids, 6, tokenizer.eos_token_id)
     assert reply == tokenizer.decode(expected, skip_special_tokens=True).strip()
@@ -103,6 +122,9 @@ def test_a_stop_file_checkpoints_and_resume_finishes(tmp_path, small_train, monk
     assert (run_dir / "checkpoints" / "step-00000002").is_dir() and not (run_dir / STOP_FILE).exists()
     monkeypatch.setattr(ProgressPrinter, "__call__", original)
     assert main(["train-llm", "--resume", str(run_dir)]) == 0
-    steps = [json.loads(line)["step"] for line in (run_dir / "logs" / "events.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "step"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (run_dir / "logs" / "events.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "step"
+    ]
     assert steps == [1, 2, 3, 4] and json.loads((run_dir / "run.json").read_text())["status"] == "finished"

@@ -54,8 +54,25 @@ def test_train_content_on_a_user_folder_with_a_trigger_template(tmp_path):
     data.mkdir()
     for source in sorted((ASSETS / "sets" / "content-moon").glob("*.png"))[:4]:
         shutil.copy(source, data / source.name)
-    code = main(["train-content", str(data), "--template", "a {trigger}", "--trigger", "moon", "--method", "paca",
-                 "--rank", "8", "--runs-dir", str(tmp_path / "runs"), "--name", "my moon", *FAST])
+    code = main(
+        [
+            "train-content",
+            str(data),
+            "--template",
+            "a {trigger}",
+            "--trigger",
+            "moon",
+            "--method",
+            "paca",
+            "--rank",
+            "8",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--name",
+            "my moon",
+            *FAST,
+        ]
+    )
     assert code == 0
     run = only_run(tmp_path / "runs")
     assert run.name == "my-moon"
@@ -78,21 +95,88 @@ def test_generate_compose_export_and_b4m(tmp_path):
     assert main(["train-content", "--runs-dir", str(runs), "--name", "content", *FAST]) == 0
 
     out = tmp_path / "generated.png"
-    assert main(["generate", "--prompt", "a star in neon style", "--adapter", f"{runs / 'style'}:0.8",
-                 "--steps", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                "a star in neon style",
+                "--adapter",
+                f"{runs / 'style'}:0.8",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.is_file()
     composed = tmp_path / "composed.png"
-    assert main(["compose", "--content", str(runs / "content"), "--style", str(runs / "style"),
-                 "--prompt", "a moon in neon style", "--prompt", "a moon", "--steps", "2", "--out", str(composed)]) == 0
+    assert (
+        main(
+            [
+                "compose",
+                "--content",
+                str(runs / "content"),
+                "--style",
+                str(runs / "style"),
+                "--prompt",
+                "a moon in neon style",
+                "--prompt",
+                "a moon",
+                "--steps",
+                "2",
+                "--out",
+                str(composed),
+            ]
+        )
+        == 0
+    )
     assert composed.is_file()
 
-    assert main(["break-for-make", "--runs-dir", str(runs), "--name", "b4m", "--break-steps", "2", "--make-steps", "1",
-                 "--batch-size", "2", "--rank", "4", "--riemannian"]) == 0
+    assert (
+        main(
+            [
+                "break-for-make",
+                "--runs-dir",
+                str(runs),
+                "--name",
+                "b4m",
+                "--break-steps",
+                "2",
+                "--make-steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--rank",
+                "4",
+                "--riemannian",
+            ]
+        )
+        == 0
+    )
     b4m_run = runs / "b4m"
     assert (b4m_run / "b4m" / "b4m.json").is_file() and (b4m_run / "samples" / "final.png").is_file()
     assert json.loads((b4m_run / "b4m" / "b4m.json").read_text())["config"]["riemannian"] is True
-    assert main(["compose", "--b4m", str(b4m_run), "--prompt", "a moon in neon style", "--steps", "2",
-                 "--style-weight", "1.2", "--out", str(tmp_path / "b4m.png")]) == 0
+    assert (
+        main(
+            [
+                "compose",
+                "--b4m",
+                str(b4m_run),
+                "--prompt",
+                "a moon in neon style",
+                "--steps",
+                "2",
+                "--style-weight",
+                "1.2",
+                "--out",
+                str(tmp_path / "b4m.png"),
+            ]
+        )
+        == 0
+    )
 
     # As if killed during the style break: only the content break survives; --resume finishes the run
     # with the same joint adapter.
@@ -129,7 +213,8 @@ def test_diffusers_load_lora_weights_gives_the_same_images_as_our_pipeline(tmp_p
     theirs.load_lora_weights(str(tmp_path / "exported"))
     base = load_base("embedded", device="cpu")
     prompts = ["a star in neon style"]
-    ours_image, theirs_image, base_image = (np.asarray(generate(p, prompts, seed=3, steps=3)[0], dtype=np.float32)
-                                            for p in (ours, theirs, base))
+    ours_image, theirs_image, base_image = (
+        np.asarray(generate(p, prompts, seed=3, steps=3)[0], dtype=np.float32) for p in (ours, theirs, base)
+    )
     assert np.abs(ours_image - theirs_image).max() <= 2  # same picture, up to uint8 rounding
     assert np.abs(ours_image - base_image).max() > 2  # and the adapter does change it

@@ -29,8 +29,24 @@ def small_data(tmp_path_factory) -> tuple[Path, Path]:
 
 def train(tmp_path: Path, small_data, *flags: str, steps: int = 3) -> Path:
     train_file, test_file = small_data
-    code = main(["train-llm", str(train_file), "--eval", str(test_file), "--runs-dir", str(tmp_path / "runs"),
-                 "--steps", str(steps), "--batch-size", "4", "--warmup-steps", "1", "--cpu", *flags])
+    code = main(
+        [
+            "train-llm",
+            str(train_file),
+            "--eval",
+            str(test_file),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--steps",
+            str(steps),
+            "--batch-size",
+            "4",
+            "--warmup-steps",
+            "1",
+            "--cpu",
+            *flags,
+        ]
+    )
     assert code == 0
     runs = sorted((tmp_path / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
     return runs[-1]
@@ -100,8 +116,22 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path,
 
     monkeypatch.setattr(ProgressPrinter, "__call__", interrupt)
     train_file, test_file = small_data
-    argv = ["train-llm", str(train_file), "--eval", str(test_file), "--runs-dir", str(tmp_path / "b"), "--steps", "5",
-            "--batch-size", "4", "--warmup-steps", "1", "--cpu", *flags]
+    argv = [
+        "train-llm",
+        str(train_file),
+        "--eval",
+        str(test_file),
+        "--runs-dir",
+        str(tmp_path / "b"),
+        "--steps",
+        "5",
+        "--batch-size",
+        "4",
+        "--warmup-steps",
+        "1",
+        "--cpu",
+        *flags,
+    ]
     assert main(argv) == 130
     interrupted = next((tmp_path / "b").iterdir())
     assert json.loads((interrupted / "run.json").read_text())["status"] == "interrupted"
@@ -115,7 +145,10 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path,
     a = read_safetensors(straight / "adapter" / "default" / "adapter_model.safetensors")
     b = read_safetensors(interrupted / "adapter" / "default" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((interrupted / "run.json").read_text())["after"] == json.loads((straight / "run.json").read_text())["after"]
+    assert (
+        json.loads((interrupted / "run.json").read_text())["after"]
+        == json.loads((straight / "run.json").read_text())["after"]
+    )
 
 
 @pytest.mark.parametrize("method", ["lora", "paca"])
@@ -144,8 +177,19 @@ def test_malformed_jsonl_is_reported_by_line_and_can_be_skipped(tmp_path, small_
     rows[6] = '["not", "an", "object"]'  # line 7
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(rows) + "\n")
-    argv = ["train-llm", str(bad), "--runs-dir", str(tmp_path / "runs"), "--steps", "1", "--batch-size", "2", "--cpu",
-            "--eval", str(small_data[1])]
+    argv = [
+        "train-llm",
+        str(bad),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--cpu",
+        "--eval",
+        str(small_data[1]),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "3 malformed line(s)" in err and "line 2: invalid JSON" in err and "line 4:" in err and "line 7:" in err
@@ -170,9 +214,12 @@ def test_method_model_mismatch_fails_before_any_weight_loads(tmp_path, small_dat
     assert main([*argv, "--targets", "q_proj"]) == 2
     assert "q_proj" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
-    for flags, message in ((["--load-in-4bit"], "needs a CUDA GPU"), (["--optimizer", "adamw8bit"], "needs a CUDA GPU"),
-                           (["--method", "spt", "--loram-ratio", "0.3"], "LoRAM recovers lora, paca"),
-                           (["--method", "compacter", "--save-merged"], "cannot be merged")):
+    for flags, message in (
+        (["--load-in-4bit"], "needs a CUDA GPU"),
+        (["--optimizer", "adamw8bit"], "needs a CUDA GPU"),
+        (["--method", "spt", "--loram-ratio", "0.3"], "LoRAM recovers lora, paca"),
+        (["--method", "compacter", "--save-merged"], "cannot be merged"),
+    ):
         assert main(["train-llm", str(small_data[0]), "--runs-dir", str(tmp_path / "runs"), "--cpu", *flags]) == 2
         assert message in capsys.readouterr().err
 
@@ -185,8 +232,14 @@ def test_chat_rows_put_the_loss_on_assistant_tokens_only():
     example = encode_row({"instruction": "mira has 2 cakes", "response": "4"}, tokenizer)
     learned = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE]
     assert tokenizer.convert_ids_to_tokens(learned) == ["4", "</s>"]
-    chat = {"messages": [{"role": "user", "content": "how many cakes ?"}, {"role": "assistant", "content": "3"},
-                         {"role": "user", "content": "how many soup ?"}, {"role": "assistant", "content": "5"}]}
+    chat = {
+        "messages": [
+            {"role": "user", "content": "how many cakes ?"},
+            {"role": "assistant", "content": "3"},
+            {"role": "user", "content": "how many soup ?"},
+            {"role": "assistant", "content": "5"},
+        ]
+    }
     example = encode_row(chat, tokenizer)
     learned = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE]
     assert tokenizer.convert_ids_to_tokens(learned) == ["3", "</s>", "5", "</s>"]
@@ -202,14 +255,50 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path, small_data):
     `accelerate launch --cpu` starts several processes only through MPI; torchrun (`--multi_gpu`) starts
     them anywhere, and the trainer's own --cpu makes accelerate pick MULTI_CPU (gloo)."""
     train_file, test_file = small_data
-    common = [str(train_file), "--eval", str(test_file), "--steps", "4", "--warmup-steps", "1", "--cpu",
-              "--method", "paca", "--checkpoint-every", "100"]
+    common = [
+        str(train_file),
+        "--eval",
+        str(test_file),
+        "--steps",
+        "4",
+        "--warmup-steps",
+        "1",
+        "--cpu",
+        "--method",
+        "paca",
+        "--checkpoint-every",
+        "100",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     launched = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "studio.cli", "train-llm", *common,
-         "--batch-size", "2", "--runs-dir", str(tmp_path / "two")],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "studio.cli",
+            "train-llm",
+            *common,
+            "--batch-size",
+            "2",
+            "--runs-dir",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "MULTI_CPU" in launched.stdout
     assert main(["train-llm", *common, "--batch-size", "4", "--runs-dir", str(tmp_path / "one")]) == 0
@@ -233,8 +322,9 @@ def test_chunked_loss_equals_the_full_logits_loss_and_its_gradients():
     targets = torch.randint(0, 29, (3, 11))
     targets[0, :4] = IGNORE  # a prompt without loss
     targets[2, -3:] = IGNORE  # padding
-    reference = torch.nn.functional.cross_entropy(head(hidden).reshape(-1, 29), targets.reshape(-1), ignore_index=IGNORE,
-                                                  reduction="sum")
+    reference = torch.nn.functional.cross_entropy(
+        head(hidden).reshape(-1, 29), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     reference_grads = torch.autograd.grad(reference, (hidden, head.weight))
     for chunk in (1, 4, 7, 1000):
         chunked = chunked_token_loss_sum(hidden, head, targets, chunk)

@@ -21,13 +21,16 @@ def test_help_documents_the_recipe_and_the_reproducing_commands(capsys):
     assert "round trips" in text  # why the judges come after sd
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--stages", "sd,paint"], "unknown stage"),
-    (["--set", "sd_stepz=3"], "KEY=VALUE"),
-    (["--set", "sd_steps=many"], "not a valid int"),
-    # The judge is fitted to the sd stage's VAE: without one the stage says how to get one.
-    (["--stages", "judges"], "run the sd stage first"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--stages", "sd,paint"], "unknown stage"),
+        (["--set", "sd_stepz=3"], "KEY=VALUE"),
+        (["--set", "sd_steps=many"], "not a valid int"),
+        # The judge is fitted to the sd stage's VAE: without one the stage says how to get one.
+        (["--stages", "judges"], "run the sd stage first"),
+    ],
+)
 def test_bad_recipe_input_is_one_line(argv, message, tmp_path, capsys):
     assert main(["pretrain-base", "--out", str(tmp_path), "--device", "cpu", *argv]) == 2
     assert message in capsys.readouterr().err
@@ -36,8 +39,25 @@ def test_bad_recipe_input_is_one_line(argv, message, tmp_path, capsys):
 def test_toy_recipe_runs_every_stage_and_reloads(tmp_path):
     from pipelines import load_base, load_embedded_lm
 
-    code = main(["pretrain-base", "--scale", "toy", "--out", str(tmp_path), "--device", "cpu", "--workers", "1",
-                 "--set", "sd_images=32", "--set", "judge_images=64", "--set", "sanity_prompts=1"])
+    code = main(
+        [
+            "pretrain-base",
+            "--scale",
+            "toy",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--workers",
+            "1",
+            "--set",
+            "sd_images=32",
+            "--set",
+            "judge_images=64",
+            "--set",
+            "sanity_prompts=1",
+        ]
+    )
     assert code == 0
     for folder in ("tiny-sd", "tiny-lm", "judges"):
         record = json.loads((tmp_path / folder / "training.json").read_text())
@@ -54,9 +74,32 @@ def test_toy_recipe_runs_every_stage_and_reloads(tmp_path):
     model, tokenizer = load_embedded_lm(tmp_path / "tiny-lm")
     assert model.config.vocab_size == len(tokenizer)
     # A second phase continues the saved model instead of starting over.
-    assert main(["pretrain-base", "--scale", "toy", "--stages", "sd", "--out", str(tmp_path), "--device", "cpu",
-                 "--workers", "1", "--set", "sd_images=32", "--set", "sd_init=same", "--set", "vae_steps=0",
-                 "--set", "sanity_prompts=1"]) == 0
+    assert (
+        main(
+            [
+                "pretrain-base",
+                "--scale",
+                "toy",
+                "--stages",
+                "sd",
+                "--out",
+                str(tmp_path),
+                "--device",
+                "cpu",
+                "--workers",
+                "1",
+                "--set",
+                "sd_images=32",
+                "--set",
+                "sd_init=same",
+                "--set",
+                "vae_steps=0",
+                "--set",
+                "sanity_prompts=1",
+            ]
+        )
+        == 0
+    )
     record = json.loads((tmp_path / "tiny-sd" / "training.json").read_text())
     # The kept VAE is the one the judge was fitted to, so this stage checks prompt following itself.
     assert "continued_from" in record and "guidance_5.0" in record["sanity"]

@@ -17,14 +17,26 @@ import pytest
 from ui_server import PASSWORD, USER, studio_ui
 
 CHROMIUM = os.environ.get("STUDIO_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 pytest.importorskip("gradio", reason="the UI needs gradio: pip install 'peft-studio[ui]'")
-sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright: pip install playwright")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="the browser test needs playwright: pip install playwright"
+)
 if not Path(CHROMIUM).is_file():
-    pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium (apt-get install chromium), as .ci/setup does",
-                allow_module_level=True)
+    pytest.skip(
+        f"no Chromium at {CHROMIUM}: install Debian's chromium (apt-get install chromium), as .ci/setup does",
+        allow_module_level=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +157,9 @@ def test_every_tab_works_in_the_browser(server, page, tmp_path):
     reply = page.locator("#llm-chat-reply textarea")
     expect(reply).not_to_have_value("", timeout=90_000)
     assert reply.input_value().strip()  # the tiny LM + its new adapter answered something
-    assert (server["root"] / "ws" / "runs" / "browser-llm" / "adapter" / "default" / "adapter_model.safetensors").is_file()
+    assert (
+        server["root"] / "ws" / "runs" / "browser-llm" / "adapter" / "default" / "adapter_model.safetensors"
+    ).is_file()
     screenshot(page, tmp_path, "llm")
 
     page.get_by_role("tab", name="Analyze").click()

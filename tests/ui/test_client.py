@@ -28,12 +28,28 @@ def client(server):
 
 def style_form(rank: int, seed: int) -> dict:
     """The training form's fields, named as the API names them (after their labels)."""
-    return {"what_to_learn": "style", "training_images": "demo set", "shipped_demo_set": "style-neon",
-            "images_with_txt_captions_or_a_metadata_j": None, "run_name_optional": "twin",
-            "prompt_template_optional": "", "trigger_word_optional": "", "method": "lora", "rank_r": rank,
-            "alpha": float(rank), "other_hyperparameters_key_value_per_line": "targets=[to_q, to_v]", "steps": 2,
-            "batch_size": 1, "learning_rate": 3e-3, "lr_schedule": "constant", "seed": seed, "checkpoint_every": 100,
-            "sample_every_0_at_the_end": 0, "sample_prompts_one_per_line": "a star in neon style", "sample_steps": 1}
+    return {
+        "what_to_learn": "style",
+        "training_images": "demo set",
+        "shipped_demo_set": "style-neon",
+        "images_with_txt_captions_or_a_metadata_j": None,
+        "run_name_optional": "twin",
+        "prompt_template_optional": "",
+        "trigger_word_optional": "",
+        "method": "lora",
+        "rank_r": rank,
+        "alpha": float(rank),
+        "other_hyperparameters_key_value_per_line": "targets=[to_q, to_v]",
+        "steps": 2,
+        "batch_size": 1,
+        "learning_rate": 3e-3,
+        "lr_schedule": "constant",
+        "seed": seed,
+        "checkpoint_every": 100,
+        "sample_every_0_at_the_end": 0,
+        "sample_prompts_one_per_line": "a star in neon style",
+        "sample_steps": 1,
+    }
 
 
 def poll_until_done(clients: list, endpoint: str, timeout: float = 240) -> list[tuple]:
@@ -53,8 +69,11 @@ def test_two_clients_train_at_once_into_separate_correct_runs(server):
     alice, bob = client(server), client(server)
     ranks, seeds = (2, 3), (0, 1)
     with ThreadPoolExecutor(2) as pool:  # both press "Start" at the same moment, asking for the same run name
-        starts = list(pool.map(lambda c, r, s: c.predict(**style_form(r, s), api_name="/start_training"),
-                               (alice, bob), ranks, seeds))
+        starts = list(
+            pool.map(
+                lambda c, r, s: c.predict(**style_form(r, s), api_name="/start_training"), (alice, bob), ranks, seeds
+            )
+        )
     names = [re.search(r"queued \*\*(.+?)\*\*", status).group(1) for status, *_ in starts]
     assert sorted(names) == ["twin", "twin-2"], starts  # one folder each, nobody refused or overwritten
     polls = poll_until_done([alice, bob], "/poll_training")
@@ -76,30 +95,53 @@ def test_two_clients_train_at_once_into_separate_correct_runs(server):
     # --max-jobs 2: both worker processes were started before either run ended (each job log's first
     # line says when its process started; run.json's times would race on a loaded machine, where
     # one 2-step run can finish before the other process is done importing)
-    launched = [float(re.search(r"job started .*\(unix ([0-9.]+)\)", log.read_text()).group(1))
-              for log in sorted((server.workspace / "jobs").glob("*.log"))]
+    launched = [
+        float(re.search(r"job started .*\(unix ([0-9.]+)\)", log.read_text()).group(1))
+        for log in sorted((server.workspace / "jobs").glob("*.log"))
+    ]
     assert len(launched) == 2 and max(launched) < min(ends), (launched, ends)
 
 
 def test_the_llm_tab_trains_and_its_chat_answers(server):
     user = client(server)
-    form = {"training_data": "embedded task", "training_jsonl_text_instruction_response": None,
-            "held_out_jsonl_optional_rows_with_choice": None, "run_name_optional": "client-llm", "method": "lora",
-            "rank_r": 4, "alpha": 8.0, "loram_ratio_0_off_lora_paca": 0, "other_hyperparameters_key_value_per_line": "",
-            "also_export_in_peft_format_export_peft": False, "steps": 3, "batch_size": 4, "learning_rate": 3e-3,
-            "lr_schedule": "cosine", "warm_up_steps": 1, "max_length_tokens": 64, "seed": 0, "checkpoint_every": 100}
+    form = {
+        "training_data": "embedded task",
+        "training_jsonl_text_instruction_response": None,
+        "held_out_jsonl_optional_rows_with_choice": None,
+        "run_name_optional": "client-llm",
+        "method": "lora",
+        "rank_r": 4,
+        "alpha": 8.0,
+        "loram_ratio_0_off_lora_paca": 0,
+        "other_hyperparameters_key_value_per_line": "",
+        "also_export_in_peft_format_export_peft": False,
+        "steps": 3,
+        "batch_size": 4,
+        "learning_rate": 3e-3,
+        "lr_schedule": "cosine",
+        "warm_up_steps": 1,
+        "max_length_tokens": 64,
+        "seed": 0,
+        "checkpoint_every": 100,
+    }
     status, command, yaml_text = user.predict(**form, api_name="/start_llm")
     assert "queued **client-llm**" in status and command.startswith("studio train-llm --runs-dir ")
     assert "method: lora" in yaml_text and "steps: 3" in yaml_text
-    (status, plot, metrics, log, _), = poll_until_done([user], "/poll_llm")
+    ((status, plot, metrics, log, _),) = poll_until_done([user], "/poll_llm")
     assert "**finished** · step 3 / 3" in status, (status, log)
     assert "| task_add_test/loss |" in metrics and "before" in metrics and "after" in metrics
     assert len(plot["data"]) == 3  # the loss curve: one point a step
     run_dir = server.workspace / "runs" / "client-llm"
     assert (run_dir / "adapter" / "default" / "adapter_model.safetensors").is_file()
 
-    reply, chat_command = user.predict(run="client-llm", prompt="mira lives in", chat_template_as_training_renders_instru=False,
-                                       max_new_tokens=6, temperature_0_greedy=0.0, api_name="/chat")
+    reply, chat_command = user.predict(
+        run="client-llm",
+        prompt="mira lives in",
+        chat_template_as_training_renders_instru=False,
+        max_new_tokens=6,
+        temperature_0_greedy=0.0,
+        api_name="/chat",
+    )
     assert isinstance(reply, str) and reply.strip() and not reply.startswith("(an empty reply")
     assert chat_command.startswith(f"studio chat {run_dir} --prompt 'mira lives in'")
 

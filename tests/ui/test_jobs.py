@@ -16,9 +16,23 @@ from studio.runs import Run
 from ui.jobs import STOP_FILE, JobManager
 from ui.progress import events_of
 
-TINY = ["--steps", "2", "--batch-size", "1", "--checkpoint-every", "1", "--targets", "to_q", "to_v", "--rank", "2",
-        "--sample-prompts", "a star in neon style",
-        "--sample-steps", "1"]
+TINY = [
+    "--steps",
+    "2",
+    "--batch-size",
+    "1",
+    "--checkpoint-every",
+    "1",
+    "--targets",
+    "to_q",
+    "to_v",
+    "--rank",
+    "2",
+    "--sample-prompts",
+    "a star in neon style",
+    "--sample-steps",
+    "1",
+]
 
 
 @pytest.fixture
@@ -29,8 +43,11 @@ def manager(tmp_path):
 
 
 def layout(run_dir: Path) -> list[str]:
-    return sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.name != "tensorboard"
-                  and "tensorboard" not in p.parts)
+    return sorted(
+        p.relative_to(run_dir).as_posix()
+        for p in run_dir.rglob("*")
+        if p.name != "tensorboard" and "tensorboard" not in p.parts
+    )
 
 
 def test_stop_file_names_agree():
@@ -39,8 +56,11 @@ def test_stop_file_names_agree():
 
 def test_a_job_makes_the_run_folder_the_cli_makes(tmp_path, manager):
     assert studio_main(["train-style", "--runs-dir", str(tmp_path / "cli"), "--name", "neon", *TINY]) == 0
-    job = manager.submit(["train-style", "--runs-dir", str(tmp_path / "ui"), "--name", "neon", *TINY],
-                         run_dir=tmp_path / "ui" / "neon", stoppable=True)
+    job = manager.submit(
+        ["train-style", "--runs-dir", str(tmp_path / "ui"), "--name", "neon", *TINY],
+        run_dir=tmp_path / "ui" / "neon",
+        stoppable=True,
+    )
     job = manager.wait(job.id, timeout=120)
     assert job.status == "finished", job.log_tail()
     cli, ui = tmp_path / "cli" / "neon", tmp_path / "ui" / "neon"
@@ -58,9 +78,28 @@ def test_a_job_makes_the_run_folder_the_cli_makes(tmp_path, manager):
 
 def test_cancel_checkpoints_and_resume_finishes(tmp_path, manager):
     run_dir = tmp_path / "runs" / "cancel-me"
-    argv = ["train-style", "--runs-dir", str(tmp_path / "runs"), "--name", "cancel-me", "--steps", "8", "--batch-size", "1",
-            "--checkpoint-every", "100", "--targets", "to_q", "to_v", "--rank", "2", "--sample-prompts", "a star in neon style",
-            "--sample-steps", "1"]
+    argv = [
+        "train-style",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--name",
+        "cancel-me",
+        "--steps",
+        "8",
+        "--batch-size",
+        "1",
+        "--checkpoint-every",
+        "100",
+        "--targets",
+        "to_q",
+        "to_v",
+        "--rank",
+        "2",
+        "--sample-prompts",
+        "a star in neon style",
+        "--sample-steps",
+        "1",
+    ]
     job = manager.submit(argv, run_dir=run_dir, stoppable=True)
     deadline = time.monotonic() + 90
     while not ((run_dir / "run.json").is_file() and Run(run_dir).info.get("step", 0) >= 1):  # progress appears

@@ -56,11 +56,19 @@ def test_run_names_from_the_browser_never_leave_the_runs_folder(tmp_path, studio
 def test_uploads_are_checked_sanitised_and_validated_like_the_cli(studio):
     ws = studio.workspace
     limits = UploadLimits(max_file_bytes=10_000, max_files=4)
-    files = [uploaded(ws, "my cat.png"), uploaded(ws, "my cat.txt", b"a cat"),
-             uploaded(ws, "two.png", colour=(0, 0, 255)), uploaded(ws, "two.txt", b"a blue square")]
+    files = [
+        uploaded(ws, "my cat.png"),
+        uploaded(ws, "my cat.txt", b"a cat"),
+        uploaded(ws, "two.png", colour=(0, 0, 255)),
+        uploaded(ws, "two.txt", b"a blue square"),
+    ]
     folder = ws.ingest_upload(files, limits, label="../../style")
-    assert folder.parent == ws.uploads and sorted(p.name for p in folder.iterdir()) == ["my-cat.png", "my-cat.txt",
-                                                                                       "two.png", "two.txt"]
+    assert folder.parent == ws.uploads and sorted(p.name for p in folder.iterdir()) == [
+        "my-cat.png",
+        "my-cat.txt",
+        "two.png",
+        "two.txt",
+    ]
     assert ui_cmd.validate_dataset(folder) == (2, [])
 
     refusals = {
@@ -87,15 +95,31 @@ def test_a_bad_upload_is_refused_before_any_job_and_cleaned_up(studio):
 
 
 def form_options(**changes):
-    values = {"template": "", "trigger": "", "method": "lora", "rank": 2, "alpha": 2.0, "extra": "", "steps": 2,
-              "batch_size": 1, "learning_rate": 1e-3, "lr_schedule": "constant", "seed": 0, "checkpoint_every": 100,
-              "sample_every": 0, "sample_prompts": "a star in neon style", "sample_steps": 1}
+    values = {
+        "template": "",
+        "trigger": "",
+        "method": "lora",
+        "rank": 2,
+        "alpha": 2.0,
+        "extra": "",
+        "steps": 2,
+        "batch_size": 1,
+        "learning_rate": 1e-3,
+        "lr_schedule": "constant",
+        "seed": 0,
+        "checkpoint_every": 100,
+        "sample_every": 0,
+        "sample_prompts": "a star in neon style",
+        "sample_steps": 1,
+    }
     values.update(changes)
     return list(values.values())
 
 
 def test_the_form_becomes_the_cli_command_and_yaml(studio):
-    command, yaml_text = studio.preview_training("content", "demo set", "content-moon", "", *form_options(extra="dropout=0.1"))
+    command, yaml_text = studio.preview_training(
+        "content", "demo set", "content-moon", "", *form_options(extra="dropout=0.1")
+    )
     assert command.startswith("studio train-content ") and "content-moon" in command and "--set dropout=0.1" in command
     assert "dropout: 0.1" in yaml_text and "steps: 2" in yaml_text
     command, _ = studio.preview_training("style", "demo set", "style-neon", "", *form_options(learning_rate=-1))
@@ -144,9 +168,22 @@ def test_tabs_follow_the_commands_that_exist():
 
 
 def llm_options(**changes):
-    values = {"method": "lora", "rank": 4, "alpha": 8.0, "loram_ratio": 0, "extra": "", "export_peft": False, "steps": 2,
-              "batch_size": 4, "learning_rate": 3e-3, "lr_schedule": "cosine", "warmup_steps": 1, "max_length": 64,
-              "seed": 0, "checkpoint_every": 100}
+    values = {
+        "method": "lora",
+        "rank": 4,
+        "alpha": 8.0,
+        "loram_ratio": 0,
+        "extra": "",
+        "export_peft": False,
+        "steps": 2,
+        "batch_size": 4,
+        "learning_rate": 3e-3,
+        "lr_schedule": "cosine",
+        "warmup_steps": 1,
+        "max_length": 64,
+        "seed": 0,
+        "checkpoint_every": 100,
+    }
     values.update(changes)
     return list(values.values())
 
@@ -174,15 +211,23 @@ def test_llm_uploads_and_options_are_checked_before_any_job(studio):
     good = uploaded(ws, "my data.jsonl", b'{"instruction": "hi", "response": "hello"}\n{"text": "plain"}\n')
     bad = uploaded(ws, "bad.jsonl", b'{"instruction": "hi"}\nnot json\n')
     refusals = [
-        ("line 1: an \"instruction\" row needs a \"response\"; line 2: invalid JSON", ("upload", bad, None, llm_options())),
+        ('line 1: an "instruction" row needs a "response"; line 2: invalid JSON', ("upload", bad, None, llm_options())),
         ("not accepted", ("upload", uploaded(ws, "data.txt", b"hello"), None, llm_options())),
         ("outside the workspace", ("upload", "/etc/hostname", None, llm_options())),
         ("no file uploaded", ("upload", None, None, llm_options())),
-        ("LoRAM recovers lora, paca adapters only", ("upload", good, None, llm_options(method="corda", loram_ratio=0.5))),
-        ("cannot be merged|no exact low-rank form", ("upload", good, None, llm_options(method="compacter", export_peft=True))),
+        (
+            "LoRAM recovers lora, paca adapters only",
+            ("upload", good, None, llm_options(method="corda", loram_ratio=0.5)),
+        ),
+        (
+            "cannot be merged|no exact low-rank form",
+            ("upload", good, None, llm_options(method="compacter", export_peft=True)),
+        ),
     ]
     for message, (source, train_file, eval_file, options) in refusals:
-        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)") if "|" not in message else message):
+        with pytest.raises(
+            UserError, match=message.replace("(", r"\(").replace(")", r"\)") if "|" not in message else message
+        ):
             studio.start_llm(source, train_file, eval_file, "", *options)
     assert list(ws.uploads.iterdir()) == [] and studio.jobs.jobs() == []  # refused uploads are deleted, nothing queued
 

@@ -1,4 +1,5 @@
-"""A real `studio ui` server in a subprocess, shared by the browser and gradio_client tests (imported as `ui_server`)."""
+"""A real `studio ui` server in a subprocess, shared by the browser and gradio_client tests
+(imported as `ui_server`)."""
 
 from __future__ import annotations
 
@@ -41,9 +42,25 @@ def studio_ui(root: Path, *flags: str) -> Iterator[Server]:
     port = free_port()
     log = open(root / "server.log", "w")  # noqa: SIM115
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    process = subprocess.Popen([sys.executable, "-m", "studio.cli", "ui", "--port", str(port), "--workspace",
-                                str(root / "ws"), "--auth-file", str(root / "users.txt"), *flags],
-                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[2])
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "studio.cli",
+            "ui",
+            "--port",
+            str(port),
+            "--workspace",
+            str(root / "ws"),
+            "--auth-file",
+            str(root / "users.txt"),
+            *flags,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     deadline = time.monotonic() + 90
     while True:
         try:
