@@ -4,7 +4,19 @@ from peft_core import attach, load, LoraConfig, PacaConfig
 handle = attach(model, PacaConfig(targets=["all-linear"], r=16))
 """
 
-from peft_core.config import AdapterConfig, available_methods, config_from_dict, get_method, register_method
+# Importing the methods package registers every built-in method (peft_core.config's registry), and
+# importing any peft_core module runs this file first, so the registry is complete before any use.
+import peft_core.methods  # noqa: F401
+from peft_core.config import (
+    AdapterConfig,
+    Capabilities,
+    available_methods,
+    config_from_dict,
+    get_method,
+    methods_with,
+    register_method,
+    trainer_defaults,
+)
 from peft_core.errors import AdapterError
 from peft_core.layer import AdaptedModule, Adapter
 from peft_core.methods.compacter import CompacterConfig
@@ -21,6 +33,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterError",
     "AdapterHandle",
+    "Capabilities",
     "CompacterConfig",
     "CordaConfig",
     "LoraConfig",
@@ -34,7 +47,9 @@ __all__ = [
     "get_method",
     "load",
     "make_joint",
+    "methods_with",
     "precondition_gradients",
     "read_adapter_config",
     "register_method",
+    "trainer_defaults",
 ]

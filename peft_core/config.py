@@ -4,6 +4,10 @@ Every method has a config dataclass deriving from `AdapterConfig`. The registry 
 name ("lora", "paca", ...) to its config class and its adapter class, so a config written as
 JSON/YAML (a plain dict with a "method" key) comes back as the right dataclass, and the CLI/UI
 can list methods without knowing them. Unknown keys and wrong types are errors naming the key.
+
+What a method can do (layer types, merge, quantized base, LoRA export, LoRAM recovery, trainer
+defaults) is its `Capabilities`, declared next to its `register_method` line; the trainers, CLI and UI
+read `get_method(name).capabilities` (or `trainer_defaults` / `methods_with`), never tables of names.
 """
 
 from __future__ import annotations
@@ -11,11 +15,21 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from peft_core.errors import AdapterError
+
+if TYPE_CHECKING:
+    import torch
+
+TRAINERS = ("llm", "diffusion")  # the trainer kinds `Capabilities.trainer_defaults` may name
+PLACEMENTS = ("projections", "sublayer_outputs")  # values of `Capabilities.placement`
+# How LoRAM maps one module's adapter tensors, trained on the pruned model, back to the full shapes:
+# (state: tensor name -> tensor, entry: a peft_core.methods.loram.PrunedModule) -> the full-shape state.
+LoramRecovery = Callable[[dict[str, "torch.Tensor"], Any], dict[str, "torch.Tensor"]]
 
 
 @dataclass
@@ -51,6 +65,53 @@ class AdapterConfig:
         return data
 
 
+@dataclass(frozen=True, kw_only=True)
+class Capabilities:
+    """What a method can do, declared once, next to its `register_method` line.
+
+    The contract suite (tests/peft_core/test_contract.py) checks every declaration against the code.
+
+    wraps: the module types the adapter wraps (`isinstance` checks; `peft_core.layer.NormLayer`
+        stands for normalization layers recognised by structure). Targets of other types are errors.
+    mergeable: `handle.merge()` folds it into the base weights (exactly, and unmerge restores them).
+    quantized_base: trains on a bitsandbytes 4-bit (NF4/FP4) base layer.
+    lora_export: `handle.export("peft" | "diffusers")` writes it as an exact LoRA (SPT: when it
+        trained no bias, which a LoRA cannot hold).
+    identity_at_init: with the config's defaults, the adapted model starts equal to the base.
+    loram_recovery: how LoRAM (methods/loram.py) scatters one module's tensors, trained on a
+        structurally pruned model, back to the full shapes; None: LoRAM cannot recover this method.
+    placement: "projections" (it wraps the layers it adapts: q/k/v/o, MLP and conv projections) or
+        "sublayer_outputs" (it adds after a sub-layer's output Linear: o_proj / down_proj / to_out.0 /
+        ff.net.2 style; Compacter). Trainers pick their default targets from the model family by it.
+    trainer_defaults: per trainer kind ("llm", "diffusion"), config values over the paper's defaults
+        that the trainer starts from (its scale of models, its usual rank); keys are config fields.
+    note: one line for the UI and --help: what a user must know before picking the method.
+    """
+
+    wraps: tuple[type, ...]
+    mergeable: bool
+    quantized_base: bool
+    lora_export: bool
+    identity_at_init: bool
+    loram_recovery: LoramRecovery | None = None
+    placement: str = "projections"
+    trainer_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.wraps or not all(isinstance(t, type) for t in self.wraps):
+            raise ValueError(f"Capabilities.wraps must be a non-empty tuple of module types, got {self.wraps!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"Capabilities.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        unknown = sorted(set(self.trainer_defaults) - set(TRAINERS))
+        if unknown:
+            raise ValueError(f"Capabilities.trainer_defaults: unknown trainer {unknown[0]!r}; trainers: {TRAINERS}")
+        # Read-only all the way down: a caller changing the defaults it was given must not change the method's.
+        frozen = {trainer: MappingProxyType(dict(values)) for trainer, values in self.trainer_defaults.items()}
+        object.__setattr__(self, "trainer_defaults", MappingProxyType(frozen))
+        object.__setattr__(self, "wraps", tuple(self.wraps))
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
@@ -59,34 +120,69 @@ class MethodSpec:
     # For methods that must look at data first (CorDA, SPT): prepare(model, config, batches, step=None)
     # returns a mapping module name -> what that module's adapter needs; attach(..., prepared=) takes it.
     prepare: Callable[..., Any] | None = None
+    capabilities: Capabilities = field(kw_only=True)
+
+    @property
+    def needs_data(self) -> bool:
+        """The method looks at data before it attaches (it has a `prepare` step)."""
+        return self.prepare is not None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register_method(
-    config_class: type[AdapterConfig], adapter_class: type, prepare: Callable[..., Any] | None = None
+    config_class: type[AdapterConfig],
+    adapter_class: type,
+    prepare: Callable[..., Any] | None = None,
+    *,
+    capabilities: Capabilities,
 ) -> None:
     """Make a method known by its `config_class.method` name.
 
     `prepare`: only for methods that need data before attach; its result goes to attach(..., prepared=).
+    `capabilities`: what the method can do (see `Capabilities`); `trainer_defaults` keys must be config fields.
     """
     name = config_class.method
     if not name:
         raise ValueError(f"{config_class.__name__} must set the class attribute `method`")
-    _REGISTRY[name] = MethodSpec(name, config_class, adapter_class, prepare)
+    fields = {f.name for f in dataclasses.fields(config_class) if f.init}
+    for trainer, values in capabilities.trainer_defaults.items():
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"{name}: trainer_defaults[{trainer!r}] sets {unknown[0]!r}, which is not a config field")
+    # The attribute older callers read (studio); `capabilities.wraps` is the declaration.
+    adapter_class.supported_types = capabilities.wraps
+    _REGISTRY[name] = MethodSpec(name, config_class, adapter_class, prepare, capabilities=capabilities)
 
 
 def available_methods() -> list[str]:
-    _import_builtin_methods()
     return sorted(_REGISTRY)
 
 
 def get_method(name: str) -> MethodSpec:
-    _import_builtin_methods()
+    """The registered method `name`. (Importing peft_core registers the built-in ones: see its __init__.)"""
     if name not in _REGISTRY:
         raise AdapterError(f"unknown method {name!r}; available methods: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
+
+
+def trainer_defaults(method: str, trainer: str) -> dict[str, Any]:
+    """The config values `trainer` ("llm" or "diffusion") starts `method` from, over the paper's defaults."""
+    if trainer not in TRAINERS:
+        raise AdapterError(f"unknown trainer {trainer!r}; trainers: {', '.join(TRAINERS)}")
+    return dict(get_method(method).capabilities.trainer_defaults.get(trainer, {}))
+
+
+def methods_with(capability: str) -> list[str]:
+    """Sorted names of the methods that have `capability`: a `Capabilities` field that is set (a true
+    flag, a LoRAM recovery), or "needs_data"; e.g. methods_with("mergeable"), methods_with("loram_recovery")."""
+    flags = {f.name for f in dataclasses.fields(Capabilities)} - {"wraps", "placement", "trainer_defaults", "note"}
+    if capability == "needs_data":
+        return [name for name in available_methods() if _REGISTRY[name].needs_data]
+    if capability not in flags:
+        raise AdapterError(f"unknown capability {capability!r}; one of: {', '.join(sorted(flags | {'needs_data'}))}")
+    return [name for name in available_methods() if getattr(_REGISTRY[name].capabilities, capability)]
 
 
 def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
@@ -158,8 +254,3 @@ def _conforms(value: Any, expected: Any) -> tuple[bool, Any]:
 
 def _type_name(expected: Any) -> str:
     return getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
-
-
-def _import_builtin_methods() -> None:
-    # Importing the methods package registers every built-in method exactly once.
-    import peft_core.methods  # noqa: F401

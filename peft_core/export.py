@@ -24,30 +24,48 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import re
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from peft_core.errors import AdapterError
-from peft_core.io import write_json, write_safetensors
-from peft_core.model import AdapterHandle
+from peft_core.io import write_safetensors
+from peft_core.lora_format import (
+    EXPORT_DTYPES,
+    PEFT_CONFIG_NAME,
+    PEFT_TASK_TYPES,
+    PEFT_WEIGHTS_NAME,
+    Factors,
+    check_task_type,
+    export_dtype,
+    lora_config_fields,
+    lora_tensors,
+    write_peft_lora,
+)
 
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+if TYPE_CHECKING:
+    from peft_core.model import AdapterHandle
+
+# The PEFT format's names live in peft_core.lora_format and stay importable from here.
+__all__ = [
+    "DIFFUSERS_METADATA_KEY",
+    "DIFFUSERS_WEIGHTS_NAME",
+    "EXPORT_DTYPES",
+    "PEFT_CONFIG_NAME",
+    "PEFT_TASK_TYPES",
+    "PEFT_WEIGHTS_NAME",
+    "Factors",
+    "export_adapter",
+    "export_diffusers",
+    "lora_factors",
+]
+
 DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 # The safetensors header entry diffusers (LORA_ADAPTER_METADATA_KEY) reads each component's LoraConfig from.
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
-PEFT_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-# module name -> (A, B), float32 on CPU. Linear: A (r, in), B (out, r).
-# Conv2d: A (r, in, kh, kw), B (out, r, 1, 1), PEFT's conv LoRA layout.
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def export_adapter(
@@ -98,7 +116,7 @@ def export_diffusers(
 
     A component given as a bare handle exports its adapter "default".
     """
-    directory, dtype = Path(directory), _export_dtype(dtype)
+    directory, dtype = Path(directory), export_dtype(dtype)
     if not components:
         raise AdapterError("export_diffusers: `components` is empty; pass e.g. {'unet': handle}")
     tensors: dict[str, torch.Tensor] = {}
@@ -110,11 +128,11 @@ def export_diffusers(
             )
         handle, name = entry if isinstance(entry, tuple) else (entry, "default")
         factors = lora_factors(handle, name)
-        tensors.update(_lora_tensors(factors, f"{component}.", dtype))
+        tensors.update(lora_tensors(factors, f"{component}.", dtype))
         # diffusers builds each component's LoraConfig verbatim from these component-prefixed keys;
         # without them it guesses lora_alpha from the ranks, which older releases get wrong when
         # ranks differ between modules.
-        config = _lora_config_fields(handle.model, factors)
+        config = lora_config_fields(handle.model, factors)
         lora_metadata.update({f"{component}.{key}": value for key, value in config.items()})
     metadata = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(lora_metadata, indent=2, sort_keys=True)}
     write_safetensors(directory / weight_name, tensors, metadata=metadata)
@@ -133,27 +151,17 @@ def _export_peft(
     base_model_name_or_path: str | None = None,
     dtype: torch.dtype | str = torch.float32,
 ) -> Path:
-    if task_type is not None and task_type not in PEFT_TASK_TYPES:
-        raise AdapterError(
-            f"task_type {task_type!r} is not a PEFT task type; use one of {', '.join(PEFT_TASK_TYPES)} or None"
-        )
-    dtype = _export_dtype(dtype)
+    check_task_type(task_type)  # both before any factor is computed
+    export_dtype(dtype)
     factors = lora_factors(handle, name)
-    config = {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        **_lora_config_fields(handle.model, factors),
-    }
-    # PeftModel wraps the model as base_model.model; its LoRA layers hold lora_A / lora_B modules.
-    tensors = _lora_tensors(factors, "base_model.model.", dtype)
-    # Weights first: a folder whose config is present always has weights next to it.
-    write_safetensors(directory / PEFT_WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-    write_json(directory / PEFT_CONFIG_NAME, config)
-    return directory
+    return write_peft_lora(
+        directory,
+        handle.model,
+        factors,
+        task_type=task_type,
+        base_model_name_or_path=base_model_name_or_path,
+        dtype=dtype,
+    )
 
 
 def _export_diffusers_component(
@@ -171,51 +179,6 @@ def _export_diffusers_component(
 # ---------------------------------------------------------------------------------------------
 # Shared pieces.
 # ---------------------------------------------------------------------------------------------
-def _lora_tensors(factors: Factors, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for module_name, (A, B) in factors.items():
-        tensors[f"{prefix}{module_name}.lora_A.weight"] = A.to(dtype)
-        tensors[f"{prefix}{module_name}.lora_B.weight"] = B.to(dtype)
-    return tensors
-
-
-def _lora_config_fields(model: nn.Module, factors: Factors) -> dict[str, Any]:
-    """The LoraConfig fields that make every module's scaling exactly 1 (B already carries it)."""
-    ranks = {module_name: int(A.shape[0]) for module_name, (A, _) in factors.items()}
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    # PEFT matches pattern keys as re.match(rf"(.*\.)?({key})$", name): anchor and escape the full
-    # name, or "proj_out" would also set the rank of "down_blocks.0.attentions.0.proj_out".
-    rank_pattern = {f"^{re.escape(module_name)}": rank for module_name, rank in ranks.items() if rank != r}
-    return {
-        "r": r,
-        "lora_alpha": r,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": dict(rank_pattern),
-        "target_modules": _target_modules(model, list(factors)),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,  # rsLoRA's alpha / sqrt(r) is already folded into B
-        "use_dora": False,
-    }
-
-
-def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
-    """PEFT target_modules naming exactly `names`: a readable list, or a regex if a list over-matches.
-
-    PEFT takes a listed name as a suffix too ("proj_out" also adapts "mid.proj_out"); a string is
-    full-matched as a regular expression instead.
-    """
-    targets = set(names)
-    for other, _ in model.named_modules():
-        parts = other.split(".")
-        if other in targets or any(".".join(parts[:i]) in targets for i in range(1, len(parts))):
-            continue  # a target, or inside a target's wrapper (base_layer, adapters)
-        if any(".".join(parts[i:]) in targets for i in range(1, len(parts))):
-            return "|".join(re.escape(module_name) for module_name in names)
-    return names
-
-
 def _check_exportable_layer(module_name: str, base: nn.Module) -> None:
     # PEFT's conv LoRA builds A as Conv2d(in, r, kernel, stride, padding) and nothing else, so a
     # dilated, grouped or non-zero-padded base conv would load without error and compute another thing.
@@ -230,11 +193,3 @@ def _check_exportable_layer(module_name: str, base: nn.Module) -> None:
             "groups 1 and zero padding, so this adapter cannot be exported exactly"
         )
     raise AdapterError(f"{module_name!r} is a {type(base).__name__}; LoRA exports support nn.Linear and nn.Conv2d")
-
-
-def _export_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, str) and dtype in EXPORT_DTYPES:
-        return EXPORT_DTYPES[dtype]
-    if isinstance(dtype, torch.dtype) and dtype in EXPORT_DTYPES.values():
-        return dtype
-    raise AdapterError(f"export dtype {dtype!r} is not supported; use one of {', '.join(EXPORT_DTYPES)}")

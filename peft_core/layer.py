@@ -30,6 +30,7 @@ from peft_core.errors import AdapterError
 class Adapter(nn.Module):
     """One named adapter on one base layer. Subclasses implement the method's math."""
 
+    # Set by register_method from the method's `Capabilities.wraps` (the declaration; read that).
     supported_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
 
     def __init__(self, base: nn.Module, config: AdapterConfig, module_name: str) -> None:
@@ -242,6 +243,35 @@ class AdaptedModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, weights={self.adapter_weights}, merged={[n for n, _ in self.merged]}"
+
+
+class _StructuralNorm(type):
+    def __instancecheck__(cls, module: object) -> bool:
+        weight = getattr(module, "weight", None)
+        return (
+            isinstance(module, nn.Module)
+            and isinstance(weight, torch.Tensor)
+            and weight.dim() == 1
+            and not hasattr(module, "in_features")
+        )
+
+
+class NormLayer(metaclass=_StructuralNorm):
+    """A normalization layer, recognised by structure (a 1-D `weight`, no `in_features`): nn.LayerNorm,
+    nn.RMSNorm, nn.GroupNorm, Llama's RMSNorm, T5LayerNorm, ... `isinstance(module, NormLayer)` checks
+    it, so it can stand in `Capabilities.wraps` (Compacter trains norms) next to real module types."""
+
+
+def scatter_into_zeros(values: torch.Tensor, index: torch.Tensor | None, size: int, dim: int) -> torch.Tensor:
+    """`values` placed at `index` along `dim` of a zero tensor `size` long there (`values` itself if index
+    is None): how LoRAM recoveries put a pruned model's rows/columns back in the full shapes."""
+    if index is None:
+        return values
+    shape = list(values.shape)
+    shape[dim] = size
+    return torch.zeros(shape, dtype=values.dtype, device=values.device).index_copy_(
+        dim, index.to(values.device), values
+    )
 
 
 def is_4bit(base: nn.Module) -> bool:

@@ -14,22 +14,42 @@ registry gives the adapter class, and the adapter class supplies the math.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from peft_core.config import AdapterConfig, MethodSpec, config_from_dict, get_method
+from peft_core.calibration import calibration_outputs, call_model
+from peft_core.config import AdapterConfig, MethodSpec, get_method
 from peft_core.errors import AdapterError
-from peft_core.io import read_json, read_safetensors, write_json, write_safetensors
+from peft_core.export import export_adapter
 from peft_core.layer import AdaptedModule, Adapter
+from peft_core.saved import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    read_adapter_config,
+    read_adapter_weights,
+    write_adapter,
+)
 from peft_core.targets import find_targets
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_VERSION = 1
+# The saved-format names and the calibration helpers live below this module (peft_core.saved,
+# peft_core.calibration), so methods use them without importing attach/load; they stay importable here.
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "WEIGHTS_NAME",
+    "AdapterHandle",
+    "attach",
+    "calibration_outputs",
+    "call_model",
+    "get_handle",
+    "load",
+    "read_adapter_config",
+]
 
 
 class AdapterHandle:
@@ -58,14 +78,14 @@ class AdapterHandle:
         if not name.isidentifier():
             raise AdapterError(f"adapter name {name!r} must be a Python identifier (letters, digits, _)")
         spec = get_method(config.method)
-        module_names = find_targets(self.model, config.targets, config.exclude, spec.adapter_class.supported_types)
+        module_names = find_targets(self.model, config.targets, config.exclude, spec.capabilities.wraps)
         _check_prepared(spec, module_names, prepared)
         # Build every adapter before inserting any, so a failure leaves the model untouched.
         wrappers = {module_name: self._wrapper(module_name, create=False) for module_name in module_names}
         adapters = {}
         for module_name in module_names:
             base = wrappers[module_name].base_layer if wrappers[module_name] else self.model.get_submodule(module_name)
-            extra = {} if spec.prepare is None else {"prepared": prepared[module_name]}
+            extra = {"prepared": prepared[module_name]} if spec.needs_data else {}
             adapters[module_name] = spec.adapter_class(base, config, module_name, **extra)
         spec.adapter_class.tie_shared(list(adapters.values()))
         if not self.configs:
@@ -226,16 +246,10 @@ class AdapterHandle:
     def save(self, directory: str | os.PathLike, name: str = "default") -> Path:
         """Write adapter `name` as <directory>/adapter_config.json + adapter_model.safetensors."""
         self._check_name(name)
-        directory = Path(directory)
-        config = {"format_version": FORMAT_VERSION, "adapter_name": name, "config": self.configs[name].to_dict()}
-        write_safetensors(directory / WEIGHTS_NAME, self.state_dict(name), metadata={"format": "peft_core"})
-        write_json(directory / CONFIG_NAME, config)
-        return directory
+        return write_adapter(directory, self.configs[name], name, self.state_dict(name))
 
     def export(self, directory: str | os.PathLike, format: str = "peft", name: str = "default", **options) -> Path:
         """Write adapter `name` in another library's format ("peft" or "diffusers"); see peft_core.export."""
-        from peft_core.export import export_adapter
-
         return export_adapter(self, directory, format=format, name=name, **options)
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -270,7 +284,7 @@ class AdapterHandle:
 
 
 def _check_prepared(spec: MethodSpec, module_names: list[str], prepared: Mapping[str, Any] | None) -> None:
-    if spec.prepare is None:
+    if not spec.needs_data:
         if prepared is not None:
             raise AdapterError(f"method {spec.name!r} has no prepare step; attach it without `prepared`")
         return
@@ -291,49 +305,6 @@ def _check_prepared(spec: MethodSpec, module_names: list[str], prepared: Mapping
             f"{spec.name}: the prepared data {which} ({len(missing)} missing, {len(extra)} extra); "
             "run prepare with the same config on this model"
         )
-
-
-def calibration_outputs(
-    model: nn.Module, batches: Iterable[Any], step: Callable[[nn.Module, Any], Any] | None, method: str
-) -> Iterator[Any]:
-    """What `prepare` steps share: run `step(model, batch)` on each batch and yield its result.
-
-    The default step calls model(batch), model(**batch) for a dict, model(*batch) for a tuple or list.
-    A failing batch becomes an AdapterError naming the batch and its shapes; no batch at all is an error.
-    """
-    step = step or call_model
-    count = 0
-    for index, batch in enumerate(batches):
-        try:
-            output = step(model, batch)
-        except (RuntimeError, ValueError, IndexError, TypeError) as error:
-            raise AdapterError(
-                f"{method}.prepare: the model failed on calibration batch {index} ({_describe(batch)}): {error}; "
-                "pass batches shaped like the model's training inputs (or a `step` that feeds them)"
-            ) from error
-        count += 1
-        yield output
-    if count == 0:
-        raise AdapterError(f"{method}.prepare: the calibration data is empty; pass at least one batch")
-
-
-def call_model(model: nn.Module, batch: Any) -> Any:
-    """Run `model` on one calibration batch: a mapping of keyword arguments, a tuple of positional ones, or a tensor."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def _describe(batch: Any) -> str:
-    if isinstance(batch, torch.Tensor):
-        return f"a {batch.dtype} tensor of shape {tuple(batch.shape)}"
-    if isinstance(batch, Mapping):
-        return ", ".join(f"{key}: {_describe(value)}" for key, value in batch.items())
-    if isinstance(batch, (tuple, list)):
-        return "(" + ", ".join(_describe(item) for item in batch) + ")"
-    return type(batch).__name__
 
 
 def get_handle(model: nn.Module) -> AdapterHandle | None:
@@ -359,31 +330,16 @@ def attach(
     return handle.add(config, name=name, weight=weight, trainable=trainable, prepared=prepared)
 
 
-def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, str]:
-    """The config and saved name of an adapter folder written by `AdapterHandle.save`."""
-    data = read_json(Path(directory) / CONFIG_NAME)
-    if not isinstance(data, dict) or "config" not in data:
-        raise AdapterError(
-            f"{Path(directory) / CONFIG_NAME} is not a peft_core adapter config"
-            " (a PEFT-format folder? load it with peft, or re-save it with peft_core)"
-        )
-    if data.get("format_version", 0) > FORMAT_VERSION:
-        raise AdapterError(
-            f"{directory} was written by a newer peft_core (format {data['format_version']}); upgrade peft-studio"
-        )
-    return config_from_dict(data["config"]), data.get("adapter_name", "default")
-
-
 def _prepared_from_state(
     model: nn.Module, config: AdapterConfig, state: dict[str, torch.Tensor]
 ) -> dict[str, Any] | None:
     """For methods with a prepare step: each module's `prepared` entry, rebuilt from the checkpoint's shapes."""
     spec = get_method(config.method)
-    if spec.prepare is None:
+    if not spec.needs_data:
         return None
     adapter_class = spec.adapter_class
     prepared = {}
-    for module_name in find_targets(model, config.targets, config.exclude, adapter_class.supported_types):
+    for module_name in find_targets(model, config.targets, config.exclude, spec.capabilities.wraps):
         prefix = module_name + "."
         module_state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
         if not module_state:
@@ -405,7 +361,7 @@ def load(
 ) -> AdapterHandle:
     """Attach the adapter saved in `directory` to `model` and load its weights (all-or-nothing)."""
     config, saved_name = read_adapter_config(directory)
-    state = read_safetensors(Path(directory) / WEIGHTS_NAME)
+    state = read_adapter_weights(directory)
     name = name or saved_name
     prepared = _prepared_from_state(model, config, state)
     handle = attach(model, config, name=name, weight=weight, trainable=trainable, prepared=prepared)

@@ -11,9 +11,13 @@ import io
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from peft_core.analysis.regime import EXACT_MIN_RHO, LOW_RANK_MAX_RHO, RegimeReport
+from peft_core.analysis.thresholds import EXACT_MIN_RHO, LOW_RANK_MAX_RHO
 from peft_core.io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from peft_core.analysis.regime import RegimeReport
 
 # (rho, RGB) stops: green through the low-rank range, yellow at the transition's middle, red beyond.
 COLOUR_STOPS = (

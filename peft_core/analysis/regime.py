@@ -35,15 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peft_core.analysis.thresholds import EXACT_MIN_RHO, LABELS, LOW_RANK_MAX_RHO
 from peft_core.errors import AdapterError
 from peft_core.io import write_json
 from peft_core.layer import AdaptedModule
 from peft_core.model import call_model
 
 # -- documented constants -----------------------------------------------------------------------
-LOW_RANK_MAX_RHO = 0.5  # rho <= this: "low-rank" (polynomial/low-rank surrogates of P are accurate)
-EXACT_MIN_RHO = 1.5  # rho > this: "exact" (only exact or sparse attention gradients are accurate)
-LABELS = ("low-rank", "transition", "exact")  # in order of increasing rho
 PERCENTILE = 0.999  # the robust companion of the max (p99.9 of |sqrt(beta) Q| entries, per head)
 # p99.9 comes from a per-head histogram of log10 |entry| (bounded memory over any number of batches):
 # bins are 10^(8/2048) ~ 0.9% wide, so p99.9 is exact to within 1%; entries below 1e-4 share one bin.

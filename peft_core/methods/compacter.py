@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_core.config import AdapterConfig, register_method
+from peft_core.config import AdapterConfig, Capabilities, register_method
 from peft_core.errors import AdapterError
-from peft_core.layer import Adapter, cast_like_input, master_dtype
+from peft_core.layer import Adapter, NormLayer, cast_like_input, master_dtype
 
 # Where the paper's placement puts adapters, per architecture: the sub-layers' output Linears
 # ("attn", "ffn") and the norms trained with them ("norm"). Regexes over full module names.
@@ -194,18 +194,10 @@ class PHMLinear(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # The module.
 # ---------------------------------------------------------------------------------------------
-def _is_norm(base: nn.Module) -> bool:
-    weight = getattr(base, "weight", None)
-    return isinstance(weight, torch.Tensor) and weight.dim() == 1 and not hasattr(base, "in_features")
-
-
 class CompacterAdapter(Adapter):
-    # nn.Linear sites, plus normalization layers recognised by structure (see _is_norm).
-    supported_types = (nn.Linear, nn.Module)
-
     def __init__(self, base: nn.Module, config: CompacterConfig, module_name: str) -> None:
         super().__init__(base, config, module_name)
-        self.is_norm = _is_norm(base)
+        self.is_norm = isinstance(base, NormLayer)
         if not self.is_norm and not isinstance(base, nn.Linear):
             raise AdapterError(
                 f"compacter: {module_name!r} is a {type(base).__name__}; Compacter adapts nn.Linear sub-layer outputs "
@@ -288,4 +280,23 @@ def compacter_parameter_count(
     return num_sites * per_site + slow + layernorm_params
 
 
-register_method(CompacterConfig, CompacterAdapter)
+register_method(
+    CompacterConfig,
+    CompacterAdapter,
+    capabilities=Capabilities(
+        wraps=(nn.Linear, NormLayer),  # sub-layer output Linears, and the norms the paper trains with them
+        mergeable=False,  # the bottleneck U(gelu(D(y))) is nonlinear: no weight update reproduces it
+        quantized_base=True,  # it reads the 4-bit layer's output and never its weight
+        lora_export=False,  # for the same reason as merging
+        identity_at_init=True,  # init="exact_identity": the up-projection starts at zero
+        placement="sublayer_outputs",
+        # The paper's placement for each trainer's models; targets [] lets the placement choose them.
+        # reduction_factor 16 (the paper: 32 on T5-base's d=768): m = d / 16 stays a multiple of n = 4
+        # for widths down to 64 (the embedded models) and is 20-256 on SD and Llama widths.
+        trainer_defaults={
+            "llm": {"placement": "llama", "targets": [], "reduction_factor": 16},
+            "diffusion": {"placement": "unet", "targets": [], "reduction_factor": 16},
+        },
+        note="Compacter has no rank/alpha: size it with n= and reduction_factor= (or bottleneck=).",
+    ),
+)

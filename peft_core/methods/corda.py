@@ -39,10 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_core.config import AdapterConfig, register_method
+from peft_core.calibration import calibration_outputs
+from peft_core.config import AdapterConfig, Capabilities, get_method, register_method
 from peft_core.errors import AdapterError
 from peft_core.io import read_safetensors, write_safetensors
 from peft_core.layer import AdaptedModule, Adapter, cast_like_input, has_dense_weight, master_dtype
+from peft_core.lora_format import check_task_type, export_dtype, write_peft_lora
 from peft_core.methods.lora import lora_delta_weight
 from peft_core.targets import find_targets
 
@@ -271,8 +273,6 @@ def collect_covariances(
     one call for a 2-D input) is normalised by its own signed max, so batching does not change C.
     The model is never modified; hooks are always removed.
     """
-    from peft_core.model import calibration_outputs
-
     layers = _target_layers(model, config)
     grams: dict[str, torch.Tensor] = {}
     maxima: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
@@ -371,7 +371,7 @@ def prepare(
 def _target_layers(model: nn.Module, config: CordaConfig) -> dict[str, nn.Module]:
     """Target name -> the layer whose weight CorDA decomposes (checked before any data is run)."""
     layers = {}
-    for name in find_targets(model, config.targets, config.exclude, CordaAdapter.supported_types):
+    for name in find_targets(model, config.targets, config.exclude, get_method(config.method).capabilities.wraps):
         module = model.get_submodule(name)
         layer = module.base_layer if isinstance(module, AdaptedModule) else module
         _check_layer(name, layer, config.r)
@@ -409,8 +409,6 @@ def _weight_2d(layer: nn.Module) -> torch.Tensor:
 # The module.
 # ---------------------------------------------------------------------------------------------
 class CordaAdapter(Adapter):
-    supported_types = (nn.Linear, nn.Conv2d)
-
     def __init__(self, base: nn.Module, config: CordaConfig, module_name: str, prepared: CordaEigens) -> None:
         super().__init__(base, config, module_name)
         _check_layer(module_name, base, config.r)
@@ -490,8 +488,13 @@ def export_with_residual(handle: Any, directory: str | os.PathLike, name: str = 
     unwrapped names), then the LoRA with PeftModel: that is HF PEFT's CorDA model. Prefer
     `handle.export("peft")` (rank-2r, exact on the untouched base) unless you need this form.
     """
-    from peft_core import export as export_module
-
+    unknown = sorted(set(options) - {"task_type", "base_model_name_or_path", "dtype"})
+    if unknown:
+        raise AdapterError(
+            f"export_with_residual has no option {unknown[0]!r}; its options: task_type, base_model_name_or_path, dtype"
+        )
+    check_task_type(options.get("task_type"))  # refused before anything is written
+    export_dtype(options.get("dtype", torch.float32))
     factors = {}
     for module_name, wrapper in handle.wrappers(name):
         adapter = wrapper.adapters[name]
@@ -500,31 +503,23 @@ def export_with_residual(handle: Any, directory: str | os.PathLike, name: str = 
             (adapter.lora_B.detach() * adapter.scaling).float().cpu(),
         )
     directory = Path(directory)
-    dtype = export_module._export_dtype(options.pop("dtype", torch.float32))
-    config = {
-        "peft_type": "LORA",
-        "task_type": options.pop("task_type", None),
-        "base_model_name_or_path": options.pop("base_model_name_or_path", None),
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        **export_module._lora_config_fields(handle.model, factors),
-    }
-    if options:
-        raise AdapterError(
-            f"export_with_residual has no option {sorted(options)[0]!r}; its options: task_type, "
-            "base_model_name_or_path, dtype"
-        )
     write_safetensors(
         directory / "residual_model.safetensors", residual_weights(handle, name), metadata={"format": "pt"}
     )
-    write_safetensors(
-        directory / export_module.PEFT_WEIGHTS_NAME,
-        export_module._lora_tensors(factors, "base_model.model.", dtype),
-        metadata={"format": "pt"},
-    )
-    export_module.write_json(directory / export_module.PEFT_CONFIG_NAME, config)
-    return directory
+    return write_peft_lora(directory, handle.model, factors, **options)
 
 
-register_method(CordaConfig, CordaAdapter, prepare=prepare)
+register_method(
+    CordaConfig,
+    CordaAdapter,
+    prepare=prepare,
+    capabilities=Capabilities(
+        wraps=(nn.Linear, nn.Conv2d),
+        mergeable=True,
+        quantized_base=False,  # it decomposes the dense weight (decompose first, quantize after)
+        lora_export=True,  # rank 2r on the untouched base ([A; A0], [sB, -sB0]); export_with_residual: rank r
+        identity_at_init=True,  # s (B A - B0 A0): the trained factors start equal to the frozen ones
+        trainer_defaults={"llm": {"r": 8, "alpha": 16.0}, "diffusion": {"r": 16, "alpha": 16.0}},
+        note="CorDA first runs a covariance step on calibration data (the first training rows), then attaches.",
+    ),
+)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_core.config import AdapterConfig, register_method
+from peft_core.config import AdapterConfig, Capabilities, register_method
 from peft_core.errors import AdapterError
 from peft_core.layer import (
     Adapter,
@@ -32,7 +32,11 @@ from peft_core.layer import (
     has_dense_weight,
     master_dtype,
     mm_float32,
+    scatter_into_zeros,
 )
+
+if TYPE_CHECKING:
+    from peft_core.methods.loram import PrunedModule
 
 
 @dataclass
@@ -125,8 +129,6 @@ def lora_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
 # The module.
 # ---------------------------------------------------------------------------------------------
 class LoraAdapter(Adapter):
-    supported_types = (nn.Linear, nn.Conv2d)
-
     def __init__(self, base: nn.Module, config: LoraConfig, module_name: str) -> None:
         super().__init__(base, config, module_name)
         self.r, self.scaling = config.r, config.scaling
@@ -187,4 +189,27 @@ class LoraAdapter(Adapter):
         return self.lora_A.detach().clone(), self.lora_B.detach() * self.scaling
 
 
-register_method(LoraConfig, LoraAdapter)
+def recover_lora(state: dict[str, torch.Tensor], entry: PrunedModule) -> dict[str, torch.Tensor]:
+    """LoRAM recovery ("zeroA"): B's rows and A's columns back at the kept positions, zeros elsewhere,
+    so dW_full[kept_rows, kept_cols] = dW_small and 0 elsewhere; the scale is unchanged."""
+    out, inp = entry.full_shape  # B: (out', r) -> (out, r);  A: (r, in') -> (r, in)
+    return {
+        **state,
+        "lora_B": scatter_into_zeros(state["lora_B"], entry.kept_rows, out, 0),
+        "lora_A": scatter_into_zeros(state["lora_A"], entry.kept_cols, inp, 1),
+    }
+
+
+register_method(
+    LoraConfig,
+    LoraAdapter,
+    capabilities=Capabilities(
+        wraps=(nn.Linear, nn.Conv2d),
+        mergeable=True,
+        quantized_base=True,  # QLoRA: the NF4 base runs as it is, the update is added to its output
+        lora_export=True,
+        identity_at_init=True,  # B = 0
+        loram_recovery=recover_lora,
+        trainer_defaults={"llm": {"r": 8, "alpha": 16.0}, "diffusion": {"r": 16, "alpha": 16.0}},
+    ),
+)

@@ -26,7 +26,8 @@ Strategies (paper names in brackets):
 Recovery ("zeroA" in the official code): rows of B (q/k/v/gate/up) and columns of A (o/down) go back
 to their full positions, zeros elsewhere, so dW_full[kept_rows, kept_cols] = dW_small and 0 elsewhere;
 the scale is unchanged. PaCA: delta's rows are scattered the same way and its column ids of o/down
-are mapped through the kept columns. Everything else (unpruned layers, lm_head) is copied.
+are mapped through the kept columns. Everything else (unpruned layers, lm_head) is copied. Each method
+declares its own mapping (`Capabilities.loram_recovery`: lora.recover_lora, paca.recover_paca).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -42,9 +42,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peft_core.config import AdapterConfig
+from peft_core.config import AdapterConfig, get_method, methods_with
 from peft_core.errors import AdapterError
 from peft_core.io import read_json, read_safetensors, write_json, write_safetensors
+from peft_core.saved import read_adapter_config, read_adapter_weights, write_adapter
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -361,43 +362,13 @@ def quantize_nf4(
 # ---------------------------------------------------------------------------------------------
 # Recovery.
 # ---------------------------------------------------------------------------------------------
-Recovery = Callable[[dict[str, torch.Tensor], PrunedModule], dict[str, torch.Tensor]]
-
-
-def _scatter(values: torch.Tensor, index: torch.Tensor | None, size: int, dim: int) -> torch.Tensor:
-    """values placed at `index` along `dim` of a zero tensor `size` long there (identity if index is None)."""
-    if index is None:
-        return values
-    shape = list(values.shape)
-    shape[dim] = size
-    return torch.zeros(shape, dtype=values.dtype, device=values.device).index_copy_(
-        dim, index.to(values.device), values
-    )
-
-
-def _recover_lora(state: dict[str, torch.Tensor], entry: PrunedModule) -> dict[str, torch.Tensor]:
-    out, inp = entry.full_shape  # B: (out', r) -> (out, r);  A: (r, in') -> (r, in)
-    return {
-        **state,
-        "lora_B": _scatter(state["lora_B"], entry.kept_rows, out, 0),
-        "lora_A": _scatter(state["lora_A"], entry.kept_cols, inp, 1),
-    }
-
-
-def _recover_paca(state: dict[str, torch.Tensor], entry: PrunedModule) -> dict[str, torch.Tensor]:
-    columns = (
-        state["columns"] if entry.kept_cols is None else entry.kept_cols.to(state["columns"].device)[state["columns"]]
-    )
-    return {**state, "delta": _scatter(state["delta"], entry.kept_rows, entry.full_shape[0], 0), "columns": columns}
-
-
-RECOVERY: dict[str, Recovery] = {"lora": _recover_lora, "paca": _recover_paca}
-
-
 def recover_state_dict(
     state: dict[str, torch.Tensor], config: AdapterConfig, index_map: IndexMap
 ) -> dict[str, torch.Tensor]:
-    """An adapter state dict of the small model ("<module>.<tensor>") in the full model's shapes."""
+    """An adapter state dict of the small model ("<module>.<tensor>") in the full model's shapes.
+
+    Each method says how its tensors go back (`Capabilities.loram_recovery`: LoRA, PaCA)."""
+    recovery = get_method(config.method).capabilities.loram_recovery
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         module_name, _, tensor_name = key.rpartition(".")
@@ -406,12 +377,12 @@ def recover_state_dict(
     for module_name, tensors in by_module.items():
         entry = index_map.modules.get(module_name)
         if entry is not None and (entry.kept_rows is not None or entry.kept_cols is not None):
-            if config.method not in RECOVERY:
+            if recovery is None:
                 raise AdapterError(
                     f"loram: cannot recover a {config.method!r} adapter from structured pruning; "
-                    f"supported methods: {', '.join(RECOVERY)}"
+                    f"supported methods: {', '.join(methods_with('loram_recovery'))}"
                 )
-            tensors = RECOVERY[config.method](tensors, entry)
+            tensors = recovery(tensors, entry)
         recovered.update({f"{module_name}.{key}": value.detach().clone() for key, value in tensors.items()})
     return recovered
 
@@ -419,22 +390,13 @@ def recover_state_dict(
 def recover(source, index_map: IndexMap, directory: str | os.PathLike, name: str = "default") -> Path:
     """Write the small model's adapter (a handle, or a folder written by `handle.save`) in the full
     model's shapes as a peft_core adapter folder; `peft_core.load(full_model, directory)` attaches it."""
-    from peft_core.model import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, AdapterHandle, read_adapter_config
-
-    if isinstance(source, AdapterHandle):
-        source._check_name(name)
-        config, state = source.configs[name], source.state_dict(name)
-    else:
+    if isinstance(source, (str, os.PathLike)):
         config, name = read_adapter_config(source)
-        state = read_safetensors(Path(source) / WEIGHTS_NAME)
-    directory = Path(directory)
-    write_safetensors(
-        directory / WEIGHTS_NAME, recover_state_dict(state, config, index_map), metadata={"format": "peft_core"}
-    )
-    write_json(
-        directory / CONFIG_NAME, {"format_version": FORMAT_VERSION, "adapter_name": name, "config": config.to_dict()}
-    )
-    return directory
+        state = read_adapter_weights(source)
+    else:  # an AdapterHandle
+        state = source.state_dict(name)  # refuses an unknown name
+        config = source.configs[name]
+    return write_adapter(directory, config, name, recover_state_dict(state, config, index_map))
 
 
 # ---------------------------------------------------------------------------------------------

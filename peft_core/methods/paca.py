@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_core.config import AdapterConfig, register_method
+from peft_core.config import AdapterConfig, Capabilities, register_method
 from peft_core.errors import AdapterError
 from peft_core.layer import (
     Adapter,
@@ -45,8 +45,12 @@ from peft_core.layer import (
     is_4bit,
     master_dtype,
     mm_float32,
+    scatter_into_zeros,
 )
 from peft_core.targets import sibling_key
+
+if TYPE_CHECKING:
+    from peft_core.methods.loram import PrunedModule
 
 
 @dataclass
@@ -230,8 +234,6 @@ class ResidentColumns:
 
 
 class PacaAdapter(Adapter):
-    supported_types = (nn.Linear, nn.Conv2d)
-
     def __init__(self, base: nn.Module, config: PacaConfig, module_name: str) -> None:
         super().__init__(base, config, module_name)
         self.is_conv = isinstance(base, nn.Conv2d)
@@ -360,4 +362,31 @@ class PacaAdapter(Adapter):
         return A.reshape(r * kh * kw, in_features, kh, kw), delta.reshape(out, r * kh * kw, 1, 1)
 
 
-register_method(PacaConfig, PacaAdapter)
+def recover_paca(state: dict[str, torch.Tensor], entry: PrunedModule) -> dict[str, torch.Tensor]:
+    """LoRAM recovery: delta's rows back at the kept rows (zeros elsewhere), and the trained column
+    ids of a pruned input (o_proj, down_proj) mapped through the kept columns."""
+    columns = state["columns"]
+    if entry.kept_cols is not None:
+        columns = entry.kept_cols.to(columns.device)[columns]
+    return {
+        **state,
+        "delta": scatter_into_zeros(state["delta"], entry.kept_rows, entry.full_shape[0], 0),
+        "columns": columns,
+    }
+
+
+register_method(
+    PacaConfig,
+    PacaAdapter,
+    capabilities=Capabilities(
+        wraps=(nn.Linear, nn.Conv2d),
+        mergeable=True,  # on a dense base; merging into a 4-bit one is refused, as for every method
+        quantized_base=True,  # QPaCA: the r columns are dequantized, the packed weight never written
+        lora_export=True,  # a one-hot column selector A and B = s * delta
+        identity_at_init=True,  # delta = 0
+        loram_recovery=recover_paca,
+        # r=16, alpha=32 in the LLM trainer: LoRA r=8's parameters on square layers, at LoRA's scale.
+        trainer_defaults={"llm": {"r": 16, "alpha": 32.0}, "diffusion": {"r": 16, "alpha": 16.0}},
+        note="PaCA trains r input columns of each weight: r=16 has LoRA r=8's parameters on square layers.",
+    ),
+)

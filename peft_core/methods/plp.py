@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_core.config import AdapterConfig, register_method
+from peft_core.config import AdapterConfig, Capabilities, register_method
 from peft_core.errors import AdapterError
 from peft_core.layer import (
     Adapter,
@@ -253,8 +253,6 @@ def precondition_gradients(handle: AdapterHandle, name: str, delta: float = 1e-6
 # The module.
 # ---------------------------------------------------------------------------------------------
 class PlpAdapter(Adapter):
-    supported_types = (nn.Linear,)
-
     def __init__(self, base: nn.Module, config: PlpConfig, module_name: str) -> None:
         super().__init__(base, config, module_name)
         out_features, in_features = base.out_features, base.in_features
@@ -372,4 +370,16 @@ def make_joint(
     handle.disable(style)
 
 
-register_method(PlpConfig, PlpAdapter)
+register_method(
+    PlpConfig,
+    PlpAdapter,
+    capabilities=Capabilities(
+        wraps=(nn.Linear,),
+        mergeable=True,
+        quantized_base=True,  # the update U V is added to the 4-bit layer's output; the fused path needs a dense one
+        lora_export=True,  # a rank-r LoRA (rank 2r when centered)
+        identity_at_init=False,  # A C + A D_0 from step 0 (the paper's PLP); centered=True starts at the base
+        trainer_defaults={"llm": {"r": 8}, "diffusion": {"r": 16}},
+        note="PLP changes the model from step 0 (its frozen halves), as the paper's; centered=true starts at the base.",
+    ),
+)

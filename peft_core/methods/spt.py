@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_core.config import AdapterConfig, register_method
+from peft_core.calibration import calibration_outputs, call_model
+from peft_core.config import AdapterConfig, Capabilities, get_method, register_method
 from peft_core.errors import AdapterError
 from peft_core.layer import AdaptedModule, Adapter, cast_like_input, has_dense_weight, master_dtype
 from peft_core.methods.lora import lora_delta_weight
@@ -199,8 +200,6 @@ def sensitivity_scores(
     post-accumulate hook and dropped at once, so no dense .grad of the model is ever held; every
     requires_grad flag, .grad and train/eval mode is restored afterwards.
     """
-    from peft_core.model import calibration_outputs
-
     tensors = _scored_tensors(model, config)
     scores = {key: torch.zeros_like(p, dtype=torch.float32) for key, p in tensors.items()}
     saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
@@ -293,8 +292,6 @@ def prepare(
 
 
 def _loss_step(model: nn.Module, batch: Any) -> torch.Tensor:
-    from peft_core.model import call_model
-
     output = call_model(model, batch)
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, torch.Tensor) and output.numel() == 1:
@@ -308,7 +305,7 @@ def _loss_step(model: nn.Module, batch: Any) -> torch.Tensor:
 
 def _target_layers(model: nn.Module, config: SptConfig) -> dict[str, nn.Module]:
     layers = {}
-    for name in find_targets(model, config.targets, config.exclude, SptAdapter.supported_types):
+    for name in find_targets(model, config.targets, config.exclude, get_method(config.method).capabilities.wraps):
         module = model.get_submodule(name)
         layer = module.base_layer if isinstance(module, AdaptedModule) else module
         if not has_dense_weight(layer):
@@ -333,8 +330,6 @@ def _scored_tensors(model: nn.Module, config: SptConfig) -> dict[str, nn.Paramet
 # The module.
 # ---------------------------------------------------------------------------------------------
 class SptAdapter(Adapter):
-    supported_types = (nn.Linear, nn.Conv2d)
-
     def __init__(self, base: nn.Module, config: SptConfig, module_name: str, prepared: SptModulePlan) -> None:
         super().__init__(base, config, module_name)
         self.is_conv = isinstance(base, nn.Conv2d)
@@ -499,4 +494,18 @@ class SptAdapter(Adapter):
         return A, B
 
 
-register_method(SptConfig, SptAdapter, prepare=prepare)
+register_method(
+    SptConfig,
+    SptAdapter,
+    prepare=prepare,
+    capabilities=Capabilities(
+        wraps=(nn.Linear, nn.Conv2d),
+        mergeable=True,
+        quantized_base=False,  # its sensitivities and sparse deltas need a dense float weight
+        lora_export=True,  # LoRA units as they are, sparse ones as one-hot factors; not when it trained a bias
+        identity_at_init=True,
+        # Its `alpha` is the LoRA/sparse switch threshold, not a scale: the trainers set only the rank.
+        trainer_defaults={"llm": {"r": 8}, "diffusion": {"r": 16}},
+        note="SPT first measures gradient sensitivities on calibration data (the first training rows), then attaches.",
+    ),
+)

@@ -312,6 +312,8 @@ def test_config_checks():
         CompacterConfig(targets=["o_proj"], train_layernorms=True)
     with pytest.raises(AdapterError, match="n=3 must divide both"):
         attach(tiny_llama(), llama_config(n=3))
-    with pytest.raises(AdapterError, match="is a LlamaMLP; Compacter adapts nn.Linear"):
+    with pytest.raises(
+        AdapterError, match="is a LlamaMLP, which this method cannot adapt; supported layer types: Linear"
+    ):
         attach(tiny_llama(), CompacterConfig(targets=["mlp"], n=4))
     assert llama_config(sites=["ffn"]).targets == [r"re:(.*\.)?layers\.\d+\.mlp\.down_proj"]

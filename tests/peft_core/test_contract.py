@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from torch import nn
 from peft_core import (
     AdaptedModule,
     AdapterError,
+    Capabilities,
     CompacterConfig,
     CordaConfig,
     LoraConfig,
@@ -22,20 +24,26 @@ from peft_core import (
     attach,
     available_methods,
     config_from_dict,
+    get_method,
     load,
+    methods_with,
+    trainer_defaults,
 )
+from peft_core.config import TRAINERS
+from peft_core.layer import NormLayer
 from peft_core.methods import corda, spt
+from peft_core.methods.loram import IndexMap, PrunedModule, recover_state_dict
 
 
 class TinyBlock(nn.Module):
     """Attention-like siblings, an MLP and a conv: every layer type the methods support."""
 
-    def __init__(self, width: int = 16) -> None:
+    def __init__(self, width: int = 16, bias: bool = True) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, width, 3, padding=1)
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(width, width) for _ in range(3))
-        self.up_proj = nn.Linear(width, 2 * width)
-        self.down_proj = nn.Linear(2 * width, width)
+        self.conv = nn.Conv2d(3, width, 3, padding=1, bias=bias)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(width, width, bias=bias) for _ in range(3))
+        self.up_proj = nn.Linear(width, 2 * width, bias=bias)
+        self.down_proj = nn.Linear(2 * width, width, bias=bias)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         h = self.conv(image).flatten(2).transpose(1, 2)  # (N, HW, width)
@@ -59,11 +67,26 @@ CONFIGS = {
     "spt_sparse": lambda: SptConfig(targets=TARGETS, budget=40, alpha=1.0, structured_vector=False, n_batches=2),
     "compacter": lambda: CompacterConfig(targets=LINEAR_TARGETS, n=2, bottleneck=2),
 }
-# PLP's frozen halves make dW = A C + A D nonzero at step 0 (spec §2); every other method (centered PLP
-# included) starts at the base.
-NOT_IDENTITY_AT_INIT = {"plp"}
-# Compacter's bottleneck is nonlinear: no weight update exists, so merge refuses (and merges nothing).
-NOT_MERGEABLE = {"compacter"}
+# What each method can do is its declaration (`get_method(name).capabilities`); this suite checks
+# every one. A config option can start a method at the base where its paper's defaults do not:
+# centered PLP leaves out the frozen-by-frozen block A C (spec pitfall 8).
+STARTS_AT_BASE_BY_OPTION = {"plp_centered"}
+
+
+def capabilities(key: str) -> Capabilities:
+    """The declaration of the method a CONFIGS entry configures."""
+    return get_method(CONFIGS[key]().method).capabilities
+
+
+def one_config_per_method() -> dict[str, str]:
+    """method -> its first CONFIGS entry, for the tests that check a declaration once per method."""
+    keys: dict[str, str] = {}
+    for key in CONFIGS:
+        keys.setdefault(CONFIGS[key]().method, key)
+    return keys
+
+
+ONE_PER_METHOD = one_config_per_method()
 
 
 def calibration_batches(model: nn.Module) -> list[torch.Tensor]:
@@ -119,10 +142,10 @@ def test_identity_at_init(method, image):
     model = make_model()
     expected = model(image)
     add(model, method)
-    if method in NOT_IDENTITY_AT_INIT:
-        assert not torch.allclose(model(image), expected)
-    else:
+    if capabilities(method).identity_at_init or method in STARTS_AT_BASE_BY_OPTION:
         torch.testing.assert_close(model(image), expected, rtol=0, atol=1e-12)
+    else:
+        assert not torch.allclose(model(image), expected)
 
 
 @pytest.mark.parametrize("method", CONFIGS)
@@ -144,7 +167,7 @@ def test_merge_equals_unmerged_and_unmerge_is_bit_exact(method, image):
     handle = add(model, method)
     randomize(handle)
     unmerged = model(image)
-    if method in NOT_MERGEABLE:
+    if not capabilities(method).mergeable:
         with pytest.raises(AdapterError, match="cannot be merged"):
             handle.merge()
         assert torch.equal(model(image), unmerged)
@@ -164,7 +187,7 @@ def test_unload_returns_plain_model_with_merged_weights(method, image):
     handle = add(model, method)
     randomize(handle)
     expected = model(image)
-    if method in NOT_MERGEABLE:
+    if not capabilities(method).mergeable:
         with pytest.raises(AdapterError, match="cannot be merged"):
             handle.unload()
         plain = handle.unload(merge=False)
@@ -216,7 +239,7 @@ def test_two_named_adapters_with_weights_give_the_weighted_sum(method, image):
     # so compare the per-layer behaviour on a single linear layer too (below) and the whole block
     # against the merged weights here.
     combined = model(image)
-    if method not in NOT_MERGEABLE:
+    if capabilities(method).mergeable:
         handle.merge()
         torch.testing.assert_close(model(image), combined, rtol=1e-10, atol=1e-10)
         handle.unmerge()
@@ -369,3 +392,179 @@ def test_deepcopy_and_state_dict_of_model_with_resident_columns(image):
         prefix, _, leaf = key.rpartition(".")
         wrapped = f"{prefix}.base_layer.{leaf}"
         assert torch.equal(state.get(wrapped, state.get(key)), value), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Each method's declared capabilities (peft_core.config.Capabilities) are true.
+# ---------------------------------------------------------------------------------------------
+# One-layer models of every kind a method might be asked to wrap, with an input for each.
+LAYERS = {
+    "Linear": (lambda: nn.Linear(8, 8), lambda g: torch.randn(6, 8, generator=g, dtype=torch.float64)),
+    "Conv2d": (
+        lambda: nn.Conv2d(4, 8, 3, padding=1),
+        lambda g: torch.randn(2, 4, 5, 5, generator=g, dtype=torch.float64),
+    ),
+    "LayerNorm": (lambda: nn.LayerNorm(8), lambda g: torch.randn(6, 8, generator=g, dtype=torch.float64)),
+    "Embedding": (lambda: nn.Embedding(10, 8), lambda g: torch.randint(0, 10, (6,), generator=g)),
+}
+
+
+def one_layer(kind: str) -> tuple[nn.Module, list[torch.Tensor]]:
+    make_layer, make_input = LAYERS[kind]
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("layer", make_layer().double())
+    generator = torch.Generator().manual_seed(1)
+    return model, [make_input(generator) for _ in range(3)]
+
+
+def attach_to(model: nn.Module, method: str, batches: list[torch.Tensor], targets: list[str]):
+    """attach the method's contract config, retargeted, running its prepare step on `batches` first."""
+    config = dataclasses.replace(CONFIGS[ONE_PER_METHOD[method]](), targets=targets)
+    prepared = None
+    if get_method(method).needs_data:
+        step = (lambda m, x: m(x).square().mean()) if method == "spt" else None
+        prepared = PREPARE_ON[method](model, config, batches, step)
+    return attach(model, config, prepared=prepared)
+
+
+PREPARE_ON = {
+    "corda": lambda model, config, batches, step: corda.prepare(model, config, batches, step=step),
+    "spt": lambda model, config, batches, step: spt.prepare(model, config, batches, step=step),
+}
+
+
+def test_every_method_declares_its_capabilities():
+    for method in available_methods():
+        spec = get_method(method)
+        assert isinstance(spec.capabilities, Capabilities), method
+        assert spec.needs_data == (method in PREPARE_ON) == (method in PREPARE), method
+        assert "\n" not in spec.capabilities.note, method
+        for trainer in TRAINERS:  # each trainer's defaults make a valid config
+            values = trainer_defaults(method, trainer)
+            config = config_from_dict({"method": method, "targets": ["q_proj"], **values})
+            assert all(getattr(config, key) == value for key, value in values.items()), (method, trainer)
+    assert methods_with("needs_data") == sorted(PREPARE_ON)
+    with pytest.raises(AdapterError, match="unknown capability 'fast'"):
+        methods_with("fast")
+    with pytest.raises(AdapterError, match="unknown trainer 'rl'"):
+        trainer_defaults("lora", "rl")
+
+
+@pytest.mark.parametrize("method", sorted(ONE_PER_METHOD))
+def test_wraps_every_declared_layer_type_and_refuses_the_others(method):
+    wraps = get_method(method).capabilities.wraps
+    # Every declared type has a layer here to check it on (a new type needs one).
+    for kind in wraps:
+        assert any(isinstance(LAYERS[name][0](), kind) for name in LAYERS), f"no LAYERS entry is a {kind.__name__}"
+    for kind in LAYERS:
+        model, batches = one_layer(kind)
+        if not isinstance(model.layer, wraps):
+            with pytest.raises(AdapterError, match="cannot adapt; supported layer types"):
+                attach_to(model, method, batches, ["layer"])
+            assert not isinstance(model.layer, AdaptedModule)
+            continue
+        handle = attach_to(model, method, batches, ["layer"])
+        assert isinstance(model.layer, AdaptedModule), kind
+        randomize(handle)
+        model(batches[0]).square().sum().backward()
+        assert all(p.grad is not None for p in handle.trainable_parameters()), kind
+
+
+@pytest.mark.parametrize("method", CONFIGS)
+def test_lora_export_works_exactly_where_declared(method, tmp_path):
+    model = TinyBlock(bias=False).double()  # SPT exports only when it trained no bias: a LoRA has none
+    handle = add(model, method)
+    randomize(handle)
+    if capabilities(method).lora_export:
+        handle.export(tmp_path / "peft", "peft")
+        handle.export(tmp_path / "diffusers", "diffusers", component="unet")
+        assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+        assert (tmp_path / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
+    else:
+        with pytest.raises(AdapterError, match="not exactly low-rank"):
+            handle.export(tmp_path / "peft", "peft")
+
+
+def test_spt_with_a_trained_bias_refuses_the_lora_export(tmp_path):
+    model = make_model()
+    handle = add(model, "spt")
+    randomize(handle)
+    assert any(key.endswith("bias_delta") or "bias" in key for key in handle.state_dict())
+    with pytest.raises(AdapterError, match="not exactly low-rank"):
+        handle.export(tmp_path, "peft")
+
+
+@pytest.mark.parametrize("method", sorted(ONE_PER_METHOD))
+def test_quantized_base_is_trained_on_exactly_where_declared(method):
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install peft-studio[quant])")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = nn.Sequential()
+    model.add_module("layer", bnb.nn.Linear4bit(16, 16, compute_dtype=torch.bfloat16, quant_type="nf4"))
+    try:
+        model = model.to(device)  # quantizes
+        model(torch.zeros(1, 16, dtype=torch.bfloat16, device=device))
+    except (RuntimeError, NotImplementedError) as error:
+        pytest.skip(f"bitsandbytes has no 4-bit backend on {device}: {error}")
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(6, 16, generator=generator).to(device, torch.bfloat16) for _ in range(3)]
+    if not get_method(method).capabilities.quantized_base:
+        with pytest.raises(AdapterError):
+            attach_to(model, method, batches, ["layer"])
+        return
+    handle = attach_to(model, method, batches, ["layer"])
+    packed = model.layer.base_layer.weight.data.clone()
+    randomize(handle)
+    model(batches[0]).float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in handle.trainable_parameters())
+    assert torch.equal(model.layer.base_layer.weight.data, packed)  # the 4-bit storage is never written
+    with pytest.raises(AdapterError):  # merging would requantize every weight (or is impossible)
+        handle.merge()
+
+
+@pytest.mark.parametrize("method", sorted(ONE_PER_METHOD))
+def test_loram_recovery_puts_the_update_back_in_the_full_shapes(method):
+    """A (4 x 6) layer kept from an (8 x 8) one: where declared, the recovered adapter's update on the
+    full layer is the small one's at the kept rows and columns and zero elsewhere; elsewhere LoRAM refuses."""
+    kept_rows, kept_cols = torch.tensor([0, 2, 5, 7]), torch.tensor([0, 1, 3, 4, 6, 7])
+    entry = PrunedModule((8, 8), kept_rows, kept_cols)
+    small, batches = one_layer("Linear")
+    small.layer = nn.Linear(6, 4).double()
+    batches = [x[:, :6] for x in batches]
+    handle = attach_to(small, method, batches, ["layer"])
+    randomize(handle)
+    config = handle.configs["default"]
+    recovery = get_method(method).capabilities.loram_recovery
+    index_map = IndexMap("random", 0.5, {"layer": entry})
+    if recovery is None:
+        with pytest.raises(AdapterError, match=f"cannot recover a '{method}' adapter"):
+            recover_state_dict(handle.state_dict(), config, index_map)
+        assert method not in methods_with("loram_recovery")
+        return
+    full, full_batches = one_layer("Linear")
+    full_handle = attach_to(full, method, full_batches, ["layer"])
+    full_handle.load_state_dict(recover_state_dict(handle.state_dict(), config, index_map))
+    small_delta = small.layer.adapters["default"].delta_weight(small.layer.base_layer)
+    full_delta = full.layer.adapters["default"].delta_weight(full.layer.base_layer)
+    expected = torch.zeros_like(full_delta)
+    expected[kept_rows[:, None], kept_cols] = small_delta
+    torch.testing.assert_close(full_delta, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", sorted(ONE_PER_METHOD))
+def test_placement_matches_what_the_adapter_reads(method):
+    """ "sublayer_outputs" methods add a function of the wrapped layer's output; "projections" ones of its input."""
+    spec = get_method(method)
+    assert spec.adapter_class.reads_base_output == (spec.capabilities.placement == "sublayer_outputs")
+
+
+def test_norm_layers_are_recognised_by_structure():
+    class RMSNorm(nn.Module):  # like Llama's: no torch norm class behind it
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(8))
+
+    for layer in (nn.LayerNorm(8), nn.GroupNorm(2, 8), RMSNorm()):
+        assert isinstance(layer, NormLayer), layer
+    for layer in (nn.Linear(8, 8), nn.Conv2d(2, 2, 1), nn.Embedding(4, 8), nn.LayerNorm(8, elementwise_affine=False)):
+        assert not isinstance(layer, NormLayer), layer

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from peft_core import AdapterError, LoraConfig, PacaConfig, attach, load
+from peft_core import AdapterError, LoraConfig, PacaConfig, PlpConfig, attach, load
 from peft_core.methods.loram import (
     DECODER_PROJECTIONS,
     IndexMap,
@@ -270,8 +270,8 @@ def test_errors_name_the_problem():
         prune(nn.Sequential(nn.Linear(4, 4)), 0.5)
     small, index_map = prune(model, 0.5, **KEEP)
     handle = attach(small, LoraConfig(targets=["q_proj"], r=2))
-    handle.configs["default"] = type("Fake", (), {"method": "dora"})()
-    with pytest.raises(AdapterError, match="cannot recover a 'dora' adapter.*supported methods: lora, paca"):
+    handle.configs["default"] = PlpConfig(targets=["q_proj"])  # a method that declares no LoRAM recovery
+    with pytest.raises(AdapterError, match="cannot recover a 'plp' adapter.*supported methods: lora, paca"):
         recover_state_dict(handle.state_dict(), handle.configs["default"], index_map)
 
 
