@@ -443,7 +443,9 @@ def test_every_method_declares_its_capabilities():
         for trainer in TRAINERS:  # each trainer's defaults make a valid config
             values = trainer_defaults(method, trainer)
             config = config_from_dict({"method": method, "targets": ["q_proj"], **values})
-            assert all(getattr(config, key) == value for key, value in values.items()), (method, trainer)
+            # An empty `targets` default hands the choice to the method (Compacter's placement fills it).
+            assert all(getattr(config, k) == v for k, v in values.items() if k != "targets"), (method, trainer)
+            assert config.targets, (method, trainer)
     assert methods_with("needs_data") == sorted(PREPARE_ON)
     with pytest.raises(AdapterError, match="unknown capability 'fast'"):
         methods_with("fast")
