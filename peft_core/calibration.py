@@ -3,8 +3,9 @@ and the analysis tools share. Below the methods, so they use it without importin
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -34,6 +35,27 @@ def calibration_outputs(
         yield output
     if count == 0:
         raise AdapterError(f"{method}.prepare: the calibration data is empty; pass at least one batch")
+
+
+Entry = TypeVar("Entry")
+
+
+class PerModule(Mapping[str, Entry], Generic[Entry]):
+    """A `prepare` step's result: a read-only mapping module name -> that module's entry, which is what
+    attach(..., prepared=) hands each module's adapter. Subclasses say which of their dicts holds it."""
+
+    @abstractmethod
+    def entries(self) -> dict[str, Entry]:
+        """The dict behind the mapping (module name -> entry)."""
+
+    def __getitem__(self, name: str) -> Entry:
+        return self.entries()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries())
+
+    def __len__(self) -> int:
+        return len(self.entries())
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:

@@ -65,6 +65,19 @@ class AdapterConfig:
         return data
 
 
+@dataclass
+class RankConfig(AdapterConfig):
+    """An AdapterConfig sized by an integer r >= 1 (a rank; PaCA's trained columns). Subclasses restate
+    `r` with their own default; the field keeps its place, first after the shared ones."""
+
+    r: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r < 1:
+            raise AdapterError(f"{self.method}: r must be >= 1, got {self.r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Capabilities:
     """What a method can do, declared once, next to its `register_method` line.

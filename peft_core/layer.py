@@ -21,6 +21,7 @@ import contextlib
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peft_core.config import AdapterConfig
@@ -304,6 +305,11 @@ def cast_to(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`tensor` in `dtype`; no dispatcher call when it already is (the fused Functions run once per
     layer per step, where a no-op `.to()` is host time the GPU may wait for)."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The fused Functions' frozen GEMM: F.linear(x, weight, bias) with weight and bias cast to `dtype`."""
+    return F.linear(x, cast_to(weight, dtype), None if bias is None else cast_to(bias, dtype))
 
 
 def cast_like_input(tensor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_core.calibration import calibration_outputs
-from peft_core.config import AdapterConfig, Capabilities, get_method, register_method
+from peft_core.calibration import PerModule, calibration_outputs
+from peft_core.config import Capabilities, RankConfig, get_method, register_method
 from peft_core.errors import AdapterError
 from peft_core.io import read_safetensors, write_safetensors
 from peft_core.layer import AdaptedModule, Adapter, cast_like_input, has_dense_weight, master_dtype
@@ -53,7 +53,7 @@ MAX_DOUBLINGS = 40  # lam = 0.01 * 2^40 ~ 1e10 * mean(diag C): no covariance nee
 
 
 @dataclass
-class CordaConfig(AdapterConfig):
+class CordaConfig(RankConfig):
     """r: rank (the paper uses r = alpha = 128); alpha: s = alpha / r (alpha / sqrt(r) with use_rslora);
     mode: "ipm" (instruction-previewed: the adapter takes the r largest components of W C) or
     "kpm" (knowledge-preserved: the r smallest, so the knowledge-heavy ones stay frozen);
@@ -69,8 +69,6 @@ class CordaConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r < 1:
-            raise AdapterError(f"corda: r must be >= 1, got {self.r}")
         if self.mode not in MODES:
             raise AdapterError(f"corda: mode must be 'ipm' or 'kpm', got {self.mode!r}")
         if self.damping <= 0:
@@ -85,7 +83,7 @@ class CordaConfig(AdapterConfig):
 # prepare's results: plain objects, savable as safetensors (never pickle).
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class Covariances(Mapping):
+class Covariances(PerModule[torch.Tensor]):
     """Module name -> C (in x in, float32, already divided by the sample count), with the counts.
 
     Independent of r and mode: collect once, decompose for any rank (`prepare(..., covariances=)`).
@@ -95,14 +93,8 @@ class Covariances(Mapping):
     samples: dict[str, int] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.matrices[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.matrices)
-
-    def __len__(self) -> int:
-        return len(self.matrices)
+    def entries(self) -> dict[str, torch.Tensor]:
+        return self.matrices
 
     def save(self, path: str | os.PathLike) -> Path:
         counts = json.dumps({"samples": self.samples, "tokens": self.tokens})
@@ -130,7 +122,7 @@ class CordaEigens:
 
 
 @dataclass
-class CordaPrepared(Mapping):
+class CordaPrepared(PerModule[CordaEigens]):
     """prepare()'s result: module name -> CordaEigens; the input of attach(..., prepared=).
 
     save/load is CorDA's eigens cache (much smaller than the covariances: 2 r (out + in) per layer).
@@ -138,14 +130,8 @@ class CordaPrepared(Mapping):
 
     eigens: dict[str, CordaEigens]
 
-    def __getitem__(self, name: str) -> CordaEigens:
-        return self.eigens[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.eigens)
-
-    def __len__(self) -> int:
-        return len(self.eigens)
+    def entries(self) -> dict[str, CordaEigens]:
+        return self.eigens
 
     def save(self, path: str | os.PathLike) -> Path:
         tensors = {f"{name}.{key}": getattr(e, key) for name, e in self.eigens.items() for key in ("U", "S", "V")}

@@ -21,26 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_core.config import AdapterConfig, Capabilities, register_method
+from peft_core import layer
+from peft_core.config import Capabilities, RankConfig, register_method
 from peft_core.errors import AdapterError
-from peft_core.layer import (
-    Adapter,
-    autocast_off,
-    cast_like_input,
-    cast_to,
-    compute_dtype,
-    has_dense_weight,
-    master_dtype,
-    mm_float32,
-    scatter_into_zeros,
-)
 
 if TYPE_CHECKING:
     from peft_core.methods.loram import PrunedModule
 
 
 @dataclass
-class LoraConfig(AdapterConfig):
+class LoraConfig(RankConfig):
     """r: rank; alpha: scale numerator; dropout: on the adapter's input; use_rslora: s = alpha/sqrt(r);
     init_A: "kaiming" (uniform, as in the paper's code and PEFT) or "gaussian" (std 1/r)."""
 
@@ -54,8 +44,6 @@ class LoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.r < 1:
-            raise AdapterError(f"lora: r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterError(f"lora: dropout must be in [0, 1), got {self.dropout}")
         if self.init_A not in ("kaiming", "gaussian"):
@@ -81,13 +69,13 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float):
-        dtype = compute_dtype(x)
-        x2 = cast_to(x.reshape(-1, x.shape[-1]), dtype)  # (T, in)
-        A = cast_to(lora_A, dtype)  # (r, in)
-        scaled_B = cast_to(torch.mul(lora_B, scaling), dtype)  # (out, r)
-        with autocast_off(x.device.type):
+        dtype = layer.compute_dtype(x)
+        x2 = layer.cast_to(x.reshape(-1, x.shape[-1]), dtype)  # (T, in)
+        A = layer.cast_to(lora_A, dtype)  # (r, in)
+        scaled_B = layer.cast_to(torch.mul(lora_B, scaling), dtype)  # (out, r)
+        with layer.autocast_off(x.device.type):
             h = x2 @ A.t()  # (T, r)
-            y = F.linear(x2, cast_to(weight, dtype), None if bias is None else cast_to(bias, dtype))  # (T, out)
+            y = layer.base_linear(x2, weight, bias, dtype)  # (T, out)
             y.addmm_(h, scaled_B.t())  # (T, out) += h (sB)^T
         ctx.save_for_backward(x2, weight, A, scaled_B)
         ctx.scaling, ctx.compute_dtype, ctx.input_shape = scaling, dtype, x.shape
@@ -99,19 +87,19 @@ class LoraLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         x2, weight, A, scaled_B = ctx.saved_tensors
         dtype = ctx.compute_dtype
-        g = cast_to(grad_output.reshape(-1, grad_output.shape[-1]), dtype)  # (T, out)
+        g = layer.cast_to(grad_output.reshape(-1, grad_output.shape[-1]), dtype)  # (T, out)
         grad_x = grad_A = grad_B = grad_bias = None
-        with autocast_off(g.device.type):
+        with layer.autocast_off(g.device.type):
             g_scaled = g @ scaled_B  # (T, r): s * dL/dh
             if ctx.needs_input_grad[0]:
-                grad_x = g @ cast_to(weight, dtype)  # (T, in)
+                grad_x = g @ layer.cast_to(weight, dtype)  # (T, in)
                 grad_x.addmm_(g_scaled, A)
                 grad_x = grad_x.reshape(ctx.input_shape)
             if ctx.needs_input_grad[3]:
-                grad_A = mm_float32(g_scaled.t(), x2).to(ctx.adapter_dtypes[0])  # (r, in)
+                grad_A = layer.mm_float32(g_scaled.t(), x2).to(ctx.adapter_dtypes[0])  # (r, in)
             if ctx.needs_input_grad[4]:
                 h = x2 @ A.t()  # (T, r), as in forward
-                grad_B = mm_float32(g.t(), h).mul_(ctx.scaling).to(ctx.adapter_dtypes[1])  # (out, r)
+                grad_B = layer.mm_float32(g.t(), h).mul_(ctx.scaling).to(ctx.adapter_dtypes[1])  # (out, r)
             if ctx.needs_input_grad[2]:
                 grad_bias = g.sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, grad_A, grad_B, None
@@ -128,12 +116,12 @@ def lora_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
 # ---------------------------------------------------------------------------------------------
 # The module.
 # ---------------------------------------------------------------------------------------------
-class LoraAdapter(Adapter):
+class LoraAdapter(layer.Adapter):
     def __init__(self, base: nn.Module, config: LoraConfig, module_name: str) -> None:
         super().__init__(base, config, module_name)
         self.r, self.scaling = config.r, config.scaling
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        device, dtype = base.weight.device, master_dtype(base.weight)
+        device, dtype = base.weight.device, layer.master_dtype(base.weight)
         if isinstance(base, nn.Conv2d):
             if base.groups != 1:
                 raise AdapterError(
@@ -152,7 +140,7 @@ class LoraAdapter(Adapter):
 
     def delta_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x)
-        A, B = cast_like_input(self.lora_A, x), cast_like_input(self.lora_B, x)
+        A, B = layer.cast_like_input(self.lora_A, x), layer.cast_like_input(self.lora_B, x)
         if isinstance(base, nn.Conv2d):
             h = F.conv2d(x, A, None, base.stride, base.padding, base.dilation)
             return F.conv2d(h, B) * self.scaling
@@ -176,7 +164,7 @@ class LoraAdapter(Adapter):
     def fused_forward(self, base: nn.Module, x: torch.Tensor, weight: float) -> torch.Tensor | None:
         if (
             not isinstance(base, nn.Linear)
-            or not has_dense_weight(base)
+            or not layer.has_dense_weight(base)
             or (self.training and not isinstance(self.dropout, nn.Identity))
         ):
             return None
@@ -195,8 +183,8 @@ def recover_lora(state: dict[str, torch.Tensor], entry: PrunedModule) -> dict[st
     out, inp = entry.full_shape  # B: (out', r) -> (out, r);  A: (r, in') -> (r, in)
     return {
         **state,
-        "lora_B": scatter_into_zeros(state["lora_B"], entry.kept_rows, out, 0),
-        "lora_A": scatter_into_zeros(state["lora_A"], entry.kept_cols, inp, 1),
+        "lora_B": layer.scatter_into_zeros(state["lora_B"], entry.kept_rows, out, 0),
+        "lora_A": layer.scatter_into_zeros(state["lora_A"], entry.kept_cols, inp, 1),
     }
 
 

@@ -33,20 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_core.config import AdapterConfig, Capabilities, register_method
+from peft_core import layer
+from peft_core.config import Capabilities, RankConfig, register_method
 from peft_core.errors import AdapterError
-from peft_core.layer import (
-    Adapter,
-    autocast_off,
-    cast_like_input,
-    cast_to,
-    compute_dtype,
-    has_dense_weight,
-    is_4bit,
-    master_dtype,
-    mm_float32,
-    scatter_into_zeros,
-)
 from peft_core.targets import sibling_key
 
 if TYPE_CHECKING:
@@ -54,7 +43,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class PacaConfig(AdapterConfig):
+class PacaConfig(RankConfig):
     """r: trained input columns per layer (parameter-match LoRA r with 2r on square layers);
     alpha: s = alpha / r; seed: column choice is randperm seeded by seed + crc32(layer or group);
     share_siblings: one column set per sibling group (q/k/v, gate/up, to_q/to_k/to_v);
@@ -67,11 +56,6 @@ class PacaConfig(AdapterConfig):
     seed: int = 0
     share_siblings: bool = True
     resident: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.r < 1:
-            raise AdapterError(f"paca: r must be >= 1, got {self.r}")
 
     @property
     def scaling(self) -> float:
@@ -104,10 +88,10 @@ class PacaLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta, columns, scaling: float):
-        dtype = compute_dtype(x)
-        with autocast_off(x.device.type):
-            x = cast_to(x, dtype)
-            y = F.linear(x, cast_to(weight, dtype), None if bias is None else cast_to(bias, dtype))
+        dtype = layer.compute_dtype(x)
+        with layer.autocast_off(x.device.type):
+            x = layer.cast_to(x, dtype)
+            y = layer.base_linear(x, weight, bias, dtype)
             x_selected = x.index_select(-1, columns)  # (..., r)
         ctx.save_for_backward(x_selected, weight)
         ctx.scaling, ctx.dtype = scaling, dtype
@@ -117,14 +101,14 @@ class PacaLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x_selected, weight = ctx.saved_tensors
-        g = cast_to(grad_output, ctx.dtype)
+        g = layer.cast_to(grad_output, ctx.dtype)
         grad_x = grad_delta = grad_bias = None
-        with autocast_off(g.device.type):
+        with layer.autocast_off(g.device.type):
             if ctx.needs_input_grad[0]:
-                grad_x = g @ cast_to(weight, ctx.dtype)  # one GEMM, as for a frozen layer
+                grad_x = g @ layer.cast_to(weight, ctx.dtype)  # one GEMM, as for a frozen layer
             g2 = g.reshape(-1, g.shape[-1])  # (T, out)
             if ctx.needs_input_grad[3]:
-                grad_delta = mm_float32(g2.t(), x_selected.reshape(-1, x_selected.shape[-1]))
+                grad_delta = layer.mm_float32(g2.t(), x_selected.reshape(-1, x_selected.shape[-1]))
                 if ctx.scaling != 1.0:
                     grad_delta.mul_(ctx.scaling)
             if ctx.needs_input_grad[2]:
@@ -137,9 +121,9 @@ class PacaConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta, columns, scaling: float, conv_args: tuple):
-        dtype = compute_dtype(x)
+        dtype = layer.compute_dtype(x)
         stride, padding, dilation = conv_args
-        with autocast_off(x.device.type):
+        with layer.autocast_off(x.device.type):
             x = x.to(dtype)
             y = F.conv2d(x, weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding, dilation)
             x_selected = x.index_select(1, columns)  # (N, r, H, W)
@@ -154,7 +138,7 @@ class PacaConv2dFunction(torch.autograd.Function):
         stride, padding, dilation = ctx.conv_args
         g = grad_output.to(ctx.dtype)
         grad_x = grad_delta = grad_bias = None
-        with autocast_off(g.device.type):
+        with layer.autocast_off(g.device.type):
             if ctx.needs_input_grad[0]:
                 grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight.to(ctx.dtype), g, stride, padding, dilation)
             if ctx.needs_input_grad[3]:
@@ -190,8 +174,8 @@ class QPacaLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, delta, base, columns, scaling: float):
-        dtype = compute_dtype(x)
-        with autocast_off(x.device.type):
+        dtype = layer.compute_dtype(x)
+        with layer.autocast_off(x.device.type):
             x = x.to(dtype)
             weight = dequantized_effective_weight(base, delta.detach(), columns, scaling, dtype)
             y = F.linear(x, weight, None if base.bias is None else base.bias.to(dtype))
@@ -205,13 +189,13 @@ class QPacaLinearFunction(torch.autograd.Function):
         x_selected, delta = ctx.saved_tensors
         g = grad_output.to(ctx.dtype)
         grad_x = grad_delta = None
-        with autocast_off(g.device.type):
+        with layer.autocast_off(g.device.type):
             if ctx.needs_input_grad[0]:
                 weight = dequantized_effective_weight(ctx.base, delta.detach(), ctx.columns, ctx.scaling, ctx.dtype)
                 grad_x = g @ weight
             if ctx.needs_input_grad[1]:
                 g2, x2 = g.reshape(-1, g.shape[-1]), x_selected.reshape(-1, x_selected.shape[-1])
-                grad_delta = mm_float32(g2.t(), x2) * ctx.scaling
+                grad_delta = layer.mm_float32(g2.t(), x2) * ctx.scaling
         return grad_x, grad_delta, None, None, None
 
 
@@ -233,7 +217,7 @@ class ResidentColumns:
         self.written_for: tuple[int, float] | None = None
 
 
-class PacaAdapter(Adapter):
+class PacaAdapter(layer.Adapter):
     def __init__(self, base: nn.Module, config: PacaConfig, module_name: str) -> None:
         super().__init__(base, config, module_name)
         self.is_conv = isinstance(base, nn.Conv2d)
@@ -248,8 +232,8 @@ class PacaAdapter(Adapter):
                 f"paca: r={config.r} is larger than {module_name!r}'s {in_features} input columns; "
                 f"use r <= {in_features} or exclude this layer"
             )
-        self.scaling, self.resident, self.quantized = config.scaling, config.resident, is_4bit(base)
-        if not self.quantized and not has_dense_weight(base):
+        self.scaling, self.resident, self.quantized = config.scaling, config.resident, layer.is_4bit(base)
+        if not self.quantized and not layer.has_dense_weight(base):
             raise AdapterError(
                 f"paca: {module_name!r} has a {type(base.weight).__name__} weight; only dense and "
                 "bitsandbytes 4-bit bases are supported"
@@ -258,12 +242,14 @@ class PacaAdapter(Adapter):
         self.register_buffer("columns", select_columns(in_features, config.r, config.seed, key).to(base.weight.device))
         self.weight_shape = tuple(base.weight.shape) if self.is_conv else (base.out_features, base.in_features)
         delta_shape = (self.weight_shape[0], config.r, *self.weight_shape[2:])
-        self.delta = nn.Parameter(torch.zeros(delta_shape, dtype=master_dtype(base.weight), device=base.weight.device))
+        self.delta = nn.Parameter(
+            torch.zeros(delta_shape, dtype=layer.master_dtype(base.weight), device=base.weight.device)
+        )
         self._resident = ResidentColumns()
 
     # -- additive path ----------------------------------------------------------------------
     def delta_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        delta = cast_like_input(self.delta * self.scaling, x)
+        delta = layer.cast_like_input(self.delta * self.scaling, x)
         if self.is_conv:
             return F.conv2d(x.index_select(1, self.columns), delta, None, base.stride, base.padding, base.dilation)
         return F.linear(x.index_select(-1, self.columns), delta)
@@ -303,7 +289,7 @@ class PacaAdapter(Adapter):
         self._resident.written_for = None
 
     @classmethod
-    def after_optimizer_step(cls, items: list[tuple[Adapter, nn.Module, float]], refresh: bool = True) -> None:
+    def after_optimizer_step(cls, items: list[tuple[layer.Adapter, nn.Module, float]], refresh: bool = True) -> None:
         """Rewrite every resident column block right after the optimizer step (`track_optimizer`).
 
         Why here and not lazily in the next forward: when the optimizer step is issued, the host is
@@ -370,7 +356,7 @@ def recover_paca(state: dict[str, torch.Tensor], entry: PrunedModule) -> dict[st
         columns = entry.kept_cols.to(columns.device)[columns]
     return {
         **state,
-        "delta": scatter_into_zeros(state["delta"], entry.kept_rows, entry.full_shape[0], 0),
+        "delta": layer.scatter_into_zeros(state["delta"], entry.kept_rows, entry.full_shape[0], 0),
         "columns": columns,
     }
 

@@ -28,25 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_core.config import AdapterConfig, Capabilities, register_method
+from peft_core import layer
+from peft_core.config import Capabilities, RankConfig, register_method
 from peft_core.errors import AdapterError
-from peft_core.layer import (
-    Adapter,
-    autocast_off,
-    cast_like_input,
-    cast_to,
-    compute_dtype,
-    has_dense_weight,
-    master_dtype,
-    mm_float32,
-)
 
 if TYPE_CHECKING:
     from peft_core.model import AdapterHandle
 
 
 @dataclass
-class PlpConfig(AdapterConfig):
+class PlpConfig(RankConfig):
     """r: rank of U V (the paper uses 64 on SDXL); seed: frozen bases are a function of (seed, layer),
     so content and style runs must share it; orthogonal_init: draw A, C from one orthonormal basis
     on every layer (the official code does so only on square layers; see spec pitfall 7).
@@ -61,11 +52,6 @@ class PlpConfig(AdapterConfig):
     seed: int = 0
     orthogonal_init: bool = True
     centered: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.r < 1:
-            raise AdapterError(f"plp: r must be >= 1, got {self.r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,12 +150,12 @@ class PlpLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, frozen_up, learnable_up, frozen_down, learnable_down, grad_enabled=True):
         # grad_enabled: torch.is_grad_enabled() of the caller (inside forward it is always off, and
         # needs_input_grad still says True under no_grad): with it off nothing is kept or copied.
-        dtype = compute_dtype(x)
-        x2 = cast_to(x.reshape(-1, x.shape[-1]), dtype)  # (T, in)
-        up, down = (cast_to(f, dtype) for f in plp_factors(frozen_up, learnable_up, frozen_down, learnable_down))
-        with autocast_off(x.device.type):
+        dtype = layer.compute_dtype(x)
+        x2 = layer.cast_to(x.reshape(-1, x.shape[-1]), dtype)  # (T, in)
+        up, down = (layer.cast_to(f, dtype) for f in plp_factors(frozen_up, learnable_up, frozen_down, learnable_down))
+        with layer.autocast_off(x.device.type):
             h = x2 @ down.t()  # (T, r)
-            y = F.linear(x2, cast_to(weight, dtype), None if bias is None else cast_to(bias, dtype))  # (T, out)
+            y = layer.base_linear(x2, weight, bias, dtype)  # (T, out)
             y.addmm_(h, up.t())
         out = y.reshape(*x.shape[:-1], y.shape[-1])
         if not grad_enabled:  # inference: no backward will run
@@ -195,22 +181,22 @@ class PlpLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         saved_input, h, weight, frozen_up, learnable_up, frozen_down, learnable_down = ctx.saved_tensors
         dtype = ctx.compute_dtype
-        up, down = (cast_to(f, dtype) for f in plp_factors(frozen_up, learnable_up, frozen_down, learnable_down))
-        g = cast_to(grad_output.reshape(-1, grad_output.shape[-1]), dtype)  # (T, out)
+        up, down = (layer.cast_to(f, dtype) for f in plp_factors(frozen_up, learnable_up, frozen_down, learnable_down))
+        g = layer.cast_to(grad_output.reshape(-1, grad_output.shape[-1]), dtype)  # (T, out)
         grad_x = grad_bias = grad_up = grad_down = None
-        with autocast_off(g.device.type):
+        with layer.autocast_off(g.device.type):
             grad_h = g @ up  # (T, r)
             if ctx.needs_input_grad[0]:
-                grad_x = g @ cast_to(weight, dtype)
+                grad_x = g @ layer.cast_to(weight, dtype)
                 grad_x.addmm_(grad_h, down)
                 grad_x = grad_x.reshape(ctx.input_shape)
             if ctx.needs_input_grad[4]:
                 if ctx.keep_input:
                     h = saved_input @ down.t()  # (T, r), as in forward
-                grad_up = mm_float32(g[:, frozen_up.shape[0] :].t(), h).to(learnable_up.dtype)  # (out - out/2, r)
+                grad_up = layer.mm_float32(g[:, frozen_up.shape[0] :].t(), h).to(learnable_up.dtype)  # (out - out/2, r)
             if ctx.needs_input_grad[6]:
                 input_half = saved_input[:, frozen_down.shape[1] :] if ctx.keep_input else saved_input
-                grad_down = mm_float32(grad_h.t(), input_half).to(learnable_down.dtype)  # (r, in - in/2)
+                grad_down = layer.mm_float32(grad_h.t(), input_half).to(learnable_down.dtype)  # (r, in - in/2)
             if ctx.needs_input_grad[2]:
                 grad_bias = g.sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, None, grad_up, None, grad_down, None
@@ -252,13 +238,13 @@ def precondition_gradients(handle: AdapterHandle, name: str, delta: float = 1e-6
 # ---------------------------------------------------------------------------------------------
 # The module.
 # ---------------------------------------------------------------------------------------------
-class PlpAdapter(Adapter):
+class PlpAdapter(layer.Adapter):
     def __init__(self, base: nn.Module, config: PlpConfig, module_name: str) -> None:
         super().__init__(base, config, module_name)
         out_features, in_features = base.out_features, base.in_features
         if out_features < 2 or in_features < 2:
             raise AdapterError(f"plp: {module_name!r} ({in_features}->{out_features}) is too small to split in halves")
-        dtype, device = master_dtype(base.weight), base.weight.device
+        dtype, device = layer.master_dtype(base.weight), base.weight.device
         a, c = frozen_bases(out_features, in_features, config.r, config.seed, module_name, config.orthogonal_init)
         self.register_buffer("frozen_up", a.to(device, dtype))  # A
         self.register_buffer("frozen_down", c.to(device, dtype))  # C
@@ -293,13 +279,13 @@ class PlpAdapter(Adapter):
 
     def delta_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         up, down = plp_factors(*self.product_pieces())
-        return F.linear(F.linear(x, cast_like_input(down, x)), cast_like_input(up, x))
+        return F.linear(F.linear(x, layer.cast_like_input(down, x)), layer.cast_like_input(up, x))
 
     def fused_forward(self, base: nn.Module, x: torch.Tensor, weight: float) -> torch.Tensor | None:
         # One autograd Function (x saved once, the factors by reference, no frozen-half gradients).
         # The adapter weight and the composition weights scale the learnable halves: W + w U V with
         # U = [A; uB], V = [C | dD] is not a rescaling of the pieces, so they go in as products.
-        if not has_dense_weight(base):
+        if not layer.has_dense_weight(base):
             return None
         frozen_up, up, frozen_down, down = self.product_pieces()
         if weight != 1.0:  # w U V = [wA; wB] V

@@ -26,7 +26,7 @@ with a one-hot A over its touched input columns), so it exports to PEFT/diffuser
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, ClassVar
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_core.calibration import calibration_outputs, call_model
+from peft_core.calibration import PerModule, calibration_outputs, call_model
 from peft_core.config import AdapterConfig, Capabilities, get_method, register_method
 from peft_core.errors import AdapterError
 from peft_core.layer import AdaptedModule, Adapter, cast_like_input, has_dense_weight, master_dtype
@@ -94,21 +94,15 @@ class SptModulePlan:
 
 
 @dataclass
-class SptPlan(Mapping):
+class SptPlan(PerModule[SptModulePlan]):
     """prepare()'s result: module name -> SptModulePlan, plus the budget it meets exactly."""
 
     modules: dict[str, SptModulePlan]
     budget: int
     scored: int
 
-    def __getitem__(self, name: str) -> SptModulePlan:
-        return self.modules[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.modules)
-
-    def __len__(self) -> int:
-        return len(self.modules)
+    def entries(self) -> dict[str, SptModulePlan]:
+        return self.modules
 
 
 @dataclass(frozen=True)
