@@ -222,6 +222,96 @@ def _template_fields(template: str | None, trigger: str | None) -> set[str]:
     return names
 
 
+def _relative(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _folder_listing(path: str | Path) -> tuple[Path, list[Path], list[Path]]:
+    """(the folder, every visible file in it, the images among them); a missing, empty or image-less
+    folder is an error at once (nothing else can be checked)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        reason = "is not a folder" if root.exists() else "does not exist"
+        raise UserError(f"image folder {root} {reason}; pass the folder that holds the training images")
+    root = root.resolve()
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise UserError(f"image folder {root} is empty; put the training images ({', '.join(IMAGE_EXTENSIONS)}) in it")
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not images:
+        found = ", ".join(_listing([_relative(root, p) for p in files], 5))
+        raise UserError(
+            f"image folder {root} has no images (looked for {', '.join(IMAGE_EXTENSIONS)}); it holds: {found}"
+        )
+    return root, files, images
+
+
+def _captions(
+    root: Path, files: list[Path], images: list[Path], report: FolderReport, problems: list[tuple[str, str]]
+) -> tuple[dict[Path, str], set[Path]]:
+    """(image -> caption from metadata.jsonl or its sidecar .txt, images whose sidecar is unreadable)."""
+    image_set = set(images)
+    captions = _read_metadata(root, image_set, problems) if (root / METADATA_FILE).is_file() else {}
+    images_by_stem: dict[Path, list[Path]] = defaultdict(list)
+    for image in images:
+        images_by_stem[image.with_suffix("")].append(image)
+    broken_sidecars: set[Path] = set()
+    for p in files:
+        if p.suffix.lower() == ".txt":
+            try:
+                text = _read_text(p, _relative(root, p))
+            except _Refused as error:
+                problems.append((_relative(root, p), str(error)))
+                broken_sidecars.update(images_by_stem.get(p.with_suffix(""), []))  # reported once, here
+                continue
+            for image in images_by_stem.get(p.with_suffix(""), []):
+                captions.setdefault(image, text.strip())  # metadata.jsonl wins over a sidecar
+            if p.with_suffix("") not in images_by_stem:
+                report.warnings.append(f"{_relative(root, p)}: caption without an image; it is ignored")
+        elif p not in image_set and p != root / METADATA_FILE:
+            report.warnings.append(
+                f"{_relative(root, p)}: skipped, not an image by its extension "
+                f"({', '.join(IMAGE_EXTENSIONS)}); rename it if it is one"
+            )
+    return captions, broken_sidecars
+
+
+def _checked_image(
+    root: Path, image: Path, max_pixels: int, min_side: int, problems: list[tuple[str, str]]
+) -> tuple[tuple[int, int], str] | None:
+    """(size, pixel digest) of a usable image, or None with its problem recorded."""
+    try:
+        return _check_image(image, max_pixels, min_side)
+    except _Refused as error:
+        problems.append((_relative(root, image), str(error)))
+    except OSError as error:  # permissions, a file removed meanwhile
+        problems.append((_relative(root, image), f"cannot be read ({error.strerror or error}); check the file"))
+    return None
+
+
+def _identical_images(
+    root: Path, hashes: dict[str, list[Path]], report: FolderReport, problems: list[tuple[str, str]]
+) -> None:
+    """Every image the same picture is a problem; some identical pictures are a warning."""
+    readable = sum(len(group) for group in hashes.values())
+    if len(hashes) == 1 and readable > 1:
+        copies = ", ".join(_listing([_relative(root, p) for p in next(iter(hashes.values()))], 5))
+        problems.append(
+            (
+                f"all {readable} images",
+                f"have identical pixels ({copies}); add different pictures, "
+                "or keep one and use repeats= to show it more often",
+            )
+        )
+    for group in hashes.values():
+        if 1 < len(group) < readable:
+            report.warnings.append(f"identical images: {', '.join(_listing([_relative(root, p) for p in group], 5))}")
+
+
 def validate_image_folder(
     path: str | Path,
     *,
@@ -238,65 +328,17 @@ def validate_image_folder(
     lines or entries naming missing files; images without a caption where the prompt needs one;
     and every image identical to the others. Duplicate groups short of that are warnings.
     """
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        reason = "is not a folder" if root.exists() else "does not exist"
-        raise UserError(f"image folder {root} {reason}; pass the folder that holds the training images")
+    root, files, images = _folder_listing(path)
     fields = _template_fields(template, trigger)
-    root = root.resolve()
-    files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    if not files:
-        raise UserError(f"image folder {root} is empty; put the training images ({', '.join(IMAGE_EXTENSIONS)}) in it")
-    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if not images:
-        found = ", ".join(_listing([p.relative_to(root).as_posix() for p in files], 5))
-        raise UserError(
-            f"image folder {root} has no images (looked for {', '.join(IMAGE_EXTENSIONS)}); it holds: {found}"
-        )
-
-    def name(p: Path) -> str:
-        return p.relative_to(root).as_posix()
-
     report = FolderReport(root, [])
     problems: list[tuple[str, str]] = []
-    image_set = set(images)
-    captions = _read_metadata(root, image_set, problems) if (root / METADATA_FILE).is_file() else {}
-    images_by_stem: dict[Path, list[Path]] = defaultdict(list)
-    for image in images:
-        images_by_stem[image.with_suffix("")].append(image)
-    broken_sidecars: set[Path] = set()
-    for p in files:
-        if p.suffix.lower() == ".txt":
-            try:
-                text = _read_text(p, name(p))
-            except _Refused as error:
-                problems.append((name(p), str(error)))
-                broken_sidecars.update(images_by_stem.get(p.with_suffix(""), []))  # reported once, here
-                continue
-            for image in images_by_stem.get(p.with_suffix(""), []):
-                captions.setdefault(image, text.strip())  # metadata.jsonl wins over a sidecar
-            if p.with_suffix("") not in images_by_stem:
-                report.warnings.append(f"{name(p)}: caption without an image; it is ignored")
-        elif p not in image_set and p != root / METADATA_FILE:
-            report.warnings.append(
-                f"{name(p)}: skipped, not an image by its extension "
-                f"({', '.join(IMAGE_EXTENSIONS)}); rename it if it is one"
-            )
-
+    captions, broken_sidecars = _captions(root, files, images, report, problems)
     hashes: dict[str, list[Path]] = defaultdict(list)
     for image in images:
-        try:
-            size, digest = _check_image(image, max_pixels, min_side)
-        except _Refused as error:
-            problems.append((name(image), str(error)))
+        checked = _checked_image(root, image, max_pixels, min_side, problems)
+        if checked is None:
             continue
-        except OSError as error:  # permissions, a file removed meanwhile
-            problems.append((name(image), f"cannot be read ({error.strerror or error}); check the file"))
-            continue
+        size, digest = checked
         hashes[digest].append(image)
         caption = captions.get(image) or None  # an empty caption is no caption
         if caption is None and (template is None or "caption" in fields):
@@ -304,7 +346,7 @@ def validate_image_folder(
                 needs = "the template uses {caption}, but it" if template else "it"
                 problems.append(
                     (
-                        name(image),
+                        _relative(root, image),
                         f"{needs} has no caption; add {image.with_suffix('.txt').name} "
                         f"next to it or a {METADATA_FILE} line, or pass a template",
                     )
@@ -312,20 +354,7 @@ def validate_image_folder(
             continue
         prompt = caption if template is None else template.format(trigger=trigger, caption=caption)
         report.records.append(ImageRecord(image, size, prompt))
-
-    readable = sum(len(group) for group in hashes.values())
-    if len(hashes) == 1 and readable > 1:
-        copies = ", ".join(_listing([name(p) for p in next(iter(hashes.values()))], 5))
-        problems.append(
-            (
-                f"all {readable} images",
-                f"have identical pixels ({copies}); add different pictures, "
-                "or keep one and use repeats= to show it more often",
-            )
-        )
-    for group in hashes.values():
-        if 1 < len(group) < readable:
-            report.warnings.append(f"identical images: {', '.join(_listing([name(p) for p in group], 5))}")
+    _identical_images(root, hashes, report, problems)
     if problems:
         raise _fail(root, problems)
     for message in report.warnings:
