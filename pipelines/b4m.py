@@ -23,7 +23,7 @@ With a run_dir, each finished break run is saved under <run_dir>/stages/<content
 to a temporary folder, then renamed: a stage is there whole or not at all), and a later call with
 the same run_dir loads the finished stages instead of training them again. `should_stop()` (by
 default: does <run_dir>/STOP exist?) is asked after every step; a stop raises
-`pipelines.train.StopRequested` and loses at most the stage in progress. Every draw comes from
+`pipelines.training.StopRequested` and loses at most the stage in progress. Every draw comes from
 (seed, stage, step), so a resumed run ends with the same adapters as an uninterrupted one.
 """
 
@@ -33,7 +33,7 @@ import dataclasses
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +42,16 @@ import torch
 from peft_core import PlpConfig, attach, get_handle, load, make_joint, precondition_gradients
 from peft_core.io import read_json, write_json
 from pipelines.errors import UserError
+from pipelines.options import option
 from pipelines.train import (
-    STOP_FILE,
     UNET_ATTENTION_TARGETS,
-    StopRequested,
-    TrainEvent,
     diffusion_loss,
     generate,
     sample_batch,
     step_generator,
     training_scheduler,
 )
+from pipelines.training import TrainEvent, serve_stop, stop_file_exists
 
 UP, DOWN = "learnable_up", "learnable_down"  # B (style) and D (content), unless content_factor="up"
 
@@ -61,27 +60,40 @@ UP, DOWN = "learnable_up", "learnable_down"  # B (style) and D (content), unless
 class BreakForMakeConfig:
     """Defaults suit the embedded tiny SD; the paper used r=64, lr 1e-4, 1000 + <=200 steps on SDXL."""
 
-    rank: int = 8
-    seed: int = 0
-    targets: list[str] = field(default_factory=lambda: list(UNET_ATTENTION_TARGETS))
-    break_steps: int = 300
-    make_steps: int = 100
-    batch_size: int = 4
-    main_lr: float = 1e-3
-    partner_lr_ratio: float = 0.1  # the partner PLP's learning rate relative to the main one
-    make_lr: float = 1e-3
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
+    rank: int = option(8, help="PLP rank r (the paper: 64 on SDXL)", min=1)
+    seed: int = option(0, help="seed of the frozen bases and every random draw", min=0, max=2**32 - 1)
+    targets: list[str] = option(list(UNET_ATTENTION_TARGETS), help="UNet modules to adapt", advanced=True)
+    break_steps: int = option(300, help="steps of each break run", min=1)
+    make_steps: int = option(100, help="steps of the make fine-tuning", min=0)
+    batch_size: int = option(4, help="images per step", min=1)
+    main_lr: float = option(1e-3, help="learning rate of the main PLP in each break run", above=0, advanced=True)
+    partner_lr_ratio: float = option(
+        0.1, help="the partner PLP's learning rate relative to the main one", min=0, advanced=True
+    )
+    make_lr: float = option(1e-3, help="learning rate of the make stage", above=0, advanced=True)
+    weight_decay: float = option(1e-2, help="AdamW weight decay", min=0, advanced=True)
+    max_grad_norm: float = option(1.0, help="gradient clipping norm (0: off)", min=0, advanced=True)
     # Which PLP factor learns the content: "down" (D, the official code's choice) or "up" (B; the
     # style then trains D). A config field because the paper text we could read does not fix it.
-    content_factor: str = "down"
+    content_factor: str = option(
+        "down",
+        help="PLP factor that learns the content: 'down' (D, the official code) or 'up' (B; the style then trains D)",
+        choices=("down", "up"),
+        advanced=True,
+    )
     # Make with Riemannian-preconditioned gradients (B4M's TOG version, spec section 2): grad_B is
     # scaled by (V V^T + delta I)^-1 and grad_D by (U^T U + delta I)^-1 before AdamW.
-    riemannian: bool = False
-    riemannian_delta: float = 1e-6
+    riemannian: bool = option(
+        False, help="make with Riemannian-preconditioned gradients (the TOG version of B4M)", advanced=True
+    )
+    riemannian_delta: float = option(1e-6, help="damping delta of the Riemannian preconditioner", min=0, advanced=True)
     # Centered PLPs (PlpConfig.centered): the frozen A C block left out and D from zero, so every
     # stage starts from the base model itself instead of one perturbed by A C (spec pitfall 8).
-    centered: bool = False
+    centered: bool = option(
+        False,
+        help="leave out the PLPs' frozen A C block and start D at zero, so training starts from the base model",
+        advanced=True,
+    )
     # Which loss each factor of a break run learns from (multi-correspondence projection):
     # - "separate": the main factor learns only the main loss and the partner only the partner loss
     #   (the spec's reading of the official code's gradient leak as unintended, pitfall 5).
@@ -91,7 +103,13 @@ class BreakForMakeConfig:
     #   accumulation skips zero_grad between micro-steps), so the content D also fits the other
     #   styles, paired with the partner B. On the embedded world it did not score better
     #   (bench/README.md, b4m_quality_shared*.json), so it is not the default.
-    mcp_loss: str = "separate"
+    mcp_loss: str = option(
+        "separate",
+        help="break runs: 'separate' (each factor learns only its own loss) or 'shared' (both learn the main + "
+        "partner loss, as the official code's updates do)",
+        choices=("separate", "shared"),
+        advanced=True,
+    )
 
 
 class BreakForMakePipeline:
@@ -133,7 +151,7 @@ class BreakForMakePipeline:
             raise UserError("this pipeline's UNet already has B4M adapters; load a fresh base model to train again")
         emit = on_event or (lambda event: None)
         run_dir = Path(run_dir) if run_dir is not None else None
-        self._should_stop = should_stop or (lambda: run_dir is not None and (run_dir / STOP_FILE).exists())
+        self._should_stop = should_stop or stop_file_exists(run_dir)
         self._run_dir = run_dir
         self.pipe.unet.requires_grad_(False)
         self.pipe.text_encoder.requires_grad_(False)
@@ -178,17 +196,18 @@ class BreakForMakePipeline:
             os.replace(partial, stage)
 
     def _stop_if_requested(self, stage: str, step: int, total: int) -> None:
-        if not self._should_stop():
-            return
-        if self._run_dir is not None:
-            (self._run_dir / STOP_FILE).unlink(missing_ok=True)  # served; a resume must not stop again
-        raise StopRequested(
-            f"stopped on request in {stage} at step {step} of {total}; the finished break runs "
-            "are kept and a resume starts from the stage in progress"
-        )
+        if self._should_stop():
+            serve_stop(  # removes the STOP file (served; a resume must not stop again), raises StopRequested
+                self._run_dir,
+                None,
+                step,
+                total,
+                f"stopped on request in {stage} at step {step} of {total}; the finished break runs "
+                "are kept and a resume starts from the stage in progress",
+            )
 
     def _break(self, name: str, plp: PlpConfig, main_data, partner_sets: list, main: str, partner: str, emit) -> None:
-        config, device = self.config, self.pipe.unet.device
+        config = self.config
         if self.handle is None:
             attach(self.pipe.unet, plp, name=name)
         else:
@@ -206,15 +225,7 @@ class BreakForMakePipeline:
         self.pipe.unet.train()
         for step in range(config.break_steps):
             generator = step_generator(config.seed, step)
-            loss = diffusion_loss(
-                self.pipe,
-                self.pipe.unet,
-                sample_batch(main_data, config.batch_size, config.seed, step),
-                generator,
-                device,
-                torch.float32,
-                self._noise,
-            )
+            loss = self._loss(main_data, config.seed, step, generator)
             if partner_sets and config.mcp_loss == "shared":  # one loss for both factors, each at its own lr
                 self._step(
                     loss + self._partner_loss(partner_sets, step, generator),
@@ -230,45 +241,25 @@ class BreakForMakePipeline:
 
     def _partner_loss(self, partner_sets: list, step: int, generator: torch.Generator) -> torch.Tensor:
         """The mean diffusion loss over the other concepts, each with its own prompts."""
-        config, device = self.config, self.pipe.unet.device
-        return sum(
-            diffusion_loss(
-                self.pipe,
-                self.pipe.unet,
-                sample_batch(data, config.batch_size, config.seed + 1 + k, step),
-                generator,
-                device,
-                torch.float32,
-                self._noise,
-            )
-            for k, data in enumerate(partner_sets)
-        ) / len(partner_sets)
+        losses = [self._loss(data, self.config.seed + 1 + k, step, generator) for k, data in enumerate(partner_sets)]
+        return sum(losses) / len(partner_sets)
+
+    def _loss(self, data, seed: int, step: int, generator: torch.Generator) -> torch.Tensor:
+        """The diffusion loss of step `step`'s batch of `data` (an epoch-wise order from `seed`)."""
+        batch = sample_batch(data, self.config.batch_size, seed, step)
+        return diffusion_loss(
+            self.pipe, self.pipe.unet, batch, generator, self.pipe.unet.device, torch.float32, self._noise
+        )
 
     def _make(self, content, style, emit) -> None:
-        config, device, handle = self.config, self.pipe.unet.device, self.handle
+        config, handle = self.config, self.handle
         params = handle.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=config.make_lr, weight_decay=config.weight_decay)
         for step in range(config.make_steps):
             # One noise draw for both halves of the step (spec §2: same noise and timestep).
             seed = config.seed + 10_000
-            content_loss = diffusion_loss(
-                self.pipe,
-                self.pipe.unet,
-                sample_batch(content, config.batch_size, seed, step),
-                step_generator(seed, step),
-                device,
-                torch.float32,
-                self._noise,
-            )
-            style_loss = diffusion_loss(
-                self.pipe,
-                self.pipe.unet,
-                sample_batch(style, config.batch_size, seed, step),
-                step_generator(seed, step),
-                device,
-                torch.float32,
-                self._noise,
-            )
+            content_loss = self._loss(content, seed, step, step_generator(seed, step))
+            style_loss = self._loss(style, seed, step, step_generator(seed, step))
             loss = content_loss + style_loss
             self._step(loss, [(params, optimizer)], precondition="joint" if config.riemannian else None)
             emit(TrainEvent("make", step + 1, config.make_steps, loss=loss.item(), lr=config.make_lr))

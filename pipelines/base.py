@@ -107,7 +107,7 @@ def load_embedded_lm(spec: str | os.PathLike | None = DEFAULT_BASE, torch_dtype=
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except OSError as error:
-        raise UserError(f"could not load language model {source!r}: {_offline_hint(error)}") from error
+        raise UserError(f"could not load language model {source!r}: {offline_hint(error)}") from error
     return model, tokenizer
 
 
@@ -142,10 +142,11 @@ def _load_hub(pipeline_class, hub_id: str, kwargs: dict):
     try:
         return pipeline_class.from_pretrained(hub_id, **kwargs)
     except (OSError, ValueError) as error:
-        raise UserError(f"could not load {hub_id!r} from the Hugging Face hub: {_offline_hint(error)}") from error
+        raise UserError(f"could not load {hub_id!r} from the Hugging Face hub: {offline_hint(error)}") from error
 
 
-def _offline_hint(error: Exception) -> str:
+def offline_hint(error: Exception) -> str:
+    """The first line of a loading error, with what to check (offline mode, the id, the network)."""
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     hint = (
         "HF_HUB_OFFLINE is set, so only models already in the local cache can load"

@@ -20,7 +20,9 @@ exactly the draws the uninterrupted run would have made.
 Stopping on request: after every step `train_adapter` asks `should_stop()` (by default: does
 `<run_dir>/STOP` exist?). When it answers yes, the loop writes a checkpoint of that step, removes
 the STOP file and raises `StopRequested`, so a resume continues from exactly that step. This is how
-the UI cancels a job; a CLI user can `touch <run_dir>/STOP` for the same clean stop.
+the UI cancels a job; a CLI user can `touch <run_dir>/STOP` for the same clean stop. The optimizer,
+the LR schedule, accelerate, the stop protocol and the event type are the shared training kit
+(pipelines.training), re-exported here.
 """
 
 from __future__ import annotations
@@ -29,15 +31,16 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from peft_core import AdapterConfig, AdapterHandle, attach, config_from_dict
-from pipelines.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
+from peft_core import AdapterConfig, AdapterHandle, attach, config_from_dict, get_method, load
+from pipelines.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_writes
 from pipelines.cuda_graphs import (
     GraphCaptureError,
     GraphedTrainStep,
@@ -48,73 +51,92 @@ from pipelines.cuda_graphs import (
     prediction_loss,
 )
 from pipelines.errors import UserError
+from pipelines.options import check_fields, option
+from pipelines.training import (
+    LR_SCHEDULES,
+    MIXED_PRECISIONS,
+    OPTIMIZERS,
+    STOP_FILE,
+    StopRequested,
+    TrainEvent,
+    checkpoint_due,
+    make_accelerator,
+    make_lr_scheduler,
+    make_optimizer,
+    save_step_checkpoint,
+    serve_stop,
+    stop_file_exists,
+    stop_requested,
+)
+
+# The kit's names stay importable from here (`from pipelines.train import StopRequested, make_accelerator`).
+__all__ = [
+    "STOP_FILE",
+    "TEXT_ENCODER_TARGETS",
+    "UNET_ATTENTION_TARGETS",
+    "Batch",
+    "StopRequested",
+    "TrainConfig",
+    "TrainEvent",
+    "diffusion_loss",
+    "generate",
+    "image_grid",
+    "make_accelerator",
+    "make_lr_scheduler",
+    "make_optimizer",
+    "sample_batch",
+    "save_image_atomic",
+    "step_generator",
+    "step_inputs",
+    "stop_requested",
+    "train_adapter",
+    "training_scheduler",
+]
 
 # Every attention projection of an SD UNet (self- and cross-attention): the usual adapter targets.
 UNET_ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-STOP_FILE = "STOP"  # <run_dir>/STOP asks a running train_adapter to checkpoint and stop
-
-
-class StopRequested(KeyboardInterrupt):
-    """Raised by `train_adapter` once a requested stop is checkpointed. A KeyboardInterrupt, so every
-    caller that already treats Ctrl-C as "interrupted, resumable" (studio's train-* commands) treats
-    a requested stop the same way."""
 
 
 @dataclass
 class TrainConfig:
     """How to train (what to train is the adapter config). Defaults suit the embedded tiny SD."""
 
-    steps: int = 300
-    batch_size: int = 4
-    learning_rate: float = 1e-3
-    lr_schedule: str = "constant"  # "constant" | "cosine" | "linear" (after warm-up)
-    warmup_steps: int = 0
-    gradient_accumulation: int = 1
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
-    gradient_checkpointing: bool = False
-    optimizer: str = "adamw"  # "adamw" | "adamw8bit" (bitsandbytes, CUDA only)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 100
-    sample_every: int = 0  # 0: only at the end
-    sample_prompts: list[str] = field(default_factory=list)
-    sample_steps: int = 20
-    sample_guidance: float = 5.0
-    train_text_encoder: bool = False
+    steps: int = option(300, help="optimizer steps", min=1)
+    batch_size: int = option(4, help="images per step (per process)", min=1)
+    learning_rate: float = option(
+        1e-3, help="AdamW learning rate (PaCA often wants a different one than LoRA: sweep it)", above=0
+    )
+    lr_schedule: str = option("constant", help="learning-rate schedule after warm-up", choices=LR_SCHEDULES)
+    warmup_steps: int = option(0, help="linear warm-up steps", min=0, advanced=True)
+    gradient_accumulation: int = option(1, help="micro-batches per optimizer step", min=1, advanced=True)
+    mixed_precision: str = option("no", help="autocast dtype (GPU)", choices=MIXED_PRECISIONS, advanced=True)
+    gradient_checkpointing: bool = option(False, help="trade compute for activation memory", advanced=True)
+    optimizer: str = option("adamw", help="adamw, or adamw8bit (bitsandbytes, CUDA)", choices=OPTIMIZERS, advanced=True)
+    weight_decay: float = option(0.0, help="AdamW weight decay", min=0, advanced=True)
+    max_grad_norm: float = option(1.0, help="gradient clipping norm (0: off)", min=0, advanced=True)
+    seed: int = option(0, help="seed of every random draw (same seed, same run)", min=0, max=2**32 - 1)
+    checkpoint_every: int = option(100, help="write a resumable checkpoint every N steps", min=1)
+    sample_every: int = option(0, help="write a sample grid every N steps (0: only at the end)", min=0)
+    sample_prompts: list[str] = option([], help="prompts of the sample grids", repeat=False)
+    sample_steps: int = option(20, help="denoising steps of the sample grids", min=1)
+    sample_guidance: float = option(5.0, help="classifier-free guidance of the sample grids", min=0, advanced=True)
+    train_text_encoder: bool = option(False, help="also adapt the text encoder's attention projections", advanced=True)
+    calibration_samples: int = option(
+        64, help="CorDA / SPT: training images their data step looks at before training", min=1, advanced=True
+    )
     # "auto": replay the step from a CUDA graph wherever that is possible (one CUDA GPU, adamw, no
     # fp16 scaler, no accumulation, no checkpointing, UNet only), else eager; "on": insist; "off".
-    cuda_graph: str = "auto"
+    cuda_graph: str = option(
+        "auto",
+        help="replay each training step from a CUDA graph (one CUDA GPU, adamw, no fp16, no accumulation or "
+        "checkpointing; auto falls back to eager where it cannot)",
+        choices=("auto", "on", "off"),
+        advanced=True,
+    )
 
     def check(self) -> None:
-        choices = {
-            "lr_schedule": ("constant", "cosine", "linear"),
-            "mixed_precision": ("no", "fp16", "bf16"),
-            "optimizer": ("adamw", "adamw8bit"),
-            "cuda_graph": ("auto", "on", "off"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise UserError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        for key in ("steps", "batch_size", "gradient_accumulation"):
-            if getattr(self, key) < 1:
-                raise UserError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.learning_rate <= 0:
-            raise UserError(f"learning_rate must be > 0, got {self.learning_rate}")
-
-
-@dataclass
-class TrainEvent:
-    """One progress event; the CLI's progress bar and the UI both consume these."""
-
-    kind: str  # "step" | "sample" | "checkpoint" | "done"
-    step: int
-    total_steps: int
-    loss: float | None = None
-    lr: float | None = None
-    eta_s: float | None = None
-    path: str | None = None
+        check_fields(self)
 
 
 @dataclass
@@ -208,22 +230,6 @@ def step_inputs(
     return StepInputs(noisy, timesteps, prompt_embeds.to(dtype), target)
 
 
-def make_accelerator(mixed_precision: str, **options):
-    """An `accelerate.Accelerator` with this run's mixed precision.
-
-    accelerate keeps one process-wide state and refuses a second mixed-precision setting ("restart
-    your runtime"). A long-lived process (a notebook, a benchmark; the UI runs each job in its own
-    process) may train one run after the other with different settings, and a graphed run asks for
-    "no" where accelerate may already hold another value, so the precision part of that state is
-    cleared first; the process-group part (PartialState) is kept."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision, **options)
-
-
 def cuda_graph_blockers(
     config: TrainConfig, device: torch.device, num_processes: int, trains_text_encoder: bool
 ) -> list[str]:
@@ -244,36 +250,6 @@ def cuda_graph_blockers(
     if trains_text_encoder:
         blockers.append("the text encoder is trained (its prompts vary in the host-side tokenizer)")
     return blockers
-
-
-def make_optimizer(
-    parameters: list[torch.nn.Parameter], config: TrainConfig, device: torch.device
-) -> torch.optim.Optimizer:
-    if config.optimizer == "adamw8bit":
-        if device.type != "cuda":
-            raise UserError("optimizer 'adamw8bit' needs a CUDA GPU (bitsandbytes); use 'adamw' on this machine")
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("optimizer 'adamw8bit' needs bitsandbytes: pip install 'peft-studio[quant]'") from None
-        return bnb.optim.AdamW8bit(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(
-        parameters, lr=config.learning_rate, weight_decay=config.weight_decay, fused=device.type == "cuda"
-    )
-
-
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        if config.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        if config.lr_schedule == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @torch.no_grad()
@@ -352,9 +328,96 @@ def train_adapter(
     Writes `run_dir/checkpoints/`, `run_dir/samples/` and, at the end, `run_dir/adapter/<name>/`.
     `should_stop()` is asked after every step (default: does `run_dir/STOP` exist?); see the module docstring.
     """
-    from accelerate import PartialState
-
     # 1. Check inputs before touching the model.
+    text_encoder_adapter = _check_inputs(dataset, adapter_config, config, text_encoder_adapter)
+    run_dir = Path(run_dir)
+    should_stop = should_stop or stop_file_exists(run_dir)
+
+    # 2. Accelerate, frozen base, adapters (initialised from the seed, like everything else).
+    loop = _set_up(pipe, dataset, adapter_config, text_encoder_adapter, config, run_dir, adapter_name, handle, resume)
+    loop.emit = on_event or loop.emit
+
+    # 3. Resume from the newest complete checkpoint, if any (after clearing what a killed run half-wrote).
+    start_step = _resume(loop, resume)
+    if loop.graphed:
+        loop.graph_step = _record_step(loop)
+
+    # 4. Train.
+    loop.unet.train()
+    started, losses = time.perf_counter(), []
+    for step in range(start_step, config.steps):
+        step_loss = _graphed_step(loop, step) if loop.graphed else None
+        if step_loss is None:  # eager, or the graph could not be recorded
+            step_loss = _eager_step(loop, step)
+        loop.lr_scheduler.step()
+        losses.append(step_loss)
+        done = step + 1
+        eta = (time.perf_counter() - started) / (done - start_step) * (config.steps - done)
+        lr = float(loop.lr_scheduler.get_last_lr()[0])
+        loop.emit(TrainEvent("step", done, config.steps, loss=step_loss, lr=lr, eta_s=eta))
+        _maybe_sample(loop, done)
+        stop = done < config.steps and stop_requested(should_stop, loop.accelerator)
+        _maybe_checkpoint(loop, done, step_loss, force=stop)
+        if stop:
+            serve_stop(run_dir, loop.accelerator, done, config.steps)
+
+    # 5. Save the adapter and the final samples.
+    _save_final(loop)
+    loop.emit(
+        TrainEvent(
+            "done",
+            config.steps,
+            config.steps,
+            loss=losses[-1] if losses else None,
+            path=str(run_dir / "adapter" / adapter_name),
+        )
+    )
+    return loop.handle
+
+
+@dataclass
+class _Loop:
+    """What one `train_adapter` run holds while it steps (built by `_set_up`)."""
+
+    pipe: Any
+    dataset: Any
+    config: TrainConfig
+    run_dir: Path
+    adapter_name: str
+    accelerator: Any
+    dtype: torch.dtype
+    handle: AdapterHandle
+    text_handle: AdapterHandle | None
+    parameters: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    unet: Any  # pipe.unet, as accelerate prepared it when eager
+    autocast: Callable[[], AbstractContextManager]
+    noise_scheduler: Any
+    graphed: bool
+    graph_step: GraphedTrainStep | None = None
+    emit: Callable[[TrainEvent], Any] = lambda event: None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def batch(self, micro_step: int) -> Batch:
+        config, accelerator = self.config, self.accelerator
+        return sample_batch(
+            self.dataset,
+            config.batch_size,
+            config.seed,
+            micro_step,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
+
+
+def _check_inputs(
+    dataset, adapter_config: AdapterConfig, config: TrainConfig, text_encoder_adapter: AdapterConfig | None
+) -> AdapterConfig | None:
+    """Fail on bad settings or data; returns the text encoder's adapter config (None: UNet only)."""
     config.check()
     if len(dataset) == 0:
         raise UserError("the dataset is empty; add images (and captions) to the folder")
@@ -364,19 +427,78 @@ def train_adapter(
         text_encoder_adapter = config_from_dict(
             {**adapter_config.to_dict(), "targets": TEXT_ENCODER_TARGETS, "exclude": []}
         )
-    run_dir = Path(run_dir)
-    emit = on_event or (lambda event: None)
-    should_stop = should_stop or (lambda: (run_dir / STOP_FILE).exists())
+    return text_encoder_adapter
 
-    # 2. Accelerate, frozen base, adapters (initialised from the seed, like everything else).
-    torch.manual_seed(config.seed)
+
+def _use_cuda_graph(config: TrainConfig, trains_text_encoder: bool) -> bool:
+    """Whether the step replays from a CUDA graph (cuda_graph="on" where it cannot is an error)."""
+    from accelerate import PartialState
+
     processes = PartialState()  # the device and the process count, before any precision is fixed
-    blockers = cuda_graph_blockers(config, processes.device, processes.num_processes, text_encoder_adapter is not None)
+    blockers = cuda_graph_blockers(config, processes.device, processes.num_processes, trains_text_encoder)
     if config.cuda_graph == "on" and blockers:
         raise UserError(
             f"cuda_graph='on' is not possible for this run: {'; '.join(blockers)}. Use cuda_graph='auto' or 'off'."
         )
-    graphed = config.cuda_graph != "off" and not blockers
+    return config.cuda_graph != "off" and not blockers
+
+
+def attach_unet_adapter(
+    pipe,
+    dataset,
+    adapter_config: AdapterConfig,
+    config: TrainConfig,
+    adapter_name: str,
+    checkpoint: Path | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> AdapterHandle:
+    """Attach the adapter to the UNet. A method that looks at data first (CorDA's covariances, SPT's
+    sensitivities) runs its prepare step here, on the run's own first `calibration_samples` training
+    images with this loop's objective; a resumed run rebuilds it from its checkpoint instead (the
+    checkpoint's adapter knows its own structure), so a resume needs no data and draws nothing."""
+    spec = get_method(adapter_config.method)
+    if spec.prepare is None:
+        return attach(pipe.unet, adapter_config, name=adapter_name)
+    if checkpoint is not None:
+        return load(pipe.unet, checkpoint / "adapter" / adapter_name, name=adapter_name, trainable=True)
+    batches = calibration_inputs(pipe, dataset, config, dtype)
+    prepared = spec.prepare(pipe.unet, adapter_config, batches, step=prediction_loss)
+    return attach(pipe.unet, adapter_config, name=adapter_name, prepared=prepared)
+
+
+def calibration_inputs(pipe, dataset, config: TrainConfig, dtype: torch.dtype = torch.float32) -> Iterator[StepInputs]:
+    """The UNet inputs of the first `config.calibration_samples` training images (the batches of the
+    first steps), with their own noise draws, under a progress bar."""
+    from tqdm import tqdm
+
+    device = pipe.unet.device
+    scheduler = training_scheduler(pipe)
+    count = min(config.calibration_samples, len(dataset))
+    batches = math.ceil(count / config.batch_size)
+    for index in tqdm(range(batches), desc=f"calibration on {count} images", unit="batch", leave=False):
+        size = min(config.batch_size, count - index * config.batch_size)
+        batch = sample_batch(dataset, size, config.seed, index)
+        # Seeded apart from every training step's generator (steps are >= 0): calibration changes no draw.
+        generator = step_generator(config.seed, -1 - index)
+        with torch.no_grad():
+            inputs = step_inputs(pipe, batch, generator, device, dtype, scheduler)
+        yield inputs  # outside no_grad: a generator suspended inside it would leave grad off for its caller
+
+
+def _set_up(
+    pipe,
+    dataset,
+    adapter_config: AdapterConfig,
+    text_encoder_adapter: AdapterConfig | None,
+    config: TrainConfig,
+    run_dir: Path,
+    adapter_name: str,
+    handle: AdapterHandle | None,
+    resume: bool = True,
+) -> _Loop:
+    """Accelerate, the frozen base on the device, the adapters, optimizer and LR schedule."""
+    torch.manual_seed(config.seed)
+    graphed = _use_cuda_graph(config, text_encoder_adapter is not None)
     # Graphed, the step does its own autocast (with the cast cache off, as capture needs); accelerate's
     # mixed-precision forward wrapper would cache casts, so accelerate is told "no".
     accelerator = make_accelerator(
@@ -390,7 +512,8 @@ def train_adapter(
     if pipe.vae.dtype != torch.float32:
         pipe.vae.to(dtype=torch.float32)  # the VAE is only run forward; fp32 avoids fp16 NaNs in its decoder
     if handle is None or adapter_name not in handle.adapter_names:
-        handle = attach(pipe.unet, adapter_config, name=adapter_name)
+        checkpoint = latest_checkpoint(run_dir) if resume else None
+        handle = attach_unet_adapter(pipe, dataset, adapter_config, config, adapter_name, checkpoint, dtype)
     handle.set_trainable(adapter_name)
     text_handle = None
     if text_encoder_adapter is not None:
@@ -414,127 +537,133 @@ def train_adapter(
     else:
         unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
         autocast = accelerator.autocast
-    noise_scheduler = training_scheduler(pipe)
-
-    # 3. Resume from the newest complete checkpoint, if any (after clearing what a killed run half-wrote).
-    start_step = 0
-    if accelerator.is_main_process:
-        remove_partial_writes(run_dir)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, handle, optimizer, lr_scheduler)
-        if text_handle:
-            text_handle.load_state_dict(handle_state(checkpoint, "text_encoder", adapter_name), name=adapter_name)
-        start_step = state["step"]
-    if graphed:
-        make_capturable(optimizer, device)  # a resumed checkpoint may come from an eager run
-        # The recording holds the optimizer step's hooks too (PaCA's column rewrite), so after a replay
-        # the adapters only need to know their cached state is stale.
-        graph_step = GraphedTrainStep(
-            pipe.unet,
-            optimizer,
-            parameters,
-            config.max_grad_norm,
-            autocast_dtype=None if dtype == torch.float32 else dtype,
-            after_replay=lambda: handle.after_optimizer_step(refresh=False),
-        )
-
-    # 4. Train.
-    unet.train()
-    started, losses = time.perf_counter(), []
-    for step in range(start_step, config.steps):
-        generator = step_generator(config.seed, step)
-        step_loss = None
-        if graphed:  # one replayed graph; the same draws as the eager loop below
-            batch = sample_batch(
-                dataset, config.batch_size, config.seed, step, accelerator.process_index, accelerator.num_processes
-            )
-            with torch.no_grad(), autocast():
-                inputs = step_inputs(pipe, batch, generator, device, dtype, noise_scheduler)
-            try:
-                step_loss = graph_step(inputs).item()
-            except GraphCaptureError as error:
-                if config.cuda_graph == "on":
-                    raise UserError(
-                        f"this model's training step cannot be recorded as a CUDA graph ({error}); use cuda_graph='off'"
-                    ) from error
-                warnings.warn(
-                    f"CUDA-graph capture failed ({error}); training eagerly from step {step + 1} on", stacklevel=2
-                )
-                graphed = False
-                generator = step_generator(config.seed, step)  # this step's draws, again, for the eager path
-        if step_loss is None:
-            step_loss = 0.0
-            for micro in range(config.gradient_accumulation):
-                with accelerator.accumulate(unet):
-                    batch = sample_batch(
-                        dataset,
-                        config.batch_size,
-                        config.seed,
-                        step * config.gradient_accumulation + micro,
-                        accelerator.process_index,
-                        accelerator.num_processes,
-                    )
-                    with autocast():
-                        loss = diffusion_loss(pipe, unet, batch, generator, device, dtype, noise_scheduler)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step_loss += loss.item() / config.gradient_accumulation
-        lr_scheduler.step()
-        losses.append(step_loss)
-        done = step + 1
-        elapsed = time.perf_counter() - started
-        eta = elapsed / (done - start_step) * (config.steps - done)
-        emit(TrainEvent("step", done, config.steps, loss=step_loss, lr=float(lr_scheduler.get_last_lr()[0]), eta_s=eta))
-
-        if config.sample_every and done % config.sample_every == 0 and done < config.steps and config.sample_prompts:
-            path = write_samples(pipe, config, run_dir / "samples" / f"step-{done:06d}.png", accelerator)
-            emit(TrainEvent("sample", done, config.steps, path=str(path)))
-        stop = done < config.steps and stop_requested(should_stop, accelerator)
-        if accelerator.is_main_process and (stop or done % config.checkpoint_every == 0 or done == config.steps):
-            path = save_checkpoint(
-                run_dir, done, handle, [adapter_name], optimizer, lr_scheduler, extra={"loss": step_loss}
-            )
-            if text_handle:
-                text_handle.save(path / "text_encoder" / adapter_name, name=adapter_name)
-            emit(TrainEvent("checkpoint", done, config.steps, path=str(path)))
-        if stop:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                (run_dir / STOP_FILE).unlink(missing_ok=True)  # the request is served; a resume must not stop again
-            raise StopRequested(f"stopped on request after step {done} of {config.steps}; the checkpoint resumes it")
-
-    # 5. Save the adapter and the final samples.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        handle.save(run_dir / "adapter" / adapter_name, name=adapter_name)
-        if text_handle:
-            text_handle.save(run_dir / "text_encoder_adapter" / adapter_name, name=adapter_name)
-        if config.sample_prompts:
-            path = write_samples(pipe, config, run_dir / "samples" / "final.png", accelerator)
-            emit(TrainEvent("sample", config.steps, config.steps, path=str(path)))
-    emit(
-        TrainEvent(
-            "done",
-            config.steps,
-            config.steps,
-            loss=losses[-1] if losses else None,
-            path=str(run_dir / "adapter" / adapter_name),
-        )
+    return _Loop(
+        pipe,
+        dataset,
+        config,
+        run_dir,
+        adapter_name,
+        accelerator,
+        dtype,
+        handle,
+        text_handle,
+        parameters,
+        optimizer,
+        lr_scheduler,
+        unet,
+        autocast,
+        training_scheduler(pipe),
+        graphed,
     )
-    return handle
 
 
-def stop_requested(should_stop: Callable[[], bool], accelerator) -> bool:
-    """`should_stop()`, agreed by every process (one stopping alone would hang the others' collectives)."""
-    stop = bool(should_stop())
-    if accelerator.num_processes > 1:
-        flag = torch.tensor([float(stop)], device=accelerator.device)
-        stop = bool(accelerator.reduce(flag, reduction="max").item())
-    return stop
+def _resume(loop: _Loop, resume: bool) -> int:
+    """The step to start from: the newest complete checkpoint's (restored into the loop), else 0."""
+    if loop.accelerator.is_main_process:
+        remove_partial_writes(loop.run_dir)
+    checkpoint = latest_checkpoint(loop.run_dir) if resume else None
+    if checkpoint is None:
+        return 0
+    state = load_checkpoint(checkpoint, loop.handle, loop.optimizer, loop.lr_scheduler)
+    if loop.text_handle:
+        loop.text_handle.load_state_dict(
+            handle_state(checkpoint, "text_encoder", loop.adapter_name), name=loop.adapter_name
+        )
+    return state["step"]
+
+
+def _record_step(loop: _Loop) -> GraphedTrainStep:
+    """The step as a CUDA graph (recorded on its first call)."""
+    make_capturable(loop.optimizer, loop.device)  # a resumed checkpoint may come from an eager run
+    # The recording holds the optimizer step's hooks too (PaCA's column rewrite), so after a replay
+    # the adapters only need to know their cached state is stale.
+    handle = loop.handle
+    return GraphedTrainStep(
+        loop.pipe.unet,
+        loop.optimizer,
+        loop.parameters,
+        loop.config.max_grad_norm,
+        autocast_dtype=None if loop.dtype == torch.float32 else loop.dtype,
+        after_replay=lambda: handle.after_optimizer_step(refresh=False),
+    )
+
+
+def _graphed_step(loop: _Loop, step: int) -> float | None:
+    """One replayed graph, with the same draws as the eager step; None if the graph cannot be recorded
+    (cuda_graph="auto": the loop then trains eagerly from this step on)."""
+    config = loop.config
+    generator = step_generator(config.seed, step)
+    batch = loop.batch(step)
+    with torch.no_grad(), loop.autocast():
+        inputs = step_inputs(loop.pipe, batch, generator, loop.device, loop.dtype, loop.noise_scheduler)
+    try:
+        return loop.graph_step(inputs).item()
+    except GraphCaptureError as error:
+        if config.cuda_graph == "on":
+            raise UserError(
+                f"this model's training step cannot be recorded as a CUDA graph ({error}); use cuda_graph='off'"
+            ) from error
+        warnings.warn(f"CUDA-graph capture failed ({error}); training eagerly from step {step + 1} on", stacklevel=3)
+        loop.graphed = False
+        return None
+
+
+def _eager_step(loop: _Loop, step: int) -> float:
+    """Forward, backward, clipping and the optimizer step, over `gradient_accumulation` micro-batches."""
+    config, accelerator = loop.config, loop.accelerator
+    generator = step_generator(config.seed, step)
+    step_loss = 0.0
+    for micro in range(config.gradient_accumulation):
+        with accelerator.accumulate(loop.unet):
+            batch = loop.batch(step * config.gradient_accumulation + micro)
+            with loop.autocast():
+                loss = diffusion_loss(
+                    loop.pipe, loop.unet, batch, generator, loop.device, loop.dtype, loop.noise_scheduler
+                )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(loop.parameters, config.max_grad_norm)
+            loop.optimizer.step()
+            loop.optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.item() / config.gradient_accumulation
+    return step_loss
+
+
+def _maybe_sample(loop: _Loop, done: int) -> None:
+    """A sample grid every `sample_every` steps (the last step's comes with the final adapter)."""
+    config = loop.config
+    if config.sample_every and done % config.sample_every == 0 and done < config.steps and config.sample_prompts:
+        path = write_samples(loop.pipe, config, loop.run_dir / "samples" / f"step-{done:06d}.png", loop.accelerator)
+        loop.emit(TrainEvent("sample", done, config.steps, path=str(path)))
+
+
+def _maybe_checkpoint(loop: _Loop, done: int, step_loss: float, force: bool) -> None:
+    """A checkpoint every `checkpoint_every` steps, at the end, and when `force`d (a requested stop)."""
+    config, name, text_handle = loop.config, loop.adapter_name, loop.text_handle
+    if loop.accelerator.is_main_process and checkpoint_due(done, config.checkpoint_every, config.steps, force):
+        save_step_checkpoint(
+            loop,
+            done,
+            config.steps,
+            extra={"loss": step_loss},
+            also=None
+            if text_handle is None
+            else lambda path: text_handle.save(path / "text_encoder" / name, name=name),
+        )
+
+
+def _save_final(loop: _Loop) -> None:
+    """The adapter(s) under run_dir/adapter/ and the final sample grid (main process)."""
+    loop.accelerator.wait_for_everyone()
+    if not loop.accelerator.is_main_process:
+        return
+    name = loop.adapter_name
+    loop.handle.save(loop.run_dir / "adapter" / name, name=name)
+    if loop.text_handle:
+        loop.text_handle.save(loop.run_dir / "text_encoder_adapter" / name, name=name)
+    if loop.config.sample_prompts:
+        path = write_samples(loop.pipe, loop.config, loop.run_dir / "samples" / "final.png", loop.accelerator)
+        loop.emit(TrainEvent("sample", loop.config.steps, loop.config.steps, path=str(path)))
 
 
 def handle_state(checkpoint: Path, component: str, name: str) -> dict[str, torch.Tensor]:

@@ -13,50 +13,47 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipelines.errors import UserError
+from pipelines.options import option
+from studio.options import Section
 
 EMBEDDED = {"embedded-lm": "lm", "embedded-sd": "sd"}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default="embedded-lm",
-        help="embedded-lm, embedded-sd, a hub id or a local folder/file (default embedded-lm)",
-    )
-    parser.add_argument(
-        "--kind",
-        choices=("auto", "lm", "sd"),
-        default="auto",
+@dataclass
+class AnalyzeOptions:
+    model: str = option("embedded-lm", help="embedded-lm, embedded-sd, a hub id or a local folder/file")
+    kind: str = option(
+        "auto",
         help="lm (causal LM) or sd (Stable Diffusion); auto reads the folder (needed for hub ids)",
+        choices=("auto", "lm", "sd"),
     )
-    parser.add_argument(
-        "--adapter",
-        default=None,
-        metavar="RUN_OR_ADAPTER_DIR",
+    adapter: str | None = option(
+        None,
         help="adapter folder or run folder to analyse on top of the base (SD: on the UNet)",
+        metavar="RUN_OR_ADAPTER_DIR",
     )
-    parser.add_argument("--batches", type=int, default=2, help="batches to run (default 2)")
-    parser.add_argument(
-        "--batch-size", type=int, default=None, help="sequences (LM, default 4) or prompts (SD, default 2) per batch"
-    )
-    parser.add_argument("--seq-len", type=int, default=128, help="LM: tokens per packed sequence (default 128)")
-    parser.add_argument(
-        "--data",
-        default=None,
+    batches: int = option(2, help="batches to run", min=1)
+    batch_size: int | None = option(None, help="sequences (LM, default 4) or prompts (SD, default 2) per batch", min=1)
+    seq_len: int = option(128, help="LM: tokens per packed sequence", min=2)
+    data: str | None = option(
+        None,
         help="LM: a .txt (one document per line) or .jsonl (text / instruction+response) file; "
         "default: the embedded held-out text",
     )
-    parser.add_argument("--steps", type=int, default=4, help="SD: denoising steps per batch (default 4)")
-    parser.add_argument("--guidance", type=float, default=5.0, help="SD: classifier-free guidance scale (default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="SD: noise seed (default 0)")
-    parser.add_argument(
-        "--out", default="analysis", help="output folder for report.json and heatmap.png (default analysis)"
-    )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    steps: int = option(4, help="SD: denoising steps per batch", min=1)
+    guidance: float = option(5.0, help="SD: classifier-free guidance scale", min=0)
+    seed: int = option(0, help="SD: noise seed", min=0, max=2**32 - 1)
+    out: str = option("analysis", help="output folder for report.json and heatmap.png")
+    device: str | None = option(None, help="cpu or cuda (default: cuda if available)")
+
+
+def sections() -> list[Section]:
+    return [Section(None, AnalyzeOptions)]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,71 +8,49 @@ folder and a grid of the moon in neon style.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.b4m import BreakForMakeConfig
+from pipelines.base import ASSETS
 from pipelines.errors import UserError
-from studio.options import add_dataclass_arguments, build_dataclass, dataclass_from_flags, load_yaml
-from studio.train_diffusion import ASSETS
+from pipelines.options import build, option
+from studio.options import Section
 
 SETS = ASSETS / "sets"
-B4M_HELP = {
-    "rank": "PLP rank r (the paper: 64 on SDXL)",
-    "seed": "seed of the frozen bases and every random draw",
-    "targets": "UNet modules to adapt",
-    "break_steps": "steps of each break run",
-    "make_steps": "steps of the make fine-tuning",
-    "batch_size": "images per step",
-    "main_lr": "learning rate of the main PLP in each break run",
-    "partner_lr_ratio": "partner PLP learning rate / main learning rate",
-    "make_lr": "learning rate of the make stage",
-    "weight_decay": "AdamW weight decay",
-    "max_grad_norm": "gradient clipping norm (0: off)",
-    "content_factor": (
-        "PLP factor that learns the content: 'down' (D, the official code) or 'up' (B; the style then trains D)"
-    ),
-    "riemannian": "make with Riemannian-preconditioned gradients (the TOG version of B4M)",
-    "riemannian_delta": "damping delta of the Riemannian preconditioner",
-    "centered": "leave out the PLPs' frozen A C block and start D at zero, so training starts from the base model",
-    "mcp_loss": "break runs: 'separate' (each factor learns only its own loss) or 'shared' (both learn the main + "
-    "partner loss, as the official code's updates do)",
-}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--content", default=str(SETS / "content-moon"), help="content image folder (default: embedded moon)"
+@dataclass
+class B4mRunOptions:
+    """The image sets, the base model and where the run goes (top-level keys of the YAML)."""
+
+    content: str = option(str(SETS / "content-moon"), help="content image folder (default: embedded moon)", ui=False)
+    style: str = option(str(SETS / "style-neon"), help="style image folder (default: the embedded neon)", ui=False)
+    aux_styles: list[str] | None = option(
+        None, help="other style folders the content run pairs with (default: the shipped auxiliary styles)", ui=False
     )
-    parser.add_argument("--style", default=str(SETS / "style-neon"), help="style image folder (default: embedded neon)")
-    parser.add_argument(
-        "--aux-styles",
-        nargs="*",
-        default=None,
-        help="other style folders the content run pairs with (default: the shipped auxiliary styles)",
+    aux_contents: list[str] | None = option(
+        None, help="other content folders the style run pairs with (default: the shipped auxiliary contents)", ui=False
     )
-    parser.add_argument(
-        "--aux-contents",
-        nargs="*",
-        default=None,
-        help="other content folders the style run pairs with (default: the shipped auxiliary contents)",
+    prompt: list[str] | None = option(None, help="prompt(s) of the final grid", repeat=True)
+    base: str = option(
+        "embedded", help="base model: 'embedded', a hub id, a diffusers folder or a single file", ui=False
     )
-    parser.add_argument("--prompt", action="append", default=None, help="prompt(s) of the final grid")
-    parser.add_argument(
-        "--base", default="embedded", help="base model: 'embedded', a hub id, a diffusers folder or a single file"
-    )
-    parser.add_argument("--config", default=None, help="YAML file with any of these options")
-    parser.add_argument("--name", default=None, help="run name (default: b4m-<content>-<style>)")
-    parser.add_argument("--runs-dir", default="runs", help="where run folders go")
-    parser.add_argument("--device", default=None, help="cpu or cuda")
-    parser.add_argument(
-        "--resume",
-        default=None,
-        metavar="RUN_DIR",
+    name: str | None = option(None, help="run name (default: b4m-<content>-<style>)", ui=False)
+    runs_dir: str = option("runs", help="where run folders go", ui=False)
+    device: str | None = option(None, help="cpu or cuda (default: cuda if available)", ui=False)
+    resume: str | None = option(
+        None,
         help="continue an interrupted run: its finished break runs are loaded, the rest trained",
+        metavar="RUN_DIR",
+        ui=False,
     )
-    add_dataclass_arguments(parser.add_argument_group("break-for-make"), BreakForMakeConfig, B4M_HELP)
+
+
+def sections() -> list[Section]:
+    return [Section(None, B4mRunOptions), Section("b4m", BreakForMakeConfig, title="break-for-make")]
 
 
 def auxiliary_folders(kind: str, exclude: Path) -> list[Path]:
@@ -85,10 +63,7 @@ def auxiliary_folders(kind: str, exclude: Path) -> list[Path]:
 
 def resolve(args: argparse.Namespace) -> tuple:
     """(config, content folder, style folder, auxiliary styles, auxiliary contents, prompts) of a new run."""
-    values = load_yaml(args.config)
-    config = dataclass_from_flags(BreakForMakeConfig, values.pop("b4m", {}), args, "the break-for-make options")
-    if values:
-        raise UserError(f"unknown option(s) in {args.config}: {', '.join(sorted(values))}")
+    config = args.options["b4m"]
     content_dir, style_dir = Path(args.content), Path(args.style)
     aux_styles = (
         [Path(p) for p in args.aux_styles] if args.aux_styles is not None else auxiliary_folders("style", style_dir)
@@ -116,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         if run_folder.info.get("kind") != "break-for-make":
             raise UserError(f"{run_folder.directory} is a {run_folder.info.get('kind')} run, not a break-for-make one")
         record = run_folder.config
-        config = build_dataclass(BreakForMakeConfig, dict(record["b4m"]), "the run's config")
+        config = build(BreakForMakeConfig, dict(record["b4m"]), "the run's config")
         content_dir, style_dir = Path(record["content"]), Path(record["style"])
         aux_styles, aux_contents = [Path(p) for p in record["aux_styles"]], [Path(p) for p in record["aux_contents"]]
         args.base, prompts = record["base"], record["prompts"]
@@ -147,8 +122,6 @@ def run(args: argparse.Namespace) -> int:
                 "prompts": prompts,
             },
         )
-    else:
-        run_folder.update(status="running", error=None)
     print(f"run folder: {run_folder.directory}", flush=True)
     total = 2 * config.break_steps + config.make_steps
     progress = ProgressPrinter(total)
@@ -159,18 +132,13 @@ def run(args: argparse.Namespace) -> int:
         run_folder.log_event({**dataclasses.asdict(overall), "stage": event.kind, "stage_step": event.step})
         progress(overall)
 
-    try:
+    # Ctrl-C, or a STOP file (StopRequested), keeps the finished break runs; a resume starts the stage in progress.
+    resume_command = f"studio break-for-make --resume {run_folder.directory}"
+    with run_folder.lifecycle(resume_command) as outcome, contextlib.closing(progress):
         b4m = BreakForMakePipeline(pipe, config)
         b4m(content, style, partners_style, partners_content, run_dir=run_folder.directory, on_event=on_event)
-    except KeyboardInterrupt:  # Ctrl-C, or a STOP file (StopRequested): the finished break runs are kept
-        run_folder.update(status="interrupted")
-        print(f"\ninterrupted; resume with: studio break-for-make --resume {run_folder.directory}", file=sys.stderr)
-        return 130
-    except BaseException as error:
-        run_folder.update(status="failed", error=f"{type(error).__name__}: {error}")
-        raise
-    finally:
-        progress.close()
+    if outcome.interrupted:
+        return outcome.exit_code
 
     # 3. Compose: the grid of content in style.
     images = b4m.generate(prompts, seed=config.seed)

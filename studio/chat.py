@@ -12,27 +12,36 @@ renders instruction rows; --raw continues the text as written. The UI's chat box
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+
+from pipelines.errors import UserError
+from pipelines.options import option
+from studio.options import Section
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "run",
-        nargs="?",
-        default=None,
-        help="a finished `studio train-llm` run folder (default: no adapter, the base alone)",
+@dataclass
+class ChatOptions:
+    run: str | None = option(
+        None, help="a finished `studio train-llm` run folder (default: no adapter, the base alone)", positional=True
     )
-    parser.add_argument("--prompt", action="append", required=True, help="what to say (repeat for several prompts)")
-    parser.add_argument("--base", default=None, help="the base LM (default: the run's base, or 'embedded')")
-    parser.add_argument("--raw", action="store_true", help="continue the prompt as plain text (no chat template)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="longest reply in tokens (default 32)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampling")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
-    parser.add_argument("--out", default=None, metavar="FILE.json", help="also write the replies as JSON")
+    prompt: list[str] = option([], help="what to say (repeat for several prompts)", repeat=True)
+    base: str | None = option(None, help="the base LM (default: the run's base, or 'embedded')")
+    raw: bool = option(False, help="continue the prompt as plain text (no chat template)")
+    max_new_tokens: int = option(32, help="longest reply in tokens", min=1)
+    temperature: float = option(0.0, help="0: greedy; above 0: sampling", min=0)
+    top_p: float = option(1.0, help="nucleus sampling mass when sampling", above=0, max=1)
+    seed: int = option(0, help="seed of the sampling", min=0, max=2**32 - 1)
+    cpu: bool = option(False, help="run on the CPU even if a GPU is present")
+    out: str | None = option(None, help="also write the replies as JSON", metavar="FILE.json")
+
+
+def sections() -> list[Section]:
+    return [Section(None, ChatOptions)]
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.prompt:
+        raise UserError("give at least one --prompt (repeat it for several)")
     from peft_core.io import write_json
     from studio.llm import generate_text, load_for_generation
 

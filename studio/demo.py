@@ -11,10 +11,14 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipelines.options import option
+from studio.options import Section
 
 VOCAB, PATTERN, CONTEXT = 16, 6, 13  # tokens; pattern length; 6 + separator + 6
 
@@ -79,9 +83,14 @@ def train(model: nn.Module, parameters, task: str, steps: int, lr: float, seed: 
         optimizer.step()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=150, help="adaptation steps per method (default 150)")
-    parser.add_argument("--seed", type=int, default=0)
+@dataclass
+class DemoOptions:
+    steps: int = option(150, help="adaptation steps per method", min=1)
+    seed: int = option(0, help="seed of the data and the initialisation", min=0, max=2**32 - 1)
+
+
+def sections() -> list[Section]:
+    return [Section(None, DemoOptions)]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,24 +7,32 @@ studio export runs/style-neon --format peft --out exports/neon-peft  # PeftModel
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.errors import UserError
+from pipelines.options import option
+from studio.options import Section
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("adapter", help="adapter folder (adapter_config.json) or run folder")
-    parser.add_argument(
-        "--format", choices=("peft", "diffusers"), default="diffusers", help="target format (default diffusers)"
-    )
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument(
-        "--base",
-        default="embedded",
-        help="the base model the adapter was trained on (its module shapes are needed), default embedded",
-    )
-    parser.add_argument("--component", default="unet", help="diffusers: the pipeline component (unet or text_encoder)")
+
+@dataclass
+class ExportOptions:
+    adapter: str | None = option(None, help="adapter folder (adapter_config.json) or run folder", positional=True)
+    format: str = option("diffusers", help="target format", choices=("peft", "diffusers"))
+    out: str | None = option(None, help="output folder (required)")
+    base: str = option("embedded", help="the base model the adapter was trained on (its module shapes are needed)")
+    component: str = option("unet", help="diffusers: the pipeline component", choices=("unet", "text_encoder"))
+
+
+def sections() -> list[Section]:
+    return [Section(None, ExportOptions)]
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.adapter or not args.out:
+        raise UserError(
+            "name the adapter (or run folder) to export and the output folder: studio export ADAPTER --out DIR"
+        )
     from peft_core import load
     from studio.generate import parse_adapter
 

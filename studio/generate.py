@@ -11,40 +11,64 @@ adapter), optionally followed by ":WEIGHT".
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.errors import UserError
+from pipelines.options import option
+from studio.options import Section
 
 
-def add_arguments(parser: argparse.ArgumentParser, mode: str = "generate") -> None:
-    parser.add_argument(
-        "--base", default="embedded", help="base model: 'embedded', a hub id, a diffusers folder or a single file"
+@dataclass
+class GenerateOptions:
+    """What every generation takes: base model, prompts, sampler settings, output."""
+
+    base: str = option("embedded", help="base model: 'embedded', a hub id, a diffusers folder or a single file")
+    prompt: list[str] = option([], help="a prompt (repeat for several images)", repeat=True)
+    seed: int = option(0, help="seed of the first image; image i uses seed + i", min=0, max=2**32 - 1)
+    steps: int = option(20, help="denoising steps", min=1)
+    guidance: float = option(5.0, help="classifier-free guidance scale", min=0)
+    size: int | None = option(None, help="image side in pixels (default: the model's)", min=8, unit="px")
+    out: str | None = option(None, help="output PNG (a grid when there are several prompts)", ui=False)
+    device: str | None = option(None, help="cpu or cuda (default: cuda if available)", ui=False)
+    merge: bool = option(False, help="merge the adapters into the weights before sampling (faster)")
+
+
+@dataclass
+class AdapterList:
+    """`studio generate`: any adapters, each with a weight."""
+
+    adapter: list[str] = option(
+        [],
+        help="adapter or run folder, with an optional weight (repeat to compose several)",
+        repeat=True,
+        metavar="PATH[:WEIGHT]",
     )
-    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several images)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
-    parser.add_argument("--out", default=None, help="output PNG (a grid when there are several prompts)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument(
-        "--merge", action="store_true", help="merge the adapters into the weights before sampling (faster)"
-    )
-    if mode == "generate":
-        parser.add_argument(
-            "--adapter",
-            action="append",
-            default=[],
-            metavar="PATH[:WEIGHT]",
-            help="adapter or run folder, with an optional weight (repeat to compose several)",
-        )
-    else:
-        parser.add_argument("--content", default=None, metavar="PATH[:WEIGHT]", help="content adapter or run folder")
-        parser.add_argument("--style", default=None, metavar="PATH[:WEIGHT]", help="style adapter or run folder")
-        parser.add_argument("--b4m", default=None, metavar="DIR", help="a Break-for-Make folder (its joint adapter)")
-        parser.add_argument("--content-weight", type=float, default=1.0, help="B4M: weight of the content factor")
-        parser.add_argument("--style-weight", type=float, default=1.0, help="B4M: weight of the style factor")
-    parser.set_defaults(mode=mode)
+
+
+@dataclass
+class Composition:
+    """`studio compose`: a content and a style adapter, or a Break-for-Make folder with its two weights."""
+
+    content: str | None = option(None, help="content adapter or run folder", metavar="PATH[:WEIGHT]")
+    style: str | None = option(None, help="style adapter or run folder", metavar="PATH[:WEIGHT]")
+    b4m: str | None = option(None, help="a Break-for-Make folder (its joint adapter)", metavar="DIR")
+    content_weight: float = option(1.0, help="B4M: weight of the content factor")
+    style_weight: float = option(1.0, help="B4M: weight of the style factor")
+
+
+@dataclass
+class GenerateCommand(AdapterList, GenerateOptions):
+    """The options of `studio generate`."""
+
+
+@dataclass
+class ComposeCommand(Composition, GenerateOptions):
+    """The options of `studio compose`."""
+
+
+def sections(mode: str = "generate") -> list[Section]:
+    return [Section(None, GenerateCommand if mode == "generate" else ComposeCommand)]
 
 
 def parse_adapter(argument: str) -> tuple[Path, float]:
@@ -73,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.b4m import BreakForMakePipeline
     from pipelines.train import generate, image_grid, save_image_atomic
 
+    if not args.prompt:
+        raise UserError("give at least one --prompt (repeat it for several images)")
     pipe = load_base(args.base, device=args.device)
     if args.mode == "compose" and args.b4m:
         b4m = BreakForMakePipeline.from_pretrained(

@@ -1,7 +1,17 @@
-"""Command-line flags and YAML configs from the same dataclasses (one source of truth).
+"""Command-line flags, YAML configs and the UI's command lines, all from the same dataclass fields.
 
-Precedence: an explicit flag > the YAML file given with --config > the dataclass default.
-Unknown YAML keys and values of the wrong type are errors naming the key.
+A command declares its options as sections: each section is one dataclass (its fields carry help,
+choices and bounds, see pipelines/options.py) under one YAML key (None: top-level keys).
+
+    sections = [Section(None, TrainRun), Section("adapter", AdapterOptions, open=True), Section("train", TrainConfig)]
+    add_options(parser, sections)                    # --flag per field, plus --config FILE
+    values = resolve_options(args, sections)         # {None: TrainRun(...), "adapter": ..., "train": ...}
+
+Precedence: an explicit flag > the YAML file given with --config > the command's defaults > the
+dataclass defaults. Every flag is also a YAML key (the flag's name with underscores) in its section,
+and both go through the same checks (pipelines.options.build). Unknown keys and wrong types are
+one-line errors naming the key. `to_argv` turns a dict of values (the UI's forms) into the argv that
+`studio` runs, so the command a user sees is exactly what runs.
 """
 
 from __future__ import annotations
@@ -9,42 +19,97 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from peft_core import AdapterConfig, config_from_dict, get_method
-from peft_core.errors import AdapterError
 from pipelines.errors import UserError
+from pipelines.options import base_type, build, choices_of, field_default, option
+
+# The field-metadata helpers, for the layer above (the UI builds its forms from the same fields).
+__all__ = [
+    "Section",
+    "add_options",
+    "base_type",
+    "build",
+    "choices_of",
+    "field_default",
+    "flag_name",
+    "load_yaml",
+    "option",
+    "record",
+    "resolve_options",
+    "resolve_section",
+    "to_argv",
+]
+
+CONFIG_FLAG = "--config"
 
 
-def add_dataclass_arguments(
-    parser: argparse.ArgumentParser,
-    cls: type,
-    help_texts: dict[str, str] | None = None,
-    skip: tuple[str, ...] = (),
-    defaults: dict[str, Any] | None = None,
-) -> None:
-    """One flag per field (`--batch-size`), left out of `args` unless given (so YAML can fill it)."""
-    hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        if field.name in skip or not field.init:
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        default = (defaults or {}).get(field.name, default)  # the command's own default, shown in --help
-        text = (help_texts or {}).get(field.name, "")
-        text = f"{text} (default: {default!r})" if text else f"default: {default!r}"
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
-        elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, nargs="*", default=argparse.SUPPRESS, help=text, metavar="VALUE")
-        else:
-            parser.add_argument(
-                flag, type=kind if kind in (int, float, str) else str, default=argparse.SUPPRESS, help=text
-            )
+@dataclass(frozen=True)
+class Section:
+    key: str | None  # the YAML mapping holding these options (None: top-level keys)
+    cls: type  # the dataclass whose fields are the options
+    title: str = ""  # --help group and UI accordion
+    defaults: dict[str, Any] = field(default_factory=dict)  # this command's defaults over the dataclass's
+    # The dict field that takes the keys which are not fields (the adapter section: any hyperparameter
+    # of the chosen method, checked by the method's own config); None: such keys are errors.
+    extras_field: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"the {self.title or self.key} options" if self.key else "the top-level options"
+
+    def fields(self) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(self.cls) if f.init]
+
+    def default(self, f: dataclasses.Field) -> Any:
+        return self.defaults.get(f.name, field_default(f))
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+def _help(section: Section, f: dataclasses.Field) -> str:
+    text = f.metadata.get("help", "")
+    allowed = choices_of(f)
+    if allowed is not None and len(allowed) <= 12:
+        text += f" ({' | '.join(map(str, allowed))})"
+    default = section.default(f)
+    return f"{text} (default: {default!r})" if text else f"default: {default!r}"
+
+
+def add_options(parser: argparse.ArgumentParser, sections: Iterable[Section]) -> None:
+    """One argument per field, left out of `args` unless given (so YAML can fill it in)."""
+    parser.add_argument(CONFIG_FLAG, default=None, metavar="FILE.yaml", help="YAML file with any of these options")
+    for section in sections:
+        group = parser.add_argument_group(section.title) if section.title else parser
+        hints = typing.get_type_hints(section.cls)
+        for f in section.fields():
+            if not f.metadata.get("cli", True):
+                continue
+            kind, _ = base_type(hints[f.name])
+            meta = f.metadata
+            common: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _help(section, f)}
+            if meta.get("metavar"):
+                common["metavar"] = meta["metavar"]
+            if meta.get("positional"):
+                group.add_argument(f.name, nargs="?", **common)
+            elif kind is bool:
+                group.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, **common)
+            elif typing.get_origin(kind) is list:
+                item = (typing.get_args(kind) or (str,))[0]
+                item = item if item in (int, float) else str
+                if meta.get("repeat"):
+                    group.add_argument(flag_name(f), action="append", type=item, **common)
+                else:
+                    group.add_argument(flag_name(f), nargs="*", type=item, **{"metavar": "VALUE", **common})
+            else:
+                group.add_argument(flag_name(f), type=kind if kind in (int, float) else str, **common)
 
 
 def load_yaml(path: str | Path | None) -> dict[str, Any]:
@@ -62,81 +127,106 @@ def load_yaml(path: str | Path | None) -> dict[str, Any]:
     return data
 
 
-def dataclass_from_flags(cls: type, values: dict[str, Any], args: argparse.Namespace, where: str) -> Any:
-    """`cls` from a YAML section's `values` overlaid by the flags given on the command line
-    (add_dataclass_arguments leaves the others out of `args`), checked by build_dataclass."""
-    merged = dict(values)
-    for field in dataclasses.fields(cls):
-        if hasattr(args, field.name):
-            merged[field.name] = getattr(args, field.name)
-    return build_dataclass(cls, merged, where)
+def resolve_options(args: argparse.Namespace, sections: list[Section]) -> dict[str | None, Any]:
+    """Each section's dataclass from its defaults < the YAML file < the flags given, checked."""
+    if sum(section.key is None for section in sections) > 1:
+        raise ValueError("a command has one top-level section (combine its dataclasses by inheritance)")
+    config_path = getattr(args, "config", None)
+    data = load_yaml(config_path)
+    where_file = f" in {config_path}" if config_path else ""
+    nested = {s.key for s in sections if s.key}
+    top_names = {f.name for s in sections if s.key is None for f in s.fields()}
+    unknown = sorted(k for k in data if k not in nested and k not in top_names)
+    if unknown:
+        raise UserError(
+            f"unknown option(s){where_file}: {', '.join(unknown)}; valid top-level options: "
+            f"{', '.join(sorted(top_names | nested))}"
+        )
+    resolved: dict[str | None, Any] = {}
+    for section in sections:
+        if section.key is None:
+            values = {k: v for k, v in data.items() if k in {f.name for f in section.fields()}}
+        else:
+            values = data.get(section.key) or {}
+            if not isinstance(values, dict):
+                raise UserError(f"{section.key!r}{where_file} must be a mapping of option: value, got {values!r}")
+        resolved[section.key] = resolve_section(section, values, args)
+    return resolved
 
 
-def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
-    """`cls(**values)` with unknown keys and wrong types reported by name."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+def resolve_section(section: Section, values: dict[str, Any], args: argparse.Namespace | None = None) -> Any:
+    names = {f.name for f in section.fields()}
+    merged = {name: section.defaults[name] for name in section.defaults if name in names}
     for key, value in values.items():
-        if key not in names:
-            raise UserError(f"unknown option {key!r} in {where}; valid options: {', '.join(sorted(names))}")
-        expected = hints[key]
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            values[key] = float(value)
-        elif typing.get_origin(expected) is list:
-            if not isinstance(value, list):
-                raise UserError(f"option {key!r} in {where} expects a list, got {value!r}")
-        elif expected in (int, float, str, bool) and not (
-            isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-        ):
-            raise UserError(
-                f"option {key!r} in {where} expects {expected.__name__}, got {value!r} ({type(value).__name__})"
-            )
-    return cls(**values)
+        if key in names or section.extras_field is None:
+            merged[key] = value  # build() names an unknown key
+        else:
+            merged.setdefault(section.extras_field, {})[key] = value
+    for name in names:
+        if args is not None and hasattr(args, name):
+            merged[name] = getattr(args, name)
+    return build(section.cls, merged, section.where)
 
 
-def add_method_arguments(parser: argparse.ArgumentParser, default_method: str) -> None:
-    group = parser.add_argument_group("adapter method")
-    group.add_argument(
-        "--method",
-        default=argparse.SUPPRESS,
-        help=f"peft_core method: lora, paca, plp, ... (default: {default_method})",
-    )
-    group.add_argument(
-        "--rank", type=int, default=argparse.SUPPRESS, help="the method's rank r (LoRA rank, PaCA columns, PLP rank)"
-    )
-    group.add_argument("--alpha", type=float, default=argparse.SUPPRESS, help="scale numerator alpha (LoRA, PaCA)")
-    group.add_argument("--targets", nargs="+", default=argparse.SUPPRESS, help="module names/patterns to adapt")
-    group.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other method hyperparameter, e.g. --set dropout=0.1 --set use_rslora=true",
-    )
+def record(sections: list[Section], resolved: dict[str | None, Any]) -> dict[str, Any]:
+    """The YAML mapping of resolved options (what `--config` reads back to the same values)."""
+    out: dict[str, Any] = {}
+    for section in sections:
+        values = dataclasses.asdict(resolved[section.key])
+        if section.extras_field:
+            values.update(values.pop(section.extras_field))
+        if section.key is None:
+            out.update(values)
+        else:
+            out[section.key] = values
+    return out
 
 
-def method_config(
-    args: argparse.Namespace,
-    yaml_values: dict[str, Any],
-    default_method: str,
-    default_targets: list[str],
-    defaults: dict[str, Any] | None = None,
-) -> AdapterConfig:
-    """The adapter config from --method/--rank/--alpha/--targets/--set over YAML's `adapter:` mapping."""
-    values: dict[str, Any] = {"targets": default_targets, **(defaults or {}), **dict(yaml_values)}
-    method = getattr(args, "method", values.pop("method", default_method))
-    values.pop("method", None)
-    for flag, key in (("rank", "r"), ("alpha", "alpha"), ("targets", "targets")):
-        if hasattr(args, flag):
-            values[key] = getattr(args, flag)
-    for item in args.set:
-        key, separator, raw = item.partition("=")
-        if not separator:
-            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
-        values[key.strip()] = yaml.safe_load(raw)
-    try:
-        fields = {f.name for f in dataclasses.fields(get_method(method).config_class) if f.init}
-        values = {k: v for k, v in values.items() if k in fields or k not in (defaults or {})}
-        return config_from_dict({"method": method, **values})
-    except AdapterError as error:
-        raise UserError(str(error)) from None
+def to_argv(command: list[str], sections: list[Section], values: dict[str, Any]) -> list[str]:
+    """The `studio` argv for `values` ({field name: value}, or {"section.field": value} where two
+    sections share a name): the command, then one flag per value that differs from its default.
+
+    This is how the UI's forms become the command it shows and runs."""
+    argv = list(command)
+    known: set[str] = set()
+    for section in sections:
+        for f in section.fields():
+            if not f.metadata.get("cli", True):
+                continue
+            qualified = f"{section.key}.{f.name}" if section.key else f.name
+            known.update((qualified, f.name))
+            if qualified in values:
+                value = values[qualified]
+            elif f.name in values:
+                value = values[f.name]
+            else:
+                continue
+            if value is None or value == section.default(f):
+                continue
+            argv += _flag_words(f, value)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"{' '.join(command)} has no option(s) {', '.join(unknown)}")
+    return argv
+
+
+def _flag_words(f: dataclasses.Field, value: Any) -> list[str]:
+    flag = flag_name(f)
+    if f.metadata.get("positional"):
+        return [str(value)]
+    if isinstance(value, bool):
+        return [flag if value else "--no-" + flag[2:]]
+    if isinstance(value, list):
+        if f.metadata.get("repeat"):
+            # "--flag=value" where a value starts with "-", which argparse would take for an option.
+            return [
+                word
+                for item in value
+                for word in ([f"{flag}={item}"] if str(item).startswith("-") else [flag, str(item)])
+            ]
+        return [flag, *map(str, value)] if value else []
+    return _one_flag(flag, str(value))
+
+
+def _one_flag(flag: str, text: str) -> list[str]:
+    return [f"{flag}={text}"] if text.startswith("-") else [flag, text]

@@ -8,6 +8,14 @@ runs/<name>/
     samples/             sample grids written during and after training
     checkpoints/         atomic checkpoints (pipelines.checkpoint)
     adapter/<name>/      the final adapter (peft_core format)
+
+A command runs its training inside the run's lifecycle, which keeps run.json's status true:
+
+    with run_folder.lifecycle(resume_command=f"studio train-llm --resume {run_folder.directory}") as outcome:
+        result = train(...)
+    if outcome.interrupted:
+        return 130
+    run_folder.update(status="finished", ...)
 """
 
 from __future__ import annotations
@@ -16,8 +24,10 @@ import dataclasses
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import yaml
@@ -64,6 +74,14 @@ class Run:
         return cls(directory)
 
     # -- state ------------------------------------------------------------------------------
+    def lifecycle(self, resume_command: str, main_process: bool = True) -> RunLifecycle:
+        """A context manager around a run's training: marks it running; on KeyboardInterrupt (Ctrl-C,
+        or a STOP file's `StopRequested`) marks it interrupted, prints how to resume and swallows the
+        interrupt (`outcome.interrupted`; exit code 130); on any other exception marks it failed with
+        "Type: message" and re-raises. On success the caller writes "finished" with its own fields.
+        Only the main process (`main_process=True`) writes run.json or prints."""
+        return RunLifecycle(self, resume_command, main_process)
+
     @property
     def config(self) -> dict[str, Any]:
         return yaml.safe_load((self.directory / "config.yaml").read_text())
@@ -106,6 +124,45 @@ class Run:
             self._writer.add_scalar("loss", record["loss"], record["step"])
             if record.get("lr") is not None:
                 self._writer.add_scalar("lr", record["lr"], record["step"])
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    """How the body of a `Run.lifecycle` ended, when it did not raise."""
+
+    interrupted: bool = False  # Ctrl-C or a requested stop: the run is resumable
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.interrupted else 0
+
+
+class RunLifecycle:
+    """`Run.lifecycle`'s context manager: running -> finished (by the caller) | interrupted | failed."""
+
+    def __init__(self, run: Run, resume_command: str, main_process: bool = True) -> None:
+        self.run, self.resume_command, self.main_process = run, resume_command, main_process
+        self.outcome = RunOutcome()
+
+    def __enter__(self) -> RunOutcome:
+        if self.main_process:
+            self.run.update(status="running", error=None)
+        return self.outcome
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> bool:
+        if kind is None:
+            return False
+        if issubclass(kind, KeyboardInterrupt):  # StopRequested is one too
+            self.outcome.interrupted = True
+            if self.main_process:
+                self.run.update(status="interrupted")
+                print(f"\ninterrupted; resume with: {self.resume_command}", file=sys.stderr)
+            return True  # handled: the caller reads outcome.interrupted
+        if self.main_process:
+            self.run.update(status="failed", error=f"{kind.__name__}: {error}")
+        return False  # re-raised
 
 
 def list_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
