@@ -82,6 +82,13 @@ def fill(page, label: str, value) -> None:
     box.press("Tab")
 
 
+def fill_id(page, elem_id: str, value) -> None:
+    """Fill the text field of the control with this elem_id (a text box's label holds its help too)."""
+    box = page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
 def choose(page, label: str, option: str) -> None:
     """Pick an option of a gradio Dropdown."""
     visible(page, label).click()
@@ -107,9 +114,9 @@ def test_login_train_watch_and_list_the_run(server, page, tmp_path):
     fill(page, "Batch size", 1)
     fill(page, "Sample steps", 1)
     fill(page, "Run name (optional)", "browser-neon")
-    visible(page, "Sample prompts (one per line)").fill("a star in neon style")
+    fill_id(page, "train-sample-prompts", "a star in neon style")
     page.get_by_text("Method", exact=True).filter(visible=True).click()
-    fill(page, "Rank r", 2)
+    fill_id(page, "train-rank", 2)
     expect(page.locator("#train-command")).to_contain_text("--steps 3", timeout=10_000)
     expect(page.locator("#train-command")).to_contain_text("studio train-style")
 
@@ -136,7 +143,7 @@ def test_every_tab_works_in_the_browser(server, page, tmp_path):
     page.get_by_role("tab", name="Generate & compose").click()
     page.get_by_role("button", name="Refresh adapter list").click()
     choose(page, "Adapter 1", "browser-neon")
-    fill(page, "Denoising steps", 4)
+    fill(page, "Steps", 4)
     page.locator("#generate-button").click()
     expect(page.locator("#generate-gallery img").first).to_be_visible(timeout=120_000)
     expect(page.locator("#generate-command")).to_contain_text("studio generate")
@@ -163,7 +170,7 @@ def test_every_tab_works_in_the_browser(server, page, tmp_path):
     screenshot(page, tmp_path, "llm")
 
     page.get_by_role("tab", name="Analyze").click()
-    page.get_by_label("embedded-lm").check()
+    choose(page, "Model", "embedded-lm")
     fill(page, "Batches", 1)
     page.locator("#analyze-button").click()
     expect(page.locator("#analyze-heatmap img")).to_be_visible(timeout=120_000)

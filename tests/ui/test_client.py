@@ -27,27 +27,28 @@ def client(server):
 
 
 def style_form(rank: int, seed: int) -> dict:
-    """The training form's fields, named as the API names them (after their labels)."""
+    """The training form's fields, named as the API names them (the page's inputs, then the option
+    fields of `studio train-style`; see ui/forms.py)."""
     return {
-        "what_to_learn": "style",
-        "training_images": "demo set",
-        "shipped_demo_set": "style-neon",
-        "images_with_txt_captions_or_a_metadata_j": None,
-        "run_name_optional": "twin",
-        "prompt_template_optional": "",
-        "trigger_word_optional": "",
+        "kind": "style",
+        "source": "demo set",
+        "demo_set": "style-neon",
+        "files": None,
+        "run_name": "twin",
+        "template": "",
+        "trigger": "",
         "method": "lora",
-        "rank_r": rank,
+        "rank": rank,
         "alpha": float(rank),
-        "other_hyperparameters_key_value_per_line": "targets=[to_q, to_v]",
+        "set": "targets=[to_q, to_v]",
         "steps": 2,
         "batch_size": 1,
         "learning_rate": 3e-3,
         "lr_schedule": "constant",
         "seed": seed,
         "checkpoint_every": 100,
-        "sample_every_0_at_the_end": 0,
-        "sample_prompts_one_per_line": "a star in neon style",
+        "sample_every": 0,
+        "sample_prompts": "a star in neon style",
         "sample_steps": 1,
     }
 
@@ -105,22 +106,22 @@ def test_two_clients_train_at_once_into_separate_correct_runs(server):
 def test_the_llm_tab_trains_and_its_chat_answers(server):
     user = client(server)
     form = {
-        "training_data": "embedded task",
-        "training_jsonl_text_instruction_response": None,
-        "held_out_jsonl_optional_rows_with_choice": None,
-        "run_name_optional": "client-llm",
+        "source": "embedded task",
+        "train_file": None,
+        "eval_file": None,
+        "run_name": "client-llm",
         "method": "lora",
-        "rank_r": 4,
+        "rank": 4,
         "alpha": 8.0,
-        "loram_ratio_0_off_lora_paca": 0,
-        "other_hyperparameters_key_value_per_line": "",
-        "also_export_in_peft_format_export_peft": False,
+        "loram_ratio": 0,
+        "set": "",
+        "export_peft": False,
         "steps": 3,
         "batch_size": 4,
         "learning_rate": 3e-3,
         "lr_schedule": "cosine",
-        "warm_up_steps": 1,
-        "max_length_tokens": 64,
+        "warmup_steps": 1,
+        "max_length": 64,
         "seed": 0,
         "checkpoint_every": 100,
     }
@@ -137,9 +138,9 @@ def test_the_llm_tab_trains_and_its_chat_answers(server):
     reply, chat_command = user.predict(
         run="client-llm",
         prompt="mira lives in",
-        chat_template_as_training_renders_instru=False,
+        raw=True,  # no chat template: continue the raw text
         max_new_tokens=6,
-        temperature_0_greedy=0.0,
+        temperature=0.0,
         api_name="/chat",
     )
     assert isinstance(reply, str) and reply.strip() and not reply.startswith("(an empty reply")

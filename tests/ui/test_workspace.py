@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from studio import ui_cmd
+from studio import api
 from studio.errors import UserError
+from studio.options import choices_of
 from studio.runs import Run
-from ui.app import Studio
+from ui.command import parse_auth
+from ui.studio import Studio
 from ui.workspace import UploadLimits, Workspace
 
 
@@ -69,7 +71,7 @@ def test_uploads_are_checked_sanitised_and_validated_like_the_cli(studio):
         "two.png",
         "two.txt",
     ]
-    assert ui_cmd.validate_dataset(folder) == (2, [])
+    assert api.validate_dataset(folder) == (2, [])
 
     refusals = {
         "not accepted": [uploaded(ws, "evil.sh", b"rm -rf /")],
@@ -88,20 +90,21 @@ def test_a_bad_upload_is_refused_before_any_job_and_cleaned_up(studio):
     ws = studio.workspace
     files = [uploaded(ws, "fake.png", b"this is not a picture"), uploaded(ws, "fake.txt", b"caption")]
     with pytest.raises(UserError, match="fake.png"):
-        studio.start_training("style", "upload", "", files, "", *form_options())
+        studio.start_training("style", "upload", "", files, "", form_options())
     assert list(ws.uploads.iterdir()) == [] and studio.jobs.jobs() == []
     with pytest.raises(UserError, match="no shipped set"):
-        studio.start_training("style", "demo set", "../../etc", None, "", *form_options())
+        studio.start_training("style", "demo set", "../../etc", None, "", form_options())
 
 
 def form_options(**changes):
+    """The training form's values (the option fields' names; see ui/forms.py)."""
     values = {
         "template": "",
         "trigger": "",
         "method": "lora",
         "rank": 2,
         "alpha": 2.0,
-        "extra": "",
+        "set": "",
         "steps": 2,
         "batch_size": 1,
         "learning_rate": 1e-3,
@@ -113,21 +116,21 @@ def form_options(**changes):
         "sample_steps": 1,
     }
     values.update(changes)
-    return list(values.values())
+    return values
 
 
 def test_the_form_becomes_the_cli_command_and_yaml(studio):
     command, yaml_text = studio.preview_training(
-        "content", "demo set", "content-moon", "", *form_options(extra="dropout=0.1")
+        "content", "demo set", "content-moon", "", form_options(set="dropout=0.1")
     )
     assert command.startswith("studio train-content ") and "content-moon" in command and "--set dropout=0.1" in command
     assert "dropout: 0.1" in yaml_text and "steps: 2" in yaml_text
-    command, _ = studio.preview_training("style", "demo set", "style-neon", "", *form_options(learning_rate=-1))
+    command, _ = studio.preview_training("style", "demo set", "style-neon", "", form_options(learning_rate=-1))
     assert command.startswith("#") and "learning_rate must be > 0" in command
     with pytest.raises(UserError, match="learning_rate"):
-        studio.start_training("style", "demo set", "style-neon", None, "x", *form_options(learning_rate=-1))
+        studio.start_training("style", "demo set", "style-neon", None, "x", form_options(learning_rate=-1))
     with pytest.raises(UserError, match="whole number"):
-        studio.training_argv("style", "d", "n", *form_options(steps=2.5))
+        studio.training_argv("style", "d", "n", form_options(steps=2.5))
     assert studio.jobs.jobs() == []
 
 
@@ -141,30 +144,34 @@ def test_runs_tab_actions_are_guarded(studio):
         studio.delete("done", confirmed=False)
     assert studio.delete("done", confirmed=True) == "deleted done" and not run.directory.exists()
     with pytest.raises(UserError):
-        studio.generate_argv([("../done", 1.0)], "a star", 0, 2, 5.0, ws.new_output())
+        studio.generate_argv(
+            [("../done", 1.0)], {"prompt": "a star", "seed": 0, "steps": 2, "guidance": 5.0}, ws.new_output()
+        )
     with pytest.raises(UserError, match="not a run name"):
         studio.delete("../../ws", confirmed=True)
 
 
 def test_auth_parsing(tmp_path):
-    assert ui_cmd.parse_auth(None, None) is None
-    assert ui_cmd.parse_auth("ann:s3:cret", None) == [("ann", "s3:cret")]
+    assert parse_auth(None, None) is None
+    assert parse_auth("ann:s3:cret", None) == [("ann", "s3:cret")]
     users = tmp_path / "users.txt"
     users.write_text("# team\nann:one\n\nbob:two\n")
-    assert ui_cmd.parse_auth(None, str(users)) == [("ann", "one"), ("bob", "two")]
+    assert parse_auth(None, str(users)) == [("ann", "one"), ("bob", "two")]
     for bad in ("ann", ":pw", "ann:"):
         with pytest.raises(UserError, match="USER:PASS"):
-            ui_cmd.parse_auth(bad, None)
+            parse_auth(bad, None)
     with pytest.raises(UserError, match="does not exist"):
-        ui_cmd.parse_auth(None, str(tmp_path / "none.txt"))
+        parse_auth(None, str(tmp_path / "none.txt"))
 
 
 def test_tabs_follow_the_commands_that_exist():
-    assert ui_cmd.has_command("train-style") and ui_cmd.has_command("ui") and not ui_cmd.has_command("no-such-thing")
-    assert {"lora", "paca"} <= set(ui_cmd.trainable_methods()) and "corda" not in ui_cmd.trainable_methods()
-    assert set(ui_cmd.demo_sets("style")) >= {"style-neon"} and all(p.is_dir() for p in ui_cmd.demo_sets().values())
-    assert isinstance(ui_cmd.train_defaults("style")["rank"], int)
-    assert Path(ui_cmd.demo_sets()[ui_cmd.default_demo_set("content")]).name == "content-moon"
+    assert api.has_command("train-style") and api.has_command("ui") and not api.has_command("no-such-thing")
+    # Every method trains from train-*: CorDA and SPT run their data step on the run's own images.
+    method = next(f for s in api.command_sections("train-style") for f in s.fields() if f.name == "method")
+    assert {"lora", "paca", "corda", "spt"} <= set(choices_of(method))
+    assert set(api.demo_sets("style")) >= {"style-neon"} and all(p.is_dir() for p in api.demo_sets().values())
+    assert isinstance(api.train_defaults("style")["rank"], int)
+    assert Path(api.demo_sets()[api.default_demo_set("content")]).name == "content-moon"
 
 
 def llm_options(**changes):
@@ -173,7 +180,7 @@ def llm_options(**changes):
         "rank": 4,
         "alpha": 8.0,
         "loram_ratio": 0,
-        "extra": "",
+        "set": "",
         "export_peft": False,
         "steps": 2,
         "batch_size": 4,
@@ -185,24 +192,24 @@ def llm_options(**changes):
         "checkpoint_every": 100,
     }
     values.update(changes)
-    return list(values.values())
+    return values
 
 
 def test_the_llm_form_becomes_the_train_llm_command_and_yaml(studio, tmp_path):
     import yaml
 
-    command, yaml_text = studio.preview_llm("embedded task", "", *llm_options(extra="dropout=0.1"))
+    command, yaml_text = studio.preview_llm("embedded task", "", llm_options(set="dropout=0.1"))
     assert command.startswith("studio train-llm --runs-dir ") and "--name llm-lora-task_add_train" in command
     assert "--rank 4 --alpha 8.0" in command and "--set dropout=0.1" in command
     config = tmp_path / "run.yaml"  # the YAML shown is a config train-llm reads back to the same job
     config.write_text(yaml_text)
-    same = ui_cmd.config_yaml(["train-llm", "--config", str(config)])
+    same = api.config_yaml(["train-llm", "--config", str(config)])
     assert yaml.safe_load(same) == yaml.safe_load(yaml_text) and "dropout: 0.1" in yaml_text
-    command, _ = studio.preview_llm("embedded task", "", *llm_options(method="compacter", extra="n=2"))
+    command, _ = studio.preview_llm("embedded task", "", llm_options(method="compacter", set="n=2"))
     assert "--rank" not in command and "--alpha" not in command  # Compacter has neither
-    command, _ = studio.preview_llm("embedded task", "", *llm_options(method="paca", loram_ratio=0.5, export_peft=True))
-    assert "--loram-ratio 0.5 --export-peft" in command
-    command, _ = studio.preview_llm("upload", "x", *llm_options(learning_rate=0))
+    command, _ = studio.preview_llm("embedded task", "", llm_options(method="paca", loram_ratio=0.5, export_peft=True))
+    assert "--loram-ratio 0.5" in command and "--export-peft" in command
+    command, _ = studio.preview_llm("upload", "x", llm_options(learning_rate=0))
     assert command.startswith("#") and "learning_rate must be > 0" in command
 
 
@@ -228,8 +235,13 @@ def test_llm_uploads_and_options_are_checked_before_any_job(studio):
         with pytest.raises(
             UserError, match=message.replace("(", r"\(").replace(")", r"\)") if "|" not in message else message
         ):
-            studio.start_llm(source, train_file, eval_file, "", *options)
+            studio.start_llm(source, train_file, eval_file, "", options)
     assert list(ws.uploads.iterdir()) == [] and studio.jobs.jobs() == []  # refused uploads are deleted, nothing queued
+
+
+def chat_options(prompt: str, raw: bool = False) -> dict:
+    """The chat form's values (raw: continue the prompt as plain text, no chat template)."""
+    return {"prompt": prompt, "raw": raw, "max_new_tokens": 8, "temperature": 0.0}
 
 
 def test_llm_chat_and_export_are_guarded(studio):
@@ -237,15 +249,17 @@ def test_llm_chat_and_export_are_guarded(studio):
     Run.create(ws.runs, "style", kind="train-style", config={}).update(status="finished")
     Run.create(ws.runs, "llm", kind="train-llm", config={}).update(status="interrupted")
     with pytest.raises(UserError, match="write a prompt"):
-        studio.chat_argv("(the embedded base, no adapter)", "  ", True, 8, 0.0, ws.new_output())
+        studio.chat_argv("(the embedded base, no adapter)", chat_options("  "), ws.new_output())
     for run_name in ("style", "llm"):
         with pytest.raises(UserError, match="not a finished LLM run"):
-            studio.chat_argv(run_name, "hello", True, 8, 0.0, ws.new_output())
+            studio.chat_argv(run_name, chat_options("hello"), ws.new_output())
     with pytest.raises(UserError, match="not a run name"):
-        studio.chat_argv("../llm", "hello", True, 8, 0.0, ws.new_output())
-    argv = studio.chat_argv("(the embedded base, no adapter)", "--help me", False, 8, 0.0, ws.new_output(".json"))
+        studio.chat_argv("../llm", chat_options("hello"), ws.new_output())
+    argv = studio.chat_argv(
+        "(the embedded base, no adapter)", chat_options("--help me", raw=True), ws.new_output(".json")
+    )
     assert argv[:2] == ["chat", "--prompt=--help me"] and "--raw" in argv  # a prompt is never taken for an option
-    assert ui_cmd.check_command(argv).prompt == ["--help me"]
+    assert api.check_command(argv).prompt == ["--help me"]
     with pytest.raises(UserError, match="exports to PEFT while it trains"):
         studio.export("llm", "peft")
     assert studio.resume("llm")  # an interrupted LLM run resumes like a diffusion one
