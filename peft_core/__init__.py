@@ -25,7 +25,7 @@ from peft_core.methods.lora import LoraConfig
 from peft_core.methods.paca import PacaConfig
 from peft_core.methods.plp import PlpConfig, make_joint, precondition_gradients
 from peft_core.methods.spt import SptConfig
-from peft_core.model import AdapterHandle, attach, get_handle, load, read_adapter_config
+from peft_core.model import AdapterHandle, attach, check_fits, get_handle, load, read_adapter_config
 
 __all__ = [
     "Adapter",
@@ -42,6 +42,7 @@ __all__ = [
     "SptConfig",
     "attach",
     "available_methods",
+    "check_fits",
     "config_from_dict",
     "get_handle",
     "get_method",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -62,8 +63,26 @@ def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def finite_json(value: Any) -> Any:
+    """`value` with every NaN/inf float replaced by None: JSON has no NaN or Infinity (Python writes them,
+    strict readers refuse them). For reports (a run's loss), where "no value" is the truth."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(item) for item in value]
+    return value
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    """Atomically write `data` as strict JSON: a NaN or inf anywhere in it is refused (AdapterError), never
+    written as the invalid `NaN`; pass reports through `finite_json` first."""
+    try:
+        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
+    except ValueError as error:
+        raise AdapterError(f"refusing to write {path}: {error} (JSON has no NaN or Infinity)") from None
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def read_json(path: str | os.PathLike) -> Any:

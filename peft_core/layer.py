@@ -47,6 +47,19 @@ class Adapter(nn.Module):
         works without the calibration data. The loaded tensors then overwrite every value."""
         raise AdapterError(f"{cls.__name__} does not say how to rebuild itself from a checkpoint")
 
+    @classmethod
+    def check_fits(cls, base: nn.Module, config: AdapterConfig, module_name: str) -> None:
+        """Raise AdapterError if `config` does not fit `base`, from shapes alone (meta tensors do), for
+        `peft_core.check_fits`, which asks every targeted layer before anything is built: an oversized rank
+        fails at once instead of allocating (r=100000 on SD's layers is tens of GB). Default: a rank r
+        (the config's `r`, if it has one) at most the rank of the layer's weight, min(outputs, inputs)."""
+        r, bound = getattr(config, "r", None), weight_rank_bound(base)
+        if isinstance(r, int) and bound is not None and r > bound:
+            raise AdapterError(
+                f"{config.method}: r={r} is larger than {module_name!r}'s rank bound {bound} (its weight is "
+                f"{bound_shape(base)}); use r <= {bound} or exclude this layer"
+            )
+
     # -- required -------------------------------------------------------------------------
     def delta_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The adapter's additive contribution to base(x), at weight 1."""
@@ -273,6 +286,28 @@ def scatter_into_zeros(values: torch.Tensor, index: torch.Tensor | None, size: i
     return torch.zeros(shape, dtype=values.dtype, device=values.device).index_copy_(
         dim, index.to(values.device), values
     )
+
+
+def weight_rank_bound(base: nn.Module) -> int | None:
+    """The largest rank a weight update of `base` can have: min(outputs, inputs per output) of a Linear
+    or a conv (inputs: in_channels / groups x kernel size); None for other layer types."""
+    shape = _weight_matrix_shape(base)
+    return None if shape is None else min(shape)
+
+
+def bound_shape(base: nn.Module) -> str:
+    """`base`'s weight as a matrix, "outputs x inputs" (a conv's inputs include its kernel)."""
+    shape = _weight_matrix_shape(base)
+    return "?" if shape is None else f"{shape[0]}x{shape[1]}"
+
+
+def _weight_matrix_shape(base: nn.Module) -> tuple[int, int] | None:
+    if isinstance(base, nn.Linear):  # in/out features also hold for bitsandbytes' packed 4-bit weights
+        return base.out_features, base.in_features
+    if isinstance(base, nn.Conv2d):
+        kernel = base.kernel_size[0] * base.kernel_size[1]
+        return base.out_channels, base.in_channels // base.groups * kernel
+    return None
 
 
 def is_4bit(base: nn.Module) -> bool:

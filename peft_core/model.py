@@ -307,6 +307,23 @@ def _check_prepared(spec: MethodSpec, module_names: list[str], prepared: Mapping
         )
 
 
+def check_fits(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The names of the modules `config` targets in `model`, once each passes its method's
+    `Adapter.check_fits` (a rank no larger than the layer allows), checked from shapes alone: nothing is
+    built, so it costs no memory and works on a model made on the meta device. AdapterError otherwise.
+
+    `attach` does not call it (a LoRA rank above a small layer's is wasteful, not wrong, and costs what
+    it asks for); the studio calls it before attaching anything, where a rank of 100000 must be a one-line
+    error and not the kernel killing the process for memory."""
+    spec = get_method(config.method)
+    module_names = find_targets(model, config.targets, config.exclude, spec.capabilities.wraps)
+    for module_name in module_names:
+        module = model.get_submodule(module_name)
+        base = module.base_layer if isinstance(module, AdaptedModule) else module
+        spec.adapter_class.check_fits(base, config, module_name)
+    return module_names
+
+
 def get_handle(model: nn.Module) -> AdapterHandle | None:
     return getattr(model, "_peft_core_handle", None)
 

@@ -22,14 +22,15 @@ the same on purpose, and "separate" gives each factor only its own loss.
 With a run_dir, each finished break run is saved under <run_dir>/stages/<content|style> (written
 to a temporary folder, then renamed: a stage is there whole or not at all), and a later call with
 the same run_dir loads the finished stages instead of training them again. `should_stop()` (by
-default: does <run_dir>/STOP exist?) is asked after every step; a stop raises
-`pipelines.training.StopRequested` and loses at most the stage in progress. Every draw comes from
-(seed, stage, step), so a resumed run ends with the same adapters as an uninterrupted one.
+default: does <run_dir>/STOP exist?) and the stop signals (pipelines.signals) are asked after every
+step; a stop raises `pipelines.training.StopRequested` and loses at most the stage in progress. Every
+draw comes from (seed, stage, step), so a resumed run ends with the same adapters as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -51,7 +52,16 @@ from pipelines.train import (
     step_generator,
     training_scheduler,
 )
-from pipelines.training import TrainEvent, serve_stop, stop_file_exists
+from pipelines.training import (
+    DivergenceGuard,
+    TrainEvent,
+    divergence_hint,
+    host_values,
+    in_step_loop,
+    serve_stop,
+    stop_file_exists,
+    stop_requested,
+)
 
 UP, DOWN = "learnable_up", "learnable_down"  # B (style) and D (content), unless content_factor="up"
 
@@ -110,6 +120,17 @@ class BreakForMakeConfig:
         choices=("separate", "shared"),
         advanced=True,
     )
+
+
+def _check_step(
+    guard: DivergenceGuard, done: int, loss: torch.Tensor, partner_loss: torch.Tensor | None, norms: list
+) -> float:
+    """Step `done`'s losses and gradient norms through one host sync into `guard` (NonFiniteLoss on NaN/inf);
+    returns the main loss."""
+    values = host_values(loss, partner_loss, *norms)
+    losses, norm_values = [v for v in values[:2] if v is not None], values[2:]
+    guard.step(done, sum(losses), sum(norm_values) if norm_values else None)
+    return values[0]
 
 
 class BreakForMakePipeline:
@@ -174,6 +195,7 @@ class BreakForMakePipeline:
             self.handle, content="content", style="style", name="joint", content_factor=self.config.content_factor
         )
         self._make(content, style, emit)
+        self._guard("make", self.config.make_steps).check_finite(self.handle, self.config.make_steps)
         if run_dir is not None:
             self.save(Path(run_dir) / "b4m")
         return self
@@ -190,13 +212,16 @@ class BreakForMakePipeline:
             return
         self._break(name, plp, main_data, partner_sets, main, partner, emit)
         if stage is not None:  # a temporary folder renamed into place: the stage exists whole or not at all
+            self._guard(f"break-{name}", self.config.break_steps).check_finite(
+                self.handle, self.config.break_steps, [name]
+            )
             partial = stage.with_name(f".{name}.partial")
             shutil.rmtree(partial, ignore_errors=True)
             self.handle.save(partial, name=name)
             os.replace(partial, stage)
 
     def _stop_if_requested(self, stage: str, step: int, total: int) -> None:
-        if self._should_stop():
+        if stop_requested(self._should_stop, None):  # the STOP file, or SIGINT/SIGTERM under catch_stop_signals
             serve_stop(  # removes the STOP file (served; a resume must not stop again), raises StopRequested
                 self._run_dir,
                 None,
@@ -223,19 +248,22 @@ class BreakForMakePipeline:
             partner_params, lr=config.main_lr * config.partner_lr_ratio, weight_decay=config.weight_decay
         )
         self.pipe.unet.train()
+        guard = self._guard(f"break-{name}", config.break_steps, emit)
+        in_step_loop(True)  # a stop signal now ends the stage after the step in progress (see _stop_if_requested)
         for step in range(config.break_steps):
             generator = step_generator(config.seed, step)
             loss = self._loss(main_data, config.seed, step, generator)
+            partner_loss = None
             if partner_sets and config.mcp_loss == "shared":  # one loss for both factors, each at its own lr
-                self._step(
-                    loss + self._partner_loss(partner_sets, step, generator),
-                    [(main_params, main_opt), (partner_params, partner_opt)],
-                )
+                partner_loss = self._partner_loss(partner_sets, step, generator)
+                norms = self._step(loss + partner_loss, [(main_params, main_opt), (partner_params, partner_opt)])
             else:  # each factor its own loss (with K = 0 the partner does not train)
-                self._step(loss, [(main_params, main_opt)])
-                if partner_sets:
-                    self._step(self._partner_loss(partner_sets, step, generator), [(partner_params, partner_opt)])
-            emit(TrainEvent(f"break-{name}", step + 1, config.break_steps, loss=loss.item(), lr=config.main_lr))
+                norms = self._step(loss, [(main_params, main_opt)])
+                if partner_sets:  # after the main step: the partner's loss sees the updated main factor
+                    partner_loss = self._partner_loss(partner_sets, step, generator)
+                    norms += self._step(partner_loss, [(partner_params, partner_opt)])
+            main_loss = _check_step(guard, step + 1, loss, partner_loss, norms)
+            emit(TrainEvent(f"break-{name}", step + 1, config.break_steps, loss=main_loss, lr=config.main_lr))
             if step + 1 < config.break_steps:
                 self._stop_if_requested(f"break-{name}", step + 1, config.break_steps)
 
@@ -255,14 +283,17 @@ class BreakForMakePipeline:
         config, handle = self.config, self.handle
         params = handle.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=config.make_lr, weight_decay=config.weight_decay)
+        guard = self._guard("make", config.make_steps, emit)
+        in_step_loop(True)
         for step in range(config.make_steps):
             # One noise draw for both halves of the step (spec §2: same noise and timestep).
             seed = config.seed + 10_000
             content_loss = self._loss(content, seed, step, step_generator(seed, step))
             style_loss = self._loss(style, seed, step, step_generator(seed, step))
             loss = content_loss + style_loss
-            self._step(loss, [(params, optimizer)], precondition="joint" if config.riemannian else None)
-            emit(TrainEvent("make", step + 1, config.make_steps, loss=loss.item(), lr=config.make_lr))
+            norms = self._step(loss, [(params, optimizer)], precondition="joint" if config.riemannian else None)
+            loss_value = _check_step(guard, step + 1, loss, None, norms)
+            emit(TrainEvent("make", step + 1, config.make_steps, loss=loss_value, lr=config.make_lr))
             if step + 1 < config.make_steps:
                 self._stop_if_requested("make", step + 1, config.make_steps)
 
@@ -271,21 +302,31 @@ class BreakForMakePipeline:
         loss: torch.Tensor,
         groups: list[tuple[list[torch.nn.Parameter], torch.optim.Optimizer]],
         precondition: str | None = None,
-    ) -> None:
+    ) -> list[torch.Tensor]:
         """Gradient of `loss` for the groups' parameters only; nothing else receives (or keeps) a
         gradient. Each (parameters, optimizer) group is clipped and stepped on its own.
-        `precondition`: the PLP adapter whose gradients get the Riemannian scaling first."""
+        `precondition`: the PLP adapter whose gradients get the Riemannian scaling first.
+        Returns the groups' gradient norms (none without clipping), still on the device."""
         params = [parameter for group, _ in groups for parameter in group]
         grads = torch.autograd.grad(loss, params)
         for parameter, grad in zip(params, grads):
             parameter.grad = grad
         if precondition is not None:
             precondition_gradients(self.handle, precondition, self.config.riemannian_delta)
+        norms = []
         for group, optimizer in groups:
             if self.config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(group, self.config.max_grad_norm)
+                norms.append(torch.nn.utils.clip_grad_norm_(group, self.config.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        return norms
+
+    def _guard(self, stage: str, steps: int, emit=None) -> DivergenceGuard:
+        """The divergence check of one stage (its loss, gradient norms, and its adapters before they are saved)."""
+        lr_flag = "--make-lr" if stage == "make" else "--main-lr"
+        learning_rate = self.config.make_lr if stage == "make" else self.config.main_lr
+        hint = divergence_hint(learning_rate, self.config.max_grad_norm, lr_flag=lr_flag, scale_flag=None)
+        return DivergenceGuard(steps, hint, emit, stage=stage)
 
     # -- compose ----------------------------------------------------------------------------
     def set_mix(self, content_weight: float = 1.0, style_weight: float = 1.0, adapter: str = "joint") -> None:
@@ -293,6 +334,8 @@ class BreakForMakePipeline:
         handle = self.handle
         if handle is None or adapter not in handle.adapter_names:
             raise UserError(f"no {adapter!r} adapter yet; run the pipeline (break -> make) or load a saved one")
+        if not (math.isfinite(content_weight) and math.isfinite(style_weight)):
+            raise UserError(f"content and style weights must be finite numbers, got {content_weight}, {style_weight}")
         for other in handle.adapter_names:
             (handle.enable if other == adapter else handle.disable)(other)
         up_weight, down_weight = (

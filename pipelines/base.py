@@ -11,6 +11,8 @@ the same for the demo model and for a real SD 1.x. Failures say which of the fou
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import warnings
@@ -28,6 +30,9 @@ DEFAULT_BASE = "embedded"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin")  # refused unless allow_pickle=True
+_PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # in a model folder: never read
+# Tensor-name prefixes of a Stable Diffusion UNet in a single file: the original format, or diffusers'.
+_SD_KEY_PREFIXES = ("model.diffusion_model.", "down_blocks.", "unet.")
 
 
 def load_base(
@@ -71,18 +76,29 @@ def _load_pipeline(spec: str | os.PathLike | None, torch_dtype, kwargs: dict, al
         if path.suffix in _PICKLE_SUFFIXES and not allow_pickle:
             raise UserError(
                 f"{path} is a pickle checkpoint ({path.suffix}), which can run code when loaded, so it is "
-                "refused; convert it to .safetensors, or if you trust it load_base(..., allow_pickle=True)"
+                "refused; convert it to .safetensors (from Python, load_base(..., allow_pickle=True) reads a file you "
+                "trust)"
             )
         if path.suffix in _PICKLE_SUFFIXES:
             warnings.warn(
                 f"loading pickle checkpoint {path} (allow_pickle=True): only do this for files you trust", stacklevel=3
             )
+        else:
+            _check_sd_safetensors(path)
         # Converting an original-format checkpoint needs its config; offline, diffusers can only
         # build it from the cache, so say so rather than surface a hub error.
         try:
             return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
         except Exception as error:
-            raise UserError(f"could not load single-file checkpoint {path}: {error}") from error
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            network = any(word in first for word in ("Connect", "connection", "offline", "resolve", "Name or service"))
+            hint = (
+                "; diffusers reads the model's config from the hub to convert a single file: connect to the "
+                "network once (it is cached), or pass a diffusers folder"
+                if network
+                else ""
+            )
+            raise UserError(f"could not load single-file checkpoint {path}: {first}{hint}") from error
     looks_like_path = str(spec).startswith((".", "/", "~")) or path.suffix in _SINGLE_FILE_SUFFIXES
     if looks_like_path or not _HUB_ID.match(str(spec)):
         raise UserError(
@@ -90,6 +106,42 @@ def _load_pipeline(spec: str | os.PathLike | None, torch_dtype, kwargs: dict, al
             f"(owner/name); use 'embedded' for the built-in tiny model"
         )
     return _load_hub(StableDiffusionPipeline, str(spec), kwargs)
+
+
+def _check_sd_safetensors(path: Path) -> None:
+    """A .safetensors base must be readable and hold a Stable Diffusion UNet; anything else would send
+    diffusers looking for a config on the hub, with an error about the network instead of the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            keys = list(file.keys())
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own types for damaged headers
+        raise UserError(
+            f"could not load single-file checkpoint {path}: not a readable safetensors file "
+            f"({str(error).splitlines()[0] if str(error) else error}); it may be truncated, or not a model"
+        ) from None
+    if not any(key.startswith(_SD_KEY_PREFIXES) for key in keys):
+        sample = ", ".join(keys[:3]) or "no tensors"
+        raise UserError(
+            f"could not load single-file checkpoint {path}: it holds no Stable Diffusion weights ({len(keys)} "
+            f"tensor(s): {sample}); pass an SD 1.x/2.x checkpoint, a diffusers folder, a hub id or 'embedded'"
+        )
+
+
+def refuse_pickle_weights(folder: Path) -> None:
+    """A model folder (or a diffusers pipeline's component folders) whose weights are only pickle files
+    (pytorch_model.bin, diffusion_pytorch_model.bin, ...) is refused: loading pickle can run code.
+    Folders with .safetensors weights are loaded with use_safetensors=True, which never reads the others."""
+    for part in [folder, *(p for p in sorted(folder.iterdir()) if p.is_dir())]:
+        files = [p for p in part.iterdir() if p.is_file()]
+        pickles = [p for p in files if p.suffix in _PICKLE_WEIGHTS and "model" in p.name]
+        if pickles and not any(p.suffix == ".safetensors" for p in files):
+            raise UserError(
+                f"{pickles[0]} is a pickle file and {part} has no .safetensors weights; pickle can run code when "
+                "loaded, so it is never read: convert the model to safetensors "
+                "(save_pretrained(..., safe_serialization=True)) in a place you trust"
+            )
 
 
 def load_embedded_lm(spec: str | os.PathLike | None = DEFAULT_BASE, torch_dtype=None):
@@ -103,9 +155,11 @@ def load_embedded_lm(spec: str | os.PathLike | None = DEFAULT_BASE, torch_dtype=
         if not path.exists() and (str(spec).startswith((".", "/", "~")) or not _HUB_ID.match(str(spec))):
             raise UserError(f"language model {str(spec)!r} not found: no such folder, and not a hub id (owner/name)")
         source = str(path) if path.exists() else str(spec)
+        if path.is_dir():
+            refuse_pickle_weights(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True)
     except OSError as error:
         raise UserError(f"could not load language model {source!r}: {offline_hint(error)}") from error
     return model, tokenizer
@@ -128,8 +182,10 @@ def _embedded_folder(folder: Path, what: str) -> Path:
 
 def _load_folder(pipeline_class, folder: Path, kwargs: dict):
     # A local folder never needs the network; local_files_only makes that explicit and fast.
+    refuse_pickle_weights(folder)
     try:
-        return pipeline_class.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        with _diffusers_errors_unlogged():
+            return pipeline_class.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as error:  # missing/half-downloaded weights, broken configs
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
@@ -138,9 +194,23 @@ def _load_folder(pipeline_class, folder: Path, kwargs: dict):
         ) from error
 
 
+@contextlib.contextmanager
+def _diffusers_errors_unlogged():
+    """diffusers logs a failed component load at ERROR level before it raises; the raised error becomes
+    our one-line message, so the log line (and its traceback, in some versions) is left out."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def _load_hub(pipeline_class, hub_id: str, kwargs: dict):
     try:
-        return pipeline_class.from_pretrained(hub_id, **kwargs)
+        return pipeline_class.from_pretrained(hub_id, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as error:
         raise UserError(f"could not load {hub_id!r} from the Hugging Face hub: {offline_hint(error)}") from error
 

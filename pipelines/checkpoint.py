@@ -9,13 +9,20 @@ A checkpoint is a folder `<run>/checkpoints/step-<N>/` holding
 The folder is first written as a hidden sibling, fsynced, then renamed into place, so a crash
 leaves either no checkpoint or a complete one; `latest_checkpoint` ignores the hidden ones, and
 `remove_partial_writes` (called when a run resumes) deletes them and any half-written temporary.
+An old checkpoint is pruned by renaming it to a hidden `.deleting-step-<N>` first, so a crash half-way
+through the deletion never leaves a half-deleted `step-<N>/`. A checkpoint damaged after the fact
+(a truncated file, broken JSON: a copy cut short, a disk fault) is skipped by `latest_checkpoint`,
+with a warning, for the newest intact one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,7 @@ from peft_core.io import read_json, read_safetensors, remove_temporaries, write_
 from pipelines.errors import UserError
 
 CHECKPOINTS = "checkpoints"
+DELETING = ".deleting-"  # prefix of a pruned checkpoint being deleted
 
 
 def save_checkpoint(
@@ -70,26 +78,102 @@ def save_checkpoint(
     os.replace(staging, final)
     _fsync_dir(root)
     for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = root / f"{DELETING}{old.name}"  # renamed away first: never a half-deleted step-N/
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete and intact `step-*` checkpoint (None if there is none). A damaged one (see
+    `checkpoint_problem`) is skipped with a warning naming it and the one used instead."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return None
     complete = sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file())
-    return complete[-1] if complete else None
+    damaged = []
+    for candidate in reversed(complete):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            if damaged:
+                _warn_damaged(damaged, f"resuming from {candidate.name} instead")
+            return candidate
+        damaged.append((candidate, problem))
+    if damaged:
+        _warn_damaged(damaged, "no intact checkpoint is left: the run starts again from step 0")
+    return None
+
+
+def _warn_damaged(damaged: list[tuple[Path, str]], outcome: str) -> None:
+    listed = "; ".join(f"{path.name}: {problem}" for path, problem in damaged)
+    warnings.warn(f"skipping damaged checkpoint(s) in {damaged[0][0].parent} ({listed}); {outcome}", stacklevel=1)
+
+
+def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
+    """What is wrong with a checkpoint folder (a missing file, a JSON file that does not parse, a
+    safetensors file whose header or length is wrong, e.g. truncated), or None if it looks whole.
+    Reads every JSON file and the safetensors headers, not the tensors: cheap."""
+    checkpoint = Path(checkpoint)
+    try:
+        state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+        adapters = list(state["adapters"])
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"state.json is unreadable ({type(error).__name__}: {error})"
+    required = ["optimizer.json", "optimizer.safetensors", "rng.safetensors"]
+    required += [
+        f"adapter/{name}/{file}" for name in adapters for file in ("adapter_config.json", "adapter_model.safetensors")
+    ]
+    missing = [name for name in required if not (checkpoint / name).is_file()]
+    if missing:
+        return f"{missing[0]} is missing"
+    for path in sorted(checkpoint.rglob("*")):
+        problem = _file_problem(path)
+        if problem:
+            return f"{path.relative_to(checkpoint).as_posix()} {problem}"
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    """Whether a checkpoint file is damaged: JSON that does not parse, a safetensors file cut short."""
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix == ".safetensors":
+            return _safetensors_problem(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
+        return f"is unreadable ({type(error).__name__}: {error})"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """The safetensors layout: an 8-byte header length, the JSON header, then exactly the data it indexes."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            return f"is truncated ({size} bytes)"
+        (header_length,) = struct.unpack("<Q", prefix)
+        if header_length > size - 8:
+            return f"is truncated (header of {header_length} bytes, file of {size})"
+        header = json.loads(file.read(header_length))
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + header_length + max(ends, default=0)
+    if size != expected:
+        return f"is truncated ({size} of {expected} bytes)" if size < expected else f"has {size - expected} extra bytes"
+    return None
 
 
 def remove_partial_writes(run_dir: str | os.PathLike) -> list[Path]:
-    """Delete what a killed run left half-written: checkpoint staging folders and atomic-write
-    temporaries anywhere in the run folder. Call it only while no other process writes there."""
+    """Delete what a killed run left half-written: checkpoint staging folders, pruned checkpoints half
+    deleted, and atomic-write temporaries anywhere in the run folder. Call it only while no other
+    process writes there (studio holds the run lock)."""
     run_dir = Path(run_dir)
     root = run_dir / CHECKPOINTS
     removed = []
     if root.is_dir():
-        for staging in root.glob(".step-*.partial"):
+        for staging in [*root.glob(".step-*.partial"), *root.glob(f"{DELETING}step-*")]:
             shutil.rmtree(staging, ignore_errors=True)
             removed.append(staging)
     return removed + (remove_temporaries(run_dir) if run_dir.is_dir() else [])

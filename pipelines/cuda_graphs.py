@@ -125,6 +125,7 @@ class GraphedTrainStep:
         self.factory = graph_factory or CudaGraphFactory()
         self.static: StepInputs | None = None
         self.loss: torch.Tensor | None = None
+        self.grad_norm: torch.Tensor | None = None  # the clipped step's gradient norm (max_grad_norm > 0)
         self.replay: Callable[[], None] | None = None
         self.calls = 0
 
@@ -139,8 +140,8 @@ class GraphedTrainStep:
         ):
             loss = prediction_loss(self.unet, self.static)
         loss.backward()
-        if self.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        if self.max_grad_norm > 0:  # recorded, the norm is an output of the graph like the loss
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
         self.optimizer.step()
         # None, not zeros: the recorded backward then allocates the gradients from the graph's pool
         # and each replay overwrites them (a zero-filled .grad would be accumulated into).

@@ -17,6 +17,7 @@ warnings rather than sniffed into the training set, so what trains is what the u
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -45,6 +46,8 @@ CAPTION_KEYS = ("text", "caption", "prompt")
 METADATA_FILE = "metadata.jsonl"
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MIN_SIDE = 16
+MAX_CAPTION_CHARS = 10_000  # a caption describes one picture; the text encoder reads its first 77 tokens
+DARK_16_BIT = 4096  # a 16-bit image whose brightest value is below this is (nearly) black as 8 bits
 MAX_LISTED = 20  # problems listed in one error message before "and N more"
 
 
@@ -94,8 +97,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode.startswith("I;16"):  # 16-bit grayscale: PIL's convert("RGB") would clip at 255
-        image = Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8), "L")
+    if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit grey: PIL's convert("RGB") would clip at 255
+        values = np.asarray(image).astype(np.int64).clip(0, 65535)
+        image = Image.fromarray((values >> 8).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         background.alpha_composite(image.convert("RGBA"))
@@ -120,9 +124,10 @@ def _check_image(path: Path, max_pixels: int, min_side: int) -> tuple[tuple[int,
                 if min(width, height) < min_side:
                     raise _Refused(
                         f"too small: {width}x{height} px, the shorter side must be at least "
-                        f"{min_side} px; remove it or lower min_side"
+                        f"{min_side} px; use a larger picture or remove it"
                     )
                 image.load()  # truncated data only shows up when decoding
+                _check_bit_depth(image)
                 rgb = to_rgb(image)
     except UnidentifiedImageError:
         raise _Refused(
@@ -132,9 +137,7 @@ def _check_image(path: Path, max_pixels: int, min_side: int) -> tuple[tuple[int,
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         found = re.search(r"\((\d+) pixels\)", str(error))  # PIL gives the size only in its message
         size = f"{int(found.group(1)):,} pixels" if found else str(error)
-        raise _Refused(
-            f"too large: {size}, over the limit of {max_pixels:,}; downscale it or pass a larger max_pixels"
-        ) from None
+        raise _Refused(f"too large: {size}, over the limit of {max_pixels:,}; downscale it or remove it") from None
     except _Refused:
         raise
     except Exception as error:  # noqa: BLE001 - decoders raise many types on corrupt data; report, don't crash
@@ -145,6 +148,18 @@ def _check_image(path: Path, max_pixels: int, min_side: int) -> tuple[tuple[int,
     return rgb.size, f"{rgb.size}:{digest}"
 
 
+def _check_bit_depth(image: Image.Image) -> None:
+    """A 16-bit image is trained as 8 bits (its top 8 bits); one whose values never reach the top bits
+    (12-bit camera or scanner data stored in 16) would train as a black picture: refused, with why."""
+    if image.mode.startswith("I"):
+        _, high = image.getextrema()
+        if high < DARK_16_BIT:
+            raise _Refused(
+                f"16-bit image whose brightest value is {high} of 65535: as 8 bits it is black or nearly "
+                "(12-bit data?); re-export it as 8-bit, scaled to its range"
+            )
+
+
 def _read_text(path: Path, relative: str) -> str:
     try:
         return path.read_bytes().decode("utf-8-sig")  # tolerate the BOM some Windows editors write
@@ -153,6 +168,26 @@ def _read_text(path: Path, relative: str) -> str:
             f"not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
             f"re-save {relative} as UTF-8"
         ) from None
+
+
+def _read_caption(path: Path, relative: str) -> str:
+    """A sidecar caption's text: UTF-8 and at most MAX_CAPTION_CHARS characters (a 10 MB file is not one)."""
+    if path.stat().st_size > 4 * MAX_CAPTION_CHARS:
+        raise _Refused(
+            f"caption file of {path.stat().st_size:,} bytes, over the limit of {MAX_CAPTION_CHARS:,} characters; "
+            "a caption describes one picture in a sentence or a few: is it the right file?"
+        )
+    text = _read_text(path, relative)
+    _check_caption_length(text)
+    return text
+
+
+def _check_caption_length(text: str) -> None:
+    if len(text.strip()) > MAX_CAPTION_CHARS:
+        raise _Refused(
+            f"caption of {len(text.strip()):,} characters, over the limit of {MAX_CAPTION_CHARS:,}; a caption "
+            "describes one picture in a sentence or a few (the text encoder reads its first 77 tokens)"
+        )
 
 
 def _read_metadata(root: Path, images: set[Path], problems: list[tuple[str, str]]) -> dict[Path, str]:
@@ -186,6 +221,14 @@ def _read_metadata(root: Path, images: set[Path], problems: list[tuple[str, str]
         caption, image = entry[keys[0]], Path(os.path.normpath(root / entry["file_name"]))
         if not isinstance(caption, str):
             problems.append((where, f'"{keys[0]}" must be a string, got {type(caption).__name__}'))
+        elif len(caption.strip()) > MAX_CAPTION_CHARS:
+            problems.append(
+                (
+                    where,
+                    f"caption of {len(caption.strip()):,} characters, over the limit of "
+                    f"{MAX_CAPTION_CHARS:,}; a caption describes one picture in a sentence or a few",
+                )
+            )
         elif image not in images:
             reason = "is not an image in this folder" if image.is_file() else "does not exist"
             problems.append((where, f"file_name {entry['file_name']!r} {reason}; fix the name or remove the line"))
@@ -226,28 +269,44 @@ def _relative(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _folder_listing(path: str | Path) -> tuple[Path, list[Path], list[Path]]:
-    """(the folder, every visible file in it, the images among them); a missing, empty or image-less
-    folder is an error at once (nothing else can be checked)."""
+def _folder_listing(path: str | Path) -> tuple[Path, list[Path], list[Path], list[tuple[str, str]]]:
+    """(the folder, every visible file in it, the images among them, the problems of links that lead
+    nowhere); a missing, empty or image-less folder is an error at once (nothing else can be checked)."""
     root = Path(path).expanduser()
     if not root.is_dir():
         reason = "is not a folder" if root.exists() else "does not exist"
         raise UserError(f"image folder {root} {reason}; pass the folder that holds the training images")
     root = root.resolve()
-    files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    if not files:
+    visible = [p for p in root.rglob("*") if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    files = sorted(p for p in visible if p.is_file())
+    links = _broken_links(root, visible)
+    if not files and not links:
         raise UserError(f"image folder {root} is empty; put the training images ({', '.join(IMAGE_EXTENSIONS)}) in it")
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not images and links:
+        raise _fail(root, links)
     if not images:
         found = ", ".join(_listing([_relative(root, p) for p in files], 5))
         raise UserError(
             f"image folder {root} has no images (looked for {', '.join(IMAGE_EXTENSIONS)}); it holds: {found}"
         )
-    return root, files, images
+    return root, files, images, links
+
+
+def _broken_links(root: Path, paths: list[Path]) -> list[tuple[str, str]]:
+    """Problems for the links among `paths` that lead nowhere (a dangling link, a loop): named, never skipped."""
+    problems = []
+    for path in sorted(p for p in paths if p.is_symlink() and not p.exists()):
+        try:
+            os.stat(path)
+            reason = "a link that cannot be followed"
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                reason = "a link that loops back on itself"
+            else:
+                reason = f"a broken link (to {os.readlink(path)}, which does not exist)"
+        problems.append((_relative(root, path), f"{reason}; fix the link or delete it"))
+    return problems
 
 
 def _captions(
@@ -263,7 +322,7 @@ def _captions(
     for p in files:
         if p.suffix.lower() == ".txt":
             try:
-                text = _read_text(p, _relative(root, p))
+                text = _read_caption(p, _relative(root, p))
             except _Refused as error:
                 problems.append((_relative(root, p), str(error)))
                 broken_sidecars.update(images_by_stem.get(p.with_suffix(""), []))  # reported once, here
@@ -303,13 +362,29 @@ def _identical_images(
         problems.append(
             (
                 f"all {readable} images",
-                f"have identical pixels ({copies}); add different pictures, "
-                "or keep one and use repeats= to show it more often",
+                f"have identical pixels ({copies}); add different pictures (to train on one picture, "
+                "keep one copy: every step shows it anyway)",
             )
         )
     for group in hashes.values():
         if 1 < len(group) < readable:
             report.warnings.append(f"identical images: {', '.join(_listing([_relative(root, p) for p in group], 5))}")
+
+
+def _no_caption(root: Path, image: Path, template: str | None, empty: bool) -> tuple[str, str]:
+    """The problem of an image without a caption, or (`empty`) whose caption is blank or whitespace only."""
+    needs = "the template uses {caption}, but it" if template else "it"
+    if empty:
+        return (
+            _relative(root, image),
+            f"{needs} has an empty caption (blank or whitespace only, in {image.with_suffix('.txt').name} or its "
+            f"{METADATA_FILE} line); write what the picture shows, or pass a template",
+        )
+    return (
+        _relative(root, image),
+        f"{needs} has no caption; add {image.with_suffix('.txt').name} next to it or a {METADATA_FILE} line, "
+        "or pass a template",
+    )
 
 
 def validate_image_folder(
@@ -324,14 +399,16 @@ def validate_image_folder(
 
     Problems (all collected, then raised together): a missing, empty or image-less folder; empty,
     non-image, unreadable or truncated image files; images over `max_pixels` (refused before
-    decoding) or with a side under `min_side`; captions that are not UTF-8; broken metadata.jsonl
-    lines or entries naming missing files; images without a caption where the prompt needs one;
-    and every image identical to the others. Duplicate groups short of that are warnings.
+    decoding) or with a side under `min_side`; 16-bit images that would train as black; links that
+    lead nowhere (dangling or looping); captions that are not UTF-8 or over MAX_CAPTION_CHARS; broken
+    metadata.jsonl lines or entries naming missing files; images without a caption, or with a blank
+    one, where the prompt needs one; and every image identical to the others. Duplicate groups short
+    of that are warnings.
     """
-    root, files, images = _folder_listing(path)
+    root, files, images, links = _folder_listing(path)
     fields = _template_fields(template, trigger)
     report = FolderReport(root, [])
-    problems: list[tuple[str, str]] = []
+    problems: list[tuple[str, str]] = list(links)
     captions, broken_sidecars = _captions(root, files, images, report, problems)
     hashes: dict[str, list[Path]] = defaultdict(list)
     for image in images:
@@ -343,14 +420,7 @@ def validate_image_folder(
         caption = captions.get(image) or None  # an empty caption is no caption
         if caption is None and (template is None or "caption" in fields):
             if image not in broken_sidecars:  # whose caption file was already reported
-                needs = "the template uses {caption}, but it" if template else "it"
-                problems.append(
-                    (
-                        _relative(root, image),
-                        f"{needs} has no caption; add {image.with_suffix('.txt').name} "
-                        f"next to it or a {METADATA_FILE} line, or pass a template",
-                    )
-                )
+                problems.append(_no_caption(root, image, template, empty=image in captions))
             continue
         prompt = caption if template is None else template.format(trigger=trigger, caption=caption)
         report.records.append(ImageRecord(image, size, prompt))

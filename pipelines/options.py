@@ -11,6 +11,9 @@ too, which is how peft_core's method configs document theirs without importing t
     help       one line for --help and the UI
     choices    allowed values (a tuple, or a callable returning one, for lists known at run time)
     min / max  inclusive bounds; `above` an exclusive lower bound (learning rates: above=0)
+    multiple_of an int must be a multiple of it (image sides: 8)
+    check      a callable(value) -> None or a message saying what is wrong and what to do (devices),
+               for what a bound or a list of choices cannot say
     unit       shown after the value in the UI ("steps", "px")
     label      the UI's label (default: the field name, spaced)
     positional the CLI takes it as a positional argument instead of a --flag
@@ -41,6 +44,8 @@ def option(
     min: float | None = None,
     max: float | None = None,
     above: float | None = None,
+    multiple_of: int | None = None,
+    check: Callable[[Any], str | None] | None = None,
     unit: str = "",
     label: str = "",
     positional: bool = False,
@@ -60,6 +65,8 @@ def option(
         "min": min,
         "max": max,
         "above": above,
+        "multiple_of": multiple_of,
+        "check": check,
         "unit": unit,
         "label": label,
         "positional": positional,
@@ -109,6 +116,8 @@ def check_value(name: str, hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise UserError(f"option {name!r} in {where} expects a list, got {value!r}")
         return [check_value(name, item, entry, where) for entry in value]
+    if typing.get_origin(kind) is dict and not isinstance(value, dict):
+        raise UserError(f"option {name!r} in {where} expects a mapping of key: value, got {value!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind in (int, float, str, bool) and not (
@@ -142,6 +151,11 @@ def check_fields(config: Any) -> None:
             raise UserError(f"{field.name} must be <= {meta['max']}, got {value}")
         if meta.get("above") is not None and not value > meta["above"]:
             raise UserError(f"{field.name} must be > {meta['above']}, got {value}")
+        if meta.get("multiple_of") and value % meta["multiple_of"]:
+            raise UserError(f"{field.name} must be a multiple of {meta['multiple_of']}, got {value}")
+        problem = meta["check"](value) if meta.get("check") else None
+        if problem:
+            raise UserError(f"{field.name} {value!r}: {problem}")
 
 
 def build(cls: type, values: dict[str, Any], where: str) -> Any:

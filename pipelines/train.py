@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from peft_core import AdapterConfig, AdapterHandle, attach, config_from_dict, get_method, load
+from peft_core import AdapterConfig, AdapterHandle, attach, config_from_dict, get_handle, get_method, load
 from pipelines.checkpoint import latest_checkpoint, load_checkpoint, remove_partial_writes
 from pipelines.cuda_graphs import (
     GraphCaptureError,
@@ -57,12 +57,18 @@ from pipelines.training import (
     MIXED_PRECISIONS,
     OPTIMIZERS,
     STOP_FILE,
+    DivergenceGuard,
+    NonFiniteLoss,
     StopRequested,
     TrainEvent,
     checkpoint_due,
+    divergence_hint,
+    host_values,
+    in_step_loop,
     make_accelerator,
     make_lr_scheduler,
     make_optimizer,
+    non_finite_tensors,
     save_step_checkpoint,
     serve_stop,
     stop_file_exists,
@@ -75,6 +81,7 @@ __all__ = [
     "TEXT_ENCODER_TARGETS",
     "UNET_ATTENTION_TARGETS",
     "Batch",
+    "NonFiniteLoss",
     "StopRequested",
     "TrainConfig",
     "TrainEvent",
@@ -119,7 +126,7 @@ class TrainConfig:
     checkpoint_every: int = option(100, help="write a resumable checkpoint every N steps", min=1)
     sample_every: int = option(0, help="write a sample grid every N steps (0: only at the end)", min=0)
     sample_prompts: list[str] = option([], help="prompts of the sample grids", repeat=False)
-    sample_steps: int = option(20, help="denoising steps of the sample grids", min=1)
+    sample_steps: int = option(20, help="denoising steps of the sample grids", min=1, max=1000)
     sample_guidance: float = option(5.0, help="classifier-free guidance of the sample grids", min=0, advanced=True)
     train_text_encoder: bool = option(False, help="also adapt the text encoder's attention projections", advanced=True)
     calibration_samples: int = option(
@@ -265,7 +272,9 @@ def generate(
     """PIL images for `prompts`, one seeded generator per prompt (the same image for the same seed).
 
     On CUDA the UNet's denoising calls replay from a CUDA graph recorded for this call (adapters
-    applied on the fly then cost launches no more); `cuda_graph=False` keeps them eager."""
+    applied on the fly then cost launches no more); `cuda_graph=False` keeps them eager.
+    Adapters with NaN/inf weights or weight multipliers are refused (UserError): they give black images."""
+    check_adapters_usable(get_handle(pipe.unet))
     size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     device = pipe.unet.device
     generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(prompts))]
@@ -283,6 +292,28 @@ def generate(
         ).images
     pipe.unet.train(was_training)
     return images
+
+
+def check_adapters_usable(handle: AdapterHandle | None, labels: dict[str, str] | None = None) -> None:
+    """UserError if an enabled adapter of `handle` has a NaN/inf weight multiplier or NaN/inf in its tensors
+    (a diverged training run's), naming it (`labels`: name -> what the user called it, e.g. its folder)."""
+    if handle is None:
+        return
+    labels = labels or {}
+    disabled = {name for _, wrapper in handle.wrappers() for name in wrapper.disabled}
+    for name in [n for n in handle.adapter_names if n not in disabled]:
+        label = labels.get(name, name)
+        weights = {float(wrapper.adapter_weights[name]) for _, wrapper in handle.wrappers(name)}
+        bad_weight = next((w for w in weights if not math.isfinite(w)), None)
+        if bad_weight is not None:
+            raise UserError(f"adapter {label!r} has weight {bad_weight}; an adapter weight must be a finite number")
+        bad = non_finite_tensors(handle, [name])
+        if bad:
+            raise UserError(
+                f"adapter {label!r} holds non-finite weights (NaN or inf in {len(bad)} tensor(s), e.g. "
+                f"{bad[0].split(': ', 1)[-1]}): it would generate black images. It comes from a diverged "
+                "training run; train it again with a lower learning rate"
+            )
 
 
 def image_grid(images: list, columns: int | None = None):
@@ -336,6 +367,9 @@ def train_adapter(
     # 2. Accelerate, frozen base, adapters (initialised from the seed, like everything else).
     loop = _set_up(pipe, dataset, adapter_config, text_encoder_adapter, config, run_dir, adapter_name, handle, resume)
     loop.emit = on_event or loop.emit
+    scale_flag = "--alpha" if hasattr(adapter_config, "alpha") else None
+    hint = divergence_hint(config.learning_rate, config.max_grad_norm, scale_flag=scale_flag)
+    loop.guard = DivergenceGuard(config.steps, hint, loop.emit)  # NaN/inf: NonFiniteLoss, nothing written
 
     # 3. Resume from the newest complete checkpoint, if any (after clearing what a killed run half-wrote).
     start_step = _resume(loop, resume)
@@ -345,6 +379,7 @@ def train_adapter(
     # 4. Train.
     loop.unet.train()
     started, losses = time.perf_counter(), []
+    in_step_loop(True)  # a stop signal now finishes the step in progress and checkpoints it
     for step in range(start_step, config.steps):
         step_loss = _graphed_step(loop, step) if loop.graphed else None
         if step_loss is None:  # eager, or the graph could not be recorded
@@ -360,6 +395,7 @@ def train_adapter(
         _maybe_checkpoint(loop, done, step_loss, force=stop)
         if stop:
             serve_stop(run_dir, loop.accelerator, done, config.steps)
+    in_step_loop(False)  # every step is checkpointed: a signal now stops at once
 
     # 5. Save the adapter and the final samples.
     _save_final(loop)
@@ -397,6 +433,7 @@ class _Loop:
     graphed: bool
     graph_step: GraphedTrainStep | None = None
     emit: Callable[[TrainEvent], Any] = lambda event: None
+    guard: DivergenceGuard | None = None  # checks each step's loss and the adapters before every write
 
     @property
     def device(self) -> torch.device:
@@ -597,7 +634,7 @@ def _graphed_step(loop: _Loop, step: int) -> float | None:
     with torch.no_grad(), loop.autocast():
         inputs = step_inputs(loop.pipe, batch, generator, loop.device, loop.dtype, loop.noise_scheduler)
     try:
-        return loop.graph_step(inputs).item()
+        loss = loop.graph_step(inputs)
     except GraphCaptureError as error:
         if config.cuda_graph == "on":
             raise UserError(
@@ -606,13 +643,16 @@ def _graphed_step(loop: _Loop, step: int) -> float | None:
         warnings.warn(f"CUDA-graph capture failed ({error}); training eagerly from step {step + 1} on", stacklevel=3)
         loop.graphed = False
         return None
+    step_loss, grad_norm = host_values(loss, loop.graph_step.grad_norm)  # the step's one host sync
+    loop.guard.step(step + 1, step_loss, grad_norm)
+    return step_loss
 
 
 def _eager_step(loop: _Loop, step: int) -> float:
     """Forward, backward, clipping and the optimizer step, over `gradient_accumulation` micro-batches."""
     config, accelerator = loop.config, loop.accelerator
     generator = step_generator(config.seed, step)
-    step_loss = 0.0
+    step_loss, grad_norm = 0.0, None
     for micro in range(config.gradient_accumulation):
         with accelerator.accumulate(loop.unet):
             batch = loop.batch(step * config.gradient_accumulation + micro)
@@ -621,11 +661,16 @@ def _eager_step(loop: _Loop, step: int) -> float:
                     loop.pipe, loop.unet, batch, generator, loop.device, loop.dtype, loop.noise_scheduler
                 )
             accelerator.backward(loss)
+            norm = None
             if accelerator.sync_gradients and config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(loop.parameters, config.max_grad_norm)
+                norm = accelerator.clip_grad_norm_(loop.parameters, config.max_grad_norm)
             loop.optimizer.step()
             loop.optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.item() / config.gradient_accumulation
+            loss_value, norm = host_values(loss, norm)  # one host sync, as loss.item() alone was
+            step_loss += loss_value / config.gradient_accumulation
+            grad_norm = norm if norm is not None else grad_norm
+    # fp16's gradient scaler skips steps whose gradients overflow: an inf norm there is routine, not divergence.
+    loop.guard.step(step + 1, step_loss, grad_norm if accelerator.scaler is None else None)
     return step_loss
 
 
@@ -633,6 +678,7 @@ def _maybe_sample(loop: _Loop, done: int) -> None:
     """A sample grid every `sample_every` steps (the last step's comes with the final adapter)."""
     config = loop.config
     if config.sample_every and done % config.sample_every == 0 and done < config.steps and config.sample_prompts:
+        _check_finite(loop, done)
         path = write_samples(loop.pipe, config, loop.run_dir / "samples" / f"step-{done:06d}.png", loop.accelerator)
         loop.emit(TrainEvent("sample", done, config.steps, path=str(path)))
 
@@ -640,7 +686,10 @@ def _maybe_sample(loop: _Loop, done: int) -> None:
 def _maybe_checkpoint(loop: _Loop, done: int, step_loss: float, force: bool) -> None:
     """A checkpoint every `checkpoint_every` steps, at the end, and when `force`d (a requested stop)."""
     config, name, text_handle = loop.config, loop.adapter_name, loop.text_handle
-    if loop.accelerator.is_main_process and checkpoint_due(done, config.checkpoint_every, config.steps, force):
+    if not checkpoint_due(done, config.checkpoint_every, config.steps, force):
+        return
+    _check_finite(loop, done, loop.optimizer)  # every process (same adapter everywhere): all stop together
+    if loop.accelerator.is_main_process:
         save_step_checkpoint(
             loop,
             done,
@@ -655,6 +704,7 @@ def _maybe_checkpoint(loop: _Loop, done: int, step_loss: float, force: bool) -> 
 def _save_final(loop: _Loop) -> None:
     """The adapter(s) under run_dir/adapter/ and the final sample grid (main process)."""
     loop.accelerator.wait_for_everyone()
+    _check_finite(loop, loop.config.steps)
     if not loop.accelerator.is_main_process:
         return
     name = loop.adapter_name
@@ -664,6 +714,13 @@ def _save_final(loop: _Loop) -> None:
     if loop.config.sample_prompts:
         path = write_samples(loop.pipe, loop.config, loop.run_dir / "samples" / "final.png", loop.accelerator)
         loop.emit(TrainEvent("sample", loop.config.steps, loop.config.steps, path=str(path)))
+
+
+def _check_finite(loop: _Loop, done: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """NonFiniteLoss unless the trained adapter(s) (and `optimizer`'s state) are finite: before every write."""
+    loop.guard.check_finite(loop.handle, done, [loop.adapter_name], optimizer)
+    if loop.text_handle is not None:
+        loop.guard.check_finite(loop.text_handle, done, [loop.adapter_name])
 
 
 def handle_state(checkpoint: Path, component: str, name: str) -> dict[str, torch.Tensor]:

@@ -5,6 +5,8 @@
     lr_scheduler = make_lr_scheduler(optimizer, config)          # config: .lr_schedule, .warmup_steps, .steps
     accelerator = make_accelerator(config.mixed_precision)
     ...
+    loss, grad_norm = host_values(loss, grad_norm)   # the step's one host sync
+    guard.step(done, loss, grad_norm)                # NaN/inf: NonFiniteLoss, nothing written (DivergenceGuard)
     emit(TrainEvent("step", done, config.steps, loss=loss, lr=lr, eta_s=eta))
     stop = done < config.steps and stop_requested(should_stop, accelerator)
     if accelerator.is_main_process and checkpoint_due(done, config.checkpoint_every, config.steps, force=stop):
@@ -16,12 +18,14 @@ Stopping on request: a trainer asks `should_stop()` after every step (by default
 does `<run_dir>/STOP` exist?). When it answers yes, the trainer checkpoints that step, then
 `serve_stop` removes the STOP file and raises `StopRequested`, so a resume continues from exactly
 that step. This is how the UI cancels a job; a CLI user can `touch <run_dir>/STOP` for the same stop.
+SIGINT (Ctrl-C) and SIGTERM do the same while `pipelines.signals.catch_stop_signals()` is active (studio's run lifecycle
+installs it): `stop_requested` answers yes for them too, whatever `should_stop` says (pipelines.signals).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,11 +34,18 @@ import torch
 
 from pipelines.checkpoint import save_checkpoint
 from pipelines.errors import UserError
+from pipelines.signals import SIGNALS
 
 LR_SCHEDULES = ("constant", "cosine", "linear")  # the factor after warm-up (see lr_factor)
 OPTIMIZERS = ("adamw", "adamw8bit")  # adamw8bit: bitsandbytes, CUDA only
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 STOP_FILE = "STOP"  # <run_dir>/STOP asks a running trainer to checkpoint and stop
+
+
+class NonFiniteLoss(UserError):
+    """Training diverged: a loss, a gradient norm or an adapter tensor became NaN or infinite. Raised
+    before anything non-finite is written (the last good checkpoint stays the newest), so the run ends
+    failed with this one line and the CLI exits 2."""
 
 
 class StopRequested(KeyboardInterrupt):
@@ -151,12 +162,20 @@ def stop_file_exists(run_dir: Path | None) -> Callable[[], bool]:
 
 
 def stop_requested(should_stop: Callable[[], bool], accelerator) -> bool:
-    """`should_stop()`, agreed by every process (one stopping alone would hang the others' collectives)."""
-    stop = bool(should_stop())
+    """`should_stop()` or a stop signal (SIGINT/SIGTERM under `catch_stop_signals`), agreed by every process
+    (one stopping alone would hang the others' collectives)."""
+    stop = SIGNALS.stop_wanted() or bool(should_stop())
     if accelerator is not None and accelerator.num_processes > 1:
         flag = torch.tensor([float(stop)], device=accelerator.device)
         stop = bool(accelerator.reduce(flag, reduction="max").item())
     return stop
+
+
+def in_step_loop(active: bool) -> None:
+    """A trainer calls `in_step_loop(True)` right before its step loop and `in_step_loop(False)` right after.
+    Inside, a stop signal lets the step in progress finish and checkpoints it; outside (loading, setup,
+    the final save: no step to keep) a signal stops at once, as Ctrl-C always did (pipelines.signals)."""
+    SIGNALS.listening = active
 
 
 def checkpoint_due(done: int, every: int, total: int, force: bool = False) -> bool:
@@ -172,14 +191,145 @@ def save_step_checkpoint(
     also: Callable[[Path], Any] | None = None,
 ) -> Path:
     """An atomic checkpoint of step `done` (adapter, optimizer, schedule, RNG, `extra`; `also(path)` adds
-    to it), then its "checkpoint" event. Main process only."""
-    path = save_checkpoint(
-        loop.run_dir, done, loop.handle, [loop.adapter_name], loop.optimizer, loop.lr_scheduler, extra=extra
-    )
-    if also is not None:
-        also(path)
-    loop.emit(TrainEvent("checkpoint", done, total, path=str(path)))
+    to it), then its "checkpoint" event. Main process only. A second stop signal during the write lets it
+    finish (then stops the run); see pipelines.signals."""
+    with SIGNALS.writing():
+        path = save_checkpoint(
+            loop.run_dir, done, loop.handle, [loop.adapter_name], loop.optimizer, loop.lr_scheduler, extra=extra
+        )
+        if also is not None:
+            also(path)
+        loop.emit(TrainEvent("checkpoint", done, total, path=str(path)))
     return path
+
+
+def divergence_hint(
+    learning_rate: float, max_grad_norm: float, lr_flag: str = "--learning-rate", scale_flag: str | None = "--alpha"
+) -> str:
+    """What to change after a divergence, with this run's values (the flags of its command)."""
+    if max_grad_norm > 0:
+        clip = f"clip gradients harder (--max-grad-norm, now {max_grad_norm:g})"
+    else:
+        clip = "enable gradient clipping (--max-grad-norm 1.0)"
+    parts = [f"lower the learning rate ({lr_flag}, now {learning_rate:g})", clip]
+    if scale_flag:
+        parts.append(f"check the adapter's scale ({scale_flag})")
+    return ", ".join(parts[:-1]) + " or " + parts[-1]
+
+
+def host_values(*values: torch.Tensor | float | None) -> list[float | None]:
+    """Scalar tensors as floats through one host sync (numbers pass, None stays None): a step's loss and
+    gradient norm come to the host together, where the loop already waits for its loss."""
+    tensors = [value for value in values if torch.is_tensor(value)]
+    device = tensors[0].device if tensors else None
+    stacked = torch.stack([t.detach().float().reshape(()).to(device) for t in tensors]) if tensors else None
+    fetched = iter(stacked.tolist() if stacked is not None else [])
+    return [next(fetched) if torch.is_tensor(v) else (None if v is None else float(v)) for v in values]
+
+
+def non_finite_tensors(handle, names: Sequence[str] | None = None, optimizer: torch.optim.Optimizer | None = None):
+    """The keys of adapter `names`' tensors (default: every adapter of `handle`) and of `optimizer`'s
+    state that hold NaN or inf; one host sync per device when all are finite (the usual case)."""
+    tensors = {}
+    for name in handle.adapter_names if names is None else names:
+        tensors.update({f"{name}: {key}": value for key, value in handle.state_dict(name).items()})
+    if optimizer is not None:
+        for index, state in enumerate(optimizer.state.values()):
+            tensors.update({f"optimizer state {index}.{key}": v for key, v in state.items() if torch.is_tensor(v)})
+    floats = {key: value for key, value in tensors.items() if value.is_floating_point()}
+    by_device: dict[torch.device, list[str]] = {}
+    for key, value in floats.items():
+        by_device.setdefault(value.device, []).append(key)
+    bad = []
+    for keys in by_device.values():
+        with torch.no_grad():
+            finite = torch.stack([torch.isfinite(floats[key]).all() for key in keys]).tolist()
+        bad += [key for key, ok in zip(keys, finite) if not ok]
+    return bad
+
+
+def check_finite(
+    handle,
+    where: str,
+    hint: str = "",
+    names: Sequence[str] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
+    """Raise NonFiniteLoss if adapter `names` of `handle` (default: all), or `optimizer`'s state, hold
+    NaN or inf. Every trainer calls it before it writes anything trained (checkpoint, adapter, samples);
+    `where` says when ("after step 3 of 10")."""
+    bad = non_finite_tensors(handle, names, optimizer)
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise NonFiniteLoss(
+            f"training diverged {where}: non-finite values (NaN or inf) in {bad[0]}{more}; nothing of it was "
+            f"written (the last good checkpoint is kept){'. To fix it: ' + hint if hint else ''}"
+        )
+
+
+class DivergenceGuard:
+    """A trainer's check against divergence, where its loop already waits for the host:
+
+        guard = DivergenceGuard(config.steps, divergence_hint(config.learning_rate, config.max_grad_norm), emit)
+        loss, norm = host_values(loss_tensor, grad_norm)      # the loop's one sync per step
+        guard.step(done, loss, norm)                          # NaN/inf -> NonFiniteLoss, naming the step
+        guard.check_finite(handle, done)                      # before any checkpoint, adapter or sample is written
+
+    `step` also warns once (a "message" TrainEvent) when the mean loss of the last `window` steps rises
+    over `factor` times the mean of the first `window` steps: a run on its way to diverging."""
+
+    def __init__(
+        self,
+        total_steps: int,
+        hint: str,
+        emit: Callable[[TrainEvent], Any] | None = None,
+        stage: str | None = None,
+        window: int = 5,
+        factor: float = 10.0,
+    ) -> None:
+        self.total_steps, self.hint, self.stage = total_steps, hint, stage
+        self.emit = emit or (lambda event: None)
+        self.window, self.factor = window, factor
+        self.first: list[float] = []
+        self.recent: list[float] = []
+        self.warned = False
+
+    def where(self, done: int) -> str:
+        return f"{'in ' + self.stage + ' ' if self.stage else ''}at step {done} of {self.total_steps}"
+
+    def step(self, done: int, loss: float, grad_norm: float | None = None) -> None:
+        """Check step `done`'s loss (and gradient norm, where clipping computed one)."""
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            norm = "" if grad_norm is None else f", gradient norm {grad_norm:g}"
+            raise NonFiniteLoss(
+                f"training diverged {self.where(done)}: loss {loss:g}{norm}; stopped before writing anything "
+                f"non-finite (the last good checkpoint is kept). To fix it: {self.hint}"
+            )
+        if len(self.first) < self.window:
+            self.first.append(loss)
+            return
+        self.recent.append(loss)
+        del self.recent[: -self.window]
+        start, now = sum(self.first) / len(self.first), sum(self.recent) / len(self.recent)
+        if not self.warned and len(self.recent) == self.window and now > self.factor * max(start, 1e-12):
+            self.warned = True
+            message = (
+                f"warning: the loss is rising {self.where(done)}: {now:.4g} on average over the last {self.window} "
+                f"steps, more than {self.factor:g}x the first steps' {start:.4g}; the run may be diverging (to fix "
+                f"it: {self.hint})"
+            )
+            self.emit(TrainEvent("message", done, self.total_steps, loss=loss, message=message))
+
+    def check_finite(
+        self,
+        handle,
+        done: int,
+        names: Sequence[str] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        """`check_finite` of the adapters (and optimizer state) trained up to step `done`."""
+        where = f"{'in ' + self.stage + ' ' if self.stage else ''}after step {done} of {self.total_steps}"
+        check_finite(handle, where, self.hint, names, optimizer)
 
 
 def serve_stop(run_dir: Path | None, accelerator, done: int, total: int, message: str | None = None) -> None:
@@ -190,4 +340,5 @@ def serve_stop(run_dir: Path | None, accelerator, done: int, total: int, message
         accelerator.wait_for_everyone()
     if run_dir is not None and (accelerator is None or accelerator.is_main_process):
         (Path(run_dir) / STOP_FILE).unlink(missing_ok=True)
-    raise StopRequested(message or f"stopped on request after step {done} of {total}; the checkpoint resumes it")
+    how = f"by {SIGNALS.name}" if SIGNALS.installed and SIGNALS.name else "on request"
+    raise StopRequested(message or f"stopped {how} after step {done} of {total}; the checkpoint resumes it")

@@ -12,6 +12,7 @@ given, from the model: the trainer's candidate modules that the method can wrap.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,8 +63,33 @@ class AdapterOptions:
             key, separator, raw = item.partition("=")
             if not separator:
                 raise UserError(f"--set expects KEY=VALUE, got {item!r}")
-            self.hyperparameters[key.strip()] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
+            # YAML 1.1 reads "1e-3" as text; on the command line it is plainly a number.
+            self.hyperparameters[key.strip()] = _number(value) if _number(value) is not None else value
         self.set = []
+
+
+def _number(value: Any) -> float | None:
+    """`value` as a finite float when it is text that reads as one ("1e-3"), else None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _yaml_number_hint(message: str, values: dict[str, Any]) -> str:
+    """The YAML hint for a hyperparameter written 1e-3 (text to YAML 1.1) where a number is expected."""
+    for key, value in values.items():
+        number = _number(value)
+        if number is not None and f"key {key!r} expects" in message:
+            text = repr(number)
+            mantissa, _, exponent = text.partition("e")
+            written = f"{mantissa}.0e{exponent}" if exponent and "." not in mantissa else text
+            return f" (YAML reads {value} as text: write {written})"
+    return ""
 
 
 def adapter_section(trainer: str) -> Section:
@@ -93,7 +119,7 @@ def adapter_config(options: AdapterOptions, trainer: str, default_targets: list[
             raise UserError(f"method {options.method!r} has no rank r; size it with its own hyperparameters (--set)")
         return config_from_dict({"method": options.method, **values})
     except AdapterError as error:
-        raise UserError(str(error)) from None
+        raise UserError(f"{error}{_yaml_number_hint(str(error), options.hyperparameters)}") from None
 
 
 def wrappable_targets(model: nn.Module, candidates: list[str], method: str) -> list[str]:

@@ -20,6 +20,7 @@ from typing import Any
 from pipelines.errors import UserError
 from pipelines.options import option
 from studio.options import Section
+from studio.preflight import device_problem, writable_folder
 
 EMBEDDED = {"embedded-lm": "lm", "embedded-sd": "sd"}
 
@@ -45,11 +46,11 @@ class AnalyzeOptions:
         help="LM: a .txt (one document per line) or .jsonl (text / instruction+response) file; "
         "default: the embedded held-out text",
     )
-    steps: int = option(4, help="SD: denoising steps per batch", min=1)
+    steps: int = option(4, help="SD: denoising steps per batch", min=1, max=1000)
     guidance: float = option(5.0, help="SD: classifier-free guidance scale", min=0)
     seed: int = option(0, help="SD: noise seed", min=0, max=2**32 - 1)
     out: str = option("analysis", help="output folder for report.json and heatmap.png")
-    device: str | None = option(None, help="cpu or cuda (default: cuda if available)")
+    device: str | None = option(None, help="cpu or cuda (default: cuda if available)", check=device_problem)
 
 
 def sections() -> list[Section]:
@@ -62,13 +63,18 @@ def run(args: argparse.Namespace) -> int:
     if args.batches < 1:
         raise UserError(f"--batches must be at least 1, got {args.batches}")
     kind = _resolve_kind(args.model, args.kind)
+    out = writable_folder(args.out, "--out")  # before any model loads
+    _adapter_folder(args.adapter)
+    if args.data and kind == "sd":
+        raise UserError("--data is text for a language model; Stable Diffusion runs the shipped sets' prompts")
+    if args.data:
+        _documents(Path(args.data))
     metadata: dict[str, Any] = {"model": args.model, "kind": kind, "adapter": args.adapter}
     if kind == "lm":
         model, batches, step, config = _lm_setup(args, metadata)
     else:
         model, batches, step, config = _sd_setup(args, metadata)
     report = attention_regime_report(model, batches, step=step, config=config, metadata=metadata)
-    out = Path(args.out)
     print(report.format_table())
     report.save_json(out / "report.json")
     report.save_heatmap(out / "heatmap.png")
@@ -142,18 +148,35 @@ def _lm_setup(args: argparse.Namespace, metadata: dict[str, Any]):
 
 
 def _documents(path: Path) -> list[str]:
+    """The documents of --data: a .txt file's non-empty lines, or a .jsonl file's texts (UTF-8 both)."""
     if not path.is_file():
         raise UserError(f"--data {path} does not exist")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = error.object[: error.start].count(b"\n") + 1
+        raise UserError(
+            f"--data {path} line {line} is not UTF-8 (byte {error.object[error.start]:#04x}); re-save the file as UTF-8"
+        ) from None
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if path.suffix != ".jsonl":
-        return lines
+        return [line for _, line in lines]
     documents = []
-    for number, line in enumerate(lines, 1):
-        row = json.loads(line)
-        text = row.get("text") or " ".join(str(row[key]) for key in ("instruction", "response") if key in row)
-        if not text:
-            raise UserError(f"{path}:{number}: expected a 'text' or 'instruction'/'response' field")
+    for number, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(
+                f"{path} line {number}: not valid JSON ({error.msg}); write one JSON object per line"
+            ) from None
+        text = row.get("text") if isinstance(row, dict) else None
+        if isinstance(row, dict) and not text:
+            text = " ".join(str(row[key]) for key in ("instruction", "response") if key in row)
+        if not isinstance(text, str) or not text:
+            raise UserError(f"{path} line {number}: expected a 'text' or 'instruction'/'response' field")
         documents.append(text)
+    if not documents:
+        raise UserError(f"--data {path} holds no text")
     return documents
 
 

@@ -17,7 +17,8 @@ from pipelines.b4m import BreakForMakeConfig
 from pipelines.base import ASSETS
 from pipelines.errors import UserError
 from pipelines.options import build, option
-from studio.options import Section
+from studio.options import Section, resume_flags
+from studio.preflight import device_problem, run_record, writable_folder
 
 SETS = ASSETS / "sets"
 
@@ -40,13 +41,17 @@ class B4mRunOptions:
     )
     name: str | None = option(None, help="run name (default: b4m-<content>-<style>)", ui=False)
     runs_dir: str = option("runs", help="where run folders go", ui=False)
-    device: str | None = option(None, help="cpu or cuda (default: cuda if available)", ui=False)
+    device: str | None = option(None, help="cpu or cuda (default: cuda if available)", ui=False, check=device_problem)
     resume: str | None = option(
         None,
         help="continue an interrupted run: its finished break runs are loaded, the rest trained",
         metavar="RUN_DIR",
         ui=False,
     )
+
+
+# What --resume may change (this start only); any other flag is refused by name: the stages' settings stay.
+RESUME_FLAGS = {None: ("device",)}
 
 
 def sections() -> list[Section]:
@@ -77,27 +82,39 @@ def resolve(args: argparse.Namespace) -> tuple:
     return config, content_dir, style_dir, aux_styles, aux_contents, prompts
 
 
+def from_record(record: dict) -> tuple:
+    """(base, (config, content, style, auxiliary styles, auxiliary contents, prompts)) of a run's config.yaml."""
+    config = build(BreakForMakeConfig, dict(record["b4m"]), "the run's config")
+    aux_styles, aux_contents = [Path(p) for p in record["aux_styles"]], [Path(p) for p in record["aux_contents"]]
+    folders = (Path(record["content"]), Path(record["style"]), aux_styles, aux_contents)
+    return str(record["base"]), (config, *folders, list(record["prompts"]))
+
+
 def run(args: argparse.Namespace) -> int:
+    from peft_core import PlpConfig, check_fits
     from pipelines import load_base
     from pipelines.b4m import BreakForMakePipeline
     from pipelines.data import ImageCaptionDataset
     from pipelines.train import image_grid, save_image_atomic
     from studio.progress import ProgressPrinter
-    from studio.runs import Run
+    from studio.runs import Run, safe_run_name
 
     # 1. Resolve options and validate every folder before writing anything (a resumed run uses its own).
     if args.resume:
         run_folder = Run.open(args.resume)
         if run_folder.info.get("kind") != "break-for-make":
             raise UserError(f"{run_folder.directory} is a {run_folder.info.get('kind')} run, not a break-for-make one")
-        record = run_folder.config
-        config = build(BreakForMakeConfig, dict(record["b4m"]), "the run's config")
-        content_dir, style_dir = Path(record["content"]), Path(record["style"])
-        aux_styles, aux_contents = [Path(p) for p in record["aux_styles"]], [Path(p) for p in record["aux_contents"]]
-        args.base, prompts = record["base"], record["prompts"]
+        resume_flags(args, sections(), RESUME_FLAGS)  # any flag but --device is refused (--device: args.device)
+        run_folder.acquire()  # one writer at a time: a second one is refused here, before anything loads
+        args.base, (config, content_dir, style_dir, aux_styles, aux_contents, prompts) = run_record(
+            run_folder, "break-for-make", from_record
+        )
     else:
         config, content_dir, style_dir, aux_styles, aux_contents, prompts = resolve(args)
+        writable_folder(args.runs_dir, "--runs-dir")
+        safe_run_name(args.name or f"b4m-{content_dir.name}-{style_dir.name}")
     pipe = load_base(args.base, device=args.device)
+    check_fits(pipe.unet, PlpConfig(targets=config.targets, r=config.rank))  # targets, rank: before the run folder
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     def dataset(folder: Path) -> ImageCaptionDataset:
@@ -128,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
     offsets = {"break-content": 0, "break-style": config.break_steps, "make": 2 * config.break_steps}
 
     def on_event(event) -> None:
+        if event.kind not in offsets:  # a "message" (a divergence warning): logged and printed as it is
+            run_folder.log_event(event)
+            progress(event)
+            return
         overall = dataclasses.replace(event, step=offsets[event.kind] + event.step, total_steps=total, kind="step")
         run_folder.log_event({**dataclasses.asdict(overall), "stage": event.kind, "stage_step": event.step})
         progress(overall)

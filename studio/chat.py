@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pipelines.errors import UserError
 from pipelines.options import option
 from studio.options import Section
+from studio.preflight import output_file
 
 
 @dataclass
@@ -42,6 +43,10 @@ def sections() -> list[Section]:
 def run(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise UserError("give at least one --prompt (repeat it for several)")
+    if any(not prompt.strip() for prompt in args.prompt):
+        raise UserError("a --prompt is empty; write what to say")
+    if args.out:
+        output_file(args.out, "--out", ".json")  # before the model loads
     from peft_core.io import write_json
     from studio.llm import generate_text, load_for_generation
 

@@ -19,8 +19,9 @@ import sys
 from importlib.metadata import entry_points
 
 from peft_core.errors import AdapterError
+from studio import run_lock
 from studio.errors import UserError
-from studio.options import Section, add_options, resolve_options
+from studio.options import Section, add_options, given_options, resolve_options
 
 # subcommand name -> (module path, one-line help[, options for sections()]).
 SUBCOMMANDS: dict[str, tuple] = {
@@ -94,11 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     """The command line as `run` gets it: flags over `--config` over defaults, every value checked
     (UserError otherwise). `args.options[key]` is each section's dataclass; the top-level section's
-    fields are also attributes of `args`."""
+    fields are also attributes of `args`; `args.given` names the options given as flags (a --resume
+    checks them: studio.options.resume_flags)."""
     args = (parser or build_parser()).parse_args(argv)
     if args.command is None:
         return args
     sections = command_sections(args.command)
+    args.given = given_options(args, sections)  # before resolving: unset flags are absent (argparse.SUPPRESS)
     args.options = resolve_options(args, sections)
     for section in sections:
         if section.key is None:
@@ -119,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, AdapterError) as error:  # expected, actionable failures: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a run's training (loading, checking): nothing was trained
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        run_lock.release_all()  # the run folders this command wrote are free again
 
 
 if __name__ == "__main__":

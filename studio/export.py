@@ -13,6 +13,7 @@ from pathlib import Path
 from pipelines.errors import UserError
 from pipelines.options import option
 from studio.options import Section
+from studio.preflight import writable_folder
 
 
 @dataclass
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from studio.generate import parse_adapter
 
     folder, _ = parse_adapter(args.adapter)
+    writable_folder(args.out, "--out")  # before the model loads
     from pipelines import load_base
 
     pipe = load_base(args.base, device="cpu")

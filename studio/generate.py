@@ -11,12 +11,14 @@ adapter), optionally followed by ":WEIGHT".
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.errors import UserError
 from pipelines.options import option
 from studio.options import Section
+from studio.preflight import device_problem, output_file
 
 
 @dataclass
@@ -26,11 +28,18 @@ class GenerateOptions:
     base: str = option("embedded", help="base model: 'embedded', a hub id, a diffusers folder or a single file")
     prompt: list[str] = option([], help="a prompt (repeat for several images)", repeat=True)
     seed: int = option(0, help="seed of the first image; image i uses seed + i", min=0, max=2**32 - 1)
-    steps: int = option(20, help="denoising steps", min=1)
+    steps: int = option(20, help="denoising steps", min=1, max=1000)
     guidance: float = option(5.0, help="classifier-free guidance scale", min=0)
-    size: int | None = option(None, help="image side in pixels (default: the model's)", min=8, unit="px")
+    size: int | None = option(
+        None,
+        help="image side in pixels, a multiple of 8 (default: the model's)",
+        min=8,
+        max=4096,
+        multiple_of=8,
+        unit="px",
+    )
     out: str | None = option(None, help="output PNG (a grid when there are several prompts)", ui=False)
-    device: str | None = option(None, help="cpu or cuda (default: cuda if available)", ui=False)
+    device: str | None = option(None, help="cpu or cuda (default: cuda if available)", ui=False, check=device_problem)
     merge: bool = option(False, help="merge the adapters into the weights before sampling (faster)")
 
 
@@ -80,6 +89,12 @@ def parse_adapter(argument: str) -> tuple[Path, float]:
             path, weight = head, float(tail)
         except ValueError:
             path = argument
+            if Path(head).exists() and not Path(argument).exists():  # "run:abc": a folder, then not a number
+                raise UserError(
+                    f"adapter {argument!r}: the weight after ':' must be a number, got {tail!r}; write PATH or PATH:0.8"
+                ) from None
+        if not math.isfinite(weight):
+            raise UserError(f"adapter {head!r} has weight {tail!r}; an adapter weight must be a finite number")
     folder = Path(path)
     if (folder / "adapter_config.json").is_file():
         return folder, weight
@@ -91,33 +106,51 @@ def parse_adapter(argument: str) -> tuple[Path, float]:
     raise UserError(f"{path!r} holds no single adapter (adapter_config.json, or a run folder with adapter/<name>/)")
 
 
+def check_arguments(args: argparse.Namespace) -> tuple[Path, Path | None, list[str]]:
+    """(the output PNG, the B4M folder or None, the adapter arguments), every one checked before any
+    model loads: a folder or an unwritable place as --out, adapters that do not exist, a bad weight."""
+    if not args.prompt:
+        raise UserError("give at least one --prompt (repeat it for several images)")
+    out = output_file(args.out or f"{args.mode}.png", "--out", ".png")
+    if args.mode == "compose" and args.b4m:
+        if args.content or args.style:
+            raise UserError("compose takes --b4m, or --content and/or --style, not both; drop one of them")
+        folder = Path(args.b4m) / "b4m" if (Path(args.b4m) / "b4m").is_dir() else Path(args.b4m)
+        if not (folder / "b4m.json").is_file():
+            raise UserError(
+                f"--b4m {args.b4m} is not a Break-for-Make folder (no b4m.json in it or in its b4m/); "
+                "pass a run folder made by `studio break-for-make`"
+            )
+        return out, folder, []
+    arguments = args.adapter if args.mode == "generate" else [a for a in (args.content, args.style) if a]
+    if args.mode == "compose" and not arguments:
+        raise UserError("compose needs --content and/or --style adapters, or --b4m")
+    for argument in arguments:
+        parse_adapter(argument)
+    return out, None, arguments
+
+
 def run(args: argparse.Namespace) -> int:
     from peft_core import get_handle, load
     from pipelines import load_base
     from pipelines.b4m import BreakForMakePipeline
-    from pipelines.train import generate, image_grid, save_image_atomic
+    from pipelines.train import check_adapters_usable, generate, image_grid, save_image_atomic
 
-    if not args.prompt:
-        raise UserError("give at least one --prompt (repeat it for several images)")
+    out, b4m_folder, arguments = check_arguments(args)  # before the model loads
     pipe = load_base(args.base, device=args.device)
-    if args.mode == "compose" and args.b4m:
-        b4m = BreakForMakePipeline.from_pretrained(
-            pipe, Path(args.b4m) / "b4m" if (Path(args.b4m) / "b4m").is_dir() else args.b4m
-        )
+    if b4m_folder is not None:
+        b4m = BreakForMakePipeline.from_pretrained(pipe, b4m_folder)
         b4m.set_mix(args.content_weight, args.style_weight)
         label = f"b4m(content={args.content_weight}, style={args.style_weight})"
     else:
-        arguments = args.adapter if args.mode == "generate" else [a for a in (args.content, args.style) if a]
-        if args.mode == "compose" and not arguments:
-            raise UserError("compose needs --content and/or --style adapters, or --b4m")
         for index, argument in enumerate(arguments):
             folder, weight = parse_adapter(argument)
-            load(pipe.unet, folder, name=f"adapter_{index}", weight=weight)
+            handle = load(pipe.unet, folder, name=f"adapter_{index}", weight=weight)
+            check_adapters_usable(handle, {f"adapter_{index}": str(folder)})  # NaN/inf weights: refused, named
         if args.merge and arguments:
             get_handle(pipe.unet).merge()
         label = ", ".join(arguments) or "base model"
     images = generate(pipe, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, size=args.size)
-    out = Path(args.out or f"{args.mode}.png")
     save_image_atomic(image_grid(images) if len(images) > 1 else images[0], out)
     print(f"{len(images)} image(s) with {label}: {out}")
     return 0

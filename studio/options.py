@@ -38,11 +38,13 @@ __all__ = [
     "choices_of",
     "field_default",
     "flag_name",
+    "given_options",
     "load_yaml",
     "option",
     "record",
     "resolve_options",
     "resolve_section",
+    "resume_flags",
     "to_argv",
 ]
 
@@ -112,6 +114,39 @@ def add_options(parser: argparse.ArgumentParser, sections: Iterable[Section]) ->
                 group.add_argument(flag_name(f), type=kind if kind in (int, float) else str, **common)
 
 
+def given_options(args: argparse.Namespace, sections: Iterable[Section]) -> list[str]:
+    """The options given as flags on the command line (`add_options` leaves the others out of `args`);
+    call it before anything sets resolved values on `args` (studio.cli.parse keeps it as `args.given`)."""
+    return sorted({f.name for section in sections for f in section.fields() if hasattr(args, f.name)})
+
+
+def resume_flags(
+    args: argparse.Namespace, sections: list[Section], allowed: dict[str | None, tuple[str, ...]]
+) -> dict[str | None, dict[str, Any]]:
+    """The options given along with --resume, as {section key: {option: value}}, when every one is in
+    `allowed` ({section key: option names}); otherwise a one-line UserError naming the flags that cannot
+    change (a resumed run keeps the settings of its config.yaml) and those that can. `--config` is refused too."""
+    given = set(getattr(args, "given", ())) - {"resume"}
+    changes: dict[str | None, dict[str, Any]] = {}
+    refused = [CONFIG_FLAG] if getattr(args, "config", None) else []
+    for section in sections:
+        for f in section.fields():
+            if f.name not in given:
+                continue
+            if f.name in allowed.get(section.key, ()):
+                changes.setdefault(section.key, {})[f.name] = getattr(args.options[section.key], f.name)
+            else:
+                refused.append(f.name.upper() if f.metadata.get("positional") else flag_name(f))
+    if refused:
+        fields = {(s.key, f.name): f for s in sections for f in s.fields()}
+        takes = [flag_name(fields[key, name]) for key, names in allowed.items() for name in names]
+        raise UserError(
+            f"{', '.join(refused)} cannot change on --resume: a resumed run keeps the settings of its config.yaml"
+            f" (flags --resume takes: {', '.join(takes) or 'none'})"
+        )
+    return changes
+
+
 def load_yaml(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -147,7 +182,8 @@ def resolve_options(args: argparse.Namespace, sections: list[Section]) -> dict[s
         if section.key is None:
             values = {k: v for k, v in data.items() if k in {f.name for f in section.fields()}}
         else:
-            values = data.get(section.key) or {}
+            values = data.get(section.key)
+            values = {} if values is None else values  # `train:` with nothing under it: no options set
             if not isinstance(values, dict):
                 raise UserError(f"{section.key!r}{where_file} must be a mapping of option: value, got {values!r}")
         resolved[section.key] = resolve_section(section, values, args)

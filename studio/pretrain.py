@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,16 @@ from pipelines.options import option
 from pipelines.world.pretrain import SCALES, STAGES, Recipe, pretrain
 from studio.errors import UserError
 from studio.options import Section
+from studio.preflight import device_or_auto_problem, writable_folder
+
+
+def _stages_problem(value: str) -> str | None:
+    """An option check: a non-empty comma-separated list of known stages."""
+    stages = [s.strip() for s in value.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if not stages or unknown:
+        return f"{'unknown stage(s) ' + ', '.join(unknown) if unknown else 'no stage'}; stages are: {', '.join(STAGES)}"
+    return None
 
 
 @dataclass
@@ -50,8 +61,8 @@ class PretrainOptions:
     out: str = option("assets", help="folder receiving tiny-sd/, tiny-lm/, judges/, sets/")
     scale: str = option("full", help="recipe size", choices=lambda: sorted(SCALES))
     seed: int = option(0, help="seed of every stage", min=0, max=2**32 - 1)
-    stages: str = option(",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    device: str = option("auto", help="torch device: auto (cuda if available), cuda, cpu")
+    stages: str = option(",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}", check=_stages_problem)
+    device: str = option("auto", help="torch device: auto (cuda if available), cuda, cpu", check=device_or_auto_problem)
     workers: int = option(0, help="processes rendering pictures (0: all cores)", min=0)
     set: list[str] = option(
         [], help="override one recipe number, e.g. --set sd_steps=4000 (repeatable)", repeat=True, metavar="KEY=VALUE"
@@ -64,6 +75,7 @@ def sections() -> list[Section]:
 
 def run(args: argparse.Namespace) -> int:
     recipe = _resolve_recipe(args)
+    writable_folder(args.out, "--out")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     device = _resolve_device(args.device)
     pretrain(recipe, Path(args.out), stages, device, args.workers or multiprocessing.cpu_count())
@@ -79,9 +91,12 @@ def _resolve_recipe(args: argparse.Namespace) -> Recipe:
             raise UserError(f"--set {assignment!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
         kind = type(getattr(recipe, key))
         try:
-            recipe = dataclasses.replace(recipe, **{key: kind(value)})
+            number = kind(value)
         except ValueError as error:
             raise UserError(f"--set {key}: {value!r} is not a valid {kind.__name__}") from error
+        if kind in (int, float) and not (math.isfinite(number) and number >= 0):
+            raise UserError(f"--set {key}: {value!r} must be a finite number >= 0")
+        recipe = dataclasses.replace(recipe, **{key: number})
     return recipe
 
 

@@ -19,7 +19,8 @@ from pipelines.errors import UserError
 from pipelines.options import build, option
 from pipelines.train import UNET_ATTENTION_TARGETS, TrainConfig
 from studio.adapters import AdapterOptions, adapter_config, adapter_section, wrappable_targets
-from studio.options import Section, resolve_options
+from studio.options import Section, resolve_options, resume_flags
+from studio.preflight import check_training_device, device_problem, run_record, writable_folder
 
 # Attention alone is too little capacity to change a rendering style on the tiny UNet (measured: after
 # 300 steps only the background changed); adding the transformer blocks' projections and feed-forward
@@ -62,8 +63,14 @@ class ImageRunOptions:
     )
     template: str | None = option(None, help="prompt template, e.g. 'a photo of {trigger} {caption}'")
     trigger: str | None = option(None, help="trigger word the template uses")
-    resolution: int | None = option(None, help="training resolution in pixels (default: the base model's)", min=8)
-    device: str | None = option(None, help="cpu or cuda (default: cuda if available)", ui=False)
+    resolution: int | None = option(
+        None,
+        help="training resolution in pixels, a multiple of 8 (default: the base model's)",
+        min=8,
+        max=4096,
+        multiple_of=8,
+    )
+    device: str | None = option(None, help="cpu or cuda (default: cuda if available)", ui=False, check=device_problem)
 
 
 def sections(kind: str = "style") -> list[Section]:
@@ -94,7 +101,7 @@ def resolve(args: argparse.Namespace) -> dict:
     # Build the config now so a bad hyperparameter fails here; without --targets it is rebuilt on the model.
     checked = adapter_config(adapter, "diffusion", adapter.targets or ["<the model's default targets>"])
     return {
-        "data": Path(run.data),
+        "data": Path(run.data or KINDS[args.kind]["data"]),  # YAML `data:` left empty: the default
         "train": options["train"],
         "adapter": checked if adapter.targets or _trainer_targets(adapter) else adapter,
         "name": run.name,
@@ -130,18 +137,38 @@ def from_record(record: dict) -> dict:
     }
 
 
-def check_adapter_fits(model, config) -> None:
-    """Attach `config` to `model` and take it off again: its errors (no module matches the targets, a
-    rank larger than a layer) surface here, before anything is written, instead of in a half-made run.
-    A method that looks at data first (CorDA, SPT) can only be attached after its data step, so for it
-    the targets are checked against the layer types it wraps."""
-    from peft_core import attach, get_method
-    from peft_core.targets import find_targets
+def run_name(kind: str, settings: dict) -> str:
+    """--name, else <kind>-<data folder name> (the folder's name alone when it starts with the kind)."""
+    data_name = settings["data"].name
+    return settings["name"] or (data_name if data_name.startswith(kind) else f"{kind}-{data_name}")
 
-    spec = get_method(config.method)
-    if spec.needs_data:
-        find_targets(model, config.targets, config.exclude, spec.capabilities.wraps)
-    else:
+
+# What --resume may change (kept in config.yaml, except the device); any other flag is refused by name.
+RESUME_FLAGS = {"train": ("steps", "checkpoint_every", "sample_every"), None: ("device",)}
+
+
+def apply_resume_flags(args: argparse.Namespace, run_folder, settings: dict) -> None:
+    """The flags given with --resume: --steps (train longer, or stop sooner; the LR schedule follows the
+    new total), --checkpoint-every and --sample-every change the run (and its config.yaml), --device this
+    start; any other flag is a UserError naming it."""
+    changes = resume_flags(args, sections(args.kind), RESUME_FLAGS)
+    train = changes.get("train", {})
+    if "steps" in train:
+        run_folder.check_resume_steps(train["steps"])
+    settings["train"] = dataclasses.replace(settings["train"], **train)
+    settings["device"] = changes.get(None, {}).get("device", settings["device"])
+    run_folder.update_config({"train": train})
+
+
+def check_adapter_fits(model, config) -> None:
+    """The targets and each targeted layer's rank bound, from shapes (`peft_core.check_fits`: r=100000
+    is an error, not tens of GB), then attach `config` to `model` and take it off again: every error
+    surfaces here, before anything is written, instead of in a half-made run. A method that looks at
+    data first (CorDA, SPT) can only be attached after its data step, so for it the shapes decide."""
+    from peft_core import attach, check_fits, get_method
+
+    check_fits(model, config)
+    if not get_method(config.method).needs_data:
         attach(model, config, name="_fits_check").remove("_fits_check")
 
 
@@ -150,15 +177,20 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.data import ImageCaptionDataset, validate_image_folder
     from pipelines.train import train_adapter
     from studio.progress import ProgressPrinter
-    from studio.runs import Run
+    from studio.runs import Run, safe_run_name
 
     # 1. Resolve and validate everything before writing anything (a resumed run uses its own config).
     resume = getattr(args, "resume", None)
     if resume:
         run_folder = Run.open(resume)
-        settings = from_record(run_folder.config)
+        run_folder.acquire()  # one writer at a time: a second one is refused here, before anything loads
+        settings = run_record(run_folder, f"train-{args.kind}", from_record)
+        apply_resume_flags(args, run_folder, settings)
     else:
         settings = resolve(args)
+        writable_folder(settings["runs_dir"], "--runs-dir")
+        safe_run_name(run_name(args.kind, settings))
+    check_training_device(settings["train"], settings["train"].train_text_encoder)  # fp16, 8-bit, CUDA graph
     if settings["data"] == KINDS[args.kind]["data"] and not settings["data"].is_dir():
         raise UserError(
             f"the embedded demo set {settings['data']} is missing; run `studio pretrain-base` or pass a folder"
@@ -189,8 +221,7 @@ def run(args: argparse.Namespace) -> int:
         "train": dataclasses.asdict(settings["train"]),
     }
     if not resume:
-        data_name = settings["data"].name
-        name = settings["name"] or (data_name if data_name.startswith(args.kind) else f"{args.kind}-{data_name}")
+        name = run_name(args.kind, settings)
         run_folder = Run.create(settings["runs_dir"], name, kind=f"train-{args.kind}", config=config_record)
     print(f"run folder: {run_folder.directory}", flush=True)
 

@@ -15,13 +15,15 @@ printed before and after, in about a minute on a CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.options import option
 from studio.adapters import adapter_config, adapter_section
 from studio.llm import LlmJob, LlmTrainConfig, job_from_record, job_record
-from studio.options import Section
+from studio.options import Section, resume_flags
+from studio.preflight import run_record, writable_folder
 
 
 @dataclass
@@ -83,19 +85,26 @@ def _format_metrics(metrics: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.training import make_accelerator
-    from studio.llm import check_method_on_model, train_llm
+    from studio.llm import check_method_on_model, read_inputs, train_llm
     from studio.progress import ProgressPrinter
-    from studio.runs import Run
+    from studio.runs import Run, safe_run_name
 
     # 1. Resolve and validate everything before writing anything (a resumed run uses its own config).
     if args.resume:
         run_folder = Run.open(args.resume)
-        job = job_from_record(run_folder.config)
+        job = run_record(run_folder, "train-llm", job_from_record)
+        changes = apply_resume_flags(args, run_folder, job)
     else:
         job = resolve(args)
+        writable_folder(args.runs_dir, "--runs-dir")
+        safe_run_name(_run_name(args, job))
     check_method_on_model(job)  # a method/model mismatch fails before a run folder or any weight exists
+    inputs = read_inputs(job)  # every data problem (a missing file, a bad line, not UTF-8): no run folder yet
     accelerator = make_accelerator(job.train.mixed_precision, cpu=job.cpu)
     main = accelerator.is_main_process
+    if args.resume and main:
+        run_folder.acquire()  # one writer at a time: a second one is refused here, before anything loads
+        run_folder.update_config(changes)
 
     # 2. The run folder (made by the main process; the others learn its path).
     if not args.resume:
@@ -111,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     on_event = _event_logger(run_folder, progress)
     with run_folder.lifecycle(f"studio train-llm --resume {run_folder.directory}", main_process=main) as outcome:
         try:
-            result = train_llm(job, run_folder.directory, on_event=on_event, accelerator=accelerator)
+            result = train_llm(job, run_folder.directory, on_event=on_event, accelerator=accelerator, inputs=inputs)
         finally:
             if progress:
                 progress.close()
@@ -129,6 +138,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# What --resume may change (kept in config.yaml); any other flag is refused by name.
+RESUME_FLAGS = {"train": ("steps", "checkpoint_every", "eval_every"), None: ("cpu",)}
+
+
+def apply_resume_flags(args: argparse.Namespace, run_folder, job: LlmJob) -> dict:
+    """The flags given with --resume: --steps (train longer, or stop sooner; the LR schedule follows the
+    new total), --checkpoint-every, --eval-every and --cpu apply; any other is a UserError naming it.
+    Returns the changes for config.yaml."""
+    changes = resume_flags(args, sections(), RESUME_FLAGS)
+    train = changes.get("train", {})
+    if "steps" in train:
+        run_folder.check_resume_steps(train["steps"])
+    job.train = dataclasses.replace(job.train, **train)
+    job.cpu = changes.get(None, {}).get("cpu", job.cpu)
+    return changes
+
+
 def _create_run_folder(args: argparse.Namespace, job: LlmJob, accelerator):
     """A new run folder, made by the main process; every process gets its path."""
     from accelerate.utils import broadcast_object_list
@@ -137,12 +163,17 @@ def _create_run_folder(args: argparse.Namespace, job: LlmJob, accelerator):
 
     path = [None]
     if accelerator.is_main_process:
-        data_name = job.data.stem if job.data else "task_add_train"
-        name = args.name or f"llm-{job.adapter.method}{'-loram' if job.train.loram_ratio else ''}-{data_name}"
+        name = _run_name(args, job)
         path = [str(Run.create(args.runs_dir, name, kind="train-llm", config=job_record(job)).directory)]
     if accelerator.num_processes > 1:
         broadcast_object_list(path)
     return Run(Path(path[0]))
+
+
+def _run_name(args: argparse.Namespace, job: LlmJob) -> str:
+    """--name, else llm-<method>[-loram]-<data file name>."""
+    data_name = job.data.stem if job.data else "task_add_train"
+    return args.name or f"llm-{job.adapter.method}{'-loram' if job.train.loram_ratio else ''}-{data_name}"
 
 
 def _event_logger(run_folder, progress):

@@ -6,7 +6,8 @@
 ui/studio.py holds the server-side state and every handler (`Studio`), ui/forms.py generates each
 command's controls from its option fields, and ui/tabs/ lays out one tab per module. Every job is a
 `studio` command run in a worker process (ui/jobs.py); the command and its YAML are shown beside
-each form.
+each form. ui/guard.py stands in front of gradio's file and upload routes (who may fetch what, which
+uploads are kept, nothing served as HTML).
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 from ui.studio import Studio
 from ui.tabs import analyze, b4m, generate, llm, runs, training
+
+CACHE_TRIM_S = 60.0  # how often the upload cache is brought back under its cap (also after every upload)
 
 TABS = (training, b4m, generate, llm, analyze, runs)
 
@@ -48,13 +52,29 @@ def launch(
     max_queued: int = 8,
     max_upload_mb: float = 20.0,
     block: bool = True,
+    max_cache_mb: float = 2048.0,
 ):
-    """Start the server (what `studio ui` runs). Files are served from the workspace only."""
+    """Start the server (what `studio ui` runs). Files are served from the workspace only: with a
+    login, each user's own runs and outputs (ui/guard.py)."""
+    from starlette.middleware import Middleware
+
+    from ui.guard import Guard
+
     workspace = Path(workspace).expanduser().resolve()
     (workspace / ".gradio").mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = str(workspace / ".gradio")  # uploads land inside the workspace
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    studio = Studio(workspace, max_jobs=max_jobs, max_queued=max_queued, max_upload_mb=max_upload_mb)
+    studio = Studio(
+        workspace,
+        max_jobs=max_jobs,
+        max_queued=max_queued,
+        max_upload_mb=max_upload_mb,
+        per_user=auth is not None,
+        max_cache_mb=max_cache_mb,
+    )
+    ws = studio.workspace
+    trimmer = threading.Thread(target=_trim_cache, args=(studio,), name="studio-cache", daemon=True)
+    trimmer.start()
     app = build_app(studio)
     app.queue(default_concurrency_limit=2, max_size=64)
     print(f"studio ui: workspace {workspace}", flush=True)
@@ -69,7 +89,13 @@ def launch(
             server_name=host,
             server_port=port,
             auth=auth,
-            allowed_paths=[str(workspace)],
+            # Served by path: runs and outputs only (ui/guard.py narrows it to the user's own). The upload
+            # cache is deliberately not an allowed path: gradio then serves its files inline only when
+            # they are images, audio, video, text or JSON, and the guard adds attachment + nosniff.
+            allowed_paths=[str(studio.workspace.runs), str(studio.workspace.outputs)],
+            blocked_paths=[str(p) for p in (ws.uploads, ws.jobs, ws.owners_file)],
+            app_kwargs={"middleware": [Middleware(Guard, workspace=studio.workspace, per_user=studio.per_user)]},
+            run_history=False,
             max_file_size=int(max_upload_mb * 2**20),
             prevent_thread_lock=not block,
             quiet=False,
@@ -80,3 +106,12 @@ def launch(
         if block:
             studio.jobs.shutdown()
     return app, studio
+
+
+def _trim_cache(studio: Studio) -> None:
+    while True:
+        try:
+            studio.workspace.trim_cache()
+        except OSError as error:
+            print(f"studio ui: trimming the upload cache: {error}", flush=True)
+        time.sleep(CACHE_TRIM_S)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from studio.errors import UserError
 from studio.options import Section, option
+from studio.preflight import writable_folder
 
 HELP = "The studio in a browser (Gradio): train, watch, generate, compose, manage runs."
 
@@ -36,6 +37,9 @@ class UiOptions:
     max_jobs: int = option(1, help="training jobs running at once", min=1)
     max_queued: int = option(8, help="jobs waiting in the queue, all users together", min=1)
     max_upload_mb: float = option(20.0, help="largest uploaded file in MB", above=0)
+    max_cache_mb: float = option(
+        2048.0, help="size cap of the upload cache (<workspace>/.gradio) in MB; the oldest files go first", above=0
+    )
 
 
 def sections() -> list[Section]:
@@ -69,9 +73,10 @@ def parse_auth(auth: str | None, auth_file: str | None) -> list[tuple[str, str]]
 
 
 def run(args: argparse.Namespace) -> int:
+    auth = parse_auth(args.auth, args.auth_file)  # every argument checked before gradio loads
+    writable_folder(args.workspace, "--workspace")
     from ui.app import launch
 
-    auth = parse_auth(args.auth, args.auth_file)
     if auth is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"warning: listening on {args.host} without --auth: anyone who reaches this port can train and delete runs"
@@ -84,5 +89,6 @@ def run(args: argparse.Namespace) -> int:
         max_jobs=args.max_jobs,
         max_queued=args.max_queued,
         max_upload_mb=args.max_upload_mb,
+        max_cache_mb=args.max_cache_mb,
     )
     return 0

@@ -53,6 +53,9 @@ def events_of(run_dir: Path) -> list[dict[str, Any]]:
     return tail.read()
 
 
+B4M_STAGES = ("break-content", "break-style", "make")  # the stages a Break-for-Make run logs, in order
+
+
 def loss_points(events: list[dict[str, Any]]) -> dict[str, list]:
     """Columns for the loss plot: step, loss and stage (B4M runs log break-content/break-style/make)."""
     steps = [e for e in events if e.get("kind") == "step" and e.get("loss") is not None]
@@ -99,7 +102,9 @@ def describe(info: dict[str, Any], job_status: str | None = None) -> str:
             if job_status in ("running", "queued", None)
             else f"**{job_status}**"
         )
-    status = job_status if job_status in ("queued", "stopping") else info.get("status", "?")
+    # A job's own state wins while it is queued, starting (a resumed run's run.json still says
+    # "interrupted" until the command has loaded it) or stopping.
+    status = job_status if job_status in ("queued", "running", "stopping") else info.get("status", "?")
     parts = [f"**{status}**"]
     if info.get("total_steps"):
         parts.append(f"step {info.get('step', 0)} / {info['total_steps']}")

@@ -7,8 +7,12 @@ browser never names (data folders, the runs folder, output paths) and turns the 
 `studio.options.to_argv`, so the command shown beside a form is the command that runs, and its YAML is
 `api.config_yaml` of that command.
 
-    studio = Studio(Path("studio-workspace"))
+    studio = Studio(Path("studio-workspace"), per_user=True)
     argv = studio.training_argv("style", "assets/sets/style-neon", "neon", {"steps": 50, "rank": 4})
+
+Who asks: every handler takes `owner`, the logged-in user's name with a login (`per_user=True`: each
+user sees, uses and deletes only the runs they started, and only their own jobs), a browser session
+without one (everything is shared; the session only bounds how many jobs one page may queue).
 """
 
 from __future__ import annotations
@@ -23,9 +27,8 @@ from typing import Any
 from studio import api
 from studio.errors import UserError
 from studio.options import to_argv
-from studio.runs import safe_run_name
 from ui.forms import clean_values, command_controls
-from ui.jobs import Job, JobManager
+from ui.jobs import Job, JobManager, writer_of
 from ui.progress import describe, eval_table, events_of, loss_points, run_info
 from ui.workspace import UploadLimits, Workspace
 
@@ -71,6 +74,34 @@ def adapter_values(command: str, values: dict[str, Any], trainer: str) -> dict[s
     return values
 
 
+def training_name(kind: str, source: str, demo: str) -> str:
+    """The run name of a training started with a blank name: the demo set's name when it is of this
+    kind (style-neon), else kind-set (style-content-moon), kind-upload for uploaded images."""
+    if source != DEMO:
+        return f"{kind}-upload"
+    return demo if demo.startswith(kind) else f"{kind}-{demo}"
+
+
+def b4m_name(content: str, style: str, content_files: list | None, style_files: list | None) -> str:
+    return f"b4m-{'upload' if content_files else content}-{'upload' if style_files else style}"
+
+
+def llm_name(method: str, upload: bool) -> str:
+    return f"llm-{method}-{'upload' if upload else 'task_add_train'}"
+
+
+def cancel_message(job: Job) -> str:
+    return {"cancelled": "cancelled before it started", "stopping": "stopping: writing a checkpoint"}.get(
+        job.status, job.status
+    )
+
+
+def run_writer(directory: Path) -> int | None:
+    """The live process (not this server) that holds run `directory`'s lock, studio.run_lock: a CLI
+    command or a worker of this or an earlier server. None if nothing writes the run now."""
+    return writer_of(directory)
+
+
 class Studio:
     def __init__(
         self,
@@ -79,30 +110,51 @@ class Studio:
         max_queued: int = 8,
         max_upload_mb: float = 20.0,
         stop_grace_s: float = 120.0,
+        per_user: bool = False,
+        max_cache_mb: float = 2048.0,
+        orphan_grace_s: float = 30.0,
     ) -> None:
-        self.workspace = Workspace(workspace)
+        self.workspace = Workspace(workspace, max_cache_bytes=int(max_cache_mb * 2**20))
         self.limits = UploadLimits(max_file_bytes=int(max_upload_mb * 2**20))
+        self.per_user = per_user
         self.jobs = JobManager(
             {"train": max_jobs, "light": 1},
             jobs_dir=self.workspace.jobs,
             max_queued=max_queued,
             stop_grace_s=stop_grace_s,
+            orphan_grace_s=orphan_grace_s,
         )
         # Held from choosing a free run name to queueing the job, so two users asking for the same
         # name at the same moment get two run folders ("x", "x-2") instead of one refused job.
         self._naming = threading.RLock()
 
+    def user(self, owner: str) -> str | None:
+        """Whose runs `owner` may see: with a login the user's own, without one everyone's (None)."""
+        if not self.per_user:
+            return None
+        if not owner:
+            raise UserError("log in first")
+        return owner
+
     def _run_words(self, command: str, *words: str, name: str) -> list[str]:
         return [command, *words, "--runs-dir", str(self.workspace.runs), "--name", name]
 
+    def free_run_name(self, wanted: str) -> str:
+        """The run name a job asking for `wanted` gets now (`wanted`, else `wanted-2`, ...)."""
+        return self.workspace.unique_run_name(wanted, {p.name for p in self.jobs.active_run_dirs()})
+
     def _submit_training(self, wanted: str, make_argv, owner: str) -> tuple[Job, str, list[str]]:
-        """Pick a free run name, build the argv for it (make_argv(run name)), check it, queue it."""
+        """Pick a free run name, build the argv for it (make_argv(run name)), check it, queue it, and
+        with a login record the run as `owner`'s."""
+        user = self.user(owner)
         with self._naming:
-            run_name = self.workspace.unique_run_name(wanted, {p.name for p in self.jobs.active_run_dirs()})
+            run_name = self.free_run_name(wanted)
             argv = make_argv(run_name)
             job = self.jobs.submit(
                 argv, lane="train", owner=owner, run_dir=self.workspace.runs / run_name, stoppable=True
             )
+            if user is not None:
+                self.workspace.set_owner(run_name, user)
         return job, run_name, argv
 
     # -- training (style / content) -------------------------------------------------------------
@@ -129,15 +181,18 @@ class Studio:
         except UserError:
             if source != DEMO:
                 shutil.rmtree(folder, ignore_errors=True)
+                self.workspace.discard_upload([_file_path(f) for f in files or []])
             raise
         note = f"{count} images" + (f"; warnings: {'; '.join(warnings)}" if warnings else "")
         return folder, note
 
     def preview_training(self, kind: str, source: str, demo: str, name: str, values: dict) -> tuple[str, str]:
-        """(command, YAML) of the form as it stands, or ("# <the error>", "")."""
+        """(command, YAML) of the form as it stands, or ("# <the error>", ""): the run name is the one
+        Start would get now (the default for a blank name, made free with -2, -3 like Start does)."""
         data = str(api.demo_sets().get(demo, "")) if source == DEMO else "<your uploaded folder>"
         try:
-            argv = self.training_argv(kind, data, safe_run_name(name or f"{kind}-{demo}"), values)
+            run_name = self.free_run_name((name or "").strip() or training_name(kind, source, demo))
+            argv = self.training_argv(kind, data, run_name, values)
             yaml_text = api.config_yaml(argv)  # also checks every option the way the CLI will
         except UserError as error:
             return f"# {error}", ""
@@ -149,8 +204,9 @@ class Studio:
         """(job id, status, command, yaml); validates the data and the options before queueing anything."""
         options = form_values(f"train-{kind}", values)
         template, trigger = options.get("template") or "", options.get("trigger") or ""
+        self.user(owner)
         folder, note = self.dataset_folder(source, demo, files, kind, template, trigger)
-        wanted = (name or "").strip() or (demo if source == DEMO and demo.startswith(kind) else f"{kind}-{folder.name}")
+        wanted = (name or "").strip() or training_name(kind, source, demo)
         checked: dict[str, str] = {}
 
         def make_argv(run_name: str) -> list[str]:
@@ -166,11 +222,26 @@ class Studio:
             raise
         return job.id, f"queued **{run_name}** ({note})", api.command_line(argv), checked["yaml"]
 
-    def poll(self, job_id: str | None) -> tuple[str, dict, str | None, str]:
+    def job(self, job_id: str, owner: str = "") -> Job:
+        """A job `owner` may follow and cancel (with a login: their own; another's reads as missing)."""
+        job = self.jobs.get(job_id)
+        if self.per_user and job.owner != self.user(owner):
+            raise UserError(f"no job {job_id!r}")
+        return job
+
+    def follow(self, job_id: str | None, commands: tuple[str, ...], owner: str = "") -> str | None:
+        """The job a tab shows: the one it started, else (a reloaded page, a job resumed from the Runs
+        tab) the newest unfinished job of its `commands` that `owner` may see, read from the jobs' records."""
+        if job_id:
+            return job_id
+        job = self.jobs.latest(commands, self.user(owner))
+        return job.id if job is not None else None
+
+    def poll(self, job_id: str | None, owner: str = "") -> tuple[str, dict, str | None, str]:
         """(status line, loss plot columns, latest sample image, log tail) of a job."""
         if not job_id:
             return "no job yet", loss_points([]), None, ""
-        job = self.jobs.get(job_id)
+        job = self.job(job_id, owner)
         info = run_info(job.run_dir)
         status = describe(info, job.status)
         if job.status == "failed" and job.error and "error" not in status:
@@ -181,13 +252,25 @@ class Studio:
         sample = self._served(info.get("latest_sample"))
         return status, points, sample, job.log_tail(12)
 
-    def cancel(self, job_id: str | None) -> str:
+    def cancel(self, job_id: str | None, owner: str = "", commands: tuple[str, ...] = ()) -> str:
+        """Cancel a job: the tab's own (`job_id`), else the newest unfinished one of its `commands` that
+        `owner` may see (after a page reload the tab has no job id; the job's record is still there)."""
+        job_id = self.follow(job_id, commands, owner) if commands else job_id
         if not job_id:
             return "no job to cancel"
-        job = self.jobs.cancel(job_id)
-        return {"cancelled": "cancelled before it started", "stopping": "stopping: writing a checkpoint"}.get(
-            job.status, job.status
-        )
+        return cancel_message(self.jobs.cancel(self.job(job_id, owner).id))
+
+    def cancel_run(self, run_name: str, owner: str = "") -> str:
+        """Cancel the job writing run `run_name` (started by Start or by Resume, by this server or by the
+        one before it): the Runs tab's Cancel. The run is the user's, so is the job on it."""
+        job = self.run_job(run_name, owner)
+        if job is None:
+            raise UserError(f"{run_name} has no job queued or running")
+        return f"{run_name}: " + cancel_message(self.jobs.cancel(job.id))
+
+    def run_job(self, run_name: str, owner: str = "") -> Job | None:
+        """The queued, running or adopted job writing run `run_name`, if any."""
+        return self.jobs.active_job(self.workspace.run_dir(run_name, self.user(owner)))
 
     # -- break-for-make -------------------------------------------------------------------------
     def b4m_argv(self, content: str, style: str, name: str, values: dict[str, Any]) -> list[str]:
@@ -203,7 +286,8 @@ class Studio:
             for kind, demo, files in (("content", content, content_files), ("style", style, style_files))
         ]
         try:
-            argv = self.b4m_argv(*folders, safe_run_name(name or f"b4m-{content}-{style}"), values)
+            run_name = self.free_run_name((name or "").strip() or b4m_name(content, style, content_files, style_files))
+            argv = self.b4m_argv(*folders, run_name, values)
             yaml_text = api.config_yaml(argv)
         except UserError as error:
             return f"# {error}", ""
@@ -221,10 +305,11 @@ class Studio:
     ) -> tuple[str, str, str, str]:
         """(job id, status, command, yaml) of a Break-for-Make run on demo sets or uploads."""
         options = form_values(B4M_KIND, values)
+        self.user(owner)
         folders = []
         for kind, demo, files in (("content", content, content_files), ("style", style, style_files)):
             folders.append(self.dataset_folder("upload" if files else DEMO, demo, files, kind)[0])
-        wanted = (name or "").strip() or f"b4m-{folders[0].name}-{folders[1].name}"
+        wanted = (name or "").strip() or b4m_name(content, style, content_files, style_files)
         checked: dict[str, str] = {}
 
         def make_argv(run_name: str) -> list[str]:
@@ -249,6 +334,7 @@ class Studio:
         if source == LLM_EMBEDDED:
             return None, None, "the embedded addition task, evaluated on its test set and the knowledge probe"
         copied: list[Path] = []
+        uploaded = [_file_path(f) for f in (train_file, eval_file) if f]
         try:
             data = self.workspace.ingest_jsonl(
                 _file_path(train_file) if train_file else "", self.limits, label="llm-train"
@@ -263,6 +349,7 @@ class Studio:
         except UserError:
             for path in copied:
                 shutil.rmtree(path.parent, ignore_errors=True)
+            self.workspace.discard_upload(uploaded)
             raise
         return str(data), None if held_out is None else str(held_out), note
 
@@ -270,7 +357,7 @@ class Studio:
         upload = source != LLM_EMBEDDED
         try:
             method = form_values(LLM_KIND, values).get("adapter.method") or "lora"
-            run_name = safe_run_name(name or f"llm-{method}-{'upload' if upload else 'task_add_train'}")
+            run_name = self.free_run_name((name or "").strip() or llm_name(method, upload))
             argv = self.llm_argv("<your-upload.jsonl>" if upload else None, None, run_name, values)
             yaml_text = api.config_yaml(argv)  # also checks every option the way train-llm will
         except UserError as error:
@@ -284,9 +371,9 @@ class Studio:
         """(job id, status, command, yaml); the data, the options and the method against the model's
         architecture are all checked before anything is queued."""
         options = form_values(LLM_KIND, values)
+        self.user(owner)
         data, held_out, note = self.llm_dataset(source, train_file, eval_file)
-        stem = Path(data).stem if data else "task_add_train"
-        wanted = (name or "").strip() or f"llm-{options.get('adapter.method') or 'lora'}-{stem}"
+        wanted = (name or "").strip() or llm_name(options.get("adapter.method") or "lora", data is not None)
         checked: dict[str, str] = {}
 
         def make_argv(run_name: str) -> list[str]:
@@ -304,21 +391,21 @@ class Studio:
             raise
         return job.id, f"queued **{run_name}** ({note})", api.command_line(argv), checked["yaml"]
 
-    def poll_llm(self, job_id: str | None) -> tuple[str, dict, str, str]:
+    def poll_llm(self, job_id: str | None, owner: str = "") -> tuple[str, dict, str, str]:
         """(status line, loss plot columns, held-out metrics table, log tail) of an LLM job."""
         if not job_id:
             return "no job yet", loss_points([]), "", ""
-        status, points, _, tail = self.poll(job_id)
-        job = self.jobs.get(job_id)
+        status, points, _, tail = self.poll(job_id, owner)
+        job = self.job(job_id, owner)
         return status, points, eval_table(events_of(job.run_dir)) if job.run_dir else "", tail
 
-    def chat_argv(self, run_name: str | None, values: dict[str, Any], out: Path) -> list[str]:
+    def chat_argv(self, run_name: str | None, values: dict[str, Any], out: Path, owner: str = "") -> list[str]:
         """`studio chat [RUN] --prompt ...` (a prompt starting with "-" as --prompt=...) with its reply file."""
         if not form_values("chat", values).get("prompt"):
             raise UserError("write a prompt")
         words = ["chat"]
         if run_name and run_name != LLM_BASE_ONLY:
-            directory = self.workspace.run_dir(run_name)
+            directory = self.workspace.run_dir(run_name, self.user(owner))
             info = run_info(directory)
             if info.get("kind") != LLM_KIND or info.get("status") != "finished":
                 raise UserError(
@@ -330,8 +417,8 @@ class Studio:
 
     def chat(self, run_name: str | None, values: dict, owner: str = "") -> tuple[str, str]:
         """(the model's reply, the `studio chat` command): a quick job in the light lane, like generate."""
-        out = self.workspace.new_output(suffix=".json", stem="chat")
-        argv = self.chat_argv(run_name, values, out)
+        out = self.workspace.new_output(suffix=".json", stem="chat", user=self.user(owner))
+        argv = self.chat_argv(run_name, values, out, owner)
         self.run_light(argv, owner=owner)
         replies = json.loads(out.read_text(encoding="utf-8"))["replies"]
         empty = "(an empty reply: the model ended its turn at once)"
@@ -341,21 +428,36 @@ class Studio:
         return text, api.command_line(argv)
 
     # -- generate / compose / export / analyze (quick jobs in the "light" lane) --------------------
-    def generate_argv(self, adapters: list[tuple[str, float]], values: dict[str, Any], out: Path) -> list[str]:
+    def generate_argv(
+        self, adapters: list[tuple[str, float]], values: dict[str, Any], out: Path, owner: str = ""
+    ) -> list[str]:
         if not form_values("generate", values).get("prompt"):
             raise UserError("write a prompt (one per line for several images)")
         argv = [*command_argv(["generate"], values), "--out", str(out)]
         for run_name, weight in adapters:
-            argv += ["--adapter", f"{self.workspace.run_dir(run_name)}:{float(weight)}"]
+            argv += ["--adapter", f"{self.workspace.run_dir(run_name, self.user(owner))}:{float(weight)}"]
         return argv
 
-    def compose_argv(self, run_name: str, values: dict[str, Any], out: Path) -> list[str]:
-        directory = self.workspace.run_dir(run_name)
+    def generate(self, adapters: list[tuple[str, float]], values: dict[str, Any], owner: str = "") -> tuple[str, str]:
+        """(image, the `studio generate` command): a quick job in the light lane."""
+        out = self.workspace.new_output(stem="generate", user=self.user(owner))
+        argv = self.generate_argv(adapters, values, out, owner)
+        self.run_light(argv, owner=owner)
+        return str(out), api.command_line(argv)
+
+    def compose_argv(self, run_name: str, values: dict[str, Any], out: Path, owner: str = "") -> list[str]:
+        directory = self.workspace.run_dir(run_name, self.user(owner))
         if not (directory / "b4m").is_dir():
             raise UserError(f"{run_name} has no Break-for-Make adapters (yet); pick a finished break-for-make run")
         values = form_values("compose", values)
         values["prompt"] = values.get("prompt") or ["a moon in neon style"]
         return [*command_argv(["compose", "--b4m", str(directory)], values), "--out", str(out)]
+
+    def compose(self, run_name: str, values: dict[str, Any], owner: str = "") -> str:
+        """The image `studio compose` makes with a finished Break-for-Make run."""
+        out = self.workspace.new_output(stem=f"compose-{run_name}", user=self.user(owner))
+        self.run_light(self.compose_argv(run_name, values, out, owner), owner=owner)
+        return str(out)
 
     def run_light(self, argv: list[str], owner: str = "", timeout: float = 600.0) -> Job:
         """Queue a quick command and wait for it (the handler thread sleeps; the work is in a worker)."""
@@ -367,7 +469,8 @@ class Studio:
         return job
 
     def export(self, run_name: str, fmt: str, owner: str = "") -> str:
-        directory = self.workspace.run_dir(run_name)
+        user = self.user(owner)
+        directory = self.workspace.run_dir(run_name, user)
         if run_info(directory).get("kind") == LLM_KIND:
             # train-llm writes its PEFT export itself (it knows the LM); `studio export` is for diffusion bases.
             if fmt != "peft" or not (directory / "peft").is_dir():
@@ -376,33 +479,33 @@ class Studio:
                     "the LLM tab, i.e. `studio train-llm --export-peft`); its peft_core adapter is in "
                     "adapter/default"
                 )
-            out = self.workspace.new_output(suffix="", stem=f"{run_name}-peft")
+            out = self.workspace.new_output(suffix="", stem=f"{run_name}-peft", user=user)
             return shutil.make_archive(str(out), "zip", root_dir=directory / "peft")
-        out = self.workspace.outputs / f"{run_name}-{fmt}"
+        out = self.workspace.outputs_of(user) / f"{run_name}-{fmt}"
         shutil.rmtree(out, ignore_errors=True)
         self.run_light(["export", str(directory), "--format", fmt, "--out", str(out)], owner=owner)
         return shutil.make_archive(str(out), "zip", root_dir=out)
 
-    def analyze_argv(self, run_name: str | None, values: dict[str, Any], out: Path) -> list[str]:
+    def analyze_argv(self, run_name: str | None, values: dict[str, Any], out: Path, owner: str = "") -> list[str]:
         model = form_values("analyze", values).get("model") or "embedded-lm"
         if model not in ANALYZE_MODELS:
             raise UserError(f"model must be one of {', '.join(ANALYZE_MODELS)}, not {model!r}")
         words = ["analyze", "--out", str(out)]
         if run_name and run_name != NO_ADAPTER:
-            words += ["--adapter", str(self.workspace.run_dir(run_name))]
+            words += ["--adapter", str(self.workspace.run_dir(run_name, self.user(owner)))]
         return command_argv(words, values)
 
     def analyze(self, run_name: str | None, values: dict, owner: str = "") -> tuple[str, str, str]:
         """(heatmap image, the per-head table, report.json) of `studio analyze` on a base (+ a run's adapter)."""
-        out = self.workspace.new_output(suffix="", stem=f"analysis-{run_name or 'base'}")
-        job = self.run_light(self.analyze_argv(run_name, values, out), owner=owner)
+        out = self.workspace.new_output(suffix="", stem=f"analysis-{run_name or 'base'}", user=self.user(owner))
+        job = self.run_light(self.analyze_argv(run_name, values, out, owner), owner=owner)
         table = job.log_path.read_text(encoding="utf-8", errors="replace")
         return str(out / "heatmap.png"), table, str(out / "report.json")
 
     # -- runs -----------------------------------------------------------------------------------
-    def runs_table(self) -> list[list[Any]]:
+    def runs_table(self, owner: str = "") -> list[list[Any]]:
         rows = []
-        for run in self.workspace.list_runs():
+        for run in self.workspace.list_runs(self.user(owner)):
             steps = f"{run.get('step', 0)}/{run['total_steps']}" if run.get("total_steps") else ""
             loss = f"{run['loss']:.4f}" if isinstance(run.get("loss"), float) else ""
             updated = time.localtime(run.get("updated", run.get("created", 0)))
@@ -418,28 +521,29 @@ class Studio:
             )
         return rows
 
-    def run_names(self, kinds: tuple[str, ...] | None = None, status: str | None = None) -> list[str]:
+    def run_names(self, kinds: tuple[str, ...] | None = None, status: str | None = None, owner: str = "") -> list[str]:
         return [
             r["name"]
-            for r in self.workspace.list_runs()
+            for r in self.workspace.list_runs(self.user(owner))
             if (kinds is None or r.get("kind") in kinds) and (status is None or r.get("status") == status)
         ]
 
-    def run_details(self, run_name: str) -> tuple[str, list[str], str]:
+    def run_details(self, run_name: str, owner: str = "") -> tuple[str, list[str], str]:
         """(summary, sample images, config.yaml) of a run."""
-        directory = self.workspace.run_dir(run_name)
+        directory = self.workspace.run_dir(run_name, self.user(owner))
         info = run_info(directory)
         samples = sorted((directory / "samples").glob("*.png")) if (directory / "samples").is_dir() else []
         config_path = directory / "config.yaml"
         config = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
-        summary = f"### {run_name}\n{info.get('kind', '')} · " + describe(info)
+        job = self.jobs.active_job(directory)
+        summary = f"### {run_name}\n{info.get('kind', '')} · " + describe(info, job.status if job else None)
         if info.get("kind") == LLM_KIND:
             table = eval_table(events_of(directory))
             summary += ("\n\n" + table if table else "") + "\n\nTalk to it in the LLM tab's chat box."
         return summary, [str(self.workspace.inside(p)) for p in samples], config
 
     def resume(self, run_name: str, owner: str = "") -> str:
-        directory = self.workspace.run_dir(run_name)
+        directory = self.workspace.run_dir(run_name, self.user(owner))
         info = run_info(directory)
         if info.get("kind") not in RESUMABLE_KINDS:
             raise UserError(
@@ -447,17 +551,21 @@ class Studio:
             )
         if info.get("status") == "finished":
             raise UserError(f"{run_name} has finished; nothing to resume")
+        writer = run_writer(directory)
+        if writer is not None and self.jobs.active_job(directory) is None:
+            raise UserError(f"{run_name} is being written by process {writer} (outside this server); wait for it")
         argv = [info["kind"], "--resume", str(directory)]
         job = self.jobs.submit(argv, lane="train", owner=owner, run_dir=directory, stoppable=True)
         return job.id
 
-    def delete(self, run_name: str, confirmed: bool) -> str:
+    def delete(self, run_name: str, confirmed: bool, owner: str = "") -> str:
         if not confirmed:
             raise UserError("tick the confirmation box first: deleting removes the run folder for good")
-        directory = self.workspace.run_dir(run_name)
-        if directory in self.jobs.active_run_dirs():
+        user = self.user(owner)
+        directory = self.workspace.run_dir(run_name, user)
+        if directory in self.jobs.active_run_dirs() or run_writer(directory) is not None:
             raise UserError(f"{run_name} has a job queued or running; cancel it first")
-        self.workspace.delete_run(run_name)
+        self.workspace.delete_run(run_name, user)
         return f"deleted {run_name}"
 
     def _served(self, path: str | None) -> str | None:

@@ -218,6 +218,16 @@ class ResidentColumns:
 
 
 class PacaAdapter(layer.Adapter):
+    @classmethod
+    def check_fits(cls, base: nn.Module, config: PacaConfig, module_name: str) -> None:
+        """PaCA trains r input columns: r is bounded by the layer's inputs, not by its rank."""
+        in_features = base.in_channels if isinstance(base, nn.Conv2d) else base.in_features
+        if config.r > in_features:
+            raise AdapterError(
+                f"paca: r={config.r} is larger than {module_name!r}'s {in_features} input columns; "
+                f"use r <= {in_features} or exclude this layer"
+            )
+
     def __init__(self, base: nn.Module, config: PacaConfig, module_name: str) -> None:
         super().__init__(base, config, module_name)
         self.is_conv = isinstance(base, nn.Conv2d)
@@ -226,12 +236,8 @@ class PacaAdapter(layer.Adapter):
                 f"paca: {module_name!r} is a conv with groups={base.groups}, padding_mode={base.padding_mode!r}; "
                 "only groups=1 and zero padding are supported"
             )
+        self.check_fits(base, config, module_name)
         in_features = base.in_channels if self.is_conv else base.in_features
-        if config.r > in_features:
-            raise AdapterError(
-                f"paca: r={config.r} is larger than {module_name!r}'s {in_features} input columns; "
-                f"use r <= {in_features} or exclude this layer"
-            )
         self.scaling, self.resident, self.quantized = config.scaling, config.resident, layer.is_4bit(base)
         if not self.quantized and not layer.has_dense_weight(base):
             raise AdapterError(

@@ -324,6 +324,12 @@ def _scored_tensors(model: nn.Module, config: SptConfig) -> dict[str, nn.Paramet
 # The module.
 # ---------------------------------------------------------------------------------------------
 class SptAdapter(Adapter):
+    @classmethod
+    def check_fits(cls, base: nn.Module, config: SptConfig, module_name: str) -> None:
+        """No rank bound: r is the rank of the LoRAs the budget plan may pick, and the budget bounds what is built
+        (a LoRA whose r exceeds a small layer's rank costs more than that layer's sparse entries, so the plan
+        takes those instead)."""
+
     def __init__(self, base: nn.Module, config: SptConfig, module_name: str, prepared: SptModulePlan) -> None:
         super().__init__(base, config, module_name)
         self.is_conv = isinstance(base, nn.Conv2d)

@@ -338,7 +338,7 @@ def _judge_vae_folder(recipe: Recipe, out: Path) -> Path:
 def _load_vae(folder: Path):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False)
+    return AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval().requires_grad_(False)
 
 
 def vae_fingerprint(vae) -> str:

@@ -144,9 +144,9 @@ def load_parts(folder: str | Path):
     folder = Path(folder)
     return (
         CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        CLIPTextModel.from_pretrained(folder / "text_encoder"),
-        AutoencoderKL.from_pretrained(folder / "vae"),
-        UNet2DConditionModel.from_pretrained(folder / "unet"),
+        CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True),
+        AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True),
+        UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True),
     )
 
 

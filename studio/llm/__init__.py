@@ -48,7 +48,7 @@ from studio.llm.model import (
     model_source,
     save_merged,
 )
-from studio.llm.train import LlmResult, train_llm
+from studio.llm.train import LlmResult, read_inputs, train_llm
 
 __all__ = [
     "DTYPES",
@@ -78,6 +78,7 @@ __all__ = [
     "load_tokenizer",
     "model_source",
     "multiple_choice_accuracy",
+    "read_inputs",
     "read_jsonl",
     "save_merged",
     "token_loss_sum",

@@ -106,8 +106,16 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, for_traini
     if not path.is_file():
         raise UserError(f"data file {path} does not exist")
     rows, problems = [], []
-    with open(path, encoding="utf-8", errors="replace") as file:
-        for number, line in enumerate(file, start=1):
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            try:  # strictly UTF-8 (a BOM on the first line is fine): Latin-1 text must not train as mojibake
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                byte = error.object[error.start]
+                problems.append(
+                    (number, f"not UTF-8 (byte {byte:#04x} at column {error.start + 1}); re-save the file as UTF-8")
+                )
+                continue
             if not line.strip():
                 continue
             try:

@@ -11,6 +11,7 @@ from pipelines.errors import UserError
 from studio.llm.config import LlmJob, job_from_record
 from studio.llm.data import render_chat, token_ids
 from studio.llm.model import load_model
+from studio.preflight import run_record
 
 
 def load_for_generation(
@@ -28,16 +29,14 @@ def load_for_generation(
         model.eval()
         return model, tokenizer
     run = Run.open(run_dir)
-    config = run.config
-    if config.get("kind") != "train-llm":
-        raise UserError(f"{run.directory} is a {config.get('kind')} run, not a `studio train-llm` run")
+    run_record(run, "train-llm")  # a damaged config.yaml or a run of another kind: one line
     adapters = sorted(p for p in (run.directory / "adapter").glob("*") if (p / "adapter_config.json").is_file())
     if not adapters:
         raise UserError(
             f"{run.directory} has no final adapter (status: {run.info.get('status')}); "
             "resume it to the end or pick a finished run"
         )
-    job = job_from_record(config)
+    job = run_record(run, "train-llm", job_from_record)
     if base is not None:
         job.base = base
     model, tokenizer = load_model(job, device)

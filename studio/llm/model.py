@@ -10,7 +10,7 @@ import torch
 
 from peft_core import AdapterError, get_method, methods_with
 from peft_core import load as load_adapter
-from pipelines.base import offline_hint
+from pipelines.base import offline_hint, refuse_pickle_weights
 from pipelines.errors import UserError
 from studio.llm.config import DTYPES, LlmJob, LlmTrainConfig
 
@@ -26,6 +26,8 @@ def model_source(base: str) -> str:
             )
         return str(EMBEDDED_LM)
     path = Path(base).expanduser()
+    if path.is_dir():
+        refuse_pickle_weights(path)  # pytorch_model.bin alone: never unpickled
     if path.exists():
         return str(path)
     if base.startswith((".", "/", "~")) or base.count("/") > 1:
@@ -79,7 +81,7 @@ def check_method_on_model(job: LlmJob) -> None:
             skeleton = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError) as error:
         raise UserError(f"could not read the model config of {job.base!r}: {str(error).splitlines()[0]}") from None
-    from peft_core.targets import find_targets
+    from peft_core import check_fits
 
     try:
         if train.loram_ratio > 0:
@@ -92,7 +94,7 @@ def check_method_on_model(job: LlmJob) -> None:
                     f"LoRAM keeps the first {first} and last {last} of this model's {len(layers)} decoder "
                     "layers whole, so it would prune nothing; lower --loram-keep-first/--loram-keep-last"
                 )
-        find_targets(skeleton, job.adapter.targets, job.adapter.exclude, capabilities.wraps)
+        check_fits(skeleton, job.adapter)  # the targets, and the rank against each one's shape
     except AdapterError as error:
         raise UserError(f"{method} does not fit {job.base!r} ({type(skeleton).__name__}): {error}") from None
 
@@ -102,7 +104,7 @@ def load_model(job: LlmJob, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, train = model_source(job.base), job.train
-    kwargs: dict[str, Any] = {"dtype": DTYPES[train.base_dtype]}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[train.base_dtype], "use_safetensors": True}
     if train.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -148,7 +150,7 @@ def save_merged(job: LlmJob, adapter_dir: Path, out_dir: Path, tokenizer) -> Pat
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[job.train.base_dtype]
-    model = AutoModelForCausalLM.from_pretrained(model_source(job.base), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_source(job.base), dtype=dtype, use_safetensors=True)
     handle = load_adapter(model, adapter_dir)
     merged = handle.unload(merge=True)
     merged.save_pretrained(out_dir, safe_serialization=True)

@@ -69,6 +69,7 @@ def train_llm(
     accelerator=None,
     adapter_name: str = "default",
     should_stop: Callable[[], bool] | None = None,
+    inputs: _Inputs | None = None,
 ) -> LlmResult:
     """Check, set up, fit, evaluate, save (see the module docstring). Resumes from run_dir's newest
     checkpoint if there is one. Every process of an `accelerate launch` runs this; only the main
@@ -77,7 +78,8 @@ def train_llm(
     `should_stop()` is asked after every step (default: does `run_dir/STOP` exist?), as in the
     diffusion loop: when it answers yes, the step is checkpointed, the STOP file removed and
     `pipelines.training.StopRequested` (a KeyboardInterrupt) raised, so `--resume` continues from there.
-    This is how the UI cancels an LLM job."""
+    This is how the UI cancels an LLM job. `inputs`: the data as `read_inputs(job)` read it (default:
+    read here)."""
     run_dir = Path(run_dir)
     should_stop = should_stop or training.stop_file_exists(run_dir)
     accelerator = accelerator or training.make_accelerator(job.train.mixed_precision, cpu=job.cpu)
@@ -86,7 +88,8 @@ def train_llm(
 
     # 1. Check everything before loading weights: config, method vs architecture, data.
     _check(job, accelerator)
-    inputs = _read_data(job, emit)
+    inputs = inputs or read_inputs(job)
+    emit(TrainEvent("data", 0, job.train.steps, message=inputs.summary))
 
     # 2. Set up: model, LoRAM's prune, the method's prepare step, adapter, optimizer, schedule.
     run, start_step = _set_up(job, run_dir, accelerator, inputs, adapter_name, emit)
@@ -126,6 +129,7 @@ class _Inputs:
     data: TokenizedData
     eval_sets: list[EvalSet]
     calibration: list[Example]  # CorDA / SPT: what their prepare step looks at
+    summary: str = ""  # the training data in one line (the "data" event)
 
 
 @dataclass
@@ -145,6 +149,7 @@ class _Run:
     parameters: list[torch.nn.Parameter]
     optimizer: Any
     lr_scheduler: Any
+    guard: training.DivergenceGuard  # checks each step's loss and the adapter before every write
     before: dict[str, float] = field(default_factory=dict)
     full_model: Any = None  # LoRAM: the unpruned model (on the CPU while the small one trains)
     index_map: Any = None  # LoRAM: which rows/columns the small model kept
@@ -174,17 +179,20 @@ def _check(job: LlmJob, accelerator) -> None:
     check_method_on_model(job)
 
 
-def _read_data(job: LlmJob, emit: Callable[[TrainEvent], Any]) -> _Inputs:
-    """Training, evaluation and calibration rows, read and tokenized (the embedded task if no data is given)."""
+def read_inputs(job: LlmJob) -> _Inputs:
+    """Training, evaluation and calibration rows, read and tokenized (the embedded task if no data is
+    given); every problem is a UserError. `studio train-llm` calls it before it makes the run folder and
+    hands the result to `train_llm(inputs=...)`, so bad data never leaves a run behind."""
     train = job.train
-    if job.data is None:
-        job.data, job.eval_data = default_data()
+    data_path, eval_paths = job.data, job.eval_data
+    if data_path is None:  # the embedded task, evaluated on its test set and probe unless --eval names files
+        data_path, default_eval = default_data()
+        eval_paths = eval_paths or default_eval
     tokenizer = load_tokenizer(job)
     data = tokenize(
-        read_jsonl(job.data, train.skip_bad_lines), tokenizer, train.max_length, train.packing, str(job.data)
+        read_jsonl(data_path, train.skip_bad_lines), tokenizer, train.max_length, train.packing, str(data_path)
     )
-    emit(TrainEvent("data", 0, train.steps, message=data.summary(job.data, train.max_length)))
-    eval_sets = [load_eval_set(Path(path), tokenizer, train) for path in job.eval_data]
+    eval_sets = [load_eval_set(Path(path), tokenizer, train) for path in eval_paths]
     calibration = data.examples
     if job.calibration_data is not None:
         calibration = tokenize(
@@ -193,7 +201,7 @@ def _read_data(job: LlmJob, emit: Callable[[TrainEvent], Any]) -> _Inputs:
             train.max_length,
             source=str(job.calibration_data),
         ).examples
-    return _Inputs(tokenizer, data, eval_sets, calibration)
+    return _Inputs(tokenizer, data, eval_sets, calibration, data.summary(data_path, train.max_length))
 
 
 def _set_up(
@@ -230,6 +238,8 @@ def _set_up(
     if checkpoint is not None:
         start_step = load_checkpoint(checkpoint, handle, optimizer, lr_scheduler)["step"]
         before = _read_before(run_dir)
+    scale_flag = "--alpha" if hasattr(job.adapter, "alpha") else None
+    hint = training.divergence_hint(train.learning_rate, train.max_grad_norm, scale_flag=scale_flag)
     run = _Run(
         job,
         run_dir,
@@ -244,6 +254,7 @@ def _set_up(
         parameters,
         optimizer,
         lr_scheduler,
+        training.DivergenceGuard(train.steps, hint, emit),
         before,
         full_model,
         index_map,
@@ -293,6 +304,7 @@ def _fit(run: _Run, start_step: int, should_stop: Callable[[], bool]) -> tuple[l
     sampler = StepSampler(len(run.data.examples), train.batch_size, train.seed, accelerator.num_processes)
     run.wrapped.train()
     losses, fit_started = [], time.perf_counter()
+    training.in_step_loop(True)  # a stop signal now finishes the step in progress and checkpoints it
     for step in range(start_step, train.steps):
         step_loss = _step(run, sampler, step)
         losses.append(step_loss)
@@ -305,6 +317,7 @@ def _fit(run: _Run, start_step: int, should_stop: Callable[[], bool]) -> tuple[l
         _maybe_checkpoint(run, done, step_loss, force=stop)
         if stop:
             training.serve_stop(run.run_dir, accelerator, done, train.steps)
+    training.in_step_loop(False)  # every step is checkpointed: a signal now stops at once
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     accelerator.wait_for_everyone()
     return losses, peak
@@ -329,12 +342,16 @@ def _step(run: _Run, sampler: StepSampler, step: int) -> float:
             loss_sum = token_loss_sum(run.wrapped, batch, train.loss_chunk_tokens)
             accelerator.backward(loss_sum * (processes / tokens))
         step_loss += loss_sum.detach() / tokens
-    if train.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(run.parameters, train.max_grad_norm)
+    grad_norm = accelerator.clip_grad_norm_(run.parameters, train.max_grad_norm) if train.max_grad_norm > 0 else None
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.lr_scheduler.step()
-    return float(accelerator.reduce(step_loss, "sum"))
+    # The step's one host sync: the loss summed over processes, and the (already all-reduced) gradient norm,
+    # so every process sees the same values and a divergence stops them all at the same step. fp16's
+    # gradient scaler skips steps whose gradients overflow: an inf norm there is routine, not divergence.
+    loss, norm = training.host_values(accelerator.reduce(step_loss, "sum"), grad_norm)
+    run.guard.step(step + 1, loss, norm if accelerator.scaler is None else None)
+    return loss
 
 
 def _maybe_evaluate(run: _Run, done: int) -> None:
@@ -351,7 +368,10 @@ def _maybe_evaluate(run: _Run, done: int) -> None:
 def _maybe_checkpoint(run: _Run, done: int, step_loss: float, force: bool) -> None:
     """A checkpoint every `checkpoint_every` steps, at the end, and when `force`d (a requested stop)."""
     train = run.job.train
-    if run.accelerator.is_main_process and training.checkpoint_due(done, train.checkpoint_every, train.steps, force):
+    if not training.checkpoint_due(done, train.checkpoint_every, train.steps, force):
+        return
+    run.guard.check_finite(run.handle, done, [run.adapter_name], run.optimizer)  # every process: all stop together
+    if run.accelerator.is_main_process:
         training.save_step_checkpoint(run, done, train.steps, extra={"loss": step_loss, "before": run.before})
 
 
@@ -360,6 +380,7 @@ def _evaluate_and_save(run: _Run, result: LlmResult) -> None:
     small, infer large), evaluate it, and write the optional PEFT export and merged model."""
     job, name, adapter_dir = run.job, run.adapter_name, result.adapter_dir
     model, handle = run.accelerator.unwrap_model(run.wrapped), run.handle
+    run.guard.check_finite(handle, job.train.steps, [name])  # never write a non-finite adapter
     if run.index_map is not None:
         loram.recover(handle, run.index_map, adapter_dir, name=name)
         del model, handle

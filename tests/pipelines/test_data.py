@@ -296,7 +296,7 @@ BAD_FOLDERS = {
     "decompression bomb": (
         lambda root: (folder(root), (root / "bomb.png").write_bytes(png_header(100_000, 100_000))),
         {},
-        ["bomb.png", "too large: 10,000,000,000 pixels", "max_pixels"],
+        ["bomb.png", "too large: 10,000,000,000 pixels", "downscale it"],
     ),
     "over max_pixels": (
         lambda root: (folder(root), image(root / "big.png", (40, 40))),
@@ -306,7 +306,7 @@ BAD_FOLDERS = {
     "too small": (
         lambda root: (folder(root), image(root / "tiny.png", (8, 30))),
         {},
-        ["tiny.png", "too small: 8x30 px", "min_side"],
+        ["tiny.png", "too small: 8x30 px", "use a larger picture"],
     ),
     "all duplicates": (
         lambda root: [image(root / f"same{i}.png", colour=(9, 9, 9)) for i in range(3)],

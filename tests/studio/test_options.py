@@ -56,9 +56,12 @@ def sample_value(section: Section, field) -> typing.Any:
         return next((c for c in allowed if c != default), allowed[0])
     if kind is bool:
         return not default
+    if field.metadata.get("check"):  # devices, pretrain stages: a value the check takes
+        return next(v for v in ("cpu", "sets") if v != default and not field.metadata["check"](v))
     if kind in (int, float):
         start = default if isinstance(default, (int, float)) else max(field.metadata.get("min") or 0, 1)
-        steps = (1, -1, 2) if kind is int else (0.5, -0.5, 0.25)
+        multiple = field.metadata.get("multiple_of")
+        steps = (multiple, -multiple) if multiple else (1, -1, 2) if kind is int else (0.5, -0.5, 0.25)
         return next(kind(start + d) for d in steps if within_bounds(field, start + d))
     if typing.get_origin(kind) is list:
         return ["a=1"] if field.name == "set" else ["first item", "second item"]
@@ -71,6 +74,7 @@ def within_bounds(field, value) -> bool:
         (meta.get("min") is None or value >= meta["min"])
         and (meta.get("max") is None or value <= meta["max"])
         and (meta.get("above") is None or value > meta["above"])
+        and (not meta.get("multiple_of") or value % meta["multiple_of"] == 0)
     )
 
 
@@ -79,6 +83,8 @@ def bad_value(section: Section, field) -> typing.Any | None:
     meta, allowed = field.metadata, choices_of(field)
     if allowed:
         return "not-a-choice" if all(isinstance(c, str) for c in allowed) else None
+    if meta.get("check"):  # devices, pretrain stages
+        return "no-such-value"
     if meta.get("min") is not None:
         return type(field_default(field) or meta["min"])(meta["min"] - 1)
     if meta.get("above") is not None:

@@ -124,7 +124,7 @@ def changed(control: Control):
     if control.choices is not None:
         return next(choice for choice in control.choices if choice != default)
     if control.kind is int:
-        value = (default if default is not None else meta.get("min") or 1) + 1
+        value = (default if default is not None else meta.get("min") or 1) + (meta.get("multiple_of") or 1)
         return float(value)  # a Number's float: the form makes it an int
     if control.kind is float:
         return default * 2 if default else 0.5

@@ -1,7 +1,11 @@
-"""The job runner: studio commands in spawned workers, progress from the run folder, clean cancel, resume."""
+"""The job runner: studio commands in spawned workers, progress from the run folder, clean cancel, resume;
+job records a restarted server reads back, and workers that never outlive their server."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +17,7 @@ from pipelines.train import STOP_FILE as PIPELINES_STOP_FILE
 from studio.cli import main as studio_main
 from studio.errors import UserError
 from studio.runs import Run
-from ui.jobs import STOP_FILE, JobManager
+from ui.jobs import STOP_FILE, JobManager, process_start
 from ui.progress import events_of
 
 TINY = [
@@ -153,3 +157,106 @@ def test_queue_limits_and_cancelling_a_queued_job(tmp_path):
         jobs.submit(["demo"], owner="carol")  # a cancelled job frees its place
     finally:
         jobs.shutdown()
+
+
+def record(jobs_dir: Path, job_id: str, **fields) -> None:
+    data = {"id": job_id, "lane": "train", "argv": ["train-style"], "owner": "alice", "created": time.time()}
+    (jobs_dir / f"{job_id}.json").write_text(json.dumps({**data, **fields}))
+
+
+def finished_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_restarted_manager_reads_its_jobs_back_and_adopts_live_workers(tmp_path):
+    """Jobs are records in the jobs folder: a restarted server settles the ones whose worker is gone
+    from run.json, cancels the ones that never started, and adopts a worker that still runs (it is
+    the run's writer: no second job on that run until it exits)."""
+    jobs_dir, runs = tmp_path / "jobs", tmp_path / "runs"
+    jobs_dir.mkdir()
+    for name, status in (("lost", "running"), ("stopped", "interrupted"), ("alive", "running")):
+        Run.create(runs, name, kind="train-style", config={}).update(status=status)
+    record(jobs_dir, "queued", status="queued")
+    record(jobs_dir, "lost", status="running", run_dir=str(runs / "lost"), pid=finished_pid())
+    record(jobs_dir, "stopped", status="stopping", run_dir=str(runs / "stopped"), pid=finished_pid())
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        wait_until = time.monotonic() + 30
+        while process_start(worker.pid) is None:  # /proc has it once the process runs
+            assert time.monotonic() < wait_until
+            time.sleep(0.05)
+        record(jobs_dir, "alive", status="running", run_dir=str(runs / "alive"), pid=worker.pid)
+        record(jobs_dir, "reused", status="running", pid=worker.pid, pid_start="1")  # a pid now someone else's
+        jobs = JobManager({"train": 1, "light": 1}, jobs_dir=jobs_dir, poll_s=0.05, stop_grace_s=60)
+        try:
+            states = {job.id: job.status for job in jobs.jobs()}
+            assert states == {
+                "queued": "cancelled",
+                "lost": "cancelled",
+                "stopped": "interrupted",
+                "alive": "stopping",
+                "reused": "cancelled",
+            }
+            assert Run(runs / "lost").info["status"] == "cancelled"  # nothing writes it any more
+            assert Run(runs / "alive").info["status"] == "running"  # its writer still runs: untouched
+            assert jobs.latest(("train-style",), "alice").id == "alive" and jobs.latest(("train-style",), "bob") is None
+            with pytest.raises(UserError, match="already queued or running"):  # never a second writer
+                jobs.submit(["train-style", "--resume", str(runs / "alive")], run_dir=runs / "alive")
+            jobs.cancel("alive")
+            assert (runs / "alive" / STOP_FILE).exists()  # asked to stop like any job of this server
+            worker.kill()
+            worker.wait()
+            assert jobs.wait("alive", timeout=30).status == "cancelled"
+            assert json.loads((jobs_dir / "alive.json").read_text())["status"] == "cancelled"
+            assert not (runs / "alive" / STOP_FILE).exists()
+            jobs.submit(["demo"], lane="light", run_dir=runs / "alive")  # the run is free again
+        finally:
+            jobs.shutdown()
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def orphan(run_dir: Path, on_sigterm: str) -> int:
+    """Start a "server" that starts a worker (only its watch on the server, given the server's pid as
+    JobManager gives it) and dies at once; the worker's pid. `on_sigterm`: what the worker does then."""
+    watcher = (
+        "import signal, sys, time; from ui.jobs import _watch_server; "
+        f"signal.signal(signal.SIGTERM, {on_sigterm}); "
+        f"_watch_server(int(sys.argv[1]), {str(run_dir)!r}, 1.0, poll_s=0.05)"
+    )
+    server = (
+        "import os, subprocess, sys; "
+        f"child = subprocess.Popen([sys.executable, '-c', {watcher!r}, str(os.getpid())]); print(child.pid, flush=True)"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", server], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2]
+    )
+    return int(output.stdout.split()[0])
+
+
+def gone(pid: int, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while process_start(pid) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_worker_stops_and_exits_once_its_server_is_gone(tmp_path):
+    """The worker's watch on its server: once the parent process is gone (here: it exits at once; in
+    the browser test: SIGKILL), the worker sends itself SIGTERM, which the CLI turns into a checkpointed
+    stop; a job that does not stop within the grace period is marked cancelled and the worker exits."""
+    stubborn = Run.create(tmp_path / "runs", "stubborn", kind="train-style", config={})
+    stubborn.release()  # Run.create made this test process the run's writer; the worker stands for it
+    pid = orphan(stubborn.directory, "lambda *a: print('ignored', flush=True)")
+    assert gone(pid), "the orphaned worker is still running"
+    assert Run(stubborn.directory).info["status"] == "cancelled"
+    quiet = Run.create(tmp_path / "runs", "quiet", kind="train-style", config={})
+    quiet.release()
+    pid = orphan(quiet.directory, "signal.SIG_DFL")  # SIGTERM ends it (a training: a clean stop)
+    assert gone(pid, timeout=0.9 + 60) and Run(quiet.directory).info["status"] == "running"

@@ -16,16 +16,33 @@ from pathlib import Path
 import pytest
 
 USER, PASSWORD = "tester", "correct-horse"
+OTHER_USER, OTHER_PASSWORD = "intruder", "battery-staple"  # a second login: must never see the tester's runs
+# How long a condition may take before a test fails: generous, because every wait polls for its
+# condition and returns as soon as it holds (a loaded machine is slower, never wrong).
+DEADLINE_S = float(os.environ.get("STUDIO_UI_DEADLINE_S", "600"))
 
 
 @dataclass
 class Server:
     url: str
     root: Path  # holds users.txt, server.log and the workspace ws/
+    process: subprocess.Popen | None = None
 
     @property
     def workspace(self) -> Path:
         return self.root / "ws"
+
+
+def wait_for(condition, what: str, deadline_s: float = DEADLINE_S, every_s: float = 0.5):
+    """Poll `condition()` until it returns something true (returned), or fail after `deadline_s`."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"after {deadline_s:.0f} s still waiting for {what}")
+        time.sleep(every_s)
 
 
 def free_port() -> int:
@@ -38,9 +55,9 @@ def free_port() -> int:
 def studio_ui(root: Path, *flags: str) -> Iterator[Server]:
     """`studio ui --auth-file` on a free port with workspace root/ws, until the block ends (then SIGTERM:
     the server stops its jobs cleanly)."""
-    (root / "users.txt").write_text(f"# test login\n{USER}:{PASSWORD}\n")
+    (root / "users.txt").write_text(f"# test logins\n{USER}:{PASSWORD}\n{OTHER_USER}:{OTHER_PASSWORD}\n")
     port = free_port()
-    log = open(root / "server.log", "w")  # noqa: SIM115
+    log = open(root / "server.log", "a")  # noqa: SIM115 (appended: a restarted server keeps the first's log)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     process = subprocess.Popen(
         [
@@ -61,7 +78,7 @@ def studio_ui(root: Path, *flags: str) -> Iterator[Server]:
         env=env,
         cwd=Path(__file__).resolve().parents[2],
     )
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + DEADLINE_S
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -73,7 +90,7 @@ def studio_ui(root: Path, *flags: str) -> Iterator[Server]:
                 pytest.fail(f"studio ui did not start:\n{(root / 'server.log').read_text()}")
             time.sleep(0.3)
     try:
-        yield Server(f"http://127.0.0.1:{port}", root)
+        yield Server(f"http://127.0.0.1:{port}", root, process)
     finally:
         process.terminate()
         try:

@@ -11,7 +11,7 @@ from ui.tabs.common import with_owner
 def build(studio: Studio, app) -> dict[str, Form]:
     import gradio as gr
 
-    with gr.Tab("Analyze", id="analyze"):
+    with gr.Tab("Analyze", id="analyze") as tab:
         if not api.has_command("analyze"):
             gr.Markdown(
                 "**Not available yet**: the LoRA-limits analysis (`studio analyze`) is not in this studio so far."
@@ -22,14 +22,23 @@ def build(studio: Studio, app) -> dict[str, Form]:
             "The LoRA computational-limits report: which attention heads are in the low-rank "
             "regime, on the embedded base with or without a trained adapter (docs/analysis.md)."
         )
-        run = gr.Dropdown(
-            [NO_ADAPTER, *studio.run_names(status="finished")], value=NO_ADAPTER, label="Adapter (a finished run)"
-        )
+        with gr.Row():  # the user's finished runs, listed when the page loads, when the tab opens and on Refresh
+            run = gr.Dropdown(  # any name: analyze_argv checks it server-side
+                [NO_ADAPTER], value=NO_ADAPTER, label="Adapter (a finished run)", scale=3, allow_custom_value=True
+            )
+            refresh = gr.Button("Refresh run list", scale=1, elem_id="analyze-refresh")
         form.render(None)
         button = gr.Button("Analyze", variant="primary", elem_id="analyze-button")
         heatmap = gr.Image(label="Heatmap", type="filepath", interactive=False, elem_id="analyze-heatmap")
         report_file = gr.File(label="report.json", interactive=False)
         report_table = gr.Textbox(label="Per-head table", lines=12, interactive=False)
+
+        def finished_runs(owner):
+            return gr.update(choices=[NO_ADAPTER, *studio.run_names(status="finished", owner=owner)])
+
+        refresh.click(*with_owner(finished_runs, {}), run, api_name="analyze_runs")
+        tab.select(*with_owner(finished_runs, {}), run, api_visibility="private")
+        app.load(*with_owner(finished_runs, {}), run, api_visibility="private")
 
         def analyze(run_name, *raw, owner):
             return studio.analyze(run_name, form.values(*raw), owner=owner)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from studio import api
 from ui.forms import Form
-from ui.progress import loss_points
+from ui.progress import B4M_STAGES, loss_points
 from ui.studio import B4M_KIND, FORM_OPTIONS, Studio
-from ui.tabs.common import guarded, live_preview, plot_frame, with_owner
+from ui.tabs.common import live_preview, plot_frame, with_owner
 from ui.workspace import UPLOAD_SUFFIXES
 
 
@@ -17,7 +17,7 @@ def build(studio: Studio, app) -> dict[str, Form]:
     compose = Form(
         "compose", prefix="compose", only=FORM_OPTIONS["compose"], initial={"prompt": "a moon in neon style"}
     )
-    with gr.Tab("Break-for-Make", id="b4m"):
+    with gr.Tab("Break-for-Make", id="b4m") as tab:
         job_id = gr.State(None)
         gr.Markdown(
             "Break trains a content PLP and a style PLP separately (with the shipped auxiliary sets as "
@@ -43,13 +43,20 @@ def build(studio: Studio, app) -> dict[str, Form]:
             with gr.Column():
                 status = gr.Markdown("no job yet", elem_id="b4m-status")
                 plot = gr.LinePlot(
-                    plot_frame(loss_points([])), x="step", y="loss", color="stage", title="Loss", height=240
+                    plot_frame(loss_points([]), B4M_STAGES),
+                    x="step",
+                    y="loss",
+                    color="stage",
+                    title="Loss",
+                    height=240,
+                    elem_id="b4m-plot",
                 )
                 sample = gr.Image(label="Composed", type="filepath", interactive=False)
                 command = gr.Code(label="Equivalent command", language="shell", elem_id="b4m-command")
                 config_text = gr.Code(label="Equivalent YAML (studio break-for-make --config FILE)", language="yaml")
         with gr.Accordion("Compose with a finished Break-for-Make run", open=True):
-            compose_run = gr.Dropdown(studio.run_names((B4M_KIND,), "finished"), label="Run")
+            # The user's finished runs, filled in on load; any name is taken, compose_argv checks it.
+            compose_run = gr.Dropdown([], label="Run", allow_custom_value=True)
             compose.render(None)
             compose_button = gr.Button("Compose")
             compose_image = gr.Image(label="Composition", type="filepath", interactive=False)
@@ -66,21 +73,34 @@ def build(studio: Studio, app) -> dict[str, Form]:
         start.click(
             *with_owner(begin, named), [job_id, status, command, config_text], concurrency_limit=4, api_name="start_b4m"
         )
-        cancel.click(guarded(studio.cancel), job_id, status, api_name="cancel_b4m")
 
-        def poll(current):
+        def stop(current, owner):
+            return studio.cancel(current, owner, (B4M_KIND,))
+
+        cancel.click(*with_owner(stop, {"job": job_id}), status, api_name="cancel_b4m")
+
+        def finished_runs(owner):
+            return gr.update(choices=studio.run_names((B4M_KIND,), "finished", owner=owner))
+
+        app.load(*with_owner(finished_runs, {}), compose_run, api_visibility="private")
+        tab.select(*with_owner(finished_runs, {}), compose_run, api_visibility="private")
+
+        def poll(current, owner):
+            current = studio.follow(current, (B4M_KIND,), owner)
             if not current:
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            text, points, image, _ = studio.poll(current)
-            finished = studio.run_names((B4M_KIND,), "finished")
-            return text, plot_frame(points), image, gr.update(choices=finished)
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            text, points, image, _ = studio.poll(current, owner)
+            return text, plot_frame(points, B4M_STAGES), image, finished_runs(owner), current
 
-        gr.Timer(2.0).tick(guarded(poll), job_id, [status, plot, sample, compose_run], show_progress="hidden")
+        gr.Timer(2.0).tick(
+            *with_owner(poll, {"job": job_id}),
+            [status, plot, sample, compose_run, job_id],
+            show_progress="hidden",
+            api_name="poll_b4m",
+        )
 
         def do_compose(run_name, *raw, owner):
-            out = studio.workspace.new_output(stem=f"compose-{run_name}")
-            studio.run_light(studio.compose_argv(run_name, compose.values(*raw), out), owner=owner)
-            return str(out)
+            return studio.compose(run_name, compose.values(*raw), owner=owner)
 
         compose_button.click(
             *with_owner(do_compose, {"run": compose_run, **compose.named_inputs}),

@@ -29,7 +29,9 @@ def guarded(function: Callable) -> Callable:
 
 
 def owner_of(request: Any) -> str:
-    return getattr(request, "session_hash", None) or ""
+    """Who asks: the logged-in user (with a login every user has their own runs and jobs), else the
+    browser session (without a login everything is shared; the session only counts queued jobs)."""
+    return getattr(request, "username", None) or getattr(request, "session_hash", None) or ""
 
 
 def with_owner(function: Callable, named: dict[str, Any]) -> tuple[Callable, list]:
@@ -62,10 +64,21 @@ def with_owner(function: Callable, named: dict[str, Any]) -> tuple[Callable, lis
     return guarded(handler), list(named.values())
 
 
-def plot_frame(points: dict):
+def plot_frame(points: dict, stages: tuple[str, ...] = ()):
+    """The loss plot's frame: typed columns (an empty frame is numeric too, so the plot's axes are), and
+    one empty row per name in `stages`. Gradio's plot fixes its colour scale when it first draws and
+    afterwards only swaps the data, so every stage a run will log must be in the frame from the start
+    (Break-for-Make: break-content, break-style, make) or the later stages are never drawn."""
     import pandas as pd
 
-    return pd.DataFrame(points, columns=["step", "loss", "stage"])
+    frame = pd.DataFrame(
+        {
+            "step": pd.Series([*points["step"], *[None] * len(stages)], dtype="Int64"),
+            "loss": pd.Series([*points["loss"], *[None] * len(stages)], dtype="float64"),
+            "stage": pd.Series([*points["stage"], *stages], dtype="object"),
+        }
+    )
+    return frame
 
 
 def live_preview(app, preview: Callable, form: Form, page_inputs: list, outputs: list) -> None:

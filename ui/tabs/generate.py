@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from studio import api
 from ui.forms import Form
 from ui.studio import FORM_OPTIONS, NO_ADAPTER, TRAIN_KINDS, Studio
 from ui.tabs.common import with_owner
@@ -16,17 +15,19 @@ def build(studio: Studio, app) -> dict[str, Form]:
     form = Form(
         "generate", prefix="generate", only=FORM_OPTIONS["generate"], initial={"prompt": "a star in neon style"}
     )
-    with gr.Tab("Generate & compose", id="generate"):
+    with gr.Tab("Generate & compose", id="generate") as tab:
         gr.Markdown(
             "Base model: the embedded tiny SD. Pick up to three trained adapters with weights "
             "(LoRA-style sum: base + Σ weight · adapter)."
         )
-        # The `--adapter PATH:WEIGHT` option, as the browser may name it: finished runs by name.
+        # The `--adapter PATH:WEIGHT` option, as the browser may name it: finished runs by name (the
+        # user's own, listed when the page loads, when the tab opens and on Refresh).
         slots = []
-        trained = studio.run_names(TRAIN_KINDS, "finished")
         for index in range(ADAPTER_SLOTS):
             with gr.Row():
-                run = gr.Dropdown([NO_ADAPTER, *trained], value=NO_ADAPTER, label=f"Adapter {index + 1}")
+                run = gr.Dropdown(  # any name: generate_argv checks it server-side (the user's finished run)
+                    [NO_ADAPTER], value=NO_ADAPTER, label=f"Adapter {index + 1}", allow_custom_value=True
+                )
                 slots.append((run, gr.Slider(-1, 2, 1.0, step=0.05, label="Weight")))
         form.render(None)
         with gr.Row():
@@ -39,11 +40,9 @@ def build(studio: Studio, app) -> dict[str, Form]:
         def generate(*values, owner: str):
             picks, raw, shown = values[: 2 * ADAPTER_SLOTS], values[2 * ADAPTER_SLOTS : -1], values[-1]
             adapters = [(picks[i], picks[i + 1]) for i in range(0, len(picks), 2) if picks[i] not in (None, NO_ADAPTER)]
-            out = studio.workspace.new_output(stem="generate")
-            argv = studio.generate_argv(adapters, form.values(*raw), out)
-            studio.run_light(argv, owner=owner)
-            shown = [str(out), *(shown or [])][:12]
-            return shown, shown, api.command_line(argv)
+            image, command_text = studio.generate(adapters, form.values(*raw), owner=owner)
+            shown = [image, *(shown or [])][:12]
+            return shown, shown, command_text
 
         named = {f"{part}_{i + 1}": c for i, slot in enumerate(slots) for part, c in zip(("adapter", "weight"), slot)}
         button.click(
@@ -52,9 +51,13 @@ def build(studio: Studio, app) -> dict[str, Form]:
             concurrency_limit=2,
             api_name="generate",
         )
-        refresh.click(
-            lambda: [gr.update(choices=[NO_ADAPTER, *studio.run_names(TRAIN_KINDS, "finished")])] * ADAPTER_SLOTS,
-            None,
-            [slot[0] for slot in slots],
-        )
+
+        def adapters(owner):
+            choices = [NO_ADAPTER, *studio.run_names(TRAIN_KINDS, "finished", owner=owner)]
+            return [gr.update(choices=choices)] * ADAPTER_SLOTS
+
+        pickers = [slot[0] for slot in slots]
+        refresh.click(*with_owner(adapters, {}), pickers, api_name="generate_adapters")
+        tab.select(*with_owner(adapters, {}), pickers, api_visibility="private")
+        app.load(*with_owner(adapters, {}), pickers, api_visibility="private")
     return {"generate": form}

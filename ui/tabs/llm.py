@@ -6,7 +6,7 @@ from studio import api
 from ui.forms import Form
 from ui.progress import loss_points
 from ui.studio import FORM_OPTIONS, LLM_BASE_ONLY, LLM_EMBEDDED, LLM_KIND, Studio
-from ui.tabs.common import guarded, live_preview, method_text, plot_frame, wire_method_help, with_owner
+from ui.tabs.common import live_preview, method_text, plot_frame, wire_method_help, with_owner
 
 CHAT_PROMPT = "bexa has 8 cheese and buys 2 more . how many cheese does bexa have ?"
 
@@ -17,7 +17,7 @@ def build(studio: Studio, app) -> dict[str, Form]:
     form = Form(LLM_KIND, prefix="llm")
     chat = Form("chat", prefix="llm-chat", only=FORM_OPTIONS["chat"], initial={"prompt": CHAT_PROMPT})
     task = api.embedded_llm_task()
-    with gr.Tab("LLM", id="llm"):
+    with gr.Tab("LLM", id="llm") as tab:
         job_id = gr.State(None)
         gr.Markdown(
             "Fine-tune the embedded tiny Llama with any method (`studio train-llm`), then talk to the "
@@ -61,7 +61,7 @@ def build(studio: Studio, app) -> dict[str, Form]:
         with gr.Accordion("Chat with a finished run", open=True):
             with gr.Row():
                 chat_run = gr.Dropdown(
-                    [LLM_BASE_ONLY, *studio.run_names((LLM_KIND,), "finished")],
+                    [LLM_BASE_ONLY],  # + the user's finished LLM runs, listed on load, on Refresh and as runs end
                     value=LLM_BASE_ONLY,
                     label="Run",
                     elem_id="llm-chat-run",
@@ -96,21 +96,31 @@ def build(studio: Studio, app) -> dict[str, Form]:
             concurrency_limit=4,
             api_name="start_llm",
         )
-        cancel.click(guarded(studio.cancel), job_id, status, api_name="cancel_llm")
 
-        def finished_runs():
-            return gr.update(choices=[LLM_BASE_ONLY, *studio.run_names((LLM_KIND,), "finished")])
+        def stop(current, owner):
+            return studio.cancel(current, owner, (LLM_KIND,))
 
-        def poll(current):
+        cancel.click(*with_owner(stop, {"job": job_id}), status, api_name="cancel_llm")
+
+        def finished_runs(owner):
+            return gr.update(choices=[LLM_BASE_ONLY, *studio.run_names((LLM_KIND,), "finished", owner=owner)])
+
+        def poll(current, owner):
+            current = studio.follow(current, (LLM_KIND,), owner)
             if not current:
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            text, points, table, tail = studio.poll_llm(current)
-            return text, plot_frame(points), table, tail, finished_runs()
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            text, points, table, tail = studio.poll_llm(current, owner)
+            return text, plot_frame(points), table, tail, finished_runs(owner), current
 
         gr.Timer(1.0).tick(
-            guarded(poll), job_id, [status, plot, metrics, log, chat_run], show_progress="hidden", api_name="poll_llm"
+            *with_owner(poll, {"job": job_id}),
+            [status, plot, metrics, log, chat_run, job_id],
+            show_progress="hidden",
+            api_name="poll_llm",
         )
-        chat_refresh.click(finished_runs, None, chat_run, api_name="chat_runs")
+        chat_refresh.click(*with_owner(finished_runs, {}), chat_run, api_name="chat_runs")
+        tab.select(*with_owner(finished_runs, {}), chat_run, api_visibility="private")
+        app.load(*with_owner(finished_runs, {}), chat_run, api_visibility="private")
 
         def talk(run_name, *raw, owner):
             return studio.chat(run_name, chat.values(*raw), owner=owner)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from studio import api
 from ui.forms import Form
 from ui.progress import loss_points
-from ui.studio import DEMO, Studio
-from ui.tabs.common import guarded, live_preview, method_text, plot_frame, wire_method_help, with_owner
+from ui.studio import DEMO, TRAIN_KINDS, Studio
+from ui.tabs.common import live_preview, method_text, plot_frame, wire_method_help, with_owner
 from ui.workspace import UPLOAD_SUFFIXES
 
 
@@ -66,16 +66,26 @@ def build(studio: Studio, app) -> dict[str, Form]:
             concurrency_limit=4,
             api_name="start_training",
         )
-        cancel.click(guarded(studio.cancel), job_id, status, api_name="cancel_training")
 
-        def poll(current):
+        # After a page reload (or a Resume from the Runs tab) the tab has no job id: Cancel and the poll
+        # then take the newest unfinished style/content job of this user from the jobs' records.
+        def stop(current, owner):
+            return studio.cancel(current, owner, TRAIN_KINDS)
+
+        cancel.click(*with_owner(stop, {"job": job_id}), status, api_name="cancel_training")
+
+        def poll(current, owner):
+            current = studio.follow(current, TRAIN_KINDS, owner)
             if not current:
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            text, points, image, tail = studio.poll(current)
-            return text, plot_frame(points), image, tail
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            text, points, image, tail = studio.poll(current, owner)
+            return text, plot_frame(points), image, tail, current
 
         gr.Timer(1.0).tick(
-            guarded(poll), job_id, [status, plot, sample, log], show_progress="hidden", api_name="poll_training"
+            *with_owner(poll, {"job": job_id}),
+            [status, plot, sample, log, job_id],
+            show_progress="hidden",
+            api_name="poll_training",
         )
     return {"train-style": form}
 
