@@ -296,7 +296,9 @@ def run_variant(name: str, args, device: torch.device, dtype: torch.dtype) -> di
                 max_grad_norm=0.0,
                 after_replay=lambda: prepared.handle.after_optimizer_step(refresh=False),
             )
-            inputs = StepInputs(batch.noisy, batch.timesteps, batch.text, batch.noise)
+            inputs = StepInputs(
+                {"sample": batch.noisy, "timestep": batch.timesteps, "encoder_hidden_states": batch.text}, batch.noise
+            )
             step = lambda: trainer_step(inputs).clone()  # noqa: E731
             for _ in range(trainer_step.warmup + 1):  # eager warm-ups, then capture + first replay
                 step()

@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from pipelines.errors import UserError
 
@@ -45,21 +44,40 @@ class GraphCaptureError(RuntimeError):
 
 @dataclass
 class StepInputs:
-    """Everything one training step of the UNet reads (the random draws already made)."""
+    """Everything one training step of the denoiser reads (the random draws already made).
 
-    noisy: torch.Tensor  # noisy latents (N, C, h, w)
-    timesteps: torch.Tensor  # (N,)
-    prompt_embeds: torch.Tensor  # (N, tokens, dim)
-    target: torch.Tensor  # what the UNet should predict: noise, v or the clean latents
+    `model_inputs` are the denoiser's keyword arguments: tensors, or dicts of tensors (SDXL's
+    added_cond_kwargs). For an SD UNet: sample, timestep, encoder_hidden_states; for Flux: packed
+    hidden_states, timestep, guidance, pooled_projections, txt_ids, img_ids, ... (pipelines.families).
+    """
+
+    model_inputs: dict[str, Any]
+    target: torch.Tensor  # what the denoiser should predict: noise, v, the clean latents or a flow velocity
+    weight: torch.Tensor | None = None  # per-sample loss weights (N,), mean 1 over the schedule; None: all 1
+
+    @property
+    def noisy(self) -> torch.Tensor:
+        """The noisy latents: a UNet's `sample`, a transformer's `hidden_states`."""
+        inputs = self.model_inputs
+        return inputs["sample"] if "sample" in inputs else inputs["hidden_states"]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, f.name) for f in fields(self)]
+        """Every tensor, in a fixed order (`with_tensors` rebuilds from such a list)."""
+        return _flatten((self.model_inputs, self.target, self.weight), {})[1]
+
+    def with_tensors(self, tensors: list[torch.Tensor]) -> StepInputs:
+        model_inputs, target, weight = _rebuild((self.model_inputs, self.target, self.weight), iter(tensors))
+        return StepInputs(model_inputs, target, weight)
 
 
-def prediction_loss(unet, inputs: StepInputs) -> torch.Tensor:
-    """MSE between the UNet's prediction and the target, in fp32."""
-    prediction = unet(inputs.noisy, inputs.timesteps, encoder_hidden_states=inputs.prompt_embeds).sample
-    return F.mse_loss(prediction.float(), inputs.target.float())
+def prediction_loss(model, inputs: StepInputs) -> torch.Tensor:
+    """Mean squared error between the denoiser's prediction and the target, in fp32 (per-sample
+    weighted when `inputs.weight` is set)."""
+    prediction = model(**inputs.model_inputs, return_dict=False)[0]
+    error = (prediction.float() - inputs.target.float()) ** 2
+    if inputs.weight is None:
+        return error.mean()
+    return (error.flatten(1).mean(1) * inputs.weight.float()).mean()
 
 
 class CudaGraphFactory:
@@ -130,7 +148,7 @@ class GraphedTrainStep:
         self.calls = 0
 
     def _step(self) -> torch.Tensor:
-        device_type = self.static.noisy.device.type
+        device_type = self.static.target.device.type
         # cache_enabled=False: autocast's weight-cast cache must not outlive a capture.
         with torch.autocast(
             device_type,
@@ -151,7 +169,7 @@ class GraphedTrainStep:
     def __call__(self, inputs: StepInputs) -> torch.Tensor:
         """One training step on `inputs`; returns the loss (a tensor, valid until the next call)."""
         if self.static is None:
-            self.static = StepInputs(*(t.detach().clone() for t in inputs.tensors()))
+            self.static = inputs.with_tensors([t.detach().clone() for t in inputs.tensors()])
         else:
             for buffer, value in zip(self.static.tensors(), inputs.tensors()):
                 if buffer.shape != value.shape or buffer.dtype != value.dtype:

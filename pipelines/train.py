@@ -234,7 +234,9 @@ def step_inputs(
         raise UserError(
             f"the scheduler's prediction_type {prediction_type!r} is not supported (epsilon, v_prediction, sample)"
         )
-    return StepInputs(noisy, timesteps, prompt_embeds.to(dtype), target)
+    return StepInputs(
+        {"sample": noisy, "timestep": timesteps, "encoder_hidden_states": prompt_embeds.to(dtype)}, target
+    )
 
 
 def cuda_graph_blockers(

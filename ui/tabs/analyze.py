@@ -5,7 +5,7 @@ from __future__ import annotations
 from studio import api
 from ui.forms import Form
 from ui.studio import ANALYZE_MODELS, FORM_OPTIONS, NO_ADAPTER, Studio
-from ui.tabs.common import with_owner
+from ui.tabs.common import wire_run_list, with_owner
 
 
 def build(studio: Studio, app) -> dict[str, Form]:
@@ -36,9 +36,7 @@ def build(studio: Studio, app) -> dict[str, Form]:
         def finished_runs(owner):
             return gr.update(choices=[NO_ADAPTER, *studio.run_names(status="finished", owner=owner)])
 
-        refresh.click(*with_owner(finished_runs, {}), run, api_name="analyze_runs")
-        tab.select(*with_owner(finished_runs, {}), run, api_visibility="private")
-        app.load(*with_owner(finished_runs, {}), run, api_visibility="private")
+        wire_run_list(app, tab, refresh, run, finished_runs, api_name="analyze_runs")
 
         def analyze(run_name, *raw, owner):
             return studio.analyze(run_name, form.values(*raw), owner=owner)

@@ -81,6 +81,14 @@ def plot_frame(points: dict, stages: tuple[str, ...] = ()):
     return frame
 
 
+def wire_run_list(app, tab, refresh, dropdown, runs: Callable[[str], Any], api_name: str) -> None:
+    """Fill `dropdown` with runs(owner) when the page loads, when `tab` opens and when `refresh` is clicked
+    (only the click is part of the app's API, as `api_name`)."""
+    refresh.click(*with_owner(runs, {}), dropdown, api_name=api_name)
+    tab.select(*with_owner(runs, {}), dropdown, api_visibility="private")
+    app.load(*with_owner(runs, {}), dropdown, api_visibility="private")
+
+
 def live_preview(app, preview: Callable, form: Form, page_inputs: list, outputs: list) -> None:
     """Show preview(*page values, form values) in `outputs` on load and whenever an input changes;
     a value the form cannot read (2.5 steps) shows as "# <the error>" like any other refusal."""

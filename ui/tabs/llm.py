@@ -6,7 +6,7 @@ from studio import api
 from ui.forms import Form
 from ui.progress import loss_points
 from ui.studio import FORM_OPTIONS, LLM_BASE_ONLY, LLM_EMBEDDED, LLM_KIND, Studio
-from ui.tabs.common import live_preview, method_text, plot_frame, wire_method_help, with_owner
+from ui.tabs.common import live_preview, method_text, plot_frame, wire_method_help, wire_run_list, with_owner
 
 CHAT_PROMPT = "bexa has 8 cheese and buys 2 more . how many cheese does bexa have ?"
 
@@ -118,9 +118,7 @@ def build(studio: Studio, app) -> dict[str, Form]:
             show_progress="hidden",
             api_name="poll_llm",
         )
-        chat_refresh.click(*with_owner(finished_runs, {}), chat_run, api_name="chat_runs")
-        tab.select(*with_owner(finished_runs, {}), chat_run, api_visibility="private")
-        app.load(*with_owner(finished_runs, {}), chat_run, api_visibility="private")
+        wire_run_list(app, tab, chat_refresh, chat_run, finished_runs, api_name="chat_runs")
 
         def talk(run_name, *raw, owner):
             return studio.chat(run_name, chat.values(*raw), owner=owner)
