@@ -43,6 +43,7 @@ import torch
 from peft_core import PlpConfig, attach, get_handle, load, make_joint, precondition_gradients
 from peft_core.io import read_json, write_json
 from pipelines.errors import UserError
+from pipelines.families import family_of
 from pipelines.options import option
 from pipelines.train import (
     UNET_ATTENTION_TARGETS,
@@ -72,7 +73,10 @@ class BreakForMakeConfig:
 
     rank: int = option(8, help="PLP rank r (the paper: 64 on SDXL)", min=1)
     seed: int = option(0, help="seed of the frozen bases and every random draw", min=0, max=2**32 - 1)
-    targets: list[str] = option(list(UNET_ATTENTION_TARGETS), help="UNet modules to adapt", advanced=True)
+    # The attention projections; on SD3/Flux these names are the image stream's q/k/v/out of every block.
+    targets: list[str] = option(
+        list(UNET_ATTENTION_TARGETS), help="denoiser modules to adapt (UNet or DiT)", advanced=True
+    )
     break_steps: int = option(300, help="steps of each break run", min=1)
     make_steps: int = option(100, help="steps of the make fine-tuning", min=0)
     batch_size: int = option(4, help="images per step", min=1)
@@ -139,8 +143,13 @@ class BreakForMakePipeline:
         self.config = config or BreakForMakeConfig()
 
     @property
+    def model(self):
+        """The denoiser the PLPs attach to (the UNet, or SD3's / Flux's transformer)."""
+        return family_of(self.pipe).denoiser(self.pipe)
+
+    @property
     def handle(self):
-        return get_handle(self.pipe.unet)
+        return get_handle(self.model)
 
     def __call__(
         self,
@@ -169,14 +178,13 @@ class BreakForMakePipeline:
         if self.config.mcp_loss not in ("shared", "separate"):
             raise UserError(f"mcp_loss must be 'shared' or 'separate', got {self.config.mcp_loss!r}")
         if self.handle is not None and set(self.handle.adapter_names) & {"content", "style", "joint"}:
-            raise UserError("this pipeline's UNet already has B4M adapters; load a fresh base model to train again")
+            raise UserError("this pipeline's denoiser already has B4M adapters; load a fresh base model to train again")
         emit = on_event or (lambda event: None)
         run_dir = Path(run_dir) if run_dir is not None else None
         self._should_stop = should_stop or stop_file_exists(run_dir)
         self._run_dir = run_dir
-        self.pipe.unet.requires_grad_(False)
-        self.pipe.text_encoder.requires_grad_(False)
-        self.pipe.vae.requires_grad_(False)
+        for module in family_of(self.pipe).frozen_modules(self.pipe):
+            module.requires_grad_(False)
         plp = PlpConfig(
             targets=self.config.targets, r=self.config.rank, seed=self.config.seed, centered=self.config.centered
         )
@@ -207,7 +215,7 @@ class BreakForMakePipeline:
         """One break run, or its saved result when an earlier call with this run_dir finished it."""
         stage = self._run_dir / "stages" / name if self._run_dir is not None else None
         if stage is not None and stage.is_dir():
-            load(self.pipe.unet, stage, name=name)
+            load(self.model, stage, name=name)
             emit(TrainEvent(f"break-{name}", self.config.break_steps, self.config.break_steps, path=str(stage)))
             return
         self._break(name, plp, main_data, partner_sets, main, partner, emit)
@@ -234,7 +242,7 @@ class BreakForMakePipeline:
     def _break(self, name: str, plp: PlpConfig, main_data, partner_sets: list, main: str, partner: str, emit) -> None:
         config = self.config
         if self.handle is None:
-            attach(self.pipe.unet, plp, name=name)
+            attach(self.model, plp, name=name)
         else:
             self.handle.add(plp, name=name)
         handle = self.handle
@@ -247,7 +255,7 @@ class BreakForMakePipeline:
         partner_opt = torch.optim.AdamW(
             partner_params, lr=config.main_lr * config.partner_lr_ratio, weight_decay=config.weight_decay
         )
-        self.pipe.unet.train()
+        self.model.train()
         guard = self._guard(f"break-{name}", config.break_steps, emit)
         in_step_loop(True)  # a stop signal now ends the stage after the step in progress (see _stop_if_requested)
         for step in range(config.break_steps):
@@ -275,9 +283,7 @@ class BreakForMakePipeline:
     def _loss(self, data, seed: int, step: int, generator: torch.Generator) -> torch.Tensor:
         """The diffusion loss of step `step`'s batch of `data` (an epoch-wise order from `seed`)."""
         batch = sample_batch(data, self.config.batch_size, seed, step)
-        return diffusion_loss(
-            self.pipe, self.pipe.unet, batch, generator, self.pipe.unet.device, torch.float32, self._noise
-        )
+        return diffusion_loss(self.pipe, self.model, batch, generator, self.model.device, torch.float32, self._noise)
 
     def _make(self, content, style, emit) -> None:
         config, handle = self.config, self.handle
@@ -372,5 +378,5 @@ class BreakForMakePipeline:
         record = read_json(directory / "b4m.json")
         b4m = cls(pipe, BreakForMakeConfig(**record["config"]))
         for name in record["adapters"]:
-            load(pipe.unet, directory / name, name=name)
+            load(family_of(pipe).denoiser(pipe), directory / name, name=name)
         return b4m

@@ -1,12 +1,14 @@
-"""Loading base models: the embedded tiny ones shipped in assets/, or any Stable Diffusion the user names.
+"""Loading base models: the embedded tiny ones shipped in assets/, or any diffusion model the user names.
 
 `load_base(spec)` accepts, in the order it tries them:
   1. the embedded name ("embedded", "embedded-tiny-sd") or None: the tiny SD in assets/tiny-sd/;
   2. a local diffusers folder (it has a model_index.json);
   3. a single-file checkpoint (.safetensors / .ckpt), through `from_single_file`;
   4. a Hugging Face hub id ("owner/name"), through `from_pretrained` (cache or network).
-Whatever the source, the result is a diffusers `StableDiffusionPipeline`, so the code after it is
-the same for the demo model and for a real SD 1.x. Failures say which of the four was meant.
+The model family (SD 1.x/2.x, SDXL, SD3/3.5, Flux.1: pipelines.families) is read from the folder's
+model_index.json, the file's tensor names or the hub model's pipeline class; `family=` overrides it.
+The result is that family's diffusers pipeline, so the code after it is the same for the demo model
+and for a real SDXL or Flux. Failures say which of the four was meant.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import warnings
 from pathlib import Path
 
 from pipelines.errors import UserError
+from pipelines.families import Family, family_from_folder, family_from_keys, family_of, get_family
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_SD = ASSETS / "tiny-sd"
@@ -31,8 +34,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".bin")  # refused unless allow_pickle=True
 _PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # in a model folder: never read
-# Tensor-name prefixes of a Stable Diffusion UNet in a single file: the original format, or diffusers'.
-_SD_KEY_PREFIXES = ("model.diffusion_model.", "down_blocks.", "unet.")
 
 
 def load_base(
@@ -40,28 +41,76 @@ def load_base(
     torch_dtype=None,
     device: str | None = None,
     allow_pickle: bool = False,
+    family: str | None = None,
     **kwargs,
 ):
-    """A `StableDiffusionPipeline` from the embedded name, a folder, a single file or a hub id,
+    """The family's diffusers pipeline from the embedded name, a folder, a single file or a hub id,
     moved to `device` (default: CUDA when available, else the CPU).
 
+    `family` ("sd", "sdxl", "sd3", "flux") overrides what the model says it is.
     Single-file pickle checkpoints (.ckpt/.pt/.bin) are refused unless `allow_pickle=True` (with a warning).
-
     `torch_dtype` and other keyword arguments go to diffusers' loader unchanged.
     """
     import torch
 
-    pipe = _load_pipeline(spec, torch_dtype, kwargs, allow_pickle)
+    pipe = _load_pipeline(spec, torch_dtype, kwargs, allow_pickle, family)
+    family_of(pipe)  # a pipeline of another kind (a hub id of an unsupported model) is refused here
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _load_pipeline(spec: str | os.PathLike | None, torch_dtype, kwargs: dict, allow_pickle: bool = False):
-    from diffusers import StableDiffusionPipeline
+BASE_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
+
+def base_dtype_option():
+    """--base-dtype, one definition for every command that loads a diffusion base."""
+    from pipelines.options import option
+
+    return option(
+        "float32",
+        help="dtype of the frozen base weights: bfloat16 halves their memory (Flux.1-dev: 24 GB instead of 48); "
+        "training with it needs --mixed-precision bf16",
+        choices=tuple(BASE_DTYPES),
+        advanced=True,
+        ui=False,  # the UI trains and draws with the embedded base
+    )
+
+
+def torch_dtype(name: str | None):
+    """The torch dtype of a --base-dtype value (None for float32: diffusers' default)."""
+    import torch
+
+    return None if name in (None, "float32") else getattr(torch, BASE_DTYPES[name])
+
+
+def quantize_denoiser_nf4(pipe, compute_dtype=None) -> int:
+    """A QLoRA-style base: every nn.Linear of the pipeline's denoiser becomes a bitsandbytes NF4 layer (double
+    quantization, bf16 compute), as diffusers' 4-bit loading does. Returns how many layers it replaced."""
+    import torch
+    from torch import nn
+
+    from peft_core.methods.loram import quantize_nf4
+
+    model = family_of(pipe).denoiser(pipe)
+    linear = [name for name, module in model.named_modules() if type(module) is nn.Linear]
+    quantize_nf4(model, tuple({name.rpartition(".")[2] for name in linear}), compute_dtype or torch.bfloat16)
+    return len(linear)
+
+
+def pipeline_class(family: Family):
+    import diffusers
+
+    return getattr(diffusers, family.pipeline_class)
+
+
+def _load_pipeline(
+    spec: str | os.PathLike | None, torch_dtype, kwargs: dict, allow_pickle: bool = False, family: str | None = None
+):
+    chosen = get_family(family) if family else None
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     if spec is None or str(spec) in EMBEDDED_NAMES:
-        return _load_folder(StableDiffusionPipeline, _embedded_folder(EMBEDDED_SD, "tiny SD"), kwargs)
+        embedded = chosen or get_family("sd")
+        return _load_folder(pipeline_class(embedded), _embedded_folder(EMBEDDED_SD, "tiny SD"), kwargs)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -69,7 +118,7 @@ def _load_pipeline(spec: str | os.PathLike | None, torch_dtype, kwargs: dict, al
                 f"{path} is a folder but not a diffusers pipeline (no model_index.json); "
                 "pass a diffusers folder, a .safetensors file, a hub id or 'embedded'"
             )
-        return _load_folder(StableDiffusionPipeline, path, kwargs)
+        return _load_folder(pipeline_class(chosen or family_from_folder(path)), path, kwargs)
     if path.is_file():
         if path.suffix not in _SINGLE_FILE_SUFFIXES:
             raise UserError(f"{path} is not a checkpoint file (expected one of {', '.join(_SINGLE_FILE_SUFFIXES)})")
@@ -84,11 +133,11 @@ def _load_pipeline(spec: str | os.PathLike | None, torch_dtype, kwargs: dict, al
                 f"loading pickle checkpoint {path} (allow_pickle=True): only do this for files you trust", stacklevel=3
             )
         else:
-            _check_sd_safetensors(path)
+            chosen = chosen or _safetensors_family(path)
         # Converting an original-format checkpoint needs its config; offline, diffusers can only
         # build it from the cache, so say so rather than surface a hub error.
         try:
-            return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+            return pipeline_class(chosen or get_family("sd")).from_single_file(str(path), **kwargs)
         except Exception as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             network = any(word in first for word in ("Connect", "connection", "offline", "resolve", "Name or service"))
@@ -105,12 +154,17 @@ def _load_pipeline(spec: str | os.PathLike | None, torch_dtype, kwargs: dict, al
             f"base model {str(spec)!r} not found: no such folder or file, and not a hub id "
             f"(owner/name); use 'embedded' for the built-in tiny model"
         )
-    return _load_hub(StableDiffusionPipeline, str(spec), kwargs)
+    if chosen is None:
+        from diffusers import DiffusionPipeline
+
+        return _load_hub(DiffusionPipeline, str(spec), kwargs)  # the model's own pipeline class
+    return _load_hub(pipeline_class(chosen), str(spec), kwargs)
 
 
-def _check_sd_safetensors(path: Path) -> None:
-    """A .safetensors base must be readable and hold a Stable Diffusion UNet; anything else would send
-    diffusers looking for a config on the hub, with an error about the network instead of the file."""
+def _safetensors_family(path: Path) -> Family:
+    """The family of a .safetensors base from its tensor names. It must be readable and hold a model of
+    a known family; anything else would send diffusers looking for a config on the hub, with an error
+    about the network instead of the file."""
     from safetensors import safe_open
 
     try:
@@ -121,12 +175,15 @@ def _check_sd_safetensors(path: Path) -> None:
             f"could not load single-file checkpoint {path}: not a readable safetensors file "
             f"({str(error).splitlines()[0] if str(error) else error}); it may be truncated, or not a model"
         ) from None
-    if not any(key.startswith(_SD_KEY_PREFIXES) for key in keys):
+    family = family_from_keys(keys)
+    if family is None:
         sample = ", ".join(keys[:3]) or "no tensors"
         raise UserError(
-            f"could not load single-file checkpoint {path}: it holds no Stable Diffusion weights ({len(keys)} "
-            f"tensor(s): {sample}); pass an SD 1.x/2.x checkpoint, a diffusers folder, a hub id or 'embedded'"
+            f"could not load single-file checkpoint {path}: it holds no Stable Diffusion weights (SD 1.x/2.x, SDXL, "
+            f"SD3) nor Flux.1 weights ({len(keys)} tensor(s): {sample}); pass such a checkpoint, a diffusers folder, "
+            "a hub id or 'embedded' (or name the family with --family)"
         )
+    return family
 
 
 def refuse_pickle_weights(folder: Path) -> None:

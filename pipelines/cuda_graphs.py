@@ -309,23 +309,30 @@ class GraphedForward:
 
 @contextlib.contextmanager
 def graphed_unet(pipe, enabled: bool = True, graph_factory=None) -> Iterator[GraphedForward | None]:
-    """Within the block, `pipe.unet`'s forward is replayed from CUDA graphs (one per input shape).
+    """`graphed_forward` of `pipe.unet`."""
+    with graphed_forward(pipe.unet, enabled, graph_factory) as runner:
+        yield runner
+
+
+@contextlib.contextmanager
+def graphed_forward(model, enabled: bool = True, graph_factory=None) -> Iterator[GraphedForward | None]:
+    """Within the block, `model`'s forward (a pipeline's UNet or transformer) is replayed from CUDA
+    graphs (one per input shape).
 
     Only for inference with a fixed adapter setup: leave the block before changing adapters,
-    weights or mixes. `enabled=False` (or a UNet not on CUDA without a stand-in factory) leaves the
-    UNet eager."""
-    unet = pipe.unet
-    if not enabled or (graph_factory is None and unet.device.type != "cuda"):
+    weights or mixes. `enabled=False` (or a model not on CUDA without a stand-in factory) leaves it
+    eager."""
+    if not enabled or (graph_factory is None and model.device.type != "cuda"):
         yield None
         return
-    previous = unet.__dict__.get("forward")  # accelerate's mixed-precision wrapper, if it set one
-    runner = GraphedForward(unet.forward, graph_factory)
-    unet.forward = runner  # an instance attribute shadows the class's forward for this block only
+    previous = model.__dict__.get("forward")  # accelerate's mixed-precision wrapper, if it set one
+    runner = GraphedForward(model.forward, graph_factory)
+    model.forward = runner  # an instance attribute shadows the class's forward for this block only
     try:
         with torch.no_grad():
             yield runner
     finally:
         if previous is None:
-            del unet.forward
+            del model.forward
         else:
-            unet.forward = previous
+            model.forward = previous

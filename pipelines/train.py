@@ -27,13 +27,14 @@ the LR schedule, accelerate, the stop protocol and the event type are the shared
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,14 @@ from pipelines.cuda_graphs import (
     GraphedTrainStep,
     StepInputs,
     capturable_adamw,
-    graphed_unet,
+    graphed_forward,
     make_capturable,
     prediction_loss,
 )
 from pipelines.errors import UserError
+from pipelines.families import family_of, sd
 from pipelines.options import check_fields, option
+from pipelines.step_cache import StepCache
 from pipelines.training import (
     LR_SCHEDULES,
     MIXED_PRECISIONS,
@@ -69,6 +72,7 @@ from pipelines.training import (
     make_lr_scheduler,
     make_optimizer,
     non_finite_tensors,
+    process_state,
     save_step_checkpoint,
     serve_stop,
     stop_file_exists,
@@ -101,8 +105,8 @@ __all__ = [
 ]
 
 # Every attention projection of an SD UNet (self- and cross-attention): the usual adapter targets.
-UNET_ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+UNET_ATTENTION_TARGETS = list(sd.UNET_ATTENTION_TARGETS)
+TEXT_ENCODER_TARGETS = list(sd.TEXT_ENCODER_TARGETS)
 
 
 @dataclass
@@ -129,6 +133,18 @@ class TrainConfig:
     sample_steps: int = option(20, help="denoising steps of the sample grids", min=1, max=1000)
     sample_guidance: float = option(5.0, help="classifier-free guidance of the sample grids", min=0, advanced=True)
     train_text_encoder: bool = option(False, help="also adapt the text encoder's attention projections", advanced=True)
+    cache_text_embeddings: bool = option(
+        False,
+        help="encode every caption once before training and move the text encoders to the CPU (back for sample "
+        "grids only): the T5 of SD3/Flux leaves the GPU",
+        advanced=True,
+    )
+    cache_latents: bool = option(
+        False,
+        help="encode every image once before training (center crops, no flips) and move the VAE to the CPU (back "
+        "for sample grids only); the latent sample is still drawn every step",
+        advanced=True,
+    )
     calibration_samples: int = option(
         64, help="CorDA / SPT: training images their data step looks at before training", min=1, advanced=True
     )
@@ -150,6 +166,7 @@ class TrainConfig:
 class Batch:
     pixel_values: torch.Tensor  # (N, 3, H, W) in [-1, 1]
     prompts: list[str]
+    indices: list[int] = field(default_factory=list)  # the dataset items (a StepCache looks them up)
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -163,80 +180,74 @@ def sample_batch(
     """This process's share of step `step`'s batch: an epoch-wise permutation, walked in order."""
     n = len(dataset)
     global_batch = batch_size * num_processes
-    items = []
+    items, indices = [], []
     for k in range(batch_size):
         position = step * global_batch + process_index * batch_size + k
         epoch, offset = divmod(position, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch))
         if hasattr(dataset, "set_epoch"):  # new random crops/flips each epoch, reproducibly
             dataset.set_epoch(epoch)
-        items.append(dataset[int(order[offset])])
-    return Batch(torch.stack([item["pixel_values"] for item in items]), [item["prompt"] for item in items])
+        indices.append(int(order[offset]))
+        items.append(dataset[indices[-1]])
+    return Batch(torch.stack([item["pixel_values"] for item in items]), [item["prompt"] for item in items], indices)
 
 
-def encode_prompts(pipe, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
-    tokens = pipe.tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
-    return pipe.text_encoder(tokens)[0]
+def encode_prompts(pipe, prompts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """The denoiser's text conditioning for `prompts` (keyword tensors; see pipelines.families)."""
+    return family_of(pipe).encode_prompts(pipe, prompts, device)
 
 
 def training_scheduler(pipe):
-    """A DDPM scheduler with the pipeline's noise schedule, owned by the training loop.
+    """The noise schedule the training loop draws from, owned by the loop.
 
     Never train through `pipe.scheduler`: samplers such as DPM-Solver keep state (their timestep
     grid changes on every `set_timesteps`), so sampling mid-training would corrupt `add_noise`.
     """
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(pipe.scheduler.config)
+    return family_of(pipe).training_scheduler(pipe)
 
 
 def diffusion_loss(
-    pipe, unet, batch: Batch, generator: torch.Generator, device: torch.device, dtype: torch.dtype, scheduler=None
+    pipe,
+    model,
+    batch: Batch,
+    generator: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype,
+    scheduler=None,
+    share: tuple[int, int] = (0, 1),
+    cache: StepCache | None = None,
 ) -> torch.Tensor:
-    """The noise-prediction loss of one batch, with the scheduler's prediction type.
+    """The training loss of one batch: the family's objective (noise prediction with the scheduler's
+    prediction type, or rectified flow).
 
-    `unet` is pipe.unet as accelerate prepared it (DDP-wrapped when there are several processes);
+    `model` is the pipeline's denoiser as accelerate prepared it (DDP-wrapped with several processes);
     `scheduler` is the training noise scheduler (default: `training_scheduler(pipe)`)."""
-    return prediction_loss(unet, step_inputs(pipe, batch, generator, device, dtype, scheduler))
+    return prediction_loss(model, step_inputs(pipe, batch, generator, device, dtype, scheduler, share, cache))
 
 
 def step_inputs(
-    pipe, batch: Batch, generator: torch.Generator, device: torch.device, dtype: torch.dtype, scheduler=None
+    pipe,
+    batch: Batch,
+    generator: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype,
+    scheduler=None,
+    share: tuple[int, int] = (0, 1),
+    cache: StepCache | None = None,
 ) -> StepInputs:
-    """Every random draw of one step, and what the UNet is given and should predict."""
-    scheduler = scheduler or training_scheduler(pipe)
-    with torch.no_grad():
-        posterior = pipe.vae.encode(batch.pixel_values.to(device, pipe.vae.dtype)).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(
-            device, posterior.mean.dtype
-        )
-        latents = (latents * pipe.vae.config.scaling_factor).to(dtype)
-    noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(
-        device
-    )
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    prompt_embeds = encode_prompts(pipe, batch.prompts, device)
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    elif prediction_type == "sample":
-        target = latents
+    """Every random draw of one step (a latent sample, then the family's noise and timestep), and what
+    the denoiser is given and should predict. `share` = (process index, processes): each process keeps
+    its rows of draws made for the global batch, so N processes draw what one process would. With a
+    `cache` (pipelines.step_cache), captions and image posteriors come from it; the draws are the same."""
+    family = family_of(pipe)
+    scheduler = scheduler or family.training_scheduler(pipe)
+    if cache is None:
+        latents = family.image_latents(pipe, batch.pixel_values, generator, device, share)
+        conditioning = family.encode_prompts(pipe, batch.prompts, device)
     else:
-        raise UserError(
-            f"the scheduler's prediction_type {prediction_type!r} is not supported (epsilon, v_prediction, sample)"
-        )
-    return StepInputs(
-        {"sample": noisy, "timestep": timesteps, "encoder_hidden_states": prompt_embeds.to(dtype)}, target
-    )
+        latents = cache.latents(pipe, batch.pixel_values, batch.indices, generator, device, share)
+        conditioning = cache.encode_prompts(pipe, batch.prompts, device)
+    return family.noised_inputs(pipe, latents, conditioning, generator, scheduler, dtype, share)
 
 
 def cuda_graph_blockers(
@@ -276,13 +287,15 @@ def generate(
     On CUDA the UNet's denoising calls replay from a CUDA graph recorded for this call (adapters
     applied on the fly then cost launches no more); `cuda_graph=False` keeps them eager.
     Adapters with NaN/inf weights or weight multipliers are refused (UserError): they give black images."""
-    check_adapters_usable(get_handle(pipe.unet))
-    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    device = pipe.unet.device
+    family = family_of(pipe)
+    model = family.denoiser(pipe)
+    check_adapters_usable(get_handle(model))
+    size = size or family.default_size(pipe)
+    device = model.device
     generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(prompts))]
-    was_training = pipe.unet.training
-    pipe.unet.eval()
-    with graphed_unet(pipe, enabled=cuda_graph and steps > 2):
+    was_training = model.training
+    model.eval()
+    with graphed_forward(model, enabled=cuda_graph and steps > 2):
         images = pipe(
             list(prompts),
             num_inference_steps=steps,
@@ -292,7 +305,7 @@ def generate(
             generator=generators,
             output_type="pil",
         ).images
-    pipe.unet.train(was_training)
+    model.train(was_training)
     return images
 
 
@@ -354,7 +367,8 @@ def train_adapter(
     handle: AdapterHandle | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> AdapterHandle:
-    """Train adapter `adapter_name` on `pipe.unet` (+ text encoder) with `dataset`; returns the UNet's handle.
+    """Train adapter `adapter_name` on the pipeline's denoiser (its UNet or transformer; + the text encoder)
+    with `dataset`; returns the denoiser's handle.
 
     `dataset[i]` is a dict with "pixel_values" (3, H, W) in [-1, 1] and "prompt". If `handle`
     already holds `adapter_name` (e.g. Break-for-Make's make stage), that adapter is trained.
@@ -362,7 +376,7 @@ def train_adapter(
     `should_stop()` is asked after every step (default: does `run_dir/STOP` exist?); see the module docstring.
     """
     # 1. Check inputs before touching the model.
-    text_encoder_adapter = _check_inputs(dataset, adapter_config, config, text_encoder_adapter)
+    text_encoder_adapter = _check_inputs(pipe, dataset, adapter_config, config, text_encoder_adapter)
     run_dir = Path(run_dir)
     should_stop = should_stop or stop_file_exists(run_dir)
 
@@ -379,7 +393,7 @@ def train_adapter(
         loop.graph_step = _record_step(loop)
 
     # 4. Train.
-    loop.unet.train()
+    loop.model.train()
     started, losses = time.perf_counter(), []
     in_step_loop(True)  # a stop signal now finishes the step in progress and checkpoints it
     for step in range(start_step, config.steps):
@@ -429,17 +443,28 @@ class _Loop:
     parameters: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
-    unet: Any  # pipe.unet, as accelerate prepared it when eager
+    model: Any  # the denoiser, as accelerate prepared it when eager
     autocast: Callable[[], AbstractContextManager]
     noise_scheduler: Any
     graphed: bool
     graph_step: GraphedTrainStep | None = None
     emit: Callable[[TrainEvent], Any] = lambda event: None
     guard: DivergenceGuard | None = None  # checks each step's loss and the adapters before every write
+    cache: StepCache | None = None  # captions / image posteriors encoded once (cache_text_embeddings, cache_latents)
 
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def share(self) -> tuple[int, int]:
+        """(this process, processes): each process keeps its rows of the global batch's draws."""
+        return self.accelerator.process_index, self.accelerator.num_processes
+
+    @property
+    def sample_size(self) -> int | None:
+        """Sample grids are drawn at the training resolution (the dataset's, when it says)."""
+        return getattr(self.dataset, "resolution", None)
 
     def batch(self, micro_step: int) -> Batch:
         config, accelerator = self.config, self.accelerator
@@ -454,10 +479,22 @@ class _Loop:
 
 
 def _check_inputs(
-    dataset, adapter_config: AdapterConfig, config: TrainConfig, text_encoder_adapter: AdapterConfig | None
+    pipe, dataset, adapter_config: AdapterConfig, config: TrainConfig, text_encoder_adapter: AdapterConfig | None
 ) -> AdapterConfig | None:
-    """Fail on bad settings or data; returns the text encoder's adapter config (None: UNet only)."""
+    """Fail on bad settings or data; returns the text encoder's adapter config (None: denoiser only)."""
     config.check()
+    family = family_of(pipe)
+    trains_text_encoder = config.train_text_encoder or text_encoder_adapter is not None
+    if trains_text_encoder and config.cache_text_embeddings:
+        raise UserError(
+            "cache_text_embeddings encodes the captions once, so the text encoder cannot be trained with it; "
+            "leave out one of --train-text-encoder and --cache-text-embeddings"
+        )
+    if trains_text_encoder and not family.trains_text_encoder:
+        raise UserError(
+            f"training the text encoder is supported on Stable Diffusion 1.x/2.x only, not yet on {family.title}; "
+            "train the denoiser alone (leave out --train-text-encoder)"
+        )
     if len(dataset) == 0:
         raise UserError("the dataset is empty; add images (and captions) to the folder")
     if len(set(getattr(dataset, "bucket_ids", [0]))) > 1:
@@ -469,11 +506,9 @@ def _check_inputs(
     return text_encoder_adapter
 
 
-def _use_cuda_graph(config: TrainConfig, trains_text_encoder: bool) -> bool:
+def _use_cuda_graph(config: TrainConfig, trains_text_encoder: bool, cpu: bool) -> bool:
     """Whether the step replays from a CUDA graph (cuda_graph="on" where it cannot is an error)."""
-    from accelerate import PartialState
-
-    processes = PartialState()  # the device and the process count, before any precision is fixed
+    processes = process_state(cpu)  # the device and the process count, before any precision is fixed
     blockers = cuda_graph_blockers(config, processes.device, processes.num_processes, trains_text_encoder)
     if config.cuda_graph == "on" and blockers:
         raise UserError(
@@ -482,7 +517,7 @@ def _use_cuda_graph(config: TrainConfig, trains_text_encoder: bool) -> bool:
     return config.cuda_graph != "off" and not blockers
 
 
-def attach_unet_adapter(
+def attach_denoiser_adapter(
     pipe,
     dataset,
     adapter_config: AdapterConfig,
@@ -491,18 +526,19 @@ def attach_unet_adapter(
     checkpoint: Path | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> AdapterHandle:
-    """Attach the adapter to the UNet. A method that looks at data first (CorDA's covariances, SPT's
-    sensitivities) runs its prepare step here, on the run's own first `calibration_samples` training
-    images with this loop's objective; a resumed run rebuilds it from its checkpoint instead (the
-    checkpoint's adapter knows its own structure), so a resume needs no data and draws nothing."""
-    spec = get_method(adapter_config.method)
+    """Attach the adapter to the denoiser (UNet or transformer). A method that looks at data first
+    (CorDA's covariances, SPT's sensitivities) runs its prepare step here, on the run's own first
+    `calibration_samples` training images with this loop's objective; a resumed run rebuilds it from
+    its checkpoint instead (the checkpoint's adapter knows its own structure), so a resume needs no
+    data and draws nothing."""
+    spec, model = get_method(adapter_config.method), family_of(pipe).denoiser(pipe)
     if spec.prepare is None:
-        return attach(pipe.unet, adapter_config, name=adapter_name)
+        return attach(model, adapter_config, name=adapter_name)
     if checkpoint is not None:
-        return load(pipe.unet, checkpoint / "adapter" / adapter_name, name=adapter_name, trainable=True)
+        return load(model, checkpoint / "adapter" / adapter_name, name=adapter_name, trainable=True)
     batches = calibration_inputs(pipe, dataset, config, dtype)
-    prepared = spec.prepare(pipe.unet, adapter_config, batches, step=prediction_loss)
-    return attach(pipe.unet, adapter_config, name=adapter_name, prepared=prepared)
+    prepared = spec.prepare(model, adapter_config, batches, step=prediction_loss)
+    return attach(model, adapter_config, name=adapter_name, prepared=prepared)
 
 
 def calibration_inputs(pipe, dataset, config: TrainConfig, dtype: torch.dtype = torch.float32) -> Iterator[StepInputs]:
@@ -510,7 +546,7 @@ def calibration_inputs(pipe, dataset, config: TrainConfig, dtype: torch.dtype = 
     first steps), with their own noise draws, under a progress bar."""
     from tqdm import tqdm
 
-    device = pipe.unet.device
+    device = family_of(pipe).denoiser(pipe).device
     scheduler = training_scheduler(pipe)
     count = min(config.calibration_samples, len(dataset))
     batches = math.ceil(count / config.batch_size)
@@ -537,28 +573,32 @@ def _set_up(
 ) -> _Loop:
     """Accelerate, the frozen base on the device, the adapters, optimizer and LR schedule."""
     torch.manual_seed(config.seed)
-    graphed = _use_cuda_graph(config, text_encoder_adapter is not None)
+    # A pipeline the caller put on the CPU trains there (several CPU processes: gloo), even on a GPU machine.
+    cpu = pipe.device.type == "cpu"
+    graphed = _use_cuda_graph(config, text_encoder_adapter is not None, cpu)
     # Graphed, the step does its own autocast (with the cast cache off, as capture needs); accelerate's
     # mixed-precision forward wrapper would cache casts, so accelerate is told "no".
     accelerator = make_accelerator(
-        "no" if graphed else config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation
+        "no" if graphed else config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation, cpu=cpu
     )
     device = accelerator.device
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    family = family_of(pipe)
+    model = family.denoiser(pipe)
+    for module in family.frozen_modules(pipe):
         module.requires_grad_(False)
     pipe.to(device)
     if pipe.vae.dtype != torch.float32:
         pipe.vae.to(dtype=torch.float32)  # the VAE is only run forward; fp32 avoids fp16 NaNs in its decoder
     if handle is None or adapter_name not in handle.adapter_names:
         checkpoint = latest_checkpoint(run_dir) if resume else None
-        handle = attach_unet_adapter(pipe, dataset, adapter_config, config, adapter_name, checkpoint, dtype)
+        handle = attach_denoiser_adapter(pipe, dataset, adapter_config, config, adapter_name, checkpoint, dtype)
     handle.set_trainable(adapter_name)
     text_handle = None
     if text_encoder_adapter is not None:
         text_handle = attach(pipe.text_encoder, text_encoder_adapter, name=adapter_name)
     if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
     parameters = handle.trainable_parameters() + (text_handle.trainable_parameters() if text_handle else [])
     if graphed:
         optimizer = capturable_adamw(parameters, config.learning_rate, config.weight_decay, device)
@@ -569,14 +609,17 @@ def _set_up(
     if text_handle:
         text_handle.track_optimizer(optimizer)
     if graphed:
-        unet = pipe.unet
 
         def autocast():
             return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     else:
-        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+        model, optimizer = accelerator.prepare(model, optimizer)
         autocast = accelerator.autocast
-    return _Loop(
+    # Captions / images encoded once, their encoders moved to the CPU (after any CorDA/SPT data step above).
+    cache = StepCache.build(
+        pipe, dataset, config.cache_text_embeddings, config.cache_latents, config.batch_size, device
+    )
+    loop = _Loop(
         pipe,
         dataset,
         config,
@@ -589,11 +632,13 @@ def _set_up(
         parameters,
         optimizer,
         lr_scheduler,
-        unet,
+        model,
         autocast,
         training_scheduler(pipe),
         graphed,
     )
+    loop.cache = cache
+    return loop
 
 
 def _resume(loop: _Loop, resume: bool) -> int:
@@ -618,7 +663,7 @@ def _record_step(loop: _Loop) -> GraphedTrainStep:
     # the adapters only need to know their cached state is stale.
     handle = loop.handle
     return GraphedTrainStep(
-        loop.pipe.unet,
+        family_of(loop.pipe).denoiser(loop.pipe),
         loop.optimizer,
         loop.parameters,
         loop.config.max_grad_norm,
@@ -634,7 +679,9 @@ def _graphed_step(loop: _Loop, step: int) -> float | None:
     generator = step_generator(config.seed, step)
     batch = loop.batch(step)
     with torch.no_grad(), loop.autocast():
-        inputs = step_inputs(loop.pipe, batch, generator, loop.device, loop.dtype, loop.noise_scheduler)
+        inputs = step_inputs(
+            loop.pipe, batch, generator, loop.device, loop.dtype, loop.noise_scheduler, loop.share, loop.cache
+        )
     try:
         loss = loop.graph_step(inputs)
     except GraphCaptureError as error:
@@ -656,11 +703,19 @@ def _eager_step(loop: _Loop, step: int) -> float:
     generator = step_generator(config.seed, step)
     step_loss, grad_norm = 0.0, None
     for micro in range(config.gradient_accumulation):
-        with accelerator.accumulate(loop.unet):
+        with accelerator.accumulate(loop.model):
             batch = loop.batch(step * config.gradient_accumulation + micro)
             with loop.autocast():
                 loss = diffusion_loss(
-                    loop.pipe, loop.unet, batch, generator, loop.device, loop.dtype, loop.noise_scheduler
+                    loop.pipe,
+                    loop.model,
+                    batch,
+                    generator,
+                    loop.device,
+                    loop.dtype,
+                    loop.noise_scheduler,
+                    loop.share,
+                    loop.cache,
                 )
             accelerator.backward(loss)
             norm = None
@@ -668,6 +723,8 @@ def _eager_step(loop: _Loop, step: int) -> float:
                 norm = accelerator.clip_grad_norm_(loop.parameters, config.max_grad_norm)
             loop.optimizer.step()
             loop.optimizer.zero_grad(set_to_none=True)
+            if accelerator.num_processes > 1:  # the global batch's loss, the same on every process
+                loss = accelerator.reduce(loss.detach(), reduction="mean")
             loss_value, norm = host_values(loss, norm)  # one host sync, as loss.item() alone was
             step_loss += loss_value / config.gradient_accumulation
             grad_norm = norm if norm is not None else grad_norm
@@ -681,7 +738,7 @@ def _maybe_sample(loop: _Loop, done: int) -> None:
     config = loop.config
     if config.sample_every and done % config.sample_every == 0 and done < config.steps and config.sample_prompts:
         _check_finite(loop, done)
-        path = write_samples(loop.pipe, config, loop.run_dir / "samples" / f"step-{done:06d}.png", loop.accelerator)
+        path = _write_samples(loop, loop.run_dir / "samples" / f"step-{done:06d}.png")
         loop.emit(TrainEvent("sample", done, config.steps, path=str(path)))
 
 
@@ -714,8 +771,12 @@ def _save_final(loop: _Loop) -> None:
     if loop.text_handle:
         loop.text_handle.save(loop.run_dir / "text_encoder_adapter" / name, name=name)
     if loop.config.sample_prompts:
-        path = write_samples(loop.pipe, loop.config, loop.run_dir / "samples" / "final.png", loop.accelerator)
+        path = _write_samples(loop, loop.run_dir / "samples" / "final.png")
         loop.emit(TrainEvent("sample", loop.config.steps, loop.config.steps, path=str(path)))
+
+
+def _write_samples(loop: _Loop, path: Path) -> Path:
+    return write_samples(loop.pipe, loop.config, path, loop.accelerator, loop.sample_size, loop.cache)
 
 
 def _check_finite(loop: _Loop, done: int, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -731,8 +792,18 @@ def handle_state(checkpoint: Path, component: str, name: str) -> dict[str, torch
     return read_safetensors(checkpoint / component / name / "adapter_model.safetensors")
 
 
-def write_samples(pipe, config: TrainConfig, path: Path, accelerator) -> Path:
-    images = generate(
-        pipe, config.sample_prompts, seed=config.seed, steps=config.sample_steps, guidance=config.sample_guidance
-    )
+def write_samples(
+    pipe, config: TrainConfig, path: Path, accelerator, size: int | None = None, cache: StepCache | None = None
+) -> Path:
+    """The sample grid of `config.sample_prompts`, at `size` pixels (None: the model's default size); encoders
+    a `cache` moved to the CPU come back to the device for it."""
+    with cache.offloaded_back() if cache is not None else contextlib.nullcontext():
+        images = generate(
+            pipe,
+            config.sample_prompts,
+            seed=config.seed,
+            steps=config.sample_steps,
+            guidance=config.sample_guidance,
+            size=size,
+        )
     return save_image_atomic(image_grid(images), path)

@@ -147,13 +147,28 @@ def make_accelerator(mixed_precision: str, **options):
     your runtime"). A long-lived process (a notebook, a benchmark; the UI runs each job in its own
     process) may train one run after the other with different settings, and a graphed run asks for
     "no" where accelerate may already hold another value, so the precision part of that state is
-    cleared first; the process-group part (PartialState) is kept."""
+    cleared first; the process-group part (PartialState) is kept, except where a single process asks
+    for the CPU (`cpu=True`) after something in it already set the state up for its GPU: accelerate
+    would refuse that too, and with one process there is no process group to keep."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
+    process_state(cpu=options.get("cpu", False))
     return Accelerator(mixed_precision=mixed_precision, **options)
+
+
+def process_state(cpu: bool = False):
+    """accelerate's `PartialState` (device, process count), on the CPU when `cpu`: a single-process state
+    an earlier call set up for the GPU is dropped first (accelerate would keep the GPU, or refuse)."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    shared = PartialState._shared_state
+    device = shared.get("device")
+    if cpu and device is not None and device.type != "cpu" and shared.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return PartialState(cpu=cpu)
 
 
 def stop_file_exists(run_dir: Path | None) -> Callable[[], bool]:

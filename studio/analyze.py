@@ -204,13 +204,15 @@ def _sd_setup(args: argparse.Namespace, metadata: dict[str, Any]):
 
     from peft_core import load
     from pipelines import load_base
+    from pipelines.families import family_of
 
     pipe = load_base("embedded" if args.model == "embedded-sd" else args.model, device=_device(args.device))
     pipe.set_progress_bar_config(disable=True)
-    pipe.unet.eval()
+    denoiser = family_of(pipe).denoiser(pipe)  # the UNet, or SD3's / Flux's transformer
+    denoiser.eval()
     folder = _adapter_folder(args.adapter)
     if folder is not None:
-        load(pipe.unet, folder)
+        load(denoiser, folder)
     batch_size = args.batch_size or 2
     prompts = _set_prompts(args.batches * batch_size)
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
@@ -234,7 +236,7 @@ def _sd_setup(args: argparse.Namespace, metadata: dict[str, Any]):
             "prompts": prompts,
         }
     )
-    return pipe.unet, batches, step, None
+    return denoiser, batches, step, None
 
 
 def _set_prompts(count: int) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from pipelines.b4m import BreakForMakeConfig
 from pipelines.base import ASSETS
 from pipelines.errors import UserError
+from pipelines.families import family_of, family_option, family_override, resolution_option
 from pipelines.options import build, option
 from studio.options import Section, resume_flags
 from studio.preflight import device_problem, run_record, writable_folder
@@ -39,6 +40,8 @@ class B4mRunOptions:
     base: str = option(
         "embedded", help="base model: 'embedded', a hub id, a diffusers folder or a single file", ui=False
     )
+    family: str = family_option()
+    resolution: int | None = resolution_option("training and grid", ui=False)
     name: str | None = option(None, help="run name (default: b4m-<content>-<style>)", ui=False)
     runs_dir: str = option("runs", help="where run folders go", ui=False)
     device: str | None = option(None, help="cpu or cuda (default: cuda if available)", ui=False, check=device_problem)
@@ -83,11 +86,13 @@ def resolve(args: argparse.Namespace) -> tuple:
 
 
 def from_record(record: dict) -> tuple:
-    """(base, (config, content, style, auxiliary styles, auxiliary contents, prompts)) of a run's config.yaml."""
+    """((base, family, resolution), (config, content, style, auxiliary styles, auxiliary contents, prompts))
+    of a run's config.yaml."""
     config = build(BreakForMakeConfig, dict(record["b4m"]), "the run's config")
     aux_styles, aux_contents = [Path(p) for p in record["aux_styles"]], [Path(p) for p in record["aux_contents"]]
     folders = (Path(record["content"]), Path(record["style"]), aux_styles, aux_contents)
-    return str(record["base"]), (config, *folders, list(record["prompts"]))
+    base = (str(record["base"]), record.get("family"), record.get("resolution"))
+    return base, (config, *folders, list(record["prompts"]))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,16 +111,20 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{run_folder.directory} is a {run_folder.info.get('kind')} run, not a break-for-make one")
         resume_flags(args, sections(), RESUME_FLAGS)  # any flag but --device is refused (--device: args.device)
         run_folder.acquire()  # one writer at a time: a second one is refused here, before anything loads
-        args.base, (config, content_dir, style_dir, aux_styles, aux_contents, prompts) = run_record(
-            run_folder, "break-for-make", from_record
-        )
+        (
+            (args.base, args.family, args.resolution),
+            (config, content_dir, style_dir, aux_styles, aux_contents, prompts),
+        ) = run_record(run_folder, "break-for-make", from_record)
     else:
         config, content_dir, style_dir, aux_styles, aux_contents, prompts = resolve(args)
         writable_folder(args.runs_dir, "--runs-dir")
         safe_run_name(args.name or f"b4m-{content_dir.name}-{style_dir.name}")
-    pipe = load_base(args.base, device=args.device)
-    check_fits(pipe.unet, PlpConfig(targets=config.targets, r=config.rank))  # targets, rank: before the run folder
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe = load_base(args.base, device=args.device, family=family_override(args.family))
+    family = family_of(pipe)
+    # targets, rank: before the run folder
+    check_fits(family.denoiser(pipe), PlpConfig(targets=config.targets, r=config.rank))
+    resolution = args.resolution or family.default_size(pipe)
+    family.check_size(pipe, resolution, "--resolution")
 
     def dataset(folder: Path) -> ImageCaptionDataset:
         return ImageCaptionDataset(folder, resolution=resolution, seed=config.seed)
@@ -135,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
                 "aux_styles": [str(p) for p in aux_styles],
                 "aux_contents": [str(p) for p in aux_contents],
                 "base": args.base,
+                "family": family.name,
+                "resolution": resolution,
                 "b4m": dataclasses.asdict(config),
                 "prompts": prompts,
             },
@@ -162,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         return outcome.exit_code
 
     # 3. Compose: the grid of content in style.
-    images = b4m.generate(prompts, seed=config.seed)
+    images = b4m.generate(prompts, seed=config.seed, size=resolution)
     grid = save_image_atomic(image_grid(images), run_folder.directory / "samples" / "final.png")
     run_folder.update(status="finished", latest_sample=str(grid))
     print(f"break-for-make adapters: {run_folder.directory / 'b4m'}")

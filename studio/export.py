@@ -10,7 +10,9 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.base import base_dtype_option, torch_dtype
 from pipelines.errors import UserError
+from pipelines.families import family_of, family_option, family_override
 from pipelines.options import option
 from studio.options import Section
 from studio.preflight import writable_folder
@@ -22,7 +24,13 @@ class ExportOptions:
     format: str = option("diffusers", help="target format", choices=("peft", "diffusers"))
     out: str | None = option(None, help="output folder (required)")
     base: str = option("embedded", help="the base model the adapter was trained on (its module shapes are needed)")
-    component: str = option("unet", help="diffusers: the pipeline component", choices=("unet", "text_encoder"))
+    family: str = family_option()
+    base_dtype: str = base_dtype_option()
+    component: str | None = option(
+        None,
+        help="diffusers: the pipeline component (default: the denoiser, unet or transformer)",
+        choices=("unet", "transformer", "text_encoder"),
+    )
 
 
 def sections() -> list[Section]:
@@ -41,11 +49,20 @@ def run(args: argparse.Namespace) -> int:
     writable_folder(args.out, "--out")  # before the model loads
     from pipelines import load_base
 
-    pipe = load_base(args.base, device="cpu")
-    model = getattr(pipe, args.component)
+    pipe = load_base(
+        args.base, device="cpu", family=family_override(args.family), torch_dtype=torch_dtype(args.base_dtype)
+    )
+    family = family_of(pipe)
+    component = args.component or family.denoiser_name
+    model = getattr(pipe, component, None)
+    if model is None:
+        raise UserError(
+            f"--component {component}: a {family.title} pipeline has no {component}; "
+            f"use {family.denoiser_name} or text_encoder"
+        )
     handle = load(model, folder)
     name = handle.adapter_names[-1]
-    options = {"component": args.component} if args.format == "diffusers" else {}
+    options = {"component": component} if args.format == "diffusers" else {}
     out = handle.export(Path(args.out), format=args.format, name=name, **options)
     print(f"exported {folder} as {args.format}: {out}")
     return 0

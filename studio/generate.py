@@ -15,7 +15,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.base import base_dtype_option, torch_dtype
 from pipelines.errors import UserError
+from pipelines.families import family_of, family_option, family_override
 from pipelines.options import option
 from studio.options import Section
 from studio.preflight import device_problem, output_file
@@ -26,13 +28,15 @@ class GenerateOptions:
     """What every generation takes: base model, prompts, sampler settings, output."""
 
     base: str = option("embedded", help="base model: 'embedded', a hub id, a diffusers folder or a single file")
+    family: str = family_option()
+    base_dtype: str = base_dtype_option()
     prompt: list[str] = option([], help="a prompt (repeat for several images)", repeat=True)
     seed: int = option(0, help="seed of the first image; image i uses seed + i", min=0, max=2**32 - 1)
     steps: int = option(20, help="denoising steps", min=1, max=1000)
     guidance: float = option(5.0, help="classifier-free guidance scale", min=0)
     size: int | None = option(
         None,
-        help="image side in pixels, a multiple of 8 (default: the model's)",
+        help="image side in pixels, a multiple of 8 (16 for SD3 and Flux; default: the model's)",
         min=8,
         max=4096,
         multiple_of=8,
@@ -137,7 +141,12 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.train import check_adapters_usable, generate, image_grid, save_image_atomic
 
     out, b4m_folder, arguments = check_arguments(args)  # before the model loads
-    pipe = load_base(args.base, device=args.device)
+    pipe = load_base(
+        args.base, device=args.device, family=family_override(args.family), torch_dtype=torch_dtype(args.base_dtype)
+    )
+    family = family_of(pipe)
+    if args.size:
+        family.check_size(pipe, args.size, "--size")
     if b4m_folder is not None:
         b4m = BreakForMakePipeline.from_pretrained(pipe, b4m_folder)
         b4m.set_mix(args.content_weight, args.style_weight)
@@ -145,10 +154,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         for index, argument in enumerate(arguments):
             folder, weight = parse_adapter(argument)
-            handle = load(pipe.unet, folder, name=f"adapter_{index}", weight=weight)
+            handle = load(family.denoiser(pipe), folder, name=f"adapter_{index}", weight=weight)
             check_adapters_usable(handle, {f"adapter_{index}": str(folder)})  # NaN/inf weights: refused, named
         if args.merge and arguments:
-            get_handle(pipe.unet).merge()
+            get_handle(family.denoiser(pipe)).merge()
         label = ", ".join(arguments) or "base model"
     images = generate(pipe, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, size=args.size)
     save_image_atomic(image_grid(images) if len(images) > 1 else images[0], out)

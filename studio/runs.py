@@ -78,6 +78,18 @@ class Run:
         return run
 
     @classmethod
+    def create_shared(cls, root: str | os.PathLike, name: str, kind: str, config: dict[str, Any], processes) -> Run:
+        """`create` in the main one of several processes (accelerate's `processes` state); every process
+        gets the folder's path (a one-process run simply creates it)."""
+        if processes.num_processes == 1:
+            return cls.create(root, name, kind=kind, config=config)
+        from accelerate.utils import broadcast_object_list
+
+        path = [str(cls.create(root, name, kind=kind, config=config).directory) if processes.is_main_process else None]
+        broadcast_object_list(path)
+        return cls(Path(path[0]))
+
+    @classmethod
     def open(cls, directory: str | os.PathLike) -> Run:
         directory = Path(directory)
         if not (directory / "run.json").is_file():

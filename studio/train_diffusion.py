@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peft_core import AdapterConfig
-from pipelines.base import ASSETS
+from pipelines.base import ASSETS, base_dtype_option, quantize_denoiser_nf4, torch_dtype
 from pipelines.errors import UserError
+from pipelines.families import family_of, family_option, family_override, resolution_option
 from pipelines.options import build, option
 from pipelines.train import UNET_ATTENTION_TARGETS, TrainConfig
 from studio.adapters import AdapterOptions, adapter_config, adapter_section, wrappable_targets
@@ -58,18 +59,22 @@ class ImageRunOptions:
     )
     name: str | None = option(None, help="run name (default: <kind>-<data folder name>)", ui=False)
     runs_dir: str = option("runs", help="where run folders go", ui=False)
+    family: str = family_option()
+    base_dtype: str = base_dtype_option()
+    base_quantization: str = option(
+        "none",
+        help="nf4: the denoiser's Linear layers in 4 bits (bitsandbytes, CUDA), QLoRA-style; for methods that "
+        "train on a quantized base (LoRA, PaCA, PLP, Compacter)",
+        choices=("none", "nf4"),
+        advanced=True,
+        ui=False,
+    )
     resume: str | None = option(
         None, help="continue an interrupted run from its last checkpoint", metavar="RUN_DIR", ui=False
     )
     template: str | None = option(None, help="prompt template, e.g. 'a photo of {trigger} {caption}'")
     trigger: str | None = option(None, help="trigger word the template uses")
-    resolution: int | None = option(
-        None,
-        help="training resolution in pixels, a multiple of 8 (default: the base model's)",
-        min=8,
-        max=4096,
-        multiple_of=8,
-    )
+    resolution: int | None = resolution_option()
     device: str | None = option(None, help="cpu or cuda (default: cuda if available)", ui=False, check=device_problem)
 
 
@@ -106,7 +111,11 @@ def resolve(args: argparse.Namespace) -> dict:
         "adapter": checked if adapter.targets or _trainer_targets(adapter) else adapter,
         "name": run.name,
         "runs_dir": run.runs_dir,
-        **{key: getattr(run, key) for key in ("base", "template", "trigger", "resolution", "device")},
+        **{
+            key: getattr(run, key)
+            for key in ("base", "family", "base_dtype", "base_quantization", "template", "trigger", "resolution")
+        },
+        "device": run.device,
     }
 
 
@@ -117,11 +126,14 @@ def _trainer_targets(adapter: AdapterOptions) -> bool:
     return "targets" in trainer_defaults(adapter.method, "diffusion")
 
 
-def adapter_for_model(adapter: AdapterConfig | AdapterOptions, model) -> AdapterConfig:
-    """The adapter config, with the default targets this method can wrap in `model` where none were given."""
+def adapter_for_model(adapter: AdapterConfig | AdapterOptions, pipe) -> AdapterConfig:
+    """The adapter config, with the default targets this method can wrap in the pipeline's denoiser
+    where none were given (SD: DEFAULT_TARGETS; the other families: their own, pipelines.families)."""
     if isinstance(adapter, AdapterConfig):
         return adapter
-    return adapter_config(adapter, "diffusion", wrappable_targets(model, DEFAULT_TARGETS, adapter.method))
+    family = family_of(pipe)
+    defaults = DEFAULT_TARGETS if family.name == "sd" else list(family.default_targets)
+    return adapter_config(adapter, "diffusion", wrappable_targets(family.denoiser(pipe), defaults, adapter.method))
 
 
 def from_record(record: dict) -> dict:
@@ -133,7 +145,9 @@ def from_record(record: dict) -> dict:
         "train": build(TrainConfig, dict(record["train"]), "the run's config"),
         "adapter": config_from_dict(record["adapter"]),
         "device": None,
-        **{key: record.get(key) for key in ("base", "template", "trigger", "resolution")},
+        **{key: record.get(key) for key in ("base", "family", "template", "trigger", "resolution")},
+        "base_dtype": record.get("base_dtype", "float32"),
+        "base_quantization": record.get("base_quantization", "none"),
     }
 
 
@@ -147,17 +161,17 @@ def run_name(kind: str, settings: dict) -> str:
 RESUME_FLAGS = {"train": ("steps", "checkpoint_every", "sample_every"), None: ("device",)}
 
 
-def apply_resume_flags(args: argparse.Namespace, run_folder, settings: dict) -> None:
+def apply_resume_flags(args: argparse.Namespace, run_folder, settings: dict) -> dict:
     """The flags given with --resume: --steps (train longer, or stop sooner; the LR schedule follows the
-    new total), --checkpoint-every and --sample-every change the run (and its config.yaml), --device this
-    start; any other flag is a UserError naming it."""
+    new total), --checkpoint-every and --sample-every change the run (returned, for its config.yaml),
+    --device this start; any other flag is a UserError naming it."""
     changes = resume_flags(args, sections(args.kind), RESUME_FLAGS)
     train = changes.get("train", {})
     if "steps" in train:
         run_folder.check_resume_steps(train["steps"])
     settings["train"] = dataclasses.replace(settings["train"], **train)
     settings["device"] = changes.get(None, {}).get("device", settings["device"])
-    run_folder.update_config({"train": train})
+    return train
 
 
 def check_adapter_fits(model, config) -> None:
@@ -172,6 +186,46 @@ def check_adapter_fits(model, config) -> None:
         attach(model, config, name="_fits_check").remove("_fits_check")
 
 
+def check_base_precision(settings: dict) -> None:
+    """--base-dtype and --base-quantization against the training settings and this machine, before loading."""
+    from peft_core import get_method
+
+    train = settings["train"]
+    if settings["base_dtype"] != "float32" and train.mixed_precision == "no":
+        precision = "bf16" if settings["base_dtype"] == "bfloat16" else "fp16"
+        raise UserError(
+            f"--base-dtype {settings['base_dtype']} needs autocast for the layers that are not adapted: "
+            f"add --mixed-precision {precision}"
+        )
+    if settings["base_quantization"] == "nf4":
+        method = settings["adapter"].method
+        if not get_method(method).capabilities.quantized_base:
+            raise UserError(
+                f"--base-quantization nf4: method {method!r} cannot train on a 4-bit base (it needs the dense "
+                "weights); use lora, paca, plp or compacter, or leave the base unquantized"
+            )
+        try:  # bitsandbytes >= 0.45 runs its 4-bit layers on the CPU too (slowly): only the package is needed
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("--base-quantization nf4 needs bitsandbytes: pip install 'peft-studio[quant]'") from None
+
+
+def _processes(device: str | None):
+    """accelerate's process state (on the CPU when --device cpu): which process this is, how many run."""
+    import torch
+
+    from pipelines.training import process_state
+
+    return process_state(cpu=device == "cpu" or (device is None and not torch.cuda.is_available()))
+
+
+class _Quiet:
+    """What a non-main process closes instead of a progress bar."""
+
+    def close(self) -> None:
+        pass
+
+
 def run(args: argparse.Namespace) -> int:
     from pipelines import load_base
     from pipelines.data import ImageCaptionDataset, validate_image_folder
@@ -183,13 +237,17 @@ def run(args: argparse.Namespace) -> int:
     resume = getattr(args, "resume", None)
     if resume:
         run_folder = Run.open(resume)
-        run_folder.acquire()  # one writer at a time: a second one is refused here, before anything loads
         settings = run_record(run_folder, f"train-{args.kind}", from_record)
-        apply_resume_flags(args, run_folder, settings)
+        changes = apply_resume_flags(args, run_folder, settings)
+        processes = _processes(settings["device"])
+        if processes.is_main_process:
+            run_folder.acquire()  # one writer at a time: a second one is refused here, before anything loads
+            run_folder.update_config({"train": changes})
     else:
         settings = resolve(args)
         writable_folder(settings["runs_dir"], "--runs-dir")
         safe_run_name(run_name(args.kind, settings))
+        processes = _processes(settings["device"])
     check_training_device(settings["train"], settings["train"].train_text_encoder)  # fp16, 8-bit, CUDA graph
     if settings["data"] == KINDS[args.kind]["data"] and not settings["data"].is_dir():
         raise UserError(
@@ -198,10 +256,26 @@ def run(args: argparse.Namespace) -> int:
     validate_image_folder(
         settings["data"], template=settings["template"], trigger=settings["trigger"]
     )  # fail before loading
-    pipe = load_base(settings["base"] or "embedded", device=settings["device"])
-    settings["adapter"] = adapter_for_model(settings["adapter"], pipe.unet)
-    check_adapter_fits(pipe.unet, settings["adapter"])  # missing targets, rank > layer: before the run folder exists
-    resolution = settings["resolution"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    check_base_precision(settings)
+    pipe = load_base(
+        settings["base"] or "embedded",
+        device=settings["device"],
+        family=family_override(settings["family"]),
+        torch_dtype=torch_dtype(settings["base_dtype"]),
+    )
+    if settings["base_quantization"] == "nf4":
+        quantize_denoiser_nf4(pipe)
+    family = family_of(pipe)
+    if settings["train"].train_text_encoder and not family.trains_text_encoder:
+        raise UserError(
+            f"--train-text-encoder is supported on Stable Diffusion 1.x/2.x only, not yet on {family.title}; "
+            "train the denoiser alone"
+        )
+    settings["adapter"] = adapter_for_model(settings["adapter"], pipe)
+    # missing targets, rank > layer: before the run folder exists
+    check_adapter_fits(family.denoiser(pipe), settings["adapter"])
+    resolution = settings["resolution"] or family.default_size(pipe)
+    family.check_size(pipe, resolution, "--resolution")
     dataset = ImageCaptionDataset(
         settings["data"],
         resolution=resolution,
@@ -214,6 +288,9 @@ def run(args: argparse.Namespace) -> int:
     config_record = {
         "data": str(settings["data"]),
         "base": settings["base"],
+        "family": family.name,
+        "base_dtype": settings["base_dtype"],
+        "base_quantization": settings["base_quantization"],
         "resolution": resolution,
         "template": settings["template"],
         "trigger": settings["trigger"],
@@ -222,13 +299,15 @@ def run(args: argparse.Namespace) -> int:
     }
     if not resume:
         name = run_name(args.kind, settings)
-        run_folder = Run.create(settings["runs_dir"], name, kind=f"train-{args.kind}", config=config_record)
-    print(f"run folder: {run_folder.directory}", flush=True)
+        run_folder = Run.create_shared(settings["runs_dir"], name, f"train-{args.kind}", config_record, processes)
+    main = processes.is_main_process
+    if main:
+        print(f"run folder: {run_folder.directory} ({processes.num_processes} process(es))", flush=True)
 
-    # 3. Train.
-    progress = ProgressPrinter(settings["train"].steps)
+    # 3. Train (the main process logs and prints; every process trains its share of each batch).
+    progress = ProgressPrinter(settings["train"].steps) if main else None
     resume_command = f"studio train-{args.kind} --resume {run_folder.directory}"
-    with run_folder.lifecycle(resume_command) as outcome, contextlib.closing(progress):
+    with run_folder.lifecycle(resume_command, main_process=main) as outcome, contextlib.closing(progress or _Quiet()):
         train_adapter(
             pipe,
             dataset,
@@ -236,9 +315,9 @@ def run(args: argparse.Namespace) -> int:
             settings["train"],
             run_folder.directory,
             adapter_name=args.kind,
-            on_event=lambda event: (run_folder.log_event(event), progress(event)),
+            on_event=(lambda event: (run_folder.log_event(event), progress(event))) if main else None,
         )
-    if outcome.interrupted:
+    if outcome.interrupted or not main:
         return outcome.exit_code
     run_folder.update(status="finished")
     print(f"adapter: {run_folder.directory / 'adapter' / args.kind}")

@@ -157,17 +157,9 @@ def apply_resume_flags(args: argparse.Namespace, run_folder, job: LlmJob) -> dic
 
 def _create_run_folder(args: argparse.Namespace, job: LlmJob, accelerator):
     """A new run folder, made by the main process; every process gets its path."""
-    from accelerate.utils import broadcast_object_list
-
     from studio.runs import Run
 
-    path = [None]
-    if accelerator.is_main_process:
-        name = _run_name(args, job)
-        path = [str(Run.create(args.runs_dir, name, kind="train-llm", config=job_record(job)).directory)]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(path)
-    return Run(Path(path[0]))
+    return Run.create_shared(args.runs_dir, _run_name(args, job), "train-llm", job_record(job), accelerator)
 
 
 def _run_name(args: argparse.Namespace, job: LlmJob) -> str:
