@@ -38,7 +38,8 @@ class AdapterOptions:
         "lora",
         help="peft_core method",
         choices=method_names,
-        choices_message="unknown method {value!r}; available methods: {choices}",
+        choices_message="unknown method {value!r}; available methods: {choices} (LoRAM trains an LLM on its pruned "
+        "copy: studio train-llm --loram-ratio R)",
     )
     rank: int | None = option(
         None, help="the method's rank r (LoRA rank, PaCA columns, PLP rank; default: the method's)", min=1

@@ -236,3 +236,17 @@ def test_cached_latents_refuse_random_flips():
 
     with pytest.raises(UserError, match="center crops and no random flips"):
         check_deterministic_pixels(Flipping())
+
+
+@pytest.mark.parametrize(
+    ("family", "method", "extra"),
+    [("sd3", "corda", []), ("flux", "spt", []), ("sdxl", "compacter", ["--set", "bottleneck=4"])],
+)
+def test_the_data_and_bottleneck_methods_train_on_every_kind_of_denoiser(bases, tmp_path, family, method, extra):
+    """CorDA and SPT run their data step on the run's own images through the family's objective;
+    Compacter places its adapters after the family's attention and feed-forward outputs."""
+    train = ["train-content", str(ASSETS / "sets" / "content-moon"), "--base", str(bases / family), *FAST]
+    assert main([*train, "--method", method, *extra, "--calibration-samples", "4", "--runs-dir", str(tmp_path)]) == 0
+    run = _run(tmp_path)
+    assert json.loads((run / "adapter" / "content" / "adapter_config.json").read_text())["config"]["method"] == method
+    assert _adapter(run)
