@@ -2,6 +2,7 @@
 
 studio export runs/style-neon --format diffusers --out exports/neon   # pipe.load_lora_weights(...)
 studio export runs/style-neon --format peft --out exports/neon-peft  # PeftModel.from_pretrained(unet, ...)
+studio export runs/style-neon --format kohya --out exports/neon.safetensors  # ComfyUI, A1111/Forge, kohya
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from studio.preflight import writable_folder
 @dataclass
 class ExportOptions:
     adapter: str | None = option(None, help="adapter folder (adapter_config.json) or run folder", positional=True)
-    format: str = option("diffusers", help="target format", choices=("peft", "diffusers"))
+    format: str = option(
+        "diffusers",
+        help="target format: diffusers (pipe.load_lora_weights), peft (PeftModel), kohya (ComfyUI, A1111/Forge, "
+        "kohya; SD 1.x/2.x and SDXL)",
+        choices=("peft", "diffusers", "kohya"),
+    )
     out: str | None = option(None, help="output folder (required)")
     base: str = option("embedded", help="the base model the adapter was trained on (its module shapes are needed)")
     family: str = family_option()
@@ -62,7 +68,30 @@ def run(args: argparse.Namespace) -> int:
         )
     handle = load(model, folder)
     name = handle.adapter_names[-1]
-    options = {"component": component} if args.format == "diffusers" else {}
-    out = handle.export(Path(args.out), format=args.format, name=name, **options)
+    if args.format == "kohya":
+        out = _export_kohya(pipe, args, folder, component, handle, name)
+    else:
+        options = {"component": component} if args.format == "diffusers" else {}
+        out = handle.export(Path(args.out), format=args.format, name=name, **options)
     print(f"exported {folder} as {args.format}: {out}")
     return 0
+
+
+def _export_kohya(pipe, args: argparse.Namespace, folder: Path, component: str, handle, name: str) -> Path:
+    """The run's adapter(s) in one kohya-layout file: the denoiser's and, when the run trained it, the
+    text encoder's; the header carries the run's settings (its config.yaml, when the folder is a run's)."""
+    import yaml
+
+    from peft_core import load
+    from pipelines.kohya import export_kohya, kohya_prefixes
+
+    kohya_prefixes(pipe)  # SD / SDXL only: a one-line error for the other families
+    adapters = {component: (handle, name)}
+    run_dir = folder.parent.parent if folder.parent.name == "adapter" else None
+    text = run_dir / "text_encoder_adapter" / name if run_dir is not None else None
+    if text is not None and (text / "adapter_config.json").is_file():
+        adapters["text_encoder"] = (load(pipe.text_encoder, text, name=name), name)
+    config = run_dir / "config.yaml" if run_dir is not None else None
+    run = yaml.safe_load(config.read_text()) if config is not None and config.is_file() else {}
+    base = Path(args.base) if Path(args.base).is_file() else None
+    return export_kohya(Path(args.out), pipe, adapters, run=run, base_file=base)

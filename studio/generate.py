@@ -53,7 +53,8 @@ class AdapterList:
 
     adapter: list[str] = option(
         [],
-        help="adapter or run folder, with an optional weight (repeat to compose several)",
+        help="adapter or run folder, or a LoRA .safetensors made elsewhere (kohya or diffusers layout), with an "
+        "optional weight (repeat to compose several)",
         repeat=True,
         metavar="PATH[:WEIGHT]",
     )
@@ -100,8 +101,8 @@ def parse_adapter(argument: str) -> tuple[Path, float]:
         if not math.isfinite(weight):
             raise UserError(f"adapter {head!r} has weight {tail!r}; an adapter weight must be a finite number")
     folder = Path(path)
-    if (folder / "adapter_config.json").is_file():
-        return folder, weight
+    if (folder / "adapter_config.json").is_file() or (folder.is_file() and folder.suffix == ".safetensors"):
+        return folder, weight  # a studio adapter folder, or a LoRA file made elsewhere (kohya or diffusers layout)
     finals = sorted((folder / "adapter").glob("*/adapter_config.json")) if (folder / "adapter").is_dir() else []
     if len(finals) == 1:
         return finals[0].parent, weight
@@ -138,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from peft_core import get_handle, load
     from pipelines import load_base
     from pipelines.b4m import BreakForMakePipeline
+    from pipelines.kohya import load_lora_file
     from pipelines.train import check_adapters_usable, generate, image_grid, save_image_atomic
 
     out, b4m_folder, arguments = check_arguments(args)  # before the model loads
@@ -154,10 +156,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         for index, argument in enumerate(arguments):
             folder, weight = parse_adapter(argument)
-            handle = load(family.denoiser(pipe), folder, name=f"adapter_{index}", weight=weight)
-            check_adapters_usable(handle, {f"adapter_{index}": str(folder)})  # NaN/inf weights: refused, named
+            name = f"adapter_{index}"
+            if folder.is_file():  # a LoRA file made elsewhere: on the UNet/transformer and the text encoders
+                handles = load_lora_file(pipe, folder, name=name, weight=weight)
+            else:
+                handles = {"denoiser": load(family.denoiser(pipe), folder, name=name, weight=weight)}
+            for handle in handles.values():
+                check_adapters_usable(handle, {name: str(folder)})  # NaN/inf weights: refused, named
         if args.merge and arguments:
-            get_handle(family.denoiser(pipe)).merge()
+            for model in [family.denoiser(pipe), *family.text_encoders(pipe)]:
+                if get_handle(model) is not None:
+                    get_handle(model).merge()
         label = ", ".join(arguments) or "base model"
     images = generate(pipe, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, size=args.size)
     save_image_atomic(image_grid(images) if len(images) > 1 else images[0], out)

@@ -72,6 +72,13 @@ class ImageRunOptions:
     resume: str | None = option(
         None, help="continue an interrupted run from its last checkpoint", metavar="RUN_DIR", ui=False
     )
+    init_adapter: str | None = option(
+        None,
+        help="start from this LoRA file (kohya or diffusers layout, made anywhere): its denoiser part is the "
+        "trained LoRA (its own ranks); --method must be lora",
+        metavar="FILE",
+        ui=False,
+    )
     template: str | None = option(None, help="prompt template, e.g. 'a photo of {trigger} {caption}'")
     trigger: str | None = option(None, help="trigger word the template uses")
     resolution: int | None = resolution_option()
@@ -113,7 +120,16 @@ def resolve(args: argparse.Namespace) -> dict:
         "runs_dir": run.runs_dir,
         **{
             key: getattr(run, key)
-            for key in ("base", "family", "base_dtype", "base_quantization", "template", "trigger", "resolution")
+            for key in (
+                "base",
+                "family",
+                "base_dtype",
+                "base_quantization",
+                "init_adapter",
+                "template",
+                "trigger",
+                "resolution",
+            )
         },
         "device": run.device,
     }
@@ -145,7 +161,7 @@ def from_record(record: dict) -> dict:
         "train": build(TrainConfig, dict(record["train"]), "the run's config"),
         "adapter": config_from_dict(record["adapter"]),
         "device": None,
-        **{key: record.get(key) for key in ("base", "family", "template", "trigger", "resolution")},
+        **{key: record.get(key) for key in ("base", "family", "init_adapter", "template", "trigger", "resolution")},
         "base_dtype": record.get("base_dtype", "float32"),
         "base_quantization": record.get("base_quantization", "none"),
     }
@@ -184,6 +200,31 @@ def check_adapter_fits(model, config) -> None:
     check_fits(model, config)
     if not get_method(config.method).needs_data:
         attach(model, config, name="_fits_check").remove("_fits_check")
+
+
+def init_from_file(pipe, settings: dict, name: str):
+    """The denoiser's handle holding adapter `name` made from --init-adapter's LoRA file, trainable; the
+    run's adapter config becomes that LoRA's. A resumed run does this again and then loads its checkpoint."""
+    from pipelines.families import family_of
+    from pipelines.kohya import load_lora_file
+
+    method = getattr(settings["adapter"], "method", "lora")
+    if method != "lora":
+        raise UserError(f"--init-adapter starts from a LoRA, so the method is lora (got --method {method})")
+    path = Path(settings["init_adapter"])
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise UserError(f"--init-adapter {path}: not a .safetensors LoRA file")
+    family = family_of(pipe)
+    handles = load_lora_file(pipe, path, name=name, trainable=True)
+    extra = sorted(set(handles) - {family.denoiser_name})
+    if extra:
+        raise UserError(
+            f"--init-adapter {path} also adapts {', '.join(extra)}; training continues a {family.denoiser_name} "
+            "LoRA only, so pass a file without text-encoder keys"
+        )
+    handle = handles[family.denoiser_name]
+    settings["adapter"] = handle.configs[name]
+    return handle
 
 
 def check_base_precision(settings: dict) -> None:
@@ -271,9 +312,11 @@ def run(args: argparse.Namespace) -> int:
             f"--train-text-encoder is supported on Stable Diffusion 1.x/2.x only, not yet on {family.title}; "
             "train the denoiser alone"
         )
-    settings["adapter"] = adapter_for_model(settings["adapter"], pipe)
-    # missing targets, rank > layer: before the run folder exists
-    check_adapter_fits(family.denoiser(pipe), settings["adapter"])
+    handle = init_from_file(pipe, settings, args.kind) if settings["init_adapter"] else None
+    if handle is None:
+        settings["adapter"] = adapter_for_model(settings["adapter"], pipe)
+        # missing targets, rank > layer: before the run folder exists
+        check_adapter_fits(family.denoiser(pipe), settings["adapter"])
     resolution = settings["resolution"] or family.default_size(pipe)
     family.check_size(pipe, resolution, "--resolution")
     dataset = ImageCaptionDataset(
@@ -315,6 +358,7 @@ def run(args: argparse.Namespace) -> int:
             settings["train"],
             run_folder.directory,
             adapter_name=args.kind,
+            handle=handle,
             on_event=(lambda event: (run_folder.log_event(event), progress(event))) if main else None,
         )
     if outcome.interrupted or not main:
