@@ -1,4 +1,4 @@
-"""`studio train-llm`: fine-tune a causal LM with any peft_core method on JSONL data.
+"""`studio train-llm`: fine-tune a causal LM with any peft_core method on your data (JSONL, JSON, CSV, Parquet).
 
 With no arguments it is the embedded demo: LoRA on the shipped tiny Llama, trained on its held-out
 addition task (never seen in pretraining), with the task's test accuracy and the knowledge probe
@@ -6,6 +6,8 @@ printed before and after, in about a minute on a CPU.
 
     studio train-llm                                            # the demo
     studio train-llm data.jsonl --eval test.jsonl --base meta-llama/Llama-3.2-1B --method paca --rank 16
+    studio train-llm chats.parquet --format sharegpt --packing --max-length 1024   # formats: docs/llm.md
+    studio data check data.jsonl --max-length 512          # rows, format, token lengths, the loss mask
     studio train-llm --method lora --loram-ratio 0.5            # LoRAM: prune, train small, recover
     studio train-llm --method corda --set mode=kpm --calibration-data facts.jsonl
     accelerate launch --num_processes 2 -m studio.cli train-llm ...   # DDP, same code
@@ -32,20 +34,21 @@ class LlmRunOptions:
 
     data: str | None = option(
         None,
-        help="training JSONL ({text}, {instruction, response} or {messages}); default: the embedded "
-        "tiny LM's held-out addition task",
+        help="training data: a JSONL, JSON, CSV or Parquet file (messages, sharegpt, alpaca, prompt-completion "
+        "or text rows, see --format) or a hub dataset id; default: the embedded tiny LM's held-out addition task",
         positional=True,
         ui=False,
     )
     eval: list[str] | None = option(
         None,
-        help="held-out JSONL files: loss/perplexity, and accuracy on rows with choices + answer",
-        metavar="JSONL",
+        help="held-out data files (format detected per file): loss/perplexity, and accuracy on rows with "
+        "choices + answer",
+        metavar="FILE",
         ui=False,
     )
     base: str = option("embedded", help="causal LM: 'embedded', a hub id or a local folder", ui=False)
     calibration_data: str | None = option(
-        None, help="CorDA / SPT calibration rows (default: the training data)", metavar="JSONL", ui=False
+        None, help="CorDA / SPT calibration rows (default: the training data)", metavar="FILE", ui=False
     )
     save_merged: bool = option(False, help="also write the model with the adapter merged in")
     export_peft: bool = option(False, help="also export the adapter in HF PEFT format")

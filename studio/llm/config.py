@@ -13,6 +13,7 @@ from peft_core import AdapterConfig
 from pipelines.errors import UserError
 from pipelines.options import build, check_fields, option
 from pipelines.training import LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS
+from studio.llm.data import DATA_FORMATS
 
 
 @dataclass
@@ -52,9 +53,18 @@ class LlmTrainConfig:
         256, help="longest sequence in tokens; longer rows are truncated (and counted)", min=1, unit="tokens"
     )
     packing: bool = option(
-        False, help="concatenate rows into max_length blocks instead of padding each batch", advanced=True
+        False,
+        help="concatenate rows into max_length blocks instead of padding each batch (positions restart and "
+        "attention stays within each row)",
+        advanced=True,
     )
-    skip_bad_lines: bool = option(False, help="train without malformed JSONL lines instead of stopping", advanced=True)
+    format: str = option(
+        "auto",
+        help="format of the training and calibration data (auto: detected per file from its rows' fields)",
+        choices=DATA_FORMATS,
+        advanced=True,
+    )
+    skip_bad_lines: bool = option(False, help="train without malformed data rows instead of stopping", advanced=True)
     checkpoint_every: int = option(100, help="write a resumable checkpoint every N steps", min=1)
     eval_every: int = option(0, help="evaluate every N steps (0: before and after training only)", min=0, advanced=True)
     eval_batch_size: int = option(64, help="sequences per evaluation forward", min=1, advanced=True)

@@ -42,7 +42,16 @@ from pipelines.checkpoint import latest_checkpoint, load_checkpoint
 from pipelines.errors import UserError
 from pipelines.training import TrainEvent
 from studio.llm.config import LlmJob
-from studio.llm.data import Example, StepSampler, TokenizedData, collate, default_data, read_jsonl, tokenize
+from studio.llm.data import (
+    Example,
+    StepSampler,
+    TokenizedData,
+    collate,
+    default_data,
+    model_inputs,
+    read_data,
+    tokenize,
+)
 from studio.llm.evaluate import EvalSet, evaluate, load_eval_set, token_loss_sum
 from studio.llm.model import check_method_on_model, load_model, load_tokenizer, loram_keep, model_source, save_merged
 
@@ -189,14 +198,13 @@ def read_inputs(job: LlmJob) -> _Inputs:
         data_path, default_eval = default_data()
         eval_paths = eval_paths or default_eval
     tokenizer = load_tokenizer(job)
-    data = tokenize(
-        read_jsonl(data_path, train.skip_bad_lines), tokenizer, train.max_length, train.packing, str(data_path)
-    )
-    eval_sets = [load_eval_set(Path(path), tokenizer, train) for path in eval_paths]
+    rows = read_data(data_path, train.skip_bad_lines, data_format=train.format)
+    data = tokenize(rows.rows, tokenizer, train.max_length, train.packing, str(data_path), rows.format)
+    eval_sets = [load_eval_set(Path(path), tokenizer, train) for path in eval_paths]  # formats detected per file
     calibration = data.examples
     if job.calibration_data is not None:
         calibration = tokenize(
-            read_jsonl(job.calibration_data, train.skip_bad_lines),
+            read_data(job.calibration_data, train.skip_bad_lines, data_format=train.format).rows,
             tokenizer,
             train.max_length,
             source=str(job.calibration_data),
@@ -271,22 +279,23 @@ def _attach_adapter(
         return load_adapter(model, checkpoint / "adapter" / adapter_name, name=adapter_name, trainable=True)
     prepare = get_method(job.adapter.method).prepare
     if prepare is not None:
-        prepared = prepare(model, job.adapter, _calibration_batches(job, calibration, tokenizer, device))
+        prepared = prepare(model, job.adapter, _calibration_batches(job, model, calibration, tokenizer, device))
         return attach(model, job.adapter, name=adapter_name, prepared=prepared)
     return attach(model, job.adapter, name=adapter_name)
 
 
-def _calibration_batches(job: LlmJob, examples: list[Example], tokenizer, device) -> Iterator[dict[str, torch.Tensor]]:
+def _calibration_batches(
+    job: LlmJob, model, examples: list[Example], tokenizer, device
+) -> Iterator[dict[str, torch.Tensor]]:
     """CorDA / SPT data: the first `calibration_examples` examples, in training-size batches."""
     from tqdm import tqdm
 
     chosen = examples[: job.train.calibration_examples]
     starts = range(0, len(chosen), job.train.batch_size)
     for start in tqdm(starts, desc=f"calibration on {len(chosen)} examples", unit="batch", leave=False):
-        yield {
-            k: v.to(device)
-            for k, v in collate(chosen[start : start + job.train.batch_size], tokenizer.pad_token_id).items()
-        }
+        batch = collate(chosen[start : start + job.train.batch_size], tokenizer.pad_token_id)
+        batch = _packed_inputs(model, {k: v.to(device) for k, v in batch.items()})
+        yield {**batch, "use_cache": False} if "position_ids" in batch else batch
 
 
 def _read_before(run_dir: Path) -> dict[str, float]:
@@ -337,9 +346,10 @@ def _step(run: _Run, sampler: StepSampler, step: int) -> float:
     for number, micro in enumerate(micro_steps):
         chunk = [examples[i] for i in sampler.indices(micro, accelerator.process_index)]
         batch = {k: v.to(run.device) for k, v in collate(chunk, run.tokenizer.pad_token_id).items()}
+        batch = _packed_inputs(accelerator.unwrap_model(run.wrapped), batch)
         sync = number == accumulation - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(run.wrapped), accelerator.autocast():
-            loss_sum = token_loss_sum(run.wrapped, batch, train.loss_chunk_tokens)
+            loss_sum = token_loss_sum(_with_positions(run.wrapped, batch), batch, train.loss_chunk_tokens)
             accelerator.backward(loss_sum * (processes / tokens))
         step_loss += loss_sum.detach() / tokens
     grad_norm = accelerator.clip_grad_norm_(run.parameters, train.max_grad_norm) if train.max_grad_norm > 0 else None
@@ -352,6 +362,36 @@ def _step(run: _Run, sampler: StepSampler, step: int) -> float:
     loss, norm = training.host_values(accelerator.reduce(step_loss, "sum"), grad_norm)
     run.guard.step(step + 1, loss, norm if accelerator.scaler is None else None)
     return loss
+
+
+def _packed_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A packed batch as this model must see it (studio.llm.data.model_inputs: a block-diagonal mask, or
+    FlashAttention's padding-free varlen row); any other batch unchanged."""
+    config = getattr(model, "config", None)
+    return model_inputs(batch, getattr(config, "_attn_implementation", None), getattr(model, "dtype", torch.float32))
+
+
+class _PositionedModel:
+    """The model, called with a packed batch's position_ids (token_loss_sum passes input_ids and the
+    attention mask only) and without a KV cache; every other attribute is the model's."""
+
+    def __init__(self, model, position_ids: torch.Tensor) -> None:
+        self._model, self._position_ids = model, position_ids
+
+    def __call__(self, **inputs):
+        return self._model(**inputs, position_ids=self._position_ids, use_cache=False)
+
+    @property
+    def base_model(self):  # the chunked loss calls the bare transformer
+        return _PositionedModel(self._model.base_model, self._position_ids)
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+
+def _with_positions(model, batch: dict[str, Any]):
+    """`model`, or the model fed the batch's position_ids where it holds packed blocks."""
+    return _PositionedModel(model, batch["position_ids"]) if "position_ids" in batch else model
 
 
 def _maybe_evaluate(run: _Run, done: int) -> None:

@@ -874,6 +874,8 @@ GENERATE = [
         1,
     ),
     ("compose-nothing", lambda t: ["compose", "--prompt", "a"], ["compose needs"], 1),
+    ("data-check-missing", lambda t: ["data", "check", str(t / "nope.jsonl")], ["data file", "does not exist"], 1),
+    ("data-check-no-file", lambda t: ["data", "check"], ["give the data to check"], 1),
     (
         "compose-b4m-and-content",
         lambda t: ["compose", "--prompt", "a", "--b4m", str(t), "--content", str(t)],
