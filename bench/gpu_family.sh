@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 21's family benchmark (bench/family_step.py) in one device call, about 4-5 minutes on an H100
-# (at most BUDGET_S, default 540 s with the CUDA tests of stage 0, plus the wheel install):
+# (at most BUDGET_S, default 400 s with the CUDA tests of stage 0, plus the wheel install):
 #
 #   bash bench/gpu_family.sh          # -> bench/results/family_step.json (+ logs), copied to $OUT
 #   TINY=1 PYTHON=.venv/bin/python bash bench/gpu_family.sh     # CPU smoke test of this driver -> /tmp
@@ -15,14 +15,14 @@
 #   2. sdxl  (SDXL base UNet, 1024 px, batch 2): peft_lora, paca_default, lora_default (CUDA graphs), paca, lora, frozen
 #   3. sd3   (SD3.5-medium, 1024 px, batch 2): the same six
 #   4. nf4   (FLUX.1-dev with an NF4 base + our LoRA, gradient checkpointing): peak memory and ms/step
-# Knobs (environment): BUDGET_S (total seconds, default 540), PYTHON (default python3), TINY=1 (--tiny models
+# Knobs (environment): BUDGET_S (total seconds, default 400), PYTHON (default python3), TINY=1 (--tiny models
 # on the CPU, results in /tmp), EXTRA (more family_step.py flags for every stage, e.g. "--steps 3"), SITE.
 # Logs go to $OUT/family_logs (else /tmp/family_logs); the JSON is copied to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-BUDGET_S=${BUDGET_S:-540}
+BUDGET_S=${BUDGET_S:-400}
 SITE=${SITE:-/tmp/site}
 TINY_ARG=${TINY:+--tiny}
 # shellcheck disable=SC2206
@@ -83,14 +83,14 @@ stage() { # stage <name> <cap seconds> <family_step.py args...>
 # Stage 0: the CUDA tests this machine can run (the graphed training step and generation with the
 # family-generic StepInputs; a --cpu LLM run in a process that touched CUDA first), when pytest is there.
 if [[ -z "${TINY:-}" ]] && "$PYTHON" -c "import pytest" 2>/dev/null; then
-    echo "== stage 0: CUDA tests (cap $(cap 100)s)"
-    timeout -k 5 "$(cap 100)" "$PYTHON" -m pytest -q -p no:cacheprovider tests/pipelines/test_cuda_graphs.py \
+    echo "== stage 0: CUDA tests (cap $(cap 70)s)"
+    timeout -k 5 "$(cap 70)" "$PYTHON" -m pytest -q -p no:cacheprovider tests/pipelines/test_cuda_graphs.py \
         "tests/reliability/test_divergence.py::test_train_llm_with_a_huge_learning_rate_fails_and_writes_nothing_non_finite" \
         2>&1 | tail -25 | tee "$LOGS/cuda_tests.log"
 fi
-stage flux 190 --families flux --variants frozen,peft_lora,lora,paca,lora_default,paca_default
-stage sdxl 100 --append --families sdxl --variants frozen,peft_lora,lora,paca,lora_default,paca_default
-stage sd3 100 --append --families sd3 --variants frozen,peft_lora,lora,paca,lora_default,paca_default
+stage flux 150 --families flux --variants frozen,peft_lora,lora,paca,lora_default,paca_default
+stage sdxl 85 --append --families sdxl --variants frozen,peft_lora,lora,paca,lora_default,paca_default
+stage sd3 70 --append --families sd3 --variants frozen,peft_lora,lora,paca,lora_default,paca_default
 stage nf4 $(($(left) - 5)) --append --families flux --variants nf4_lora
 copy_out
 echo "== done in $(($(date +%s) - START))s; $RESULT"

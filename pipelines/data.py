@@ -8,11 +8,17 @@ its caption from, in order of precedence:
 With a prompt `template` ("a photo of {trigger} {caption}", or just "a sks dog") every prompt is
 the template filled in, and captions are needed only where the template uses `{caption}`.
 
+A loss mask is an image named like its training image with `.mask` before the extension
+(`cat.png` -> `cat.mask.png`, any image extension): white counts, black is ignored, grey in between.
+Masks are never training images themselves; each must have its image's size.
+
 `validate_image_folder` reads every file before training starts, collects every problem and raises
 one `UserError` listing them; it never writes anything. A file is an image by its extension
 (IMAGE_EXTENSIONS); a picture under another extension is skipped and named in the report's
 warnings rather than sniffed into the training set, so what trains is what the user can see.
-`ImageCaptionDataset` is built on that report; `BucketBatchSampler` batches one aspect bucket at a time.
+`ImageCaptionDataset` is built on that report; `BucketBatchSampler` and `bucket_batches` batch one
+aspect bucket at a time (the latter is what the training loop uses: full batches, a fixed count per
+epoch). `shuffle_tags` shuffles a caption's comma-separated tags (the loop's --shuffle-captions).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ DEFAULT_MIN_SIDE = 16
 MAX_CAPTION_CHARS = 10_000  # a caption describes one picture; the text encoder reads its first 77 tokens
 DARK_16_BIT = 4096  # a 16-bit image whose brightest value is below this is (nearly) black as 8 bits
 MAX_LISTED = 20  # problems listed in one error message before "and N more"
+MASK_MARK = ".mask"  # <stem>.mask.<image extension> is the loss mask of <stem>.<image extension>
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class ImageRecord:
     path: Path
     size: tuple[int, int]  # (width, height) as displayed, i.e. after EXIF orientation
     prompt: str
+    mask: Path | None = None  # its loss mask (<stem>.mask.png), if the folder has one
 
 
 @dataclass
@@ -310,7 +318,12 @@ def _broken_links(root: Path, paths: list[Path]) -> list[tuple[str, str]]:
 
 
 def _captions(
-    root: Path, files: list[Path], images: list[Path], report: FolderReport, problems: list[tuple[str, str]]
+    root: Path,
+    files: list[Path],
+    images: list[Path],
+    report: FolderReport,
+    problems: list[tuple[str, str]],
+    masks: Sequence[Path] = (),
 ) -> tuple[dict[Path, str], set[Path]]:
     """(image -> caption from metadata.jsonl or its sidecar .txt, images whose sidecar is unreadable)."""
     image_set = set(images)
@@ -331,7 +344,7 @@ def _captions(
                 captions.setdefault(image, text.strip())  # metadata.jsonl wins over a sidecar
             if p.with_suffix("") not in images_by_stem:
                 report.warnings.append(f"{_relative(root, p)}: caption without an image; it is ignored")
-        elif p not in image_set and p != root / METADATA_FILE:
+        elif p not in image_set and p not in masks and p != root / METADATA_FILE:
             report.warnings.append(
                 f"{_relative(root, p)}: skipped, not an image by its extension "
                 f"({', '.join(IMAGE_EXTENSIONS)}); rename it if it is one"
@@ -369,6 +382,46 @@ def _identical_images(
     for group in hashes.values():
         if 1 < len(group) < readable:
             report.warnings.append(f"identical images: {', '.join(_listing([_relative(root, p) for p in group], 5))}")
+
+
+def _is_mask(path: Path) -> bool:
+    return path.stem.endswith(MASK_MARK) and path.stem != MASK_MARK
+
+
+def _masks_of(root: Path, images: list[Path], masks: list[Path], report: FolderReport) -> dict[Path, Path]:
+    """image -> its mask (same folder and stem, `.mask` before the extension); a mask without an image is a warning."""
+    by_stem: dict[Path, list[Path]] = defaultdict(list)
+    for image in images:
+        by_stem[image.with_suffix("")].append(image)
+    found: dict[Path, Path] = {}
+    for mask in masks:
+        owners = by_stem.get(mask.with_suffix("").with_suffix(""), [])
+        if not owners:
+            report.warnings.append(f"{_relative(root, mask)}: a loss mask without its image; it is ignored")
+        for image in owners:
+            found.setdefault(image, mask)
+    return found
+
+
+def _checked_mask(
+    root: Path, mask: Path | None, size: tuple[int, int], max_pixels: int, problems: list[tuple[str, str]]
+) -> Path | None:
+    """The mask if it is a readable image of its image's size (else None, with its problem recorded)."""
+    if mask is None:
+        return None
+    checked = _checked_image(root, mask, max_pixels, 1, problems)
+    if checked is None:
+        return None
+    if checked[0] != size:
+        problems.append(
+            (
+                _relative(root, mask),
+                f"the mask is {checked[0][0]}x{checked[0][1]} px but its image is {size[0]}x{size[1]}; "
+                "a mask must have its image's size",
+            )
+        )
+        return None
+    return mask
 
 
 def _no_caption(root: Path, image: Path, template: str | None, empty: bool) -> tuple[str, str]:
@@ -409,7 +462,14 @@ def validate_image_folder(
     fields = _template_fields(template, trigger)
     report = FolderReport(root, [])
     problems: list[tuple[str, str]] = list(links)
-    captions, broken_sidecars = _captions(root, files, images, report, problems)
+    masks = [p for p in images if _is_mask(p)]
+    images = [p for p in images if not _is_mask(p)]
+    if not images:
+        raise UserError(
+            f"image folder {root} holds only loss masks (*{MASK_MARK}.png); put the training images beside them"
+        )
+    captions, broken_sidecars = _captions(root, files, images, report, problems, masks)
+    mask_of = _masks_of(root, images, masks, report)
     hashes: dict[str, list[Path]] = defaultdict(list)
     for image in images:
         checked = _checked_image(root, image, max_pixels, min_side, problems)
@@ -417,13 +477,14 @@ def validate_image_folder(
             continue
         size, digest = checked
         hashes[digest].append(image)
+        mask = _checked_mask(root, mask_of.get(image), size, max_pixels, problems)
         caption = captions.get(image) or None  # an empty caption is no caption
         if caption is None and (template is None or "caption" in fields):
             if image not in broken_sidecars:  # whose caption file was already reported
                 problems.append(_no_caption(root, image, template, empty=image in captions))
             continue
         prompt = caption if template is None else template.format(trigger=trigger, caption=caption)
-        report.records.append(ImageRecord(image, size, prompt))
+        report.records.append(ImageRecord(image, size, prompt, mask))
     _identical_images(root, hashes, report, problems)
     if problems:
         raise _fail(root, problems)
@@ -468,19 +529,37 @@ def assign_bucket(size: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> 
 
 
 def resize_and_crop(
-    image: Image.Image, target: tuple[int, int], crop: str, rng: np.random.Generator
+    image: Image.Image,
+    target: tuple[int, int],
+    crop: str,
+    rng: np.random.Generator,
+    top_left: tuple[int, int] | None = None,
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """Scale to cover `target` (w, h), then crop to it; returns the crop and its (top, left)."""
+    """Scale to cover `target` (w, h), then crop to it; returns the crop and its (top, left). A given
+    `top_left` (an earlier call's, for the image's mask) is used instead of a center or random one."""
     width, height = image.size
     scale = max(target[0] / width, target[1] / height)
     resized = (max(target[0], round(width * scale)), max(target[1], round(height * scale)))
     image = image.resize(resized, Image.Resampling.LANCZOS)
     spare_x, spare_y = resized[0] - target[0], resized[1] - target[1]
-    if crop == "random":
+    if top_left is not None:
+        top, left = top_left
+    elif crop == "random":
         left, top = int(rng.integers(spare_x + 1)), int(rng.integers(spare_y + 1))
     else:
         left, top = spare_x // 2, spare_y // 2
     return image.crop((left, top, left + target[0], top + target[1])), (top, left)
+
+
+def shuffle_tags(caption: str, keep: int, generator: torch.Generator) -> str:
+    """`caption`'s comma-separated tags in a random order (from `generator`), the first `keep` of them in
+    place: "sks dog, red collar, grass, sunny" with keep=1 may become "sks dog, sunny, red collar, grass".
+    Tags are stripped and joined with ", "; a caption without commas is one tag and stays as it is."""
+    tags = [tag.strip() for tag in caption.split(",")]
+    tags = [tag for tag in tags if tag]
+    head, rest = tags[:keep], tags[keep:]
+    order = torch.randperm(len(rest), generator=generator).tolist()
+    return ", ".join(head + [rest[i] for i in order])
 
 
 class ImageCaptionDataset(Dataset):
@@ -488,8 +567,10 @@ class ImageCaptionDataset(Dataset):
 
     Item i: {"pixel_values": float (3, H, W) in [-1, 1], "prompt": str, "path": str,
     "original_size": long (2,) = (h, w) before resizing, "crop_top_left": long (2,) = (top, left)}
-    (the last two are SDXL's size conditioning). Items are square `resolution` crops, or with
-    `buckets=True` the size of the image's aspect bucket. Random crops and flips depend only on
+    (the last two are SDXL's size conditioning), and with `masks=True` "mask": float (1, H, W) in
+    [0, 1], the image's loss mask resized, cropped and flipped with it (all ones for an image without
+    one). Items are square `resolution` crops, or with `buckets=True` the size of the image's aspect
+    bucket (`render(i, size)` draws one at another size). Random crops and flips depend only on
     (seed, epoch, i), so a resumed run sees the same pixels; call `set_epoch` to vary them.
     """
 
@@ -508,6 +589,7 @@ class ImageCaptionDataset(Dataset):
         seed: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_side: int = DEFAULT_MIN_SIDE,
+        masks: bool = False,
     ) -> None:
         if crop not in ("center", "random"):
             raise UserError(f"crop={crop!r} is not one of 'center', 'random'")
@@ -518,7 +600,7 @@ class ImageCaptionDataset(Dataset):
         )
         self.records = self.report.records
         self.resolution, self.repeats, self.crop, self.random_flip = resolution, repeats, crop, random_flip
-        self.seed, self.epoch, self.max_pixels = seed, 0, max_pixels
+        self.seed, self.epoch, self.max_pixels, self.masks = seed, 0, max_pixels, masks
         self.buckets = make_buckets(resolution, bucket_step) if buckets else [(resolution, resolution)]
         self._record_buckets = [assign_bucket(r.size, self.buckets) for r in self.records]
 
@@ -533,24 +615,51 @@ class ImageCaptionDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def mask_count(self) -> int:
+        """How many of the images have a loss mask."""
+        return sum(record.mask is not None for record in self.records)
+
     def __getitem__(self, index: int) -> dict:
+        return self.render(index)
+
+    def render(self, index: int, size: tuple[int, int] | None = None) -> dict:
+        """Item `index`, at `size` (width, height) instead of its bucket's when given (the same crop
+        and flip draws)."""
         record = self.records[index % len(self.records)]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         with _pixel_limit(self.max_pixels), Image.open(record.path) as image:
             image = to_rgb(image)
         original_size = torch.tensor([image.height, image.width])
-        target = self.buckets[self._record_buckets[index % len(self.records)]]
+        target = size or self.buckets[self._record_buckets[index % len(self.records)]]
         image, top_left = resize_and_crop(image, target, self.crop, rng)
-        if self.random_flip and rng.random() < 0.5:
+        flip = self.random_flip and rng.random() < 0.5
+        if flip:
             image = ImageOps.mirror(image)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)  # (H, W, 3) in [-1, 1]
-        return {
+        item = {
             "pixel_values": pixels.permute(2, 0, 1).contiguous(),
             "prompt": record.prompt,
             "path": str(record.path),
             "original_size": original_size,
             "crop_top_left": torch.tensor(top_left),
         }
+        if self.masks:
+            item["mask"] = self._mask(record, target, top_left, flip, rng)
+        return item
+
+    def _mask(
+        self, record: ImageRecord, target: tuple[int, int], top_left: tuple[int, int], flip: bool, rng
+    ) -> torch.Tensor:
+        """The record's mask as (1, H, W) in [0, 1], cropped and flipped as its image was (ones without one)."""
+        if record.mask is None:
+            return torch.ones(1, target[1], target[0])
+        with _pixel_limit(self.max_pixels), Image.open(record.mask) as mask:
+            mask = to_rgb(mask).convert("L")
+        mask, _ = resize_and_crop(mask, target, self.crop, rng, top_left=top_left)
+        if flip:
+            mask = ImageOps.mirror(mask)
+        return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
 
 
 class BucketBatchSampler(Sampler[list[int]]):
@@ -593,3 +702,34 @@ class BucketBatchSampler(Sampler[list[int]]):
         if self.shuffle:
             rng.shuffle(batches)  # interleave buckets so no stretch of training sees one aspect only
         yield from batches
+
+
+def bucket_batches(bucket_ids: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Epoch `epoch`'s batches of item indices, each `batch_size` items of one bucket, for the training loop.
+
+    Each bucket's items are shuffled by (seed, epoch) and cut into batches; a bucket's last batch is
+    filled up from its start, so every batch is full (a bucket smaller than a batch repeats its items).
+    The batches are then shuffled across buckets. Every epoch has `bucket_batch_count` batches, so a
+    step's batch depends only on (seed, step): exact resume, and every process can take its share."""
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index, bucket in enumerate(bucket_ids):
+        groups[bucket].append(index)
+    rng = np.random.default_rng([seed, epoch])
+    batches = []
+    for bucket in sorted(groups):
+        group = list(groups[bucket])
+        rng.shuffle(group)
+        count = math.ceil(len(group) / batch_size)
+        cycled = [group[k % len(group)] for k in range(count * batch_size)]
+        batches += [cycled[k * batch_size : (k + 1) * batch_size] for k in range(count)]
+    return [batches[k] for k in rng.permutation(len(batches))]
+
+
+def bucket_batch_count(bucket_ids: Sequence[int], batch_size: int) -> int:
+    """How many batches `bucket_batches` makes per epoch: the sum over buckets of ceil(items / batch_size)."""
+    sizes: dict[int, int] = defaultdict(int)
+    for bucket in bucket_ids:
+        sizes[bucket] += 1
+    return sum(math.ceil(size / batch_size) for size in sizes.values())

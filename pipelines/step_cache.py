@@ -35,8 +35,19 @@ class StepCache:
     device: torch.device | None = None
 
     @classmethod
-    def build(cls, pipe, dataset, text: bool, latents: bool, batch_size: int, device: torch.device) -> StepCache | None:
-        """Encode every caption (`text`) and every image (`latents`) of `dataset` once; None when neither."""
+    def build(
+        cls,
+        pipe,
+        dataset,
+        text: bool,
+        latents: bool,
+        batch_size: int,
+        device: torch.device,
+        extra_prompts: Sequence[str] = (),
+    ) -> StepCache | None:
+        """Encode every caption (`text`, with `extra_prompts`: the empty prompt of caption dropout, the
+        regularisation prompt) and every image (`latents`) of `dataset` once; None when neither. Images of
+        several aspect buckets are encoded a bucket at a time."""
         if not (text or latents):
             return None
         family = family_of(pipe)
@@ -47,20 +58,29 @@ class StepCache:
         items = [dataset[i] for i in range(cache.images)]
         with torch.no_grad():
             if text:
-                for prompt in sorted({item["prompt"] for item in items}):
+                for prompt in sorted({item["prompt"] for item in items} | set(extra_prompts)):
                     encoded = family.encode_prompts(pipe, [prompt], device)
                     cache.conditioning[prompt] = {key: value.cpu() for key, value in encoded.items()}
                 cache.offload += family.text_encoders(pipe)
             if latents:
-                for start in range(0, len(items), batch_size):
-                    chunk = items[start : start + batch_size]
-                    mean, std = family.posterior(pipe, torch.stack([i["pixel_values"] for i in chunk]), device)
-                    for k in range(len(chunk)):
-                        cache.posteriors[start + k] = (mean[k : k + 1].cpu(), std[k : k + 1].cpu())
+                cache.encode_images(pipe, items, batch_size, device)
                 cache.offload.append(pipe.vae)
         for module in cache.offload:
             module.to("cpu")
         return cache
+
+    def encode_images(self, pipe, items: list[dict], batch_size: int, device) -> None:
+        """The posterior of every item's pixels, `batch_size` images of one size at a time."""
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for index, item in enumerate(items):
+            by_size.setdefault(tuple(item["pixel_values"].shape), []).append(index)
+        for indices in by_size.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                pixels = torch.stack([items[i]["pixel_values"] for i in chunk])
+                mean, std = self.family.posterior(pipe, pixels, device)
+                for k, index in enumerate(chunk):
+                    self.posteriors[index] = (mean[k : k + 1].cpu(), std[k : k + 1].cpu())
 
     def encode_prompts(self, pipe, prompts: Sequence[str], device) -> dict[str, torch.Tensor]:
         """The conditioning of `prompts`, from the cache when captions were cached."""

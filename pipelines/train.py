@@ -17,6 +17,15 @@ Exact resume: every random draw of step s (which images, noise, timesteps, laten
 from a generator seeded by (seed, s), so a run resumed from a checkpoint at step s continues with
 exactly the draws the uninterrupted run would have made.
 
+What a step can add (each a TrainConfig field, so a flag, a YAML key and a UI control; see README):
+caption dropout and tag shuffling (`caption_draws`, from the step's generator); aspect-ratio buckets
+(`sample_batch` takes each batch from one bucket, by (seed, step)); loss masks (`masked_inputs`: the
+per-pixel loss weighted by a mask brought to latent size); regularisation images (each step's batch is
+[training images, regularisation images], weighted so the loss is main + reg_weight x reg); the
+objective's noise offset and min-SNR-gamma weights (pipelines.families.base); an EMA of the adapter
+(pipelines.training.AdapterEma, checkpointed, saved as run_dir/adapter_ema/, drawn in the grids);
+Prodigy and Adafactor, cosine-with-restarts and polynomial schedules (pipelines.training).
+
 Stopping on request: after every step `train_adapter` asks `should_stop()` (by default: does
 `<run_dir>/STOP` exist?). When it answers yes, the loop writes a checkpoint of that step, removes
 the STOP file and raises `StopRequested`, so a resume continues from exactly that step. This is how
@@ -28,6 +37,7 @@ the LR schedule, accelerate, the stop protocol and the event type are the shared
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -51,15 +61,20 @@ from pipelines.cuda_graphs import (
     make_capturable,
     prediction_loss,
 )
+from pipelines.data import bucket_batch_count, bucket_batches, shuffle_tags
 from pipelines.errors import UserError
 from pipelines.families import family_of, sd
+from pipelines.families.base import Share, share_rows
 from pipelines.options import check_fields, option
 from pipelines.step_cache import StepCache
 from pipelines.training import (
     LR_SCHEDULES,
     MIXED_PRECISIONS,
+    MORE_OPTIMIZERS,
     OPTIMIZERS,
+    SHAPED_LR_SCHEDULES,
     STOP_FILE,
+    AdapterEma,
     DivergenceGuard,
     NonFiniteLoss,
     StopRequested,
@@ -86,15 +101,20 @@ __all__ = [
     "UNET_ATTENTION_TARGETS",
     "Batch",
     "NonFiniteLoss",
+    "PixelWeightedDenoiser",
+    "StepOptions",
     "StopRequested",
     "TrainConfig",
     "TrainEvent",
+    "caption_draws",
     "diffusion_loss",
     "generate",
     "image_grid",
     "make_accelerator",
     "make_lr_scheduler",
     "make_optimizer",
+    "masked_inputs",
+    "regularised",
     "sample_batch",
     "save_image_atomic",
     "step_generator",
@@ -118,13 +138,27 @@ class TrainConfig:
     learning_rate: float = option(
         1e-3, help="AdamW learning rate (PaCA often wants a different one than LoRA: sweep it)", above=0
     )
-    lr_schedule: str = option("constant", help="learning-rate schedule after warm-up", choices=LR_SCHEDULES)
+    lr_schedule: str = option(
+        "constant",
+        help="learning-rate schedule after warm-up (cosine_with_restarts: see lr_cycles; polynomial: lr_power)",
+        choices=(*LR_SCHEDULES, *SHAPED_LR_SCHEDULES),
+    )
+    lr_cycles: int = option(
+        1, help="cosine_with_restarts: how many cosine decays, each restarting at the full rate", min=1, advanced=True
+    )
+    lr_power: float = option(1.0, help="polynomial: the decay's power (1: linear)", above=0, advanced=True)
     warmup_steps: int = option(0, help="linear warm-up steps", min=0, advanced=True)
     gradient_accumulation: int = option(1, help="micro-batches per optimizer step", min=1, advanced=True)
     mixed_precision: str = option("no", help="autocast dtype (GPU)", choices=MIXED_PRECISIONS, advanced=True)
     gradient_checkpointing: bool = option(False, help="trade compute for activation memory", advanced=True)
-    optimizer: str = option("adamw", help="adamw, or adamw8bit (bitsandbytes, CUDA)", choices=OPTIMIZERS, advanced=True)
-    weight_decay: float = option(0.0, help="AdamW weight decay", min=0, advanced=True)
+    optimizer: str = option(
+        "adamw",
+        help="adamw; adamw8bit (bitsandbytes, CUDA); prodigy (sets its own step size: use learning rate 1.0); "
+        "adafactor (factored second moments: less memory)",
+        choices=(*OPTIMIZERS, *MORE_OPTIMIZERS),
+        advanced=True,
+    )
+    weight_decay: float = option(0.0, help="the optimizer's weight decay", min=0, advanced=True)
     max_grad_norm: float = option(1.0, help="gradient clipping norm (0: off)", min=0, advanced=True)
     seed: int = option(0, help="seed of every random draw (same seed, same run)", min=0, max=2**32 - 1)
     checkpoint_every: int = option(100, help="write a resumable checkpoint every N steps", min=1)
@@ -148,6 +182,67 @@ class TrainConfig:
     calibration_samples: int = option(
         64, help="CorDA / SPT: training images their data step looks at before training", min=1, advanced=True
     )
+    buckets: bool = option(
+        False,
+        help="aspect-ratio buckets: each image trains at the bucket size nearest its aspect (about resolution² "
+        "pixels), each batch from one bucket",
+        advanced=True,
+    )
+    random_flip: bool = option(False, help="mirror each training image left-right with probability 1/2 (each epoch)")
+    caption_dropout: float = option(
+        0.0,
+        help="probability that a training caption becomes the empty prompt (per image and step)",
+        min=0,
+        max=1,
+        advanced=True,
+    )
+    shuffle_captions: bool = option(
+        False, help="shuffle each caption's comma-separated tags every step (keep_tokens stay first)", advanced=True
+    )
+    keep_tokens: int = option(
+        0, help="with shuffle_captions: how many leading tags stay in place (e.g. the trigger)", min=0, advanced=True
+    )
+    masked_loss: bool = option(
+        False,
+        help="weight the loss by each image's mask, <name>.mask.png beside it (white counts, black is ignored; "
+        "an image without one counts everywhere)",
+        advanced=True,
+    )
+    noise_offset: float = option(
+        0.0,
+        help="add offset x N(0,1) per image and latent channel to the noise (0.05-0.1 lets SD/SDXL learn darker and "
+        "brighter images; not SD3/Flux)",
+        min=0,
+        advanced=True,
+    )
+    min_snr_gamma: float = option(
+        0.0,
+        help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual; 0: off; not SD3/Flux)",
+        min=0,
+        advanced=True,
+    )
+    ema_decay: float = option(
+        0.0,
+        help="also keep an exponential moving average of the adapter with this decay (e.g. 0.999; 0: off), saved "
+        "as adapter_ema/ and drawn in the sample grids",
+        min=0,
+        max=0.9999,
+        advanced=True,
+    )
+    ema_start: int = option(0, help="the moving average equals the weights up to this step", min=0, advanced=True)
+    reg_data: str | None = option(
+        None,
+        help="folder of regularisation (prior-preservation) images: each step adds a batch of them, captioned "
+        "reg_prompt",
+        metavar="FOLDER",
+        ui=False,
+    )
+    reg_prompt: str | None = option(
+        None, help="the prompt of every regularisation image (the class, e.g. 'a photo of a dog')", ui=False
+    )
+    reg_weight: float = option(
+        1.0, help="the loss is the training images' + reg_weight x the regularisation images'", min=0, ui=False
+    )
     # "auto": replay the step from a CUDA graph wherever that is possible (one CUDA GPU, adamw, no
     # fp16 scaler, no accumulation, no checkpointing, UNet only), else eager; "on": insist; "off".
     cuda_graph: str = option(
@@ -167,6 +262,23 @@ class Batch:
     pixel_values: torch.Tensor  # (N, 3, H, W) in [-1, 1]
     prompts: list[str]
     indices: list[int] = field(default_factory=list)  # the dataset items (a StepCache looks them up)
+    masks: torch.Tensor | None = None  # (N, 1, H, W) in [0, 1]: the loss masks, where the items have them
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """What a training step does beyond the plain objective (the TrainConfig fields of the same names):
+    the captions' (`caption_draws`) and the objective's (`step_inputs`)."""
+
+    caption_dropout: float = 0.0
+    shuffle_captions: bool = False
+    keep_tokens: int = 0
+    noise_offset: float = 0.0
+    min_snr_gamma: float = 0.0
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> StepOptions:
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -177,7 +289,11 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
 def sample_batch(
     dataset, batch_size: int, seed: int, step: int, process_index: int = 0, num_processes: int = 1
 ) -> Batch:
-    """This process's share of step `step`'s batch: an epoch-wise permutation, walked in order."""
+    """This process's share of step `step`'s batch: an epoch-wise permutation, walked in order; from a
+    dataset of several aspect buckets, the step's batch of `pipelines.data.bucket_batches` (one bucket)."""
+    bucket_ids = getattr(dataset, "bucket_ids", None)
+    if bucket_ids is not None and len(set(bucket_ids)) > 1:
+        return _bucket_batch(dataset, bucket_ids, batch_size, seed, step, process_index, num_processes)
     n = len(dataset)
     global_batch = batch_size * num_processes
     items, indices = [], []
@@ -189,7 +305,49 @@ def sample_batch(
             dataset.set_epoch(epoch)
         indices.append(int(order[offset]))
         items.append(dataset[indices[-1]])
-    return Batch(torch.stack([item["pixel_values"] for item in items]), [item["prompt"] for item in items], indices)
+    return _stack(items, indices)
+
+
+def _bucket_batch(
+    dataset, bucket_ids: list[int], batch_size: int, seed: int, step: int, process_index: int, num_processes: int
+) -> Batch:
+    """Step `step`'s global batch of one bucket (the same list in every process), this process's share of it."""
+    global_batch = batch_size * num_processes
+    epoch, number = divmod(step, bucket_batch_count(bucket_ids, global_batch))
+    chosen = bucket_batches(bucket_ids, global_batch, seed, epoch)[number]
+    indices = chosen[process_index * batch_size : (process_index + 1) * batch_size]
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    return _stack([dataset[index] for index in indices], indices)
+
+
+def _stack(items: list[dict], indices: list[int]) -> Batch:
+    masks = torch.stack([item["mask"] for item in items]) if "mask" in items[0] else None
+    pixels = torch.stack([item["pixel_values"] for item in items])
+    return Batch(pixels, [item["prompt"] for item in items], indices, masks)
+
+
+def caption_draws(
+    prompts: Sequence[str], options: StepOptions, generator: torch.Generator, share: Share = (0, 1)
+) -> list[str]:
+    """The step's captions after tag shuffling and caption dropout, drawn from the step's generator.
+
+    Drawn for the global batch (each process keeps its rows, like every other draw): with
+    `shuffle_captions` one seed per caption for its tag order (`pipelines.data.shuffle_tags`, the first
+    `keep_tokens` tags in place), then with `caption_dropout` one uniform number per caption, below
+    which it becomes the empty prompt. Nothing is drawn for an option that is off."""
+    prompts = list(prompts)
+    count = len(prompts) * share[1]
+    if options.shuffle_captions:
+        seeds = share_rows(torch.randint(0, 2**62, (count,), generator=generator), share).tolist()
+        prompts = [
+            shuffle_tags(prompt, options.keep_tokens, torch.Generator().manual_seed(seed))
+            for prompt, seed in zip(prompts, seeds)
+        ]
+    if options.caption_dropout > 0:
+        draws = share_rows(torch.rand((count,), generator=generator), share).tolist()
+        prompts = ["" if draw < options.caption_dropout else prompt for prompt, draw in zip(prompts, draws)]
+    return prompts
 
 
 def encode_prompts(pipe, prompts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -214,15 +372,17 @@ def diffusion_loss(
     device: torch.device,
     dtype: torch.dtype,
     scheduler=None,
-    share: tuple[int, int] = (0, 1),
+    share: Share = (0, 1),
     cache: StepCache | None = None,
+    options: StepOptions | None = None,
 ) -> torch.Tensor:
     """The training loss of one batch: the family's objective (noise prediction with the scheduler's
     prediction type, or rectified flow).
 
     `model` is the pipeline's denoiser as accelerate prepared it (DDP-wrapped with several processes);
     `scheduler` is the training noise scheduler (default: `training_scheduler(pipe)`)."""
-    return prediction_loss(model, step_inputs(pipe, batch, generator, device, dtype, scheduler, share, cache))
+    inputs = step_inputs(pipe, batch, generator, device, dtype, scheduler, share, cache, options)
+    return prediction_loss(loss_model(model, inputs), inputs)
 
 
 def step_inputs(
@@ -232,28 +392,93 @@ def step_inputs(
     device: torch.device,
     dtype: torch.dtype,
     scheduler=None,
-    share: tuple[int, int] = (0, 1),
+    share: Share = (0, 1),
     cache: StepCache | None = None,
+    options: StepOptions | None = None,
 ) -> StepInputs:
-    """Every random draw of one step (a latent sample, then the family's noise and timestep), and what
-    the denoiser is given and should predict. `share` = (process index, processes): each process keeps
-    its rows of draws made for the global batch, so N processes draw what one process would. With a
-    `cache` (pipelines.step_cache), captions and image posteriors come from it; the draws are the same."""
+    """Every random draw of one step (a latent sample, then the family's noise and timestep, and the
+    noise offset's draw where `options` ask for one), and what the denoiser is given and should predict
+    (min-SNR-gamma weights where asked; the batch's masks as per-pixel loss weights, `masked_inputs`).
+    `share` = (process index, processes): each process keeps its rows of draws made for the global
+    batch, so N processes draw what one process would. With a `cache` (pipelines.step_cache), captions
+    and image posteriors come from it; the draws are the same."""
     family = family_of(pipe)
     scheduler = scheduler or family.training_scheduler(pipe)
+    options = options or StepOptions()
     if cache is None:
         latents = family.image_latents(pipe, batch.pixel_values, generator, device, share)
         conditioning = family.encode_prompts(pipe, batch.prompts, device)
     else:
         latents = cache.latents(pipe, batch.pixel_values, batch.indices, generator, device, share)
         conditioning = cache.encode_prompts(pipe, batch.prompts, device)
-    return family.noised_inputs(pipe, latents, conditioning, generator, scheduler, dtype, share)
+    inputs = family.noised_inputs(
+        pipe,
+        latents,
+        conditioning,
+        generator,
+        scheduler,
+        dtype,
+        share,
+        noise_offset=options.noise_offset,
+        min_snr_gamma=options.min_snr_gamma,
+    )
+    if batch.masks is not None:
+        inputs = masked_inputs(family, inputs, batch.masks, latents)
+    return inputs
+
+
+# The model input that carries the square root of a step's per-pixel loss weights (see `masked_inputs`).
+PIXEL_WEIGHT_ROOT = "pixel_weight_root"
+
+
+def masked_inputs(family, inputs: StepInputs, masks: torch.Tensor, latents: torch.Tensor) -> StepInputs:
+    """`inputs` whose loss is weighted per latent pixel by `masks` (N, 1, H, W) in [0, 1].
+
+    Each mask is averaged over the latent pixels' patches (area interpolation to the latents' size),
+    repeated over the channels and packed as the family packs latents (Flux's 2x2 tokens). The loss
+    then is mean over every element of m * (prediction - target)^2 (times any per-sample weight): the
+    target is multiplied by sqrt(m) here and the prediction by `PixelWeightedDenoiser`, which reads
+    sqrt(m) from the inputs, so a CUDA-graph step copies the mask in like any other input."""
+    import torch.nn.functional as F
+
+    weight = F.interpolate(masks.to(latents.device, torch.float32), size=latents.shape[-2:], mode="area")
+    weight = family.pack(weight.expand(-1, latents.shape[1], -1, -1).contiguous())
+    root = weight.sqrt().to(inputs.target.dtype)
+    return StepInputs({**inputs.model_inputs, PIXEL_WEIGHT_ROOT: root}, inputs.target * root, inputs.weight)
+
+
+class PixelWeightedDenoiser:
+    """The denoiser, its prediction multiplied by the step's `PIXEL_WEIGHT_ROOT` input (`masked_inputs`)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, **inputs):
+        root = inputs.pop(PIXEL_WEIGHT_ROOT, None)
+        output = self.model(**inputs)
+        if root is None:
+            return output
+        return (output[0] * root, *output[1:])
+
+
+def loss_model(model, inputs: StepInputs):
+    """What `prediction_loss` calls for `inputs`: the denoiser, pixel-weighted where the inputs are masked."""
+    return PixelWeightedDenoiser(model) if PIXEL_WEIGHT_ROOT in inputs.model_inputs else model
+
+
+def regularised(inputs: StepInputs, count: int, reg_weight: float) -> StepInputs:
+    """`inputs` of [`count` training rows, `count` regularisation rows], weighted so that `prediction_loss`
+    is the training rows' mean loss + reg_weight x the regularisation rows' (times any min-SNR weights)."""
+    device = inputs.target.device
+    parts = torch.tensor([2.0] * count + [2.0 * reg_weight] * count, device=device)
+    return StepInputs(inputs.model_inputs, inputs.target, parts if inputs.weight is None else inputs.weight * parts)
 
 
 def cuda_graph_blockers(
-    config: TrainConfig, device: torch.device, num_processes: int, trains_text_encoder: bool
+    config: TrainConfig, device: torch.device, num_processes: int, trains_text_encoder: bool, dataset=None
 ) -> list[str]:
-    """Why this run cannot replay its step from a CUDA graph (empty: it can)."""
+    """Why this run cannot replay its step from a CUDA graph (empty: it can). Host-side draws (captions,
+    noise offset) and fixed-shape extras (masks, min-SNR weights, regularisation images) replay fine."""
     blockers = []
     if device.type != "cuda":
         blockers.append("it needs a CUDA GPU")
@@ -269,6 +494,8 @@ def cuda_graph_blockers(
         blockers.append("fp16 needs a gradient scaler, which checks for inf on the host (use bf16)")
     if trains_text_encoder:
         blockers.append("the text encoder is trained (its prompts vary in the host-side tokenizer)")
+    if config.buckets or len(set(getattr(dataset, "bucket_ids", None) or [0])) > 1:
+        blockers.append("aspect-ratio buckets change the batch's shape from step to step")
     return blockers
 
 
@@ -366,22 +593,37 @@ def train_adapter(
     resume: bool = True,
     handle: AdapterHandle | None = None,
     should_stop: Callable[[], bool] | None = None,
+    reg_dataset=None,
 ) -> AdapterHandle:
     """Train adapter `adapter_name` on the pipeline's denoiser (its UNet or transformer; + the text encoder)
     with `dataset`; returns the denoiser's handle.
 
-    `dataset[i]` is a dict with "pixel_values" (3, H, W) in [-1, 1] and "prompt". If `handle`
-    already holds `adapter_name` (e.g. Break-for-Make's make stage), that adapter is trained.
-    Writes `run_dir/checkpoints/`, `run_dir/samples/` and, at the end, `run_dir/adapter/<name>/`.
+    `dataset[i]` is a dict with "pixel_values" (3, H, W) in [-1, 1] and "prompt" (and "mask" (1, H, W)
+    for `config.masked_loss`). If `handle` already holds `adapter_name` (e.g. Break-for-Make's make
+    stage), that adapter is trained. Regularisation images come from `reg_dataset` (a dataset like
+    `dataset`, its prompts replaced by `config.reg_prompt` when set), else from the folder
+    `config.reg_data`. Writes `run_dir/checkpoints/`, `run_dir/samples/` and, at the end,
+    `run_dir/adapter/<name>/` (and `run_dir/adapter_ema/<name>/` with `config.ema_decay`).
     `should_stop()` is asked after every step (default: does `run_dir/STOP` exist?); see the module docstring.
     """
     # 1. Check inputs before touching the model.
-    text_encoder_adapter = _check_inputs(pipe, dataset, adapter_config, config, text_encoder_adapter)
+    text_encoder_adapter = _check_inputs(pipe, dataset, adapter_config, config, text_encoder_adapter, reg_dataset)
+    reg_dataset = reg_dataset if reg_dataset is not None else regularisation_dataset(pipe, dataset, config)
     run_dir = Path(run_dir)
     should_stop = should_stop or stop_file_exists(run_dir)
 
     # 2. Accelerate, frozen base, adapters (initialised from the seed, like everything else).
     loop = _set_up(pipe, dataset, adapter_config, text_encoder_adapter, config, run_dir, adapter_name, handle, resume)
+    loop.reg_dataset = reg_dataset
+    loop.cache = StepCache.build(
+        pipe,
+        dataset,
+        config.cache_text_embeddings,
+        config.cache_latents,
+        config.batch_size,
+        loop.device,
+        _extra_prompts(config, reg_dataset),
+    )
     loop.emit = on_event or loop.emit
     scale_flag = "--alpha" if hasattr(adapter_config, "alpha") else None
     hint = divergence_hint(config.learning_rate, config.max_grad_norm, scale_flag=scale_flag)
@@ -400,6 +642,8 @@ def train_adapter(
         step_loss = _graphed_step(loop, step) if loop.graphed else None
         if step_loss is None:  # eager, or the graph could not be recorded
             step_loss = _eager_step(loop, step)
+        for _, _, ema in loop.emas:
+            ema.update(step + 1)
         loop.lr_scheduler.step()
         losses.append(step_loss)
         done = step + 1
@@ -451,39 +695,130 @@ class _Loop:
     emit: Callable[[TrainEvent], Any] = lambda event: None
     guard: DivergenceGuard | None = None  # checks each step's loss and the adapters before every write
     cache: StepCache | None = None  # captions / image posteriors encoded once (cache_text_embeddings, cache_latents)
+    reg_dataset: Any = None  # regularisation images (reg_data), a batch of them with every training batch
+    # (checkpoint folder, final folder, average) of each trained adapter with ema_decay
+    emas: list[tuple[str, str, AdapterEma]] = field(default_factory=list)
 
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
 
     @property
-    def share(self) -> tuple[int, int]:
-        """(this process, processes): each process keeps its rows of the global batch's draws."""
-        return self.accelerator.process_index, self.accelerator.num_processes
+    def share(self) -> Share:
+        """(this process, processes[, 2 with regularisation images]): each process keeps its rows of the
+        global batch's draws (pipelines.families.base.share_rows)."""
+        processes = (self.accelerator.process_index, self.accelerator.num_processes)
+        return processes if self.reg_dataset is None else (*processes, 2)
+
+    @property
+    def options(self) -> StepOptions:
+        return StepOptions.of(self.config)
 
     @property
     def sample_size(self) -> int | None:
         """Sample grids are drawn at the training resolution (the dataset's, when it says)."""
         return getattr(self.dataset, "resolution", None)
 
-    def batch(self, micro_step: int) -> Batch:
+    def batch(self, micro_step: int, generator: torch.Generator) -> Batch:
+        """This process's batch of `micro_step`: its training images (their captions drawn by
+        `caption_draws`), then as many regularisation images, each with its prompt."""
         config, accelerator = self.config, self.accelerator
-        return sample_batch(
-            self.dataset,
-            config.batch_size,
-            config.seed,
-            micro_step,
-            accelerator.process_index,
-            accelerator.num_processes,
+        processes = (accelerator.process_index, accelerator.num_processes)
+        batch = sample_batch(self.dataset, config.batch_size, config.seed, micro_step, *processes)
+        if not config.masked_loss:
+            batch.masks = None
+        batch.prompts = caption_draws(batch.prompts, self.options, generator, processes)
+        if self.reg_dataset is None:
+            return batch
+        reg = sample_batch(self.reg_dataset, config.batch_size, config.seed + 1, micro_step, *processes)
+        return _with_regularisation(batch, _sized_like(reg, self.reg_dataset, batch), config.reg_prompt)
+
+    def inputs(self, micro_step: int, generator: torch.Generator) -> StepInputs:
+        """Everything step `micro_step` draws and feeds the denoiser (`step_inputs` of `batch`), the
+        regularisation rows weighted by reg_weight."""
+        inputs = step_inputs(
+            self.pipe,
+            self.batch(micro_step, generator),
+            generator,
+            self.device,
+            self.dtype,
+            self.noise_scheduler,
+            self.share,
+            self.cache,
+            self.options,
         )
+        if self.reg_dataset is None:
+            return inputs
+        return regularised(inputs, self.config.batch_size, self.config.reg_weight)
+
+
+def _sized_like(reg: Batch, reg_dataset, batch: Batch) -> Batch:
+    """The regularisation batch at the training batch's image size (its bucket's), drawn again where it differs."""
+    size = batch.pixel_values.shape[-2:]
+    if reg.pixel_values.shape[-2:] == size:
+        return reg
+    if not hasattr(reg_dataset, "render"):
+        raise UserError(
+            f"the regularisation images are {tuple(reg.pixel_values.shape[-2:])} px and this batch's are "
+            f"{tuple(size)}; give them the training images' size"
+        )
+    items = [reg_dataset.render(index, (int(size[1]), int(size[0]))) for index in reg.indices]
+    return _stack(items, reg.indices)
+
+
+def _with_regularisation(batch: Batch, reg: Batch, prompt: str | None) -> Batch:
+    """[training images, regularisation images] as one batch (the latter captioned `prompt` when given)."""
+    masks = batch.masks
+    if masks is not None:
+        masks = torch.cat([masks, torch.ones(len(reg.prompts), *masks.shape[1:])])
+    return Batch(
+        torch.cat([batch.pixel_values, reg.pixel_values]),
+        batch.prompts + ([prompt] * len(reg.prompts) if prompt is not None else reg.prompts),
+        batch.indices + reg.indices,
+        masks,
+    )
+
+
+def regularisation_dataset(pipe, dataset, config: TrainConfig):
+    """The regularisation images of `config.reg_data` (None without), every one captioned `config.reg_prompt`,
+    at the training resolution, flipped like the training images."""
+    if config.reg_data is None:
+        return None
+    from pipelines.data import ImageCaptionDataset
+
+    resolution = getattr(dataset, "resolution", None) or family_of(pipe).default_size(pipe)
+    literal = config.reg_prompt.replace("{", "{{").replace("}", "}}")  # a fixed prompt, not a template
+    return ImageCaptionDataset(
+        config.reg_data, resolution, template=literal, seed=config.seed, random_flip=config.random_flip
+    )
+
+
+def _extra_prompts(config: TrainConfig, reg_dataset) -> list[str]:
+    """Prompts a text-embedding cache needs beyond the captions: the empty one, the regularisation images'."""
+    if not config.cache_text_embeddings:
+        return []
+    prompts = [""] if config.caption_dropout > 0 else []
+    if reg_dataset is not None:
+        if config.reg_prompt is not None:
+            prompts.append(config.reg_prompt)
+        else:
+            prompts += [reg_dataset[index]["prompt"] for index in range(len(reg_dataset))]
+    return prompts
 
 
 def _check_inputs(
-    pipe, dataset, adapter_config: AdapterConfig, config: TrainConfig, text_encoder_adapter: AdapterConfig | None
+    pipe,
+    dataset,
+    adapter_config: AdapterConfig,
+    config: TrainConfig,
+    text_encoder_adapter: AdapterConfig | None,
+    reg_dataset=None,
 ) -> AdapterConfig | None:
     """Fail on bad settings or data; returns the text encoder's adapter config (None: denoiser only)."""
     config.check()
     family = family_of(pipe)
+    family.check_objective_options(config.noise_offset, config.min_snr_gamma)
+    _check_step_options(dataset, config, reg_dataset)
     trains_text_encoder = config.train_text_encoder or text_encoder_adapter is not None
     if trains_text_encoder and config.cache_text_embeddings:
         raise UserError(
@@ -497,8 +832,6 @@ def _check_inputs(
         )
     if len(dataset) == 0:
         raise UserError("the dataset is empty; add images (and captions) to the folder")
-    if len(set(getattr(dataset, "bucket_ids", [0]))) > 1:
-        raise UserError("this training loop batches square crops only; build the dataset with buckets=False")
     if config.train_text_encoder and text_encoder_adapter is None:  # same method, the text encoder's projections
         text_encoder_adapter = config_from_dict(
             {**adapter_config.to_dict(), "targets": TEXT_ENCODER_TARGETS, "exclude": []}
@@ -506,10 +839,42 @@ def _check_inputs(
     return text_encoder_adapter
 
 
-def _use_cuda_graph(config: TrainConfig, trains_text_encoder: bool, cpu: bool) -> bool:
+def _check_step_options(dataset, config: TrainConfig, reg_dataset) -> None:
+    """The options of captions, masks and regularisation images against each other and the data."""
+    if config.shuffle_captions and config.cache_text_embeddings:
+        raise UserError(
+            "shuffle_captions makes new captions every step, which cache_text_embeddings cannot encode once; "
+            "leave out one of --shuffle-captions and --cache-text-embeddings"
+        )
+    if config.masked_loss and len(dataset) and _mask_count(dataset) == 0:
+        raise UserError(
+            "masked_loss: no training image has a mask; put <name>.mask.png (white: counts, black: ignored) "
+            "beside <name>.png, or leave out --masked-loss"
+        )
+    regularised_run = config.reg_data is not None or reg_dataset is not None
+    if config.reg_data is not None and config.reg_prompt is None:
+        raise UserError("reg_data needs reg_prompt, the regularisation images' prompt (e.g. 'a photo of a dog')")
+    if config.reg_prompt is not None and not regularised_run:
+        raise UserError("reg_prompt is the prompt of the regularisation images: give their folder with --reg-data")
+    if regularised_run and config.cache_latents:
+        raise UserError(
+            "cache_latents encodes the training images only; with regularisation images (reg_data) leave it out"
+        )
+
+
+def _mask_count(dataset) -> int:
+    """How many items of `dataset` have a loss mask (an ImageCaptionDataset built with masks=True knows)."""
+    if hasattr(dataset, "mask_count"):
+        if not getattr(dataset, "masks", False):
+            raise UserError("masked_loss needs the dataset's masks: build it with ImageCaptionDataset(..., masks=True)")
+        return dataset.mask_count
+    return int("mask" in dataset[0])
+
+
+def _use_cuda_graph(config: TrainConfig, trains_text_encoder: bool, cpu: bool, dataset=None) -> bool:
     """Whether the step replays from a CUDA graph (cuda_graph="on" where it cannot is an error)."""
     processes = process_state(cpu)  # the device and the process count, before any precision is fixed
-    blockers = cuda_graph_blockers(config, processes.device, processes.num_processes, trains_text_encoder)
+    blockers = cuda_graph_blockers(config, processes.device, processes.num_processes, trains_text_encoder, dataset)
     if config.cuda_graph == "on" and blockers:
         raise UserError(
             f"cuda_graph='on' is not possible for this run: {'; '.join(blockers)}. Use cuda_graph='auto' or 'off'."
@@ -553,6 +918,7 @@ def calibration_inputs(pipe, dataset, config: TrainConfig, dtype: torch.dtype = 
     for index in tqdm(range(batches), desc=f"calibration on {count} images", unit="batch", leave=False):
         size = min(config.batch_size, count - index * config.batch_size)
         batch = sample_batch(dataset, size, config.seed, index)
+        batch.masks = None  # the data step looks at whole images
         # Seeded apart from every training step's generator (steps are >= 0): calibration changes no draw.
         generator = step_generator(config.seed, -1 - index)
         with torch.no_grad():
@@ -575,7 +941,7 @@ def _set_up(
     torch.manual_seed(config.seed)
     # A pipeline the caller put on the CPU trains there (several CPU processes: gloo), even on a GPU machine.
     cpu = pipe.device.type == "cpu"
-    graphed = _use_cuda_graph(config, text_encoder_adapter is not None, cpu)
+    graphed = _use_cuda_graph(config, text_encoder_adapter is not None, cpu, dataset)
     # Graphed, the step does its own autocast (with the cast cache off, as capture needs); accelerate's
     # mixed-precision forward wrapper would cache casts, so accelerate is told "no".
     accelerator = make_accelerator(
@@ -615,10 +981,6 @@ def _set_up(
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
         autocast = accelerator.autocast
-    # Captions / images encoded once, their encoders moved to the CPU (after any CorDA/SPT data step above).
-    cache = StepCache.build(
-        pipe, dataset, config.cache_text_embeddings, config.cache_latents, config.batch_size, device
-    )
     loop = _Loop(
         pipe,
         dataset,
@@ -637,7 +999,14 @@ def _set_up(
         training_scheduler(pipe),
         graphed,
     )
-    loop.cache = cache
+    if config.ema_decay > 0:
+        loop.emas.append(
+            ("adapter_ema", "adapter_ema", AdapterEma(handle, adapter_name, config.ema_decay, config.ema_start))
+        )
+        if text_handle:
+            text_ema = AdapterEma(text_handle, adapter_name, config.ema_decay, config.ema_start)
+            loop.emas.append(("text_encoder_ema", "text_encoder_adapter_ema", text_ema))
+    # Captions / images are encoded once (StepCache) by train_adapter next, after any CorDA/SPT data step above.
     return loop
 
 
@@ -653,6 +1022,13 @@ def _resume(loop: _Loop, resume: bool) -> int:
         loop.text_handle.load_state_dict(
             handle_state(checkpoint, "text_encoder", loop.adapter_name), name=loop.adapter_name
         )
+    for folder, _, ema in loop.emas:
+        if not (checkpoint / folder / loop.adapter_name).is_dir():
+            raise UserError(
+                f"{checkpoint} holds no moving average ({folder}/), which ema_decay needs: it was written by a run "
+                "without it (resume with the same config), or cut short (delete it to resume from the one before)"
+            )
+        ema.load_state_dict(handle_state(checkpoint, folder, loop.adapter_name))
     return state["step"]
 
 
@@ -661,9 +1037,9 @@ def _record_step(loop: _Loop) -> GraphedTrainStep:
     make_capturable(loop.optimizer, loop.device)  # a resumed checkpoint may come from an eager run
     # The recording holds the optimizer step's hooks too (PaCA's column rewrite), so after a replay
     # the adapters only need to know their cached state is stale.
-    handle = loop.handle
+    handle, denoiser = loop.handle, family_of(loop.pipe).denoiser(loop.pipe)
     return GraphedTrainStep(
-        family_of(loop.pipe).denoiser(loop.pipe),
+        PixelWeightedDenoiser(denoiser) if loop.config.masked_loss else denoiser,
         loop.optimizer,
         loop.parameters,
         loop.config.max_grad_norm,
@@ -677,11 +1053,8 @@ def _graphed_step(loop: _Loop, step: int) -> float | None:
     (cuda_graph="auto": the loop then trains eagerly from this step on)."""
     config = loop.config
     generator = step_generator(config.seed, step)
-    batch = loop.batch(step)
     with torch.no_grad(), loop.autocast():
-        inputs = step_inputs(
-            loop.pipe, batch, generator, loop.device, loop.dtype, loop.noise_scheduler, loop.share, loop.cache
-        )
+        inputs = loop.inputs(step, generator)
     try:
         loss = loop.graph_step(inputs)
     except GraphCaptureError as error:
@@ -704,19 +1077,9 @@ def _eager_step(loop: _Loop, step: int) -> float:
     step_loss, grad_norm = 0.0, None
     for micro in range(config.gradient_accumulation):
         with accelerator.accumulate(loop.model):
-            batch = loop.batch(step * config.gradient_accumulation + micro)
             with loop.autocast():
-                loss = diffusion_loss(
-                    loop.pipe,
-                    loop.model,
-                    batch,
-                    generator,
-                    loop.device,
-                    loop.dtype,
-                    loop.noise_scheduler,
-                    loop.share,
-                    loop.cache,
-                )
+                inputs = loop.inputs(step * config.gradient_accumulation + micro, generator)
+                loss = prediction_loss(loss_model(loop.model, inputs), inputs)
             accelerator.backward(loss)
             norm = None
             if accelerator.sync_gradients and config.max_grad_norm > 0:
@@ -749,15 +1112,14 @@ def _maybe_checkpoint(loop: _Loop, done: int, step_loss: float, force: bool) -> 
         return
     _check_finite(loop, done, loop.optimizer)  # every process (same adapter everywhere): all stop together
     if loop.accelerator.is_main_process:
-        save_step_checkpoint(
-            loop,
-            done,
-            config.steps,
-            extra={"loss": step_loss},
-            also=None
-            if text_handle is None
-            else lambda path: text_handle.save(path / "text_encoder" / name, name=name),
-        )
+
+        def also(path: Path) -> None:  # beside the denoiser's adapter and the optimizer
+            if text_handle is not None:
+                text_handle.save(path / "text_encoder" / name, name=name)
+            for folder, _, ema in loop.emas:
+                ema.save(path / folder / name)
+
+        save_step_checkpoint(loop, done, config.steps, extra={"loss": step_loss}, also=also)
 
 
 def _save_final(loop: _Loop) -> None:
@@ -770,13 +1132,19 @@ def _save_final(loop: _Loop) -> None:
     loop.handle.save(loop.run_dir / "adapter" / name, name=name)
     if loop.text_handle:
         loop.text_handle.save(loop.run_dir / "text_encoder_adapter" / name, name=name)
+    for _, folder, ema in loop.emas:
+        ema.save(loop.run_dir / folder / name)
     if loop.config.sample_prompts:
         path = _write_samples(loop, loop.run_dir / "samples" / "final.png")
         loop.emit(TrainEvent("sample", loop.config.steps, loop.config.steps, path=str(path)))
 
 
 def _write_samples(loop: _Loop, path: Path) -> Path:
-    return write_samples(loop.pipe, loop.config, path, loop.accelerator, loop.sample_size, loop.cache)
+    """A sample grid, drawn with the moving averages of the adapters where the run keeps them (ema_decay)."""
+    with contextlib.ExitStack() as averaged:
+        for _, _, ema in loop.emas:
+            averaged.enter_context(ema.applied())
+        return write_samples(loop.pipe, loop.config, path, loop.accelerator, loop.sample_size, loop.cache)
 
 
 def _check_finite(loop: _Loop, done: int, optimizer: torch.optim.Optimizer | None = None) -> None:

@@ -3,6 +3,7 @@
 
     optimizer = make_optimizer(parameters, config, device)      # config: .optimizer, .learning_rate, .weight_decay
     lr_scheduler = make_lr_scheduler(optimizer, config)          # config: .lr_schedule, .warmup_steps, .steps
+                                                                 #   (+ .lr_cycles, .lr_power where it has them)
     accelerator = make_accelerator(config.mixed_precision)
     ...
     loss, grad_norm = host_values(loss, grad_norm)   # the step's one host sync
@@ -24,8 +25,11 @@ installs it): `stop_requested` answers yes for them too, whatever `should_stop` 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,7 +41,14 @@ from pipelines.errors import UserError
 from pipelines.signals import SIGNALS
 
 LR_SCHEDULES = ("constant", "cosine", "linear")  # the factor after warm-up (see lr_factor)
+# Schedules shaped by a setting (lr_cycles, lr_power): a trainer whose config has those offers them
+# (the diffusion loop does); make_lr_scheduler takes them from any config (default 1 cycle, power 1).
+SHAPED_LR_SCHEDULES = ("cosine_with_restarts", "polynomial")
 OPTIMIZERS = ("adamw", "adamw8bit")  # adamw8bit: bitsandbytes, CUDA only
+# More optimizers make_optimizer builds (the diffusion loop offers them): Prodigy (the prodigyopt
+# package; it estimates the step size, so its learning rate is a multiplier, usually 1.0) and torch's
+# Adafactor (factored second moments: less optimizer memory).
+MORE_OPTIMIZERS = ("prodigy", "adafactor")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 STOP_FILE = "STOP"  # <run_dir>/STOP asks a running trainer to checkpoint and stop
 
@@ -99,7 +110,8 @@ class CheckpointedLoop(Protocol):
 def make_optimizer(
     parameters: list[torch.nn.Parameter], settings: OptimizerSettings, device: torch.device
 ) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW, at `settings.learning_rate`."""
+    """AdamW (fused on CUDA), bitsandbytes' 8-bit AdamW, Prodigy (prodigyopt) or torch's Adafactor, at
+    `settings.learning_rate` with `settings.weight_decay`."""
     if settings.optimizer == "adamw8bit":
         if device.type != "cuda":
             raise UserError("optimizer 'adamw8bit' needs a CUDA GPU (bitsandbytes); use 'adamw' on this machine")
@@ -108,14 +120,46 @@ def make_optimizer(
         except ImportError:
             raise UserError("optimizer 'adamw8bit' needs bitsandbytes: pip install 'peft-studio[quant]'") from None
         return bnb.optim.AdamW8bit(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    if settings.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise UserError("optimizer 'prodigy' needs prodigyopt: pip install prodigyopt") from None
+        # growth_rate: prodigyopt's default (inf) cannot go into a checkpoint's strict JSON; the largest
+        # float bounds d's growth the same way (d * it is past any d_max).
+        return Prodigy(
+            parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay, growth_rate=sys.float_info.max
+        )
+    if settings.optimizer == "adafactor":
+        return torch.optim.Adafactor(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    if settings.optimizer != "adamw":
+        choices = ", ".join((*OPTIMIZERS, *MORE_OPTIMIZERS))
+        raise UserError(f"optimizer={settings.optimizer!r} is not one of {choices}")
     return torch.optim.AdamW(
         parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=device.type == "cuda"
     )
 
 
-def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int, floor: float = 0.0) -> float:
+def lr_factor(
+    step: int,
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int,
+    floor: float = 0.0,
+    cycles: int = 1,
+    power: float = 1.0,
+) -> float:
     """The learning-rate multiplier of step `step` (0-based): linear warm-up to 1 over `warmup_steps`,
-    then `schedule` ("constant", "cosine" or "linear") from 1 down to `floor` at `total_steps`."""
+    then `schedule` from 1 down to `floor` at `total_steps`:
+
+    constant   1
+    cosine     floor + (1 - floor) (1 + cos(pi p)) / 2, p the progress after warm-up in [0, 1]
+    linear     floor + (1 - floor) (1 - p)
+    cosine_with_restarts   floor + (1 - floor) (1 + cos(pi ((cycles p) mod 1))) / 2, and floor from p = 1 on:
+               `cycles` cosine decays, each restarting at 1 (diffusers' / transformers' "hard restarts")
+    polynomial floor + (1 - floor) (1 - p)^power (diffusers' / transformers' polynomial decay with
+               lr_end = floor x the learning rate; power 1 is linear)
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -123,19 +167,28 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int, flo
         return floor + (1 - floor) * (0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
     if schedule == "linear":
         return floor + (1 - floor) * max(0.0, 1 - progress)
+    if schedule == "cosine_with_restarts":
+        if progress >= 1.0:
+            return floor
+        return floor + (1 - floor) * (0.5 * (1 + math.cos(math.pi * ((cycles * progress) % 1.0))))
+    if schedule == "polynomial":
+        return floor + (1 - floor) * max(0.0, 1 - progress) ** power
     return 1.0
 
 
 def make_lr_scheduler(
     optimizer: torch.optim.Optimizer, settings: ScheduleSettings, floor: float = 0.0
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR stepping `lr_factor` with the settings' schedule, warm-up and step count."""
-    if settings.lr_schedule not in LR_SCHEDULES:
-        raise UserError(f"lr_schedule={settings.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+    """A LambdaLR stepping `lr_factor` with the settings' schedule, warm-up and step count (and their
+    `lr_cycles` / `lr_power` where they have them)."""
+    known = (*LR_SCHEDULES, *SHAPED_LR_SCHEDULES)
+    if settings.lr_schedule not in known:
+        raise UserError(f"lr_schedule={settings.lr_schedule!r} is not one of {', '.join(known)}")
     schedule, warmup_steps, total_steps = settings.lr_schedule, settings.warmup_steps, settings.steps
+    cycles, power = getattr(settings, "lr_cycles", 1), getattr(settings, "lr_power", 1.0)
 
     def factor(step: int) -> float:  # a plain function: LambdaLR's state_dict keeps no state of it
-        return lr_factor(step, schedule, warmup_steps, total_steps, floor)
+        return lr_factor(step, schedule, warmup_steps, total_steps, floor, cycles, power)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -216,6 +269,73 @@ def save_step_checkpoint(
             also(path)
         loop.emit(TrainEvent("checkpoint", done, total, path=str(path)))
     return path
+
+
+class AdapterEma:
+    """An exponential moving average of one adapter's trained tensors (adapter `name` of `handle`):
+
+        ema = AdapterEma(handle, name, decay=0.999, start=100)
+        ema.update(done)                            # after every optimizer step (done: steps taken)
+        ema.save(run_dir / "adapter_ema" / name)    # handle.save's format, with the averaged tensors
+        with ema.applied(): ...                     # the adapter holds the average inside the block
+
+    Up to step `start` the average is the weights themselves; after each later step
+    average <- decay * average + (1 - decay) * weights. It averages the adapter's trainable tensors
+    (the rest of its state is saved as it is) and reads them in place: nothing an adapter keeps fused
+    is released, and the tensors a CUDA-graph step records are never re-created."""
+
+    def __init__(self, handle, name: str, decay: float, start: int = 0) -> None:
+        self.handle, self.name, self.decay, self.start = handle, name, decay, start
+        trainable = {parameter.data_ptr() for parameter in handle.trainable_parameters()}
+        self.live = {
+            key: value
+            for key, value in handle.state_dict(name).items()
+            if value.is_floating_point() and value.data_ptr() in trainable
+        }
+        self.average = {key: value.detach().clone() for key, value in self.live.items()}
+
+    @torch.no_grad()
+    def update(self, done: int) -> None:
+        """Fold the weights after step `done` (1-based) into the average."""
+        averages, weights = list(self.average.values()), [self.live[key] for key in self.average]
+        if done <= self.start:
+            torch._foreach_copy_(averages, weights)
+        else:
+            torch._foreach_lerp_(averages, weights, 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's state (handle.state_dict's keys) with the averaged tensors in place of the weights."""
+        return {key: self.average.get(key, value) for key, value in self.handle.state_dict(self.name).items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the average from a `state_dict()` (a checkpoint's)."""
+        missing = sorted(set(self.average) - set(state))
+        if missing:
+            raise UserError(f"the saved moving average lacks {missing[0]!r}; it is not this adapter's")
+        with torch.no_grad():
+            for key, value in self.average.items():
+                value.copy_(state[key])
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """The average as an adapter folder, in `handle.save`'s format (it loads with `peft_core.load`)."""
+        from peft_core.saved import write_adapter
+
+        return write_adapter(directory, self.handle.configs[self.name], self.name, self.state_dict())
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The adapter holds the average inside the block; its own weights come back after it, bit for bit."""
+        with torch.no_grad():
+            kept = {key: value.clone() for key, value in self.live.items()}
+            for key, value in self.live.items():
+                value.copy_(self.average[key])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for key, value in self.live.items():
+                    value.copy_(kept[key])
+            self.handle.after_optimizer_step()  # what adapters derive from their weights (PaCA's columns): redone
 
 
 def divergence_hint(

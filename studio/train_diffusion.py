@@ -251,6 +251,27 @@ def check_base_precision(settings: dict) -> None:
             raise UserError("--base-quantization nf4 needs bitsandbytes: pip install 'peft-studio[quant]'") from None
 
 
+def bucket_step(resolution: int, multiple: int) -> int:
+    """Bucket sides are multiples of 64 px (kohya's usual step) from 256 px up, else of the family's own
+    multiple (the embedded 64 px model: 8), so a small resolution still has buckets."""
+    return 64 if resolution >= 256 and resolution % 64 == 0 else multiple
+
+
+def check_regularisation(train: TrainConfig) -> None:
+    """--reg-data and --reg-prompt go together, and the folder's images are usable, before anything loads."""
+    if (train.reg_data is None) != (train.reg_prompt is None):
+        given, missing = ("--reg-data", "--reg-prompt") if train.reg_prompt is None else ("--reg-prompt", "--reg-data")
+        raise UserError(
+            f"{given} needs {missing}: the regularisation images' folder and their prompt "
+            "(e.g. --reg-data class_images/ --reg-prompt 'a photo of a dog')"
+        )
+    if train.reg_data is not None:
+        from pipelines.data import validate_image_folder
+
+        literal = train.reg_prompt.replace("{", "{{").replace("}", "}}")
+        validate_image_folder(train.reg_data, template=literal)
+
+
 def _processes(device: str | None):
     """accelerate's process state (on the CPU when --device cpu): which process this is, how many run."""
     import torch
@@ -278,11 +299,12 @@ def run(args: argparse.Namespace) -> int:
     resume = getattr(args, "resume", None)
     if resume:
         run_folder = Run.open(resume)
-        settings = run_record(run_folder, f"train-{args.kind}", from_record)
-        changes = apply_resume_flags(args, run_folder, settings)
-        processes = _processes(settings["device"])
+        processes = _processes(getattr(args, "device", None))  # --device is the one start-time flag
         if processes.is_main_process:
             run_folder.acquire()  # one writer at a time: a second one is refused here, before anything loads
+        settings = run_record(run_folder, f"train-{args.kind}", from_record)
+        changes = apply_resume_flags(args, run_folder, settings)
+        if processes.is_main_process:
             run_folder.update_config({"train": changes})
     else:
         settings = resolve(args)
@@ -297,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
     validate_image_folder(
         settings["data"], template=settings["template"], trigger=settings["trigger"]
     )  # fail before loading
+    check_regularisation(settings["train"])
     check_base_precision(settings)
     pipe = load_base(
         settings["base"] or "embedded",
@@ -325,6 +348,10 @@ def run(args: argparse.Namespace) -> int:
         template=settings["template"],
         trigger=settings["trigger"],
         seed=settings["train"].seed,
+        random_flip=settings["train"].random_flip,
+        buckets=settings["train"].buckets,
+        bucket_step=bucket_step(resolution, family.size_multiple(pipe)),
+        masks=settings["train"].masked_loss,
     )
 
     # 2. The run folder.
@@ -365,5 +392,7 @@ def run(args: argparse.Namespace) -> int:
         return outcome.exit_code
     run_folder.update(status="finished")
     print(f"adapter: {run_folder.directory / 'adapter' / args.kind}")
+    if settings["train"].ema_decay > 0:
+        print(f"moving average of the adapter: {run_folder.directory / 'adapter_ema' / args.kind}")
     print(f"samples: {run_folder.directory / 'samples' / 'final.png'}")
     return 0

@@ -19,6 +19,17 @@ velocity), sigma = shift(u) with u logit-normal (SD3 paper, section 3.1: "lognor
 time shift s*u / (1 + (s - 1) u) of the scheduler: a fixed s for SD3 (its config's `shift`), and for
 Flux s = exp(mu), mu linear in the number of image tokens (resolution-dependent, the scheduler's
 dynamic shifting that Flux's pipeline samples with).
+
+Two options of the noise-prediction objective (`noised_inputs(..., noise_offset=, min_snr_gamma=)`):
+- noise offset (the "offset noise" trick): eps += offset * n, one n ~ N(0, 1) per (image, latent
+  channel), drawn after the timesteps; the noisy latents and an epsilon/v target use that noise. A DDPM
+  schedule never reaches pure noise (its last SNR is > 0), so the model cannot learn to change an image's
+  mean colour; the offset lets it (darker and brighter images).
+- min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+  Strategy", eq. 11-13): per-sample loss weight min(SNR_t, gamma) / SNR_t for an epsilon target,
+  min(SNR_t, gamma) / (SNR_t + 1) for v and min(SNR_t, gamma) for x_0, SNR_t = abar_t / (1 - abar_t).
+Rectified flow (SD3, Flux) refuses both: its path reaches pure noise at sigma = 1 (the offset's problem
+does not arise), and its timesteps are already weighted by the logit-normal draw (SD3 paper, 3.1).
 """
 
 from __future__ import annotations
@@ -34,7 +45,10 @@ from torch import nn
 from pipelines.cuda_graphs import StepInputs
 from pipelines.errors import UserError
 
-Share = tuple[int, int]  # (this process's index, number of processes)
+# (this process's index, number of processes) or (index, processes, segments): with segments > 1 the
+# local batch is that many parts (the loop's training images, then its regularisation images), each
+# part being this process's rows of that part of the global batch (see `share_rows`).
+Share = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,13 @@ class Family:
 
     def denoiser(self, pipe) -> nn.Module:
         return getattr(pipe, self.denoiser_name)
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the denoiser reads and writes them (Flux packs 2x2 patches into tokens)."""
+        return latents
+
+    def check_objective_options(self, noise_offset: float = 0.0, min_snr_gamma: float = 0.0) -> None:
+        """UserError if this family's objective cannot take these options (see the module docstring)."""
 
     def default_size(self, pipe) -> int:
         """The image side the model was trained at (pixels)."""
@@ -134,6 +155,9 @@ class Family:
         scheduler,
         dtype: torch.dtype,
         share: Share = (0, 1),
+        *,
+        noise_offset: float = 0.0,
+        min_snr_gamma: float = 0.0,
     ) -> StepInputs:
         raise NotImplementedError
 
@@ -149,13 +173,28 @@ class NoisePrediction(Family):
     def model_inputs(self, pipe, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> dict[str, Any]:
         return {"sample": noisy, "timestep": timesteps, **conditioning}
 
-    def noised_inputs(self, pipe, latents, conditioning, generator, scheduler, dtype, share=(0, 1)) -> StepInputs:
+    def noised_inputs(
+        self,
+        pipe,
+        latents,
+        conditioning,
+        generator,
+        scheduler,
+        dtype,
+        share=(0, 1),
+        *,
+        noise_offset: float = 0.0,
+        min_snr_gamma: float = 0.0,
+    ) -> StepInputs:
         device = latents.device
         latents = latents.to(dtype)
         noise = randn_share(latents.shape, generator, share).to(device, dtype)
         count = scheduler.config.num_train_timesteps
-        timesteps = _rows(torch.randint(0, count, (latents.shape[0] * share[1],), generator=generator), share)
+        timesteps = share_rows(torch.randint(0, count, (latents.shape[0] * share[1],), generator=generator), share)
         timesteps = timesteps.to(device)
+        if noise_offset:  # one draw per (image, channel), broadcast over the latent pixels
+            offset = randn_share(latents.shape[:2], generator, share).to(device, dtype)
+            noise = noise + noise_offset * offset[..., None, None]
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction_type = scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -169,7 +208,8 @@ class NoisePrediction(Family):
                 f"the scheduler's prediction_type {prediction_type!r} is not supported (epsilon, v_prediction, sample)"
             )
         conditioning = {key: _cast(value, dtype) for key, value in conditioning.items()}
-        return StepInputs(self.model_inputs(pipe, noisy, timesteps, conditioning), target)
+        weight = min_snr_weights(scheduler, timesteps, min_snr_gamma) if min_snr_gamma else None
+        return StepInputs(self.model_inputs(pipe, noisy, timesteps, conditioning), target, weight)
 
 
 class RectifiedFlow(Family):
@@ -180,6 +220,18 @@ class RectifiedFlow(Family):
 
     def training_scheduler(self, pipe):
         return pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+
+    def check_objective_options(self, noise_offset: float = 0.0, min_snr_gamma: float = 0.0) -> None:
+        if noise_offset:
+            raise UserError(
+                f"noise_offset is for noise-prediction models (SD, SDXL); {self.title} trains rectified flow, which "
+                "reaches pure noise at sigma = 1, so the offset is not needed: leave out --noise-offset"
+            )
+        if min_snr_gamma:
+            raise UserError(
+                f"min_snr_gamma weights noise-prediction losses by their SNR (SD, SDXL); {self.title} trains "
+                "rectified flow, whose timesteps are already weighted (logit-normal): leave out --min-snr-gamma"
+            )
 
     def time_shift(self, scheduler, latents: torch.Tensor) -> float:
         """s of sigma = s u / (1 + (s - 1) u): exp(mu) with mu linear in the image tokens (dynamic
@@ -205,7 +257,20 @@ class RectifiedFlow(Family):
     def model_inputs(self, pipe, noisy: torch.Tensor, sigmas: torch.Tensor, conditioning: dict) -> dict[str, Any]:
         raise NotImplementedError
 
-    def noised_inputs(self, pipe, latents, conditioning, generator, scheduler, dtype, share=(0, 1)) -> StepInputs:
+    def noised_inputs(
+        self,
+        pipe,
+        latents,
+        conditioning,
+        generator,
+        scheduler,
+        dtype,
+        share=(0, 1),
+        *,
+        noise_offset: float = 0.0,
+        min_snr_gamma: float = 0.0,
+    ) -> StepInputs:
+        self.check_objective_options(noise_offset, min_snr_gamma)
         device = latents.device
         latents = latents.float()
         noise = randn_share(latents.shape, generator, share).to(device)
@@ -218,23 +283,38 @@ class RectifiedFlow(Family):
         inputs = self.model_inputs(pipe, noisy.to(dtype), sigmas, conditioning)
         return StepInputs(inputs, self.pack(target).to(dtype))
 
-    def pack(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents as the transformer reads and writes them (Flux packs 2x2 patches into tokens)."""
-        return latents
-
 
 def randn_share(shape: Sequence[int], generator: torch.Generator, share: Share = (0, 1)) -> torch.Tensor:
     """Process `share[0]`'s rows of a normal draw for the global batch of `share[1]` processes.
 
     Every process draws the whole global batch from the step's generator and keeps its own rows, so a
     run in several processes draws exactly the numbers one process with the global batch would."""
-    return _rows(torch.randn((shape[0] * share[1], *shape[1:]), generator=generator), share)
+    return share_rows(torch.randn((shape[0] * share[1], *shape[1:]), generator=generator), share)
 
 
-def _rows(values: torch.Tensor, share: Share) -> torch.Tensor:
-    index, processes = share
-    rows = values.shape[0] // processes
-    return values[index * rows : (index + 1) * rows]
+def share_rows(values: torch.Tensor, share: Share) -> torch.Tensor:
+    """This process's rows of `values`, drawn for the global batch (`share` = (index, processes[, segments])).
+
+    The global batch is `segments` parts one after the other, each part the processes' rows in process
+    order; a process keeps its rows of every part, in part order: its local batch [part 1 rows, part 2
+    rows, ...]. One process with the global batch thus sees exactly the draws the N processes see."""
+    index, processes, *rest = share
+    if processes == 1:
+        return values
+    segments = rest[0] if rest else 1
+    parts = values.reshape(segments, processes, values.shape[0] // (segments * processes), *values.shape[1:])
+    return parts[:, index].reshape(-1, *values.shape[1:])
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights of `timesteps` (Hang et al. 2023), as float32 on their device: min(SNR, gamma)
+    divided by SNR (epsilon target), by SNR + 1 (v) or by 1 (x_0), SNR_t = abar_t / (1 - abar_t) in float64."""
+    abar = scheduler.alphas_cumprod.double()[timesteps.cpu()]
+    snr = abar / (1 - abar)
+    clipped = torch.clamp(snr, max=gamma)
+    divisors = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}
+    divisor = divisors[scheduler.config.prediction_type]
+    return (clipped / divisor).float().to(timesteps.device)
 
 
 def _cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

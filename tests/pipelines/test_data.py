@@ -17,8 +17,11 @@ from pipelines.data import (
     BucketBatchSampler,
     ImageCaptionDataset,
     assign_bucket,
+    bucket_batch_count,
+    bucket_batches,
     load_prompts,
     make_buckets,
+    shuffle_tags,
     to_rgb,
     validate_image_folder,
 )
@@ -399,3 +402,76 @@ def test_warnings_for_partial_duplicates_and_skipped_files(tmp_path):
     assert any("picture.dat" in w and "rename" in w for w in report.warnings)
     assert any("orphan.txt" in w for w in report.warnings)
     assert not any(".DS_Store" in w for w in report.warnings)
+
+
+# --- loss masks, bucket batches for the training loop, tag shuffling -----------------------------------
+
+
+def test_masks_beside_images_are_masks_not_training_images(tmp_path):
+    folder(tmp_path, n=3)
+    mask = np.zeros((24, 24), np.uint8)
+    mask[:, :12] = 255
+    Image.fromarray(mask).save(tmp_path / "img0.mask.png")
+    image(tmp_path / "orphan.mask.png", colour=(255, 255, 255))
+    report = validate_image_folder(tmp_path)
+    assert [(r.path.name, r.mask.name if r.mask else None) for r in report.records] == [
+        ("img0.png", "img0.mask.png"),
+        ("img1.png", None),
+        ("img2.png", None),
+    ]
+    assert any("orphan.mask.png" in w and "without its image" in w for w in report.warnings)
+    assert not any("skipped" in w for w in report.warnings)
+    plain = ImageCaptionDataset(tmp_path, 16)
+    assert "mask" not in plain[0] and plain.mask_count == 1
+    masked = ImageCaptionDataset(tmp_path, 16, masks=True)
+    assert torch.equal(masked[1]["mask"], torch.ones(1, 16, 16))  # no mask: counts everywhere
+    left = masked[0]["mask"]
+    assert left.shape == (1, 16, 16) and left[..., :7].min() > 0.99 and left[..., 9:].max() < 0.01
+
+
+def test_a_mask_is_cropped_and_flipped_with_its_image(tmp_path):
+    picture = np.zeros((40, 120, 3), np.uint8)
+    picture[:, 60:] = 255  # right half white
+    Image.fromarray(picture).save(tmp_path / "a.png")
+    Image.fromarray(picture[..., 0]).save(tmp_path / "a.mask.png")  # the mask is the same picture
+    dataset = ImageCaptionDataset(
+        tmp_path, 16, template="x", crop="random", random_flip=True, repeats=16, masks=True, seed=2
+    )
+    flips = set()
+    for i in range(len(dataset)):
+        item = dataset[i]
+        brightness = (item["pixel_values"].mean(0) + 1) / 2  # the image in [0, 1]
+        assert (brightness - item["mask"][0]).abs().max() < 0.02
+        flips.add(bool(item["mask"][0, :, 0].mean() > 0.5))
+    assert flips == {True, False}  # flipped and unflipped crops were both seen, the mask always along
+
+
+def test_a_mask_of_another_size_is_refused(tmp_path):
+    folder(tmp_path, n=2)
+    image(tmp_path / "img1.mask.png", (20, 24), (255, 255, 255))
+    with pytest.raises(UserError, match="img1.mask.png: the mask is 20x24 px but its image is 24x24"):
+        validate_image_folder(tmp_path)
+
+
+def test_bucket_batches_are_full_single_bucket_and_a_fixed_count_per_epoch():
+    bucket_ids = [0] * 5 + [1] * 1 + [2] * 4
+    count = bucket_batch_count(bucket_ids, 4)
+    assert count == 2 + 1 + 1
+    for epoch in range(3):
+        batches = bucket_batches(bucket_ids, 4, seed=1, epoch=epoch)
+        assert len(batches) == count and all(len(batch) == 4 for batch in batches)
+        assert all(len({bucket_ids[i] for i in batch}) == 1 for batch in batches)
+        assert set().union(*map(set, batches)) == set(range(len(bucket_ids)))  # every item each epoch
+    assert bucket_batches(bucket_ids, 4, 1, 0) == bucket_batches(bucket_ids, 4, 1, 0)
+    assert bucket_batches(bucket_ids, 4, 1, 0) != bucket_batches(bucket_ids, 4, 1, 1)
+
+
+def test_shuffle_tags_keeps_the_first_ones():
+    caption = "sks dog, red collar ,grass, sunny,, park"
+    orders = {shuffle_tags(caption, 1, torch.Generator().manual_seed(seed)) for seed in range(40)}
+    assert all(order.startswith("sks dog, ") for order in orders) and len(orders) > 5
+    assert all(
+        sorted(order.split(", ")) == sorted(["sks dog", "red collar", "grass", "sunny", "park"]) for order in orders
+    )
+    assert shuffle_tags("one tag only", 0, torch.Generator().manual_seed(0)) == "one tag only"
+    assert shuffle_tags("a, b, c", 5, torch.Generator().manual_seed(0)) == "a, b, c"
