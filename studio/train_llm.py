@@ -7,6 +7,7 @@ printed before and after, in about a minute on a CPU.
     studio train-llm                                            # the demo
     studio train-llm data.jsonl --eval test.jsonl --base meta-llama/Llama-3.2-1B --method paca --rank 16
     studio train-llm chats.parquet --format sharegpt --packing --max-length 1024   # formats: docs/llm.md
+    studio train-llm pairs.jsonl --objective dpo --dpo-beta 0.1   # preference tuning (or orpo); no data: the demo's
     studio data check data.jsonl --max-length 512          # rows, format, token lengths, the loss mask
     studio train-llm --method lora --loram-ratio 0.5            # LoRAM: prune, train small, recover
     studio train-llm --method corda --set mode=kpm --calibration-data facts.jsonl
@@ -35,7 +36,8 @@ class LlmRunOptions:
     data: str | None = option(
         None,
         help="training data: a JSONL, JSON, CSV or Parquet file (messages, sharegpt, alpaca, prompt-completion "
-        "or text rows, see --format) or a hub dataset id; default: the embedded tiny LM's held-out addition task",
+        "or text rows; preference rows for --objective dpo/orpo; see --format) or a hub dataset id; default: the "
+        "embedded tiny LM's held-out addition task (as preference pairs for dpo/orpo)",
         positional=True,
         ui=False,
     )
@@ -166,9 +168,12 @@ def _create_run_folder(args: argparse.Namespace, job: LlmJob, accelerator):
 
 
 def _run_name(args: argparse.Namespace, job: LlmJob) -> str:
-    """--name, else llm-<method>[-loram]-<data file name>."""
-    data_name = job.data.stem if job.data else "task_add_train"
-    return args.name or f"llm-{job.adapter.method}{'-loram' if job.train.loram_ratio else ''}-{data_name}"
+    """--name, else llm-<method>[-loram][-dpo|-orpo]-<data file name>."""
+    preference = job.train.objective != "sft"
+    data_name = job.data.stem if job.data else ("preference_add_train" if preference else "task_add_train")
+    loram = "-loram" if job.train.loram_ratio else ""
+    objective = f"-{job.train.objective}" if preference else ""
+    return args.name or f"llm-{job.adapter.method}{loram}{objective}-{data_name}"
 
 
 def _event_logger(run_folder, progress):
@@ -191,7 +196,7 @@ def _event_logger(run_folder, progress):
 def _print_result(result) -> None:
     """Before/after metrics, size, time and where the outputs are."""
     for key in sorted(result.after):
-        if key.endswith("/accuracy") or key.endswith("/perplexity"):
+        if key.endswith(("/accuracy", "/preference_accuracy", "/perplexity")):
             print(f"{key}: {result.before.get(key, float('nan')):.4f} before -> {result.after[key]:.4f} after")
     print(f"trainable parameters: {result.trainable_params:,}; wall time {result.wall_s:.1f} s")
     print(f"adapter: {result.adapter_dir}")

@@ -86,8 +86,11 @@ def b4m_name(content: str, style: str, content_files: list | None, style_files: 
     return f"b4m-{'upload' if content_files else content}-{'upload' if style_files else style}"
 
 
-def llm_name(method: str, upload: bool) -> str:
-    return f"llm-{method}-{'upload' if upload else 'task_add_train'}"
+def llm_name(method: str, upload: bool, objective: str = "sft") -> str:
+    """The default LLM run name, as `studio train-llm` makes it (dpo / orpo train the embedded preference pairs)."""
+    preference = objective not in ("", "sft")
+    data = "upload" if upload else "preference_add_train" if preference else "task_add_train"
+    return f"llm-{method}{f'-{objective}' if preference else ''}-{data}"
 
 
 def cancel_message(job: Job) -> str:
@@ -356,8 +359,9 @@ class Studio:
     def preview_llm(self, source: str, name: str, values: dict) -> tuple[str, str]:
         upload = source != LLM_EMBEDDED
         try:
-            method = form_values(LLM_KIND, values).get("adapter.method") or "lora"
-            run_name = self.free_run_name((name or "").strip() or llm_name(method, upload))
+            options = form_values(LLM_KIND, values)
+            method, objective = options.get("adapter.method") or "lora", options.get("train.objective") or "sft"
+            run_name = self.free_run_name((name or "").strip() or llm_name(method, upload, objective))
             argv = self.llm_argv("<your-upload.jsonl>" if upload else None, None, run_name, values)
             yaml_text = api.config_yaml(argv)  # also checks every option the way train-llm will
         except UserError as error:
@@ -373,7 +377,8 @@ class Studio:
         options = form_values(LLM_KIND, values)
         self.user(owner)
         data, held_out, note = self.llm_dataset(source, train_file, eval_file)
-        wanted = (name or "").strip() or llm_name(options.get("adapter.method") or "lora", data is not None)
+        method, objective = options.get("adapter.method") or "lora", options.get("train.objective") or "sft"
+        wanted = (name or "").strip() or llm_name(method, data is not None, objective)
         checked: dict[str, str] = {}
 
         def make_argv(run_name: str) -> list[str]:

@@ -611,6 +611,20 @@ def pretrain_lm(recipe: Recipe, out: Path, device: str, workers: int) -> None:
         f"addition task (zero-shot) {record['task_add_test_accuracy_before_finetuning']}",
         flush=True,
     )
+    write_preference_files(model, tokenizer, data)
     model.cpu().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     _write_record(folder, record)
+
+
+def write_preference_files(model, tokenizer, data: Path) -> None:
+    """preference_add_{train,test}.jsonl: the first task rows of each split, the right sum chosen and the
+    pretrained model's likeliest wrong sum rejected (`world.model_mistakes`). Rerun on the shipped model:
+    python -c "from pipelines.base import load_embedded_lm, EMBEDDED_LM; from pipelines.world.pretrain import \
+    write_preference_files as w; m, t = load_embedded_lm(); w(m, t, EMBEDDED_LM / 'data')"."""
+    from pipelines.world import text as world
+
+    for split, count in world.PREFERENCE_COUNTS.items():
+        rows = world.addition_task(split, count)
+        pairs = world.addition_preferences(split, count, world.model_mistakes(model, tokenizer, rows))
+        (data / f"preference_add_{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in pairs))

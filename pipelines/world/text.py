@@ -9,7 +9,10 @@ facts: the world's "knowledge"), described by many sentence templates. From it c
   the accuracy that fine-tuning should not destroy (what CorDA's knowledge-preserving mode protects);
 - `addition_task(split, count)`: instruction/response word problems ("mira has 3 plums and buys 4
   more . how many plums does mira have ?" -> "7"), never in pretraining: the downstream
-  fine-tuning task on which PEFT methods are compared.
+  fine-tuning task on which PEFT methods are compared;
+- `addition_preferences(split, count, mistakes)`: the same task rows as preference pairs for DPO / ORPO
+  (`assets/tiny-lm/data/preference_add_*.jsonl`): the right sum chosen, the pretrained model's own most
+  likely wrong sum (`model_mistakes`) rejected.
 
 Everything is lowercase words and spaced punctuation, so a word-level tokenizer covers the world
 exactly (`build_tokenizer`).
@@ -197,6 +200,40 @@ def addition_task(split: str, count: int) -> list[dict]:
     return rows
 
 
+# The held-out task as preference pairs. The rejected answer is the pretrained model's own mistake (its most
+# likely wrong sum), as preference sets are usually made: sample the policy, keep what a judge marks wrong.
+# (A nearby wrong sum, right +- 1 or 2, was tried first: a model that cannot add has nothing to learn from
+# it, and DPO left held-out preference accuracy where it was, 0.46 -> 0.45.)
+PREFERENCE_COUNTS = {"train": 256, "test": 128}
+
+
+def model_mistakes(model, tokenizer, rows: list[dict]) -> list[int]:
+    """For each task row, the index of the wrong choice the model scores highest (its likeliest mistake)."""
+    mistakes = []
+    for row, scores in zip(rows, choice_logits(model, tokenizer, rows, prompt_key="instruction")):
+        scores = scores.clone()
+        scores[row["answer"]] = float("-inf")
+        mistakes.append(int(scores.argmax()))
+    return mistakes
+
+
+def addition_preferences(split: str, count: int, mistakes: list[int]) -> list[dict]:
+    """The first `count` rows of `addition_task(split, ...)` (the shipped task_add_*.jsonl rows) as preference
+    pairs in TRL's conversational form: {"prompt": [user turn], "chosen": [assistant: the sum],
+    "rejected": [assistant: mistakes[i], a wrong sum]}."""
+    rows = addition_task(split, count)
+    if len(mistakes) != len(rows) or any(m == row["answer"] for m, row in zip(mistakes, rows)):
+        raise ValueError("mistakes: one wrong answer per task row")
+    return [
+        {
+            "prompt": [{"role": "user", "content": row["instruction"]}],
+            "chosen": [{"role": "assistant", "content": row["response"]}],
+            "rejected": [{"role": "assistant", "content": str(wrong)}],
+        }
+        for row, wrong in zip(rows, mistakes)
+    ]
+
+
 def vocabulary() -> list[str]:
     """Every word of the text world, specials first; the word-level tokenizer's vocabulary."""
     templates = [t for group in FACT_TEMPLATES.values() for t in group]
@@ -275,8 +312,8 @@ def perplexity(model, tokenizer, documents: list[str], batch_size: int = 64) -> 
     return float(np.exp(total_nll / total_tokens))
 
 
-def multiple_choice_accuracy(model, tokenizer, items: list[dict], prompt_key: str = "prompt") -> float:
-    """Share of items whose highest-likelihood continuation among `choices` is the `answer`.
+def choice_logits(model, tokenizer, items: list[dict], prompt_key: str = "prompt") -> list:
+    """Per item, the next-token logits of its `choices` after its prompt (a (len(choices),) tensor).
 
     Every choice here is one word (one token), so the comparison is of next-token log-probabilities.
     For instruction rows (`prompt_key="instruction"`) the prompt is rendered with the chat template.
@@ -285,7 +322,7 @@ def multiple_choice_accuracy(model, tokenizer, items: list[dict], prompt_key: st
 
     device = next(model.parameters()).device
     model.eval()
-    correct = 0
+    scores = []
     with torch.no_grad():
         for item in items:
             prompt = item[prompt_key]
@@ -296,5 +333,11 @@ def multiple_choice_accuracy(model, tokenizer, items: list[dict], prompt_key: st
             input_ids = torch.tensor([tokenizer(prompt).input_ids], device=device)
             next_logits = model(input_ids=input_ids).logits[0, -1]
             choice_ids = [tokenizer.convert_tokens_to_ids(choice) for choice in item["choices"]]
-            correct += int(int(next_logits[choice_ids].argmax()) == item["answer"])
-    return correct / len(items)
+            scores.append(next_logits[choice_ids].float().cpu())
+    return scores
+
+
+def multiple_choice_accuracy(model, tokenizer, items: list[dict], prompt_key: str = "prompt") -> float:
+    """Share of items whose highest-likelihood continuation among `choices` is the `answer`."""
+    scores = choice_logits(model, tokenizer, items, prompt_key)
+    return sum(int(int(s.argmax()) == item["answer"]) for s, item in zip(scores, items)) / len(items)

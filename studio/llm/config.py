@@ -15,6 +15,8 @@ from pipelines.options import build, check_fields, option
 from pipelines.training import LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS
 from studio.llm.data import DATA_FORMATS
 
+OBJECTIVES = ("sft", "dpo", "orpo")
+
 
 @dataclass
 class LlmTrainConfig:
@@ -22,8 +24,26 @@ class LlmTrainConfig:
 
     Defaults: the embedded demo (about a minute on 2 CPU cores)."""
 
+    objective: str = option(
+        "sft",
+        help="sft: the next-token loss on the responses; dpo / orpo: preference tuning on prompt / chosen / "
+        "rejected rows (DPO against the base without the adapter; ORPO with no reference)",
+        choices=OBJECTIVES,
+    )
+    dpo_beta: float = option(
+        0.1,
+        help="DPO: beta, how strongly the log-ratio to the reference is scaled (higher: stay closer)",
+        above=0,
+        advanced=True,
+    )
+    orpo_lambda: float = option(
+        0.1,
+        help="ORPO: lambda, the weight of the odds-ratio term next to the chosen response's NLL",
+        min=0,
+        advanced=True,
+    )
     steps: int = option(300, help="optimizer steps", min=1)
-    batch_size: int = option(16, help="sequences per micro-step, per process", min=1)
+    batch_size: int = option(16, help="sequences (dpo / orpo: pairs) per micro-step, per process", min=1)
     learning_rate: float = option(3e-3, help="AdamW learning rate", above=0)
     lr_schedule: str = option("cosine", help="learning-rate schedule after warm-up", choices=LR_SCHEDULES)
     warmup_steps: int = option(10, help="linear warm-up steps", min=0)

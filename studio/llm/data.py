@@ -1,12 +1,16 @@
-"""LLM data: rows in any of five formats -> token ids with labels, and which examples each step trains on.
+"""LLM data: rows in any of six formats -> token ids with labels, and which examples each step trains on.
 
 Formats (one per file, detected from its first row's fields, or forced with --format):
 
+    preference         {"prompt", "chosen", "rejected"}                 DPO / ORPO pairs (studio.llm.preference)
     messages           {"messages": [{"role", "content"}, ...]}          OpenAI chat; loss on assistant turns
     sharegpt           {"conversations": [{"from", "value"}, ...]}      from: system | human | gpt
     alpaca             {"instruction", "input"?, "output", "system"?}   "response" works for "output"
     prompt-completion  {"prompt", "completion"}                         loss on the completion only
     text               {"text"}                                         continued pretraining: loss everywhere
+
+Preference rows are strings ({"prompt", "chosen", "rejected"}) or TRL's conversational form: "chosen" and
+"rejected" as message lists, with the "prompt" messages given, or implicit as their shared leading messages.
 
 Files: JSONL (one object a line), JSON (a list of rows), CSV and Parquet (read through the `datasets`
 library; CSV falls back to the standard library without it), or a hub dataset id ("owner/name", through
@@ -14,8 +18,9 @@ library; CSV falls back to the standard library without it), or a hub dataset id
 
 Every row becomes one internal form: {"messages": [...]} (chat-like formats, rendered with the tokenizer's
 chat template, loss on assistant tokens), {"prompt", "response"} (plain text concatenated, loss on the
-response) or {"text"}. Evaluation rows may instead be multiple-choice items ("choices" + "answer", the
-prompt given the file's way: "prompt", "instruction", "messages" or "conversations").
+response), {"text"}, or a preference pair {"prompt", "chosen", "rejected"} (all strings, or all message
+lists: the prompt's and each response's). Evaluation rows may instead be multiple-choice items ("choices" +
+"answer", the prompt given the file's way: "prompt", "instruction", "messages" or "conversations").
 
 Packing concatenates examples into max_length blocks; each block remembers where its examples start
 (`Example.segments`), so positions restart and attention never crosses examples (`model_inputs`).
@@ -47,8 +52,10 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 # The data formats, and the field that marks each one, in the order auto-detection tries them
-# (alpaca before text: Alpaca dumps often carry a pre-rendered "text" column too).
+# (preference first: its rows carry a "prompt" too; alpaca before text: Alpaca dumps often carry a
+# pre-rendered "text" column too).
 FORMAT_FIELDS = {
+    "preference": "chosen",
     "messages": "messages",
     "sharegpt": "conversations",
     "alpaca": "instruction",
@@ -196,7 +203,7 @@ def _table_records(rows, csv_cells: bool) -> list[tuple[str, Any]]:
         row = _without_nulls({k: v for k, v in dict(row).items() if k is not None})  # None: a CSV row's extra cells
         if csv_cells:
             row = {k: v for k, v in row.items() if v != ""}
-            for key in ("messages", "conversations", "choices", "prompt", "completion"):
+            for key in ("messages", "conversations", "choices", "prompt", "completion", "chosen", "rejected"):
                 if isinstance(row.get(key), str) and row[key].lstrip().startswith("["):  # a JSON list in a cell
                     with contextlib.suppress(json.JSONDecodeError):  # else plain text that starts with "["
                         row[key] = json.loads(row[key])
@@ -374,6 +381,62 @@ def _from_prompt_completion(row: dict) -> dict:
     return {"prompt": prompt, "response": completion}
 
 
+def _from_preference(row: dict) -> dict:
+    """{"prompt", "chosen", "rejected"}: three strings, or three message lists (TRL's conversational
+    preference rows; without "prompt", the prompt is the leading messages "chosen" and "rejected" share)."""
+    if "rejected" not in row:
+        raise _Bad('a preference row needs "rejected" next to "chosen" (missing)')
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if not (isinstance(chosen, str) or isinstance(rejected, str)):
+        return _preference_messages(chosen, rejected, prompt)
+    if not (isinstance(chosen, str) and isinstance(rejected, str)):
+        raise _Bad('"chosen" and "rejected" must both be strings, or both lists of messages')
+    if not isinstance(prompt, str):
+        raise _Bad('"prompt" must be a string' + ("" if "prompt" in row else " (missing)"))
+    if not chosen or not rejected:
+        raise _Bad('"chosen" and "rejected" must be non-empty strings')
+    if chosen == rejected:
+        raise _Bad('"chosen" and "rejected" are the same: nothing to prefer')
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _preference_messages(chosen: Any, rejected: Any, prompt: Any) -> dict:
+    """A conversational preference row: the prompt messages (given, or the leading ones both sides share)
+    and each side's response, which must be assistant messages."""
+    chosen, rejected = _check_messages(chosen, "chosen"), _check_messages(rejected, "rejected")
+    if chosen == rejected:
+        raise _Bad('"chosen" and "rejected" are the same: nothing to prefer')
+    if prompt is None:  # implicit prompt: the messages both conversations start with
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared == 0:
+            raise _Bad('"chosen" and "rejected" share no leading (prompt) messages; give the "prompt" messages')
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    elif isinstance(prompt, list):
+        prompt = _check_messages(prompt, "prompt")
+    else:
+        raise _Bad('"prompt" must be a list of messages when "chosen" and "rejected" are')
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        if not messages:
+            raise _Bad(f'"{key}" has no response after the prompt')
+        for number, message in enumerate(messages, start=1):
+            if message["role"] != "assistant":
+                raise _Bad(
+                    f'"{key}" response message {number} has role "{message["role"]}": the responses after the '
+                    "prompt must be assistant messages"
+                )
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def preference_side(row: dict, side: str) -> tuple[dict, int]:
+    """One side ("chosen" / "rejected") of an internal preference row as an ordinary row, and the chat turn
+    where its response starts (encode_row's `first_turn`: the loss is on the response only)."""
+    if isinstance(row["prompt"], str):
+        return {"prompt": row["prompt"], "response": row[side]}, 0
+    return {"messages": [*row["prompt"], *row[side]]}, len(row["prompt"])
+
+
 def _from_text(row: dict) -> dict:
     if not isinstance(row["text"], str) or not row["text"]:
         raise _Bad('"text" must be a non-empty string')
@@ -381,6 +444,7 @@ def _from_text(row: dict) -> dict:
 
 
 _CONVERTERS = {
+    "preference": _from_preference,
     "messages": _from_messages,
     "sharegpt": _from_sharegpt,
     "alpaca": _from_alpaca,
@@ -391,6 +455,7 @@ _CONVERTERS = {
 
 # Why a row of each format has nothing to learn (a row without a response is an evaluation choice item only).
 NOTHING_TO_LEARN = {
+    "preference": 'a preference row needs "chosen" and "rejected"',
     "messages": '"messages" has no "assistant" message to learn',
     "sharegpt": '"conversations" has no "gpt" turn to learn',
     "alpaca": 'an "instruction" row needs an "output" (or "response")',
@@ -400,9 +465,10 @@ NOTHING_TO_LEARN = {
 
 
 def _expected(for_training: bool) -> str:
-    return '"messages", "conversations", "instruction" + "output", "prompt" + "completion" or "text"' + (
-        "" if for_training else ', or "choices" + "answer" with a prompt'
-    )
+    return (
+        '"messages", "conversations", "instruction" + "output", "prompt" + "completion", "text" '
+        'or "prompt" + "chosen" + "rejected"'
+    ) + ("" if for_training else ', or "choices" + "answer" with a prompt')
 
 
 def _unknown(row: Any, for_training: bool) -> _Bad:
@@ -429,7 +495,8 @@ def convert_row(row: Any, data_format: str, for_training: bool = True, where: st
         if problem:
             raise _Bad(problem)
         out.update(choices=row["choices"], answer=row["answer"])
-    learnable = "text" in out or "response" in out or any(m["role"] == "assistant" for m in out.get("messages", ()))
+    learnable = "text" in out or "response" in out or "chosen" in out
+    learnable = learnable or any(m["role"] == "assistant" for m in out.get("messages", ()))
     if not (learnable or choice):
         raise _Bad(NOTHING_TO_LEARN[data_format])
     return out
@@ -543,10 +610,14 @@ def row_messages(row: dict) -> list[dict]:
     return internal_row(row)["messages"]
 
 
-def encode_row(row: dict, tokenizer) -> Example:
+def encode_row(row: dict, tokenizer, first_turn: int = 0) -> Example:
     """Token ids and labels of one row: every token for text, the completion for prompt-completion,
-    the assistant tokens for chat-like rows."""
+    the assistant tokens for chat-like rows (from chat turn `first_turn` on), the chosen side's response
+    for a preference row (what `studio data check` shows; studio.llm.preference encodes both sides)."""
     row = internal_row(row)
+    if "chosen" in row:
+        side, first_turn = preference_side(row, "chosen")
+        return encode_row(side, tokenizer, first_turn)
     if "text" in row:
         ids = token_ids(tokenizer, row["text"])
         if tokenizer.eos_token_id is not None:
@@ -562,7 +633,7 @@ def encode_row(row: dict, tokenizer) -> Example:
     ids = token_ids(tokenizer, render_chat(tokenizer, messages, add_generation_prompt=False))
     labels = [IGNORE] * len(ids)
     for turn, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or turn < first_turn:
             continue
         # The response span: from where the prompt (with the generation prompt) stops matching to
         # where the conversation up to this turn stops matching; robust to merges at the boundary.

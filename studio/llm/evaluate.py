@@ -1,17 +1,14 @@
-"""Loss and evaluation: the causal-LM loss on response tokens (optionally chunked over the vocabulary),
-loss / perplexity on held-out rows and multiple-choice accuracy."""
+"""Evaluation on held-out sets: loss / perplexity on response tokens, multiple-choice accuracy and
+preference accuracy (the loss itself lives in studio.llm.losses)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-import torch.utils.checkpoint
 
-from pipelines.errors import UserError
 from studio.llm.config import LlmTrainConfig
 from studio.llm.data import (
     IGNORE,
@@ -24,63 +21,7 @@ from studio.llm.data import (
     token_ids,
     tokenize,
 )
-
-# Config fields of models whose logits are not just lm_head(last hidden state) (Gemma 2, Cohere, ...).
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
-
-
-def token_loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 0) -> torch.Tensor:
-    """Sum over response tokens of the next-token cross-entropy (float32).
-
-    chunk_tokens > 0: never hold the whole (tokens x vocab) logits (chunked_token_loss_sum); the
-    model must be the bare Hugging Face model (not wrapped for DDP) with a plain linear output layer.
-    """
-    if chunk_tokens > 0:
-        head, config = model.get_output_embeddings(), model.config
-        if not isinstance(head, torch.nn.Linear) or any(getattr(config, key, None) for key in LOGIT_TRANSFORMS):
-            raise UserError(
-                f"loss_chunk_tokens: {type(model).__name__} does not compute its logits as a plain linear layer "
-                "of the last hidden state (output layer or logit scaling/soft-capping): set loss_chunk_tokens=0"
-            )
-        hidden = model.base_model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
-        return chunked_token_loss_sum(hidden[:, :-1], head, batch["labels"][:, 1:], chunk_tokens)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits, targets = logits[:, :-1], batch["labels"][:, 1:]  # (B, T-1, V), (B, T-1)
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-
-
-def chunked_token_loss_sum(
-    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk_tokens: int
-) -> torch.Tensor:
-    """sum_t CE(head(hidden_t), targets_t) over the positions whose target is not IGNORE (at least float32).
-
-    With a 128k vocabulary the logits of one 2048-token sequence take 1 GiB in float32, and the
-    plain loss keeps them (and their gradient) alive; here each chunk's logits exist only inside
-    its own forward and are recomputed in backward (activation checkpointing), so the peak holds
-    one chunk of logits. Positions without a target are dropped first: no head compute for them.
-    """
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    targets = targets.reshape(-1)
-    keep = targets != IGNORE
-    hidden, targets = hidden[keep], targets[keep]
-
-    def chunk_loss(chunk_hidden: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
-        logits = head(chunk_hidden)
-        return F.cross_entropy(
-            logits.to(torch.promote_types(logits.dtype, torch.float32)), chunk_targets, reduction="sum"
-        )
-
-    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-    for start in range(0, targets.numel(), chunk_tokens):
-        end = start + chunk_tokens
-        total = total + torch.utils.checkpoint.checkpoint(
-            chunk_loss, hidden[start:end], targets[start:end], use_reentrant=False
-        )
-    return total
+from studio.llm.losses import token_loss_sum
 
 
 @torch.no_grad()
@@ -151,6 +92,7 @@ class EvalSet:
     rows: list[dict]
     examples: list[Example]  # rows with a response (loss / perplexity)
     choice_rows: list[dict]  # rows with choices + answer (accuracy)
+    pairs: list = field(default_factory=list)  # preference rows as PreferencePairs (preference accuracy)
 
 
 def load_eval_set(path: Path, tokenizer, train: LlmTrainConfig) -> EvalSet:
@@ -161,11 +103,20 @@ def load_eval_set(path: Path, tokenizer, train: LlmTrainConfig) -> EvalSet:
         if "text" in r or "response" in r or any(m.get("role") == "assistant" for m in r.get("messages", []))
     ]
     examples = tokenize(trainable, tokenizer, train.max_length, source=str(path)).examples if trainable else []
-    return EvalSet(path.stem, rows, examples, [r for r in rows if "choices" in r])
+    preference = [r for r in rows if "chosen" in r]
+    pairs = []
+    if preference:
+        from studio.llm.preference import tokenize_pairs
+
+        pairs = tokenize_pairs(preference, tokenizer, train.max_length, source=str(path)).examples
+    return EvalSet(path.stem, rows, examples, [r for r in rows if "choices" in r], pairs)
 
 
 def evaluate(model, eval_sets: list[EvalSet], tokenizer, batch_size: int, device) -> dict[str, float]:
-    """{"<set>/loss", "<set>/perplexity", "<set>/accuracy"} for every held-out set."""
+    """{"<set>/loss", "<set>/perplexity", "<set>/accuracy", "<set>/preference_accuracy",
+    "<set>/preference_margin"} for every held-out set (each where it has such rows)."""
+    from studio.llm.preference import preference_accuracy
+
     was_training = model.training
     model.eval()
     metrics = {}
@@ -179,5 +130,10 @@ def evaluate(model, eval_sets: list[EvalSet], tokenizer, batch_size: int, device
             metrics[f"{eval_set.name}/accuracy"] = multiple_choice_accuracy(
                 model, eval_set.choice_rows, tokenizer, batch_size, device
             )
+        if eval_set.pairs:
+            for key, value in preference_accuracy(
+                model, eval_set.pairs, tokenizer.pad_token_id, batch_size, device
+            ).items():
+                metrics[f"{eval_set.name}/{key}"] = value
     model.train(was_training)
     return metrics

@@ -10,8 +10,9 @@ The algorithm, in five steps:
 2. set up  - accelerate, the base model (optionally NF4), LoRAM's prune, the method's prepare step
              (CorDA covariances, SPT sensitivities) on the first training examples, optimizer, schedule;
 3. fit     - the causal-LM loss on response tokens, normalised by the global step's token count, so
-             one process and N processes with the same global batch follow the same curve;
-4. evaluate- loss / perplexity and multiple-choice accuracy on held-out JSONL, before and after;
+             one process and N processes with the same global batch follow the same curve (DPO / ORPO:
+             the per-pair loss of studio.llm.preference, normalised by the global step's pair count);
+4. evaluate- loss / perplexity, multiple-choice and preference accuracy on held-out data, before and after;
 5. save    - the adapter (peft_core format; LoRAM: recovered to the full model's shapes), optionally
              a merged model and a PEFT-format export.
 
@@ -52,8 +53,18 @@ from studio.llm.data import (
     read_data,
     tokenize,
 )
-from studio.llm.evaluate import EvalSet, evaluate, load_eval_set, token_loss_sum
+from studio.llm.evaluate import EvalSet, evaluate, load_eval_set
+from studio.llm.losses import token_loss_sum
 from studio.llm.model import check_method_on_model, load_model, load_tokenizer, loram_keep, model_source, save_merged
+from studio.llm.preference import (
+    PREFERENCE_OBJECTIVES,
+    PreferenceData,
+    check_objective,
+    collate_pairs,
+    default_preference_data,
+    preference_loss_sum,
+    read_preference_data,
+)
 
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate's distributed types train-llm refuses
 
@@ -135,7 +146,7 @@ class _Inputs:
     """The checked, tokenized data of one run."""
 
     tokenizer: Any
-    data: TokenizedData
+    data: TokenizedData | PreferenceData  # SFT examples, or DPO / ORPO pairs
     eval_sets: list[EvalSet]
     calibration: list[Example]  # CorDA / SPT: what their prepare step looks at
     summary: str = ""  # the training data in one line (the "data" event)
@@ -151,7 +162,7 @@ class _Run:
     accelerator: Any
     emit: Callable[[TrainEvent], Any]
     tokenizer: Any
-    data: TokenizedData
+    data: TokenizedData | PreferenceData
     eval_sets: list[EvalSet]
     wrapped: Any  # the model as accelerate prepared it (DDP-wrapped with several processes)
     handle: AdapterHandle
@@ -193,15 +204,26 @@ def read_inputs(job: LlmJob) -> _Inputs:
     given); every problem is a UserError. `studio train-llm` calls it before it makes the run folder and
     hands the result to `train_llm(inputs=...)`, so bad data never leaves a run behind."""
     train = job.train
+    check_objective(train)
+    preference = train.objective in PREFERENCE_OBJECTIVES
     data_path, eval_paths = job.data, job.eval_data
     if data_path is None:  # the embedded task, evaluated on its test set and probe unless --eval names files
-        data_path, default_eval = default_data()
+        data_path, default_eval = default_preference_data() if preference else default_data()
         eval_paths = eval_paths or default_eval
     tokenizer = load_tokenizer(job)
-    rows = read_data(data_path, train.skip_bad_lines, data_format=train.format)
-    data = tokenize(rows.rows, tokenizer, train.max_length, train.packing, str(data_path), rows.format)
+    if preference:
+        data = read_preference_data(data_path, train, tokenizer)
+        calibration = [pair.chosen for pair in data.examples]  # CorDA / SPT look at prompt + chosen response
+    else:
+        rows = read_data(data_path, train.skip_bad_lines, data_format=train.format)
+        if rows.format == "preference":
+            raise UserError(
+                f"{data_path} holds preference rows (prompt / chosen / rejected): train them with --objective dpo "
+                "or orpo (to fine-tune on the chosen responses alone, give them as prompt / completion rows)"
+            )
+        data = tokenize(rows.rows, tokenizer, train.max_length, train.packing, str(data_path), rows.format)
+        calibration = data.examples
     eval_sets = [load_eval_set(Path(path), tokenizer, train) for path in eval_paths]  # formats detected per file
-    calibration = data.examples
     if job.calibration_data is not None:
         calibration = tokenize(
             read_data(job.calibration_data, train.skip_bad_lines, data_format=train.format).rows,
@@ -337,19 +359,20 @@ def _step(run: _Run, sampler: StepSampler, step: int) -> float:
 
     loss = sum of response-token losses / tokens in the whole global step (all micro-batches, all
     processes), times the process count because DDP averages gradients: any split of the same
-    global batch gives the same gradient."""
+    global batch gives the same gradient. DPO / ORPO: the sum of per-pair losses / pairs in the
+    global step, the same way."""
     train, accelerator, examples = run.job.train, run.accelerator, run.data.examples
     processes, accumulation = accelerator.num_processes, train.gradient_accumulation
+    preference = isinstance(run.data, PreferenceData)
     micro_steps = range(step * accumulation, (step + 1) * accumulation)
-    tokens = sum(examples[i].label_count for m in micro_steps for i in sampler.indices(m))
+    indices = [i for m in micro_steps for i in sampler.indices(m)]
+    tokens = len(indices) if preference else sum(examples[i].label_count for i in indices)  # the denominator
     step_loss = torch.zeros((), device=run.device)
     for number, micro in enumerate(micro_steps):
         chunk = [examples[i] for i in sampler.indices(micro, accelerator.process_index)]
-        batch = {k: v.to(run.device) for k, v in collate(chunk, run.tokenizer.pad_token_id).items()}
-        batch = _packed_inputs(accelerator.unwrap_model(run.wrapped), batch)
         sync = number == accumulation - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(run.wrapped), accelerator.autocast():
-            loss_sum = token_loss_sum(_with_positions(run.wrapped, batch), batch, train.loss_chunk_tokens)
+            loss_sum = _loss_sum(run, chunk, preference)
             accelerator.backward(loss_sum * (processes / tokens))
         step_loss += loss_sum.detach() / tokens
     grad_norm = accelerator.clip_grad_norm_(run.parameters, train.max_grad_norm) if train.max_grad_norm > 0 else None
@@ -362,6 +385,18 @@ def _step(run: _Run, sampler: StepSampler, step: int) -> float:
     loss, norm = training.host_values(accelerator.reduce(step_loss, "sum"), grad_norm)
     run.guard.step(step + 1, loss, norm if accelerator.scaler is None else None)
     return loss
+
+
+def _loss_sum(run: _Run, chunk: list, preference: bool) -> torch.Tensor:
+    """This process's share of a micro-step: the summed response-token losses of its examples, or (DPO /
+    ORPO) the summed per-pair losses of its pairs."""
+    bare = run.accelerator.unwrap_model(run.wrapped)
+    if preference:
+        batch = {k: v.to(run.device) for k, v in collate_pairs(chunk, run.tokenizer.pad_token_id).items()}
+        return preference_loss_sum(run.wrapped, bare, run.handle, run.adapter_name, batch, run.job.train)
+    batch = {k: v.to(run.device) for k, v in collate(chunk, run.tokenizer.pad_token_id).items()}
+    batch = _packed_inputs(bare, batch)
+    return token_loss_sum(_with_positions(run.wrapped, batch), batch, run.job.train.loss_chunk_tokens)
 
 
 def _packed_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from studio.llm.data import IGNORE, Example, collate, model_inputs, pack
-from studio.llm.evaluate import token_loss_sum
+from studio.llm.losses import token_loss_sum
 
 VOCAB, PAD = 61, 0
 

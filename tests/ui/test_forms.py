@@ -40,8 +40,9 @@ PAGE_INPUTS = {
     "Adapter 3",
     "Weight",
     "Training data",
-    "Training JSONL ({text}, {instruction, response} or {messages} per line)",
-    "Held-out JSONL (optional; rows with choices + answer give accuracy)",
+    "Training JSONL, any format (messages, sharegpt, alpaca, prompt-completion, text; prompt + chosen + rejected "
+    "for dpo / orpo)",
+    "Held-out JSONL (optional; choices + answer give accuracy, chosen + rejected preference accuracy)",
     "Adapter (a finished run)",
     "Yes, delete this run folder for good",
 }

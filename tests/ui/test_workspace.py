@@ -215,10 +215,15 @@ def test_the_llm_form_becomes_the_train_llm_command_and_yaml(studio, tmp_path):
 
 def test_llm_uploads_and_options_are_checked_before_any_job(studio):
     ws = studio.workspace
-    good = uploaded(ws, "my data.jsonl", b'{"instruction": "hi", "response": "hello"}\n{"text": "plain"}\n')
+    good = uploaded(
+        ws, "my data.jsonl", b'{"instruction": "hi", "response": "hello"}\n{"instruction": "bye", "output": "ciao"}\n'
+    )
     bad = uploaded(ws, "bad.jsonl", b'{"instruction": "hi"}\nnot json\n')
     refusals = [
-        ('line 1: an "instruction" row needs a "response"; line 2: invalid JSON', ("upload", bad, None, llm_options())),
+        (
+            'line 1: an "instruction" row needs an "output" (or "response"); line 2: invalid JSON',
+            ("upload", bad, None, llm_options()),
+        ),
         ("not accepted", ("upload", uploaded(ws, "data.txt", b"hello"), None, llm_options())),
         ("outside the workspace", ("upload", "/etc/hostname", None, llm_options())),
         ("no file uploaded", ("upload", None, None, llm_options())),

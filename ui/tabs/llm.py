@@ -1,4 +1,5 @@
-"""LLM: `studio train-llm` on the embedded tiny Llama (its task or an uploaded JSONL), then chat with a run."""
+"""LLM: `studio train-llm` on the embedded tiny Llama (its task or an uploaded JSONL, SFT, DPO or ORPO), then chat
+with a run. The objective, its beta / lambda and the data format are option fields of the training form."""
 
 from __future__ import annotations
 
@@ -29,17 +30,21 @@ def build(studio: Studio, app) -> dict[str, Form]:
                 task_note = gr.Markdown(
                     f"The held-out addition task shipped with the tiny LM (`{task['train'].name}`, never seen "
                     "in pretraining), evaluated before and after on its test set and on the knowledge probe "
-                    "(how much pretraining knowledge survives)."
+                    "(how much pretraining knowledge survives). With the objective dpo or orpo: the same task "
+                    "as preference pairs (`preference_add_train.jsonl`: the right sum chosen, a nearby wrong "
+                    "one rejected), also scored by held-out preference accuracy."
                 )
                 train_file = gr.File(
                     file_types=[".jsonl"],
                     visible=False,
-                    label="Training JSONL ({text}, {instruction, response} or {messages} per line)",
+                    label="Training JSONL, any format (messages, sharegpt, alpaca, prompt-completion, text; "
+                    "prompt + chosen + rejected for dpo / orpo)",
                 )
                 eval_file = gr.File(
                     file_types=[".jsonl"],
                     visible=False,
-                    label="Held-out JSONL (optional; rows with choices + answer give accuracy)",
+                    label="Held-out JSONL (optional; choices + answer give accuracy, chosen + rejected "
+                    "preference accuracy)",
                 )
                 name = gr.Textbox(label="Run name (optional)", placeholder="llm-lora-task_add_train")
                 with gr.Accordion("Method", open=True):
