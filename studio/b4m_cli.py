@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.b4m import BreakForMakeConfig
+from pipelines.b4m import BreakForMakeConfig, upgrade_config
 from pipelines.base import ASSETS
 from pipelines.errors import UserError
 from pipelines.families import family_of, family_option, family_override, resolution_option
@@ -88,7 +88,8 @@ def resolve(args: argparse.Namespace) -> tuple:
 def from_record(record: dict) -> tuple:
     """((base, family, resolution), (config, content, style, auxiliary styles, auxiliary contents, prompts))
     of a run's config.yaml."""
-    config = build(BreakForMakeConfig, dict(record["b4m"]), "the run's config")
+    # A run recorded before the released behaviour became the default resumes with what it started with.
+    config = build(BreakForMakeConfig, upgrade_config(record["b4m"]), "the run's config")
     aux_styles, aux_contents = [Path(p) for p in record["aux_styles"]], [Path(p) for p in record["aux_contents"]]
     folders = (Path(record["content"]), Path(record["style"]), aux_styles, aux_contents)
     base = (str(record["base"]), record.get("family"), record.get("resolution"))

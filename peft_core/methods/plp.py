@@ -8,8 +8,11 @@ One rank-r LoRA per layer, dW = U V (no alpha/r scaling), with half of each fact
     dW = [[A C, A D],
           [B C, B D]]
 
-A and C come from one orthonormal basis Q (N x r, N = max(r, out/2 + in/2)) drawn from
-(seed, layer name): A = Q[S_A], C = Q[S_C]^T with disjoint random row sets, so A^T A + C C^T <= I.
+A and C come from one orthonormal basis Q (N x r) drawn from (seed, layer name): A = Q[S_A],
+C = Q[S_C]^T with disjoint random row sets, so A^T A + C C^T <= I. N is `basis_rows` (1280 as in the
+released code, whatever the layer's width) or, with basis_rows=0, the tightest out/2 + in/2; never
+fewer than r or out/2 + in/2. Each row of Q carries r/N of its energy, so the frozen blocks of a
+narrow layer are smaller with N = 1280 than with the tight basis (docs/methods/b4m.md).
 They are buffers, not parameters, so no optimizer (weight decay included) can move them, and any
 two adapters made with the same seed share them bit for bit; that is what lets `make_joint` pair
 the style run's B with the content run's D. D starts N(0, 1/r^2), B at zero.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import weakref
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -42,6 +46,10 @@ class PlpConfig(RankConfig):
     so content and style runs must share it; orthogonal_init: draw A, C from one orthonormal basis
     on every layer (the official code does so only on square layers; see spec pitfall 7).
 
+    basis_rows: rows N of the orthonormal basis the frozen halves are cut from. The released code
+    always uses 1280 (SDXL's widest attention layer); 0 means the tightest, out/2 + in/2 rows (the
+    studio's earlier default, up to twice the frozen blocks' energy in a layer narrower than N).
+
     centered: leave out the frozen-by-frozen block A C and start D at zero, so the adapter is exactly
     zero at init, like a LoRA (spec pitfall 8). The paper's PLP (False) perturbs the base from step 0
     by A C and A D_0: on the embedded tiny SD that is ~35% of each adapted weight's norm."""
@@ -52,20 +60,34 @@ class PlpConfig(RankConfig):
     seed: int = 0
     orthogonal_init: bool = True
     centered: bool = False
+    basis_rows: int = 1280
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.basis_rows < 0:
+            raise AdapterError(f"plp: basis_rows must be >= 0 (0: out/2 + in/2), got {self.basis_rows}")
 
 
 # ---------------------------------------------------------------------------------------------
 # The math: pure tensor functions.
 # ---------------------------------------------------------------------------------------------
 def frozen_bases(
-    out_features: int, in_features: int, r: int, seed: int, key: str, orthogonal: bool = True
+    out_features: int,
+    in_features: int,
+    r: int,
+    seed: int,
+    key: str,
+    orthogonal: bool = True,
+    basis_rows: int = 1280,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, C): A (out//2, r) and C (r, in//2), deterministic from (seed, key) on every machine."""
+    """(A, C): A (out//2, r) and C (r, in//2), deterministic from (seed, key) on every machine.
+
+    basis_rows: rows of the orthonormal basis (0: out//2 + in//2, the tightest that holds both)."""
     generator = torch.Generator().manual_seed((seed + zlib.crc32(key.encode())) % (2**63))
     rows_a, rows_c = out_features // 2, in_features // 2
     if not orthogonal:
         return torch.zeros(rows_a, r), torch.randn(r, rows_c, generator=generator) / r
-    n = max(r, rows_a + rows_c)
+    n = max(r, rows_a + rows_c, basis_rows)
     q, _ = torch.linalg.qr(torch.randn(n, r, generator=generator, dtype=torch.float64))  # (n, r), q^T q = I
     rows = torch.randperm(n, generator=generator)
     a = q[rows[:rows_a]]  # (out//2, r)
@@ -211,11 +233,17 @@ def riemannian_precondition(
     (U^T U + delta I)^-1 grad_V. B is a block of U's rows and D a block of V's columns, so their
     scaled gradients are the same products with grad_B (rows) and grad_D (columns). The r x r
     systems are solved in float64; delta > 0 keeps a near-singular factor from producing huge steps.
+    As in the released optimizer, a factor whose Gram matrix has norm <= 1e-6 (a zero factor) leaves
+    the other factor's gradient unscaled.
     """
     eye = torch.eye(up.shape[1], dtype=torch.float64, device=up.device)
     down64, up64 = down.detach().double(), up.detach().double()
-    gram_down = down64 @ down64.t() + delta * eye  # V V^T + delta I  (r x r, symmetric)
-    gram_up = up64.t() @ up64 + delta * eye  # U^T U + delta I
+
+    def damped(gram: torch.Tensor) -> torch.Tensor:
+        return gram + delta * eye if torch.linalg.matrix_norm(gram) > 1e-6 else eye
+
+    gram_down = damped(down64 @ down64.t())  # V V^T + delta I  (r x r, symmetric)
+    gram_up = damped(up64.t() @ up64)  # U^T U + delta I
     scaled_up = torch.linalg.solve(gram_down, grad_up.double().t()).t()  # grad_B (V V^T)^-1
     scaled_down = torch.linalg.solve(gram_up, grad_down.double())  # (U^T U)^-1 grad_D
     return scaled_up.to(grad_up.dtype), scaled_down.to(grad_down.dtype)
@@ -245,7 +273,9 @@ class PlpAdapter(layer.Adapter):
         if out_features < 2 or in_features < 2:
             raise AdapterError(f"plp: {module_name!r} ({in_features}->{out_features}) is too small to split in halves")
         dtype, device = layer.master_dtype(base.weight), base.weight.device
-        a, c = frozen_bases(out_features, in_features, config.r, config.seed, module_name, config.orthogonal_init)
+        a, c = frozen_bases(
+            out_features, in_features, config.r, config.seed, module_name, config.orthogonal_init, config.basis_rows
+        )
         self.register_buffer("frozen_up", a.to(device, dtype))  # A
         self.register_buffer("frozen_down", c.to(device, dtype))  # C
         generator = torch.Generator().manual_seed((config.seed + zlib.crc32(("D:" + module_name).encode())) % (2**63))
@@ -309,6 +339,7 @@ def make_joint(
     style: str = "style",
     name: str = "joint",
     content_factor: str = "down",
+    initial_down_in: Collection[str] = (),
 ) -> None:
     """Break-for-Make's *make* init: a new adapter U* = [A; B_style], V* = [C | D_content].
 
@@ -316,6 +347,10 @@ def make_joint(
     V* = [C | D_style]. Refuses adapters whose frozen bases differ (other seed, other layers):
     pairing them would be meaningless. The new adapter's B and D are trainable; the two source
     adapters are disabled.
+
+    initial_down_in: module names whose joint D is not copied but keeps the new adapter's own initial
+    value, the seeded D_0 both break runs started from. The released make stage does this, unasked,
+    in every layer where it re-runs its orthogonal initialisation (docs/methods/b4m.md).
     """
     if content_factor not in ("down", "up"):
         raise AdapterError(f"make_joint: content_factor must be 'down' or 'up', got {content_factor!r}")
@@ -346,11 +381,16 @@ def make_joint(
                 f"{module_name!r}: the content and style PLPs have different frozen bases; they cannot be paired"
             )
 
+    unknown = set(initial_down_in) - content_layers
+    if unknown:
+        raise AdapterError(f"make_joint: initial_down_in names layers the PLPs do not adapt: {sorted(unknown)}")
+
     handle.add(content_config, name=name)
     with torch.no_grad():
-        for _, wrapper in handle.wrappers(name):
+        for module_name, wrapper in handle.wrappers(name):
             wrapper.adapters[name].learnable_up.copy_(wrapper.adapters[up_source].learnable_up)
-            wrapper.adapters[name].learnable_down.copy_(wrapper.adapters[down_source].learnable_down)
+            if module_name not in initial_down_in:  # else: keep the fresh adapter's D_0
+                wrapper.adapters[name].learnable_down.copy_(wrapper.adapters[down_source].learnable_down)
     handle.set_trainable(name)
     handle.disable(content)
     handle.disable(style)

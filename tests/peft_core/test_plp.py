@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_core import AdapterError, LoraConfig, PlpConfig, attach, make_joint
-from peft_core.methods.plp import frozen_bases
+from peft_core.methods.plp import frozen_bases, riemannian_precondition
 
 
 def two_layer_model() -> nn.Module:
@@ -65,7 +65,8 @@ def test_gradients_reach_only_the_learnable_halves_and_match_the_reference(facto
 
 
 def test_bases_are_orthonormal_and_reproducible_in_a_new_process():
-    a, c = frozen_bases(320, 768, 16, seed=0, key="down.attn2.to_k")
+    # basis_rows=0: the tight basis (160 + 384 rows), the default before the released 1280.
+    a, c = frozen_bases(320, 768, 16, seed=0, key="down.attn2.to_k", basis_rows=0)
     # A and C^T are disjoint row blocks of one orthonormal Q, so A^T A + C C^T <= I.
     eigenvalues = torch.linalg.eigvalsh((a.t() @ a + c @ c.t()).double())
     assert eigenvalues.min() >= -1e-6 and eigenvalues.max() <= 1 + 1e-5
@@ -73,7 +74,8 @@ def test_bases_are_orthonormal_and_reproducible_in_a_new_process():
     torch.testing.assert_close(full.t() @ full, torch.eye(16), atol=1e-5, rtol=0)
     code = (
         "import torch; from peft_core.methods.plp import frozen_bases as f; "
-        "a, c = f(320, 768, 16, seed=0, key='down.attn2.to_k'); print(float(a.double().sum()), float(c.double().sum()))"
+        "a, c = f(320, 768, 16, seed=0, key='down.attn2.to_k', basis_rows=0); "
+        "print(float(a.double().sum()), float(c.double().sum()))"
     )
     printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert [float(v) for v in printed] == [float(a.double().sum()), float(c.double().sum())]
@@ -436,3 +438,65 @@ def test_inference_keeps_and_copies_nothing(monkeypatch):
     assert copies == []
     torch.testing.assert_close(model(x), inference, rtol=0, atol=0)
     assert copies == [1, 1, 1]  # called by each layer; the copy itself is made once (shared)
+
+
+@pytest.mark.parametrize("basis_rows", [0, 1280])
+def test_basis_rows_sets_the_frozen_blocks_energy(basis_rows):
+    """A and C^T are rows of an N x r orthonormal basis: with the tight N = out/2 + in/2 (basis_rows=0)
+    they hold all of it, trace(A^T A + C C^T) = r; with the released N = 1280 each row holds r/N on
+    average, so a 64-wide layer keeps about 64/1280 of it."""
+    a, c = frozen_bases(64, 64, 8, seed=0, key="mid.attn1.to_q", basis_rows=basis_rows)
+    gram = (a.t() @ a + c @ c.t()).double()
+    eigenvalues = torch.linalg.eigvalsh(gram)
+    assert eigenvalues.min() >= -1e-6 and eigenvalues.max() <= 1 + 1e-5
+    energy = float(gram.trace())
+    if basis_rows == 0:
+        assert energy == pytest.approx(8.0, abs=1e-4)
+    else:
+        assert 0.25 * 8 * 64 / 1280 < energy < 4 * 8 * 64 / 1280
+    # A layer wider than the basis still gets disjoint orthonormal rows (N grows to out/2 + in/2).
+    wide_a, wide_c = frozen_bases(2048, 2048, 4, seed=0, key="wide", basis_rows=1280)
+    wide = torch.cat([wide_a, wide_c.t()]).double()
+    torch.testing.assert_close(wide.t() @ wide, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_the_config_default_is_the_released_1280_row_basis():
+    model = two_layer_model()
+    handle = attach(model, PlpConfig(targets=["to_q"], r=3))
+    adapter = model.to_q.adapters["default"]
+    a, c = frozen_bases(10, 12, 3, seed=0, key="to_q", basis_rows=1280)
+    assert handle.configs["default"].basis_rows == 1280
+    torch.testing.assert_close(adapter.frozen_up, a.double(), rtol=0, atol=0)
+    torch.testing.assert_close(adapter.frozen_down, c.double(), rtol=0, atol=0)
+    with pytest.raises(AdapterError, match="basis_rows"):
+        PlpConfig(targets=["to_q"], basis_rows=-1)
+
+
+def test_make_joint_keeps_the_initial_down_in_the_named_layers():
+    """initial_down_in (the released make's re-initialisation): those layers' joint D is the seeded
+    D_0 both break runs started from; the other layers get the content run's trained D."""
+    model = two_layer_model()
+    handle = attach(model, PlpConfig(targets=["to_q", "to_k"], r=4), name="content")
+    initial = {m: w.adapters["content"].learnable_down.detach().clone() for m, w in handle.wrappers("content")}
+    train_half(model, handle, "content", "learnable_down")
+    handle.add(PlpConfig(targets=["to_q", "to_k"], r=4), name="style")
+    train_half(model, handle, "style", "learnable_up")
+    make_joint(handle, initial_down_in={"to_q"})
+    joint = {m: w.adapters for m, w in handle.wrappers("joint")}
+    torch.testing.assert_close(joint["to_q"]["joint"].learnable_down, initial["to_q"], rtol=0, atol=0)
+    assert not torch.equal(joint["to_q"]["content"].learnable_down, initial["to_q"])  # it did train
+    assert torch.equal(joint["to_k"]["joint"].learnable_down, joint["to_k"]["content"].learnable_down)
+    for module in ("to_q", "to_k"):
+        assert torch.equal(joint[module]["joint"].learnable_up, joint[module]["style"].learnable_up)
+    with pytest.raises(AdapterError, match="initial_down_in"):
+        make_joint(handle, name="other", initial_down_in={"ff"})
+
+
+def test_riemannian_scaling_leaves_a_gradient_unscaled_when_the_other_factor_is_zero():
+    """The released optimizer's fallback: a Gram matrix of norm <= 1e-6 is replaced by I."""
+    up, down = torch.zeros(6, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    grad_up, grad_down = torch.randn(6, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    scaled_up, scaled_down = riemannian_precondition(grad_up, grad_down, up, down, delta=0.0)
+    torch.testing.assert_close(scaled_down, grad_down, rtol=0, atol=0)  # U^T U = 0: unscaled
+    want_up = grad_up @ torch.linalg.inv(down @ down.t())
+    torch.testing.assert_close(scaled_up, want_up, rtol=1e-10, atol=1e-12)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from micro_sd import ColourDataset, micro_pipeline
 
@@ -85,7 +86,8 @@ def test_role_swap_trains_content_into_up_and_riemannian_make_changes_the_step(t
     data = (ColourDataset(4), ColourDataset(4), [ColourDataset(2)], [ColourDataset(2)])
     swapped = BreakForMakePipeline(
         micro_pipeline(tmp_path / "tok1"),
-        BreakForMakeConfig(rank=4, break_steps=2, make_steps=0, batch_size=2, content_factor="up"),
+        # make_init="paper": the trained D in every layer (the released make resets it in square q/k/v)
+        BreakForMakeConfig(rank=4, break_steps=2, make_steps=0, batch_size=2, content_factor="up", make_init="paper"),
     )
     swapped(*data)
     for _, wrapper in swapped.handle.wrappers("joint"):
@@ -95,10 +97,12 @@ def test_role_swap_trains_content_into_up_and_riemannian_make_changes_the_step(t
             joint.learnable_down, style.learnable_down
         )
 
-    def joint_after_make(riemannian: bool, folder: str) -> dict[str, torch.Tensor]:
+    def joint_after_make(riemannian: bool, folder: str, make_optimizer: str = "released") -> dict[str, torch.Tensor]:
         b4m = BreakForMakePipeline(
             micro_pipeline(tmp_path / folder),
-            BreakForMakeConfig(rank=4, break_steps=2, make_steps=2, batch_size=2, riemannian=riemannian),
+            BreakForMakeConfig(
+                rank=4, break_steps=2, make_steps=2, batch_size=2, riemannian=riemannian, make_optimizer=make_optimizer
+            ),
         )
         b4m(*data)
         return b4m.handle.state_dict(name="joint")
@@ -107,6 +111,9 @@ def test_role_swap_trains_content_into_up_and_riemannian_make_changes_the_step(t
     assert plain.keys() == riemannian.keys()
     assert any(not torch.allclose(plain[k], riemannian[k]) for k in plain)
     assert all(torch.isfinite(v).all() for v in riemannian.values())
+    # the same with one AdamW (make_optimizer="adamw", the default before the released one)
+    plain, riemannian = joint_after_make(False, "tok4", "adamw"), joint_after_make(True, "tok5", "adamw")
+    assert any(not torch.allclose(plain[k], riemannian[k]) for k in plain)
 
 
 def test_centered_b4m_starts_from_the_base_and_reloads_as_centered(tmp_path):
@@ -187,3 +194,141 @@ def test_shared_mcp_loss_makes_the_main_factor_fit_the_partner_concepts_and_sepa
         BreakForMakePipeline(micro_pipeline(tmp_path / "e"), BreakForMakeConfig(mcp_loss="both"))(
             ColourDataset(2), ColourDataset(2)
         )
+
+
+def _noise_calls(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every (noise, timesteps) the training scheduler noises a batch with, in order."""
+    from diffusers import DDPMScheduler
+
+    calls, original = [], DDPMScheduler.add_noise
+
+    def recording(self, samples, noise, timesteps):
+        calls.append((noise.detach().clone(), timesteps.detach().clone()))
+        return original(self, samples, noise, timesteps)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", recording)
+    return calls
+
+
+@pytest.mark.parametrize("partner_noise", ["shared", "independent"])
+def test_partner_batches_reuse_the_main_batch_noise_and_timesteps(tmp_path, monkeypatch, partner_noise):
+    """As released, each partner batch of a break step is noised with the main batch's noise and
+    timesteps (partner_noise="shared", the default); "independent" draws its own."""
+    calls = _noise_calls(monkeypatch)
+    config = BreakForMakeConfig(rank=4, break_steps=1, make_steps=0, batch_size=2, partner_noise=partner_noise)
+    b4m = BreakForMakePipeline(micro_pipeline(tmp_path / "tok"), config)
+    b4m(ColourDataset(4), ColourDataset(4), aux_styles=[ColourDataset(2), ColourDataset(3)], aux_contents=[])
+    main, partners = calls[0], calls[1:3]  # the content run's step: main batch, then its two partners
+    for noise, timesteps in partners:
+        same = torch.equal(noise, main[0]) and torch.equal(timesteps, main[1])
+        assert same == (partner_noise == "shared")
+
+
+def test_released_make_resets_the_content_down_in_square_qkv_layers_only(tmp_path):
+    """make_init="released" (default): the joint D is D_0 in every square to_q/to_k/to_v (where the
+    released make stage re-runs its orthogonal init) and the content run's D in cross-attention k/v
+    and to_out.0; make_init="paper" keeps the content run's D everywhere."""
+    data = (ColourDataset(4), ColourDataset(4), [ColourDataset(2)], [ColourDataset(2)])
+    fresh = BreakForMakePipeline(micro_pipeline(tmp_path / "tok0"), BreakForMakeConfig(rank=4))
+    from peft_core import PlpConfig, attach
+
+    attach(fresh.model, PlpConfig(targets=fresh.config.targets, r=4))
+    initial = {m: w.adapters["default"].learnable_down.detach().clone() for m, w in fresh.handle.wrappers("default")}
+
+    for make_init in ("released", "paper"):
+        config = BreakForMakeConfig(rank=4, break_steps=2, make_steps=0, batch_size=2, make_init=make_init)
+        b4m = BreakForMakePipeline(micro_pipeline(tmp_path / make_init), config)
+        b4m(*data)
+        kinds = set()
+        for module_name, wrapper in b4m.handle.wrappers("joint"):
+            joint, content = wrapper.adapters["joint"].learnable_down, wrapper.adapters["content"].learnable_down
+            base = wrapper.base_layer
+            reset = module_name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") and base.in_features == base.out_features
+            kinds.add(reset)
+            assert not torch.equal(content, initial[module_name])  # the content run trained D here
+            if make_init == "released" and reset:
+                torch.testing.assert_close(joint, initial[module_name], rtol=0, atol=0)
+            else:
+                torch.testing.assert_close(joint, content, rtol=0, atol=0)
+        assert kinds == {True, False}  # the micro UNet has both kinds of layer
+
+
+def test_released_make_step_is_two_adamws_and_the_riemannian_steps_weight_decay():
+    """make_optimizer="released" on float64 toy factors against a reference: the up factors' style
+    gradient clipped before the content gradient is added, the down factors' summed gradient clipped,
+    one AdamW per group, then p <- p (1 - lr wd) (the Riemannian AdamW on cleared gradients)."""
+    torch.manual_seed(0)
+    config = BreakForMakeConfig(make_lr=0.05, weight_decay=0.1, max_grad_norm=0.5)
+    b4m = BreakForMakePipeline(None, config)
+    ups = [torch.randn(6, 3, dtype=torch.float64, requires_grad=True)]
+    downs = [torch.randn(3, 5, dtype=torch.float64, requires_grad=True)]
+    x, targets = torch.randn(4, 5, dtype=torch.float64), torch.randn(2, 4, 6, dtype=torch.float64)
+    reference = [p.detach().clone().requires_grad_(True) for p in ups + downs]
+
+    def losses(up, down):  # two forward passes, as the style and the content batch have
+        return ((x @ down.t() @ up.t() - targets[0]) ** 2).mean(), ((x @ down.t() @ up.t() - targets[1]) ** 2).mean()
+
+    optimizers = [torch.optim.AdamW(group, lr=0.05, weight_decay=0.1) for group in (ups, downs)]
+    for _ in range(3):
+        style_loss, content_loss = losses(ups[0], downs[0])
+        b4m._released_make_step(style_loss, content_loss, ups, downs, optimizers)
+
+    ref_optimizers = [torch.optim.AdamW([p], lr=0.05, weight_decay=0.1) for p in reference]
+    for _ in range(3):
+        style_loss, content_loss = losses(*reference)
+        g_style = torch.autograd.grad(style_loss, reference)
+        g_content = torch.autograd.grad(content_loss, reference)
+        up_style = g_style[0] * min(1.0, 0.5 / (float(g_style[0].norm()) + 1e-6))
+        down_sum = g_style[1] + g_content[1]
+        reference[0].grad = up_style + g_content[0]
+        reference[1].grad = down_sum * min(1.0, 0.5 / (float(down_sum.norm()) + 1e-6))
+        for optimizer in ref_optimizers:
+            optimizer.step()
+        with torch.no_grad():
+            for p in reference:
+                p.mul_(1 - 0.05 * 0.1)
+    for got, want in zip(ups + downs, reference):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_released_mcp_loss_lags_the_partner_gradient_on_the_main_factor_by_one_step(tmp_path):
+    """mcp_loss="released": the content D steps on the main loss plus the partner gradient of the
+    *previous* step. With the partner's learning rate 0, after one step D cannot depend on the
+    auxiliary pictures; after two it must. "shared" depends on them from the first step."""
+
+    def content_down(mcp_loss: str, steps: int, aux_style, folder: str) -> list[torch.Tensor]:
+        config = BreakForMakeConfig(
+            rank=4, break_steps=steps, make_steps=0, batch_size=2, partner_lr_ratio=0.0, mcp_loss=mcp_loss
+        )
+        b4m = BreakForMakePipeline(micro_pipeline(tmp_path / folder), config)
+        b4m(ColourDataset(4), ColourDataset(4), aux_styles=[aux_style], aux_contents=[ColourDataset(2)])
+        return [w.adapters["content"].learnable_down.detach().clone() for _, w in b4m.handle.wrappers("content")]
+
+    def differs(first, second) -> bool:
+        return any(not torch.equal(a, b) for a, b in zip(first, second))
+
+    one = content_down("released", 1, ColourDataset(2), "a"), content_down("released", 1, _InvertedColours(2), "b")
+    two = content_down("released", 2, ColourDataset(2), "c"), content_down("released", 2, _InvertedColours(2), "d")
+    shared = content_down("shared", 1, ColourDataset(2), "e"), content_down("shared", 1, _InvertedColours(2), "f")
+    assert not differs(*one) and differs(*two) and differs(*shared)
+
+
+def test_a_config_saved_before_the_released_defaults_keeps_its_behaviour():
+    """upgrade_config: a record without the new options resumes or reloads with what it was trained
+    with (its own values first, then the old defaults), not the released defaults."""
+    from pipelines.b4m import LEGACY_CONFIG, upgrade_config
+
+    old = {"rank": 4, "break_steps": 3, "make_steps": 2, "riemannian": True, "mcp_loss": "shared"}
+    config = BreakForMakeConfig(**upgrade_config(old))
+    assert config.riemannian and config.mcp_loss == "shared" and config.make_steps == 2
+    assert (config.basis_rows, config.make_init, config.partner_noise, config.make_optimizer) == (
+        0,
+        "paper",
+        "independent",
+        "adamw",
+    )
+    assert BreakForMakeConfig(**upgrade_config({"rank": 4})).make_steps == 100
+    current = {"rank": 4, "make_init": "released"}
+    assert upgrade_config(current) == current and set(LEGACY_CONFIG) <= {
+        f for f in BreakForMakeConfig.__dataclass_fields__
+    }
