@@ -54,12 +54,13 @@ class ImageRunOptions:
     )
     base: str = option(
         "embedded",
-        help="base model: 'embedded' (the shipped tiny SD), a hub id, a diffusers folder or a .safetensors file",
-        ui=False,
+        help="base model: 'embedded' (the shipped tiny SD), a hub id (stable-diffusion-v1-5/stable-diffusion-v1-5, "
+        "stabilityai/stable-diffusion-xl-base-1.0, stabilityai/stable-diffusion-3.5-medium, "
+        "black-forest-labs/FLUX.1-dev), a diffusers folder or a .safetensors file",
     )
     name: str | None = option(None, help="run name (default: <kind>-<data folder name>)", ui=False)
     runs_dir: str = option("runs", help="where run folders go", ui=False)
-    family: str = family_option()
+    family: str = family_option(ui=True)
     base_dtype: str = base_dtype_option()
     base_quantization: str = option(
         "none",

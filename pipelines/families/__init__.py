@@ -35,15 +35,16 @@ __all__ = [
 ]
 
 
-def family_option():
-    """The --family option, one definition for every command that loads a diffusion base."""
+def family_option(ui: bool = False):
+    """The --family option, one definition for every command that loads a diffusion base (a UI control
+    where the form also picks the base: training)."""
     from pipelines.options import option
 
     return option(
         "auto",
         help="model family: auto (read from the model), sd (1.x/2.x), sdxl, sd3 (3 and 3.5) or flux (Flux.1)",
         choices=("auto", *FAMILIES),
-        ui=False,
+        ui=ui,
     )
 
 
