@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from pipelines.base import base_dtype_option, torch_dtype
 from pipelines.errors import UserError
 from pipelines.families import family_of, family_option, family_override
@@ -27,7 +29,11 @@ from studio.preflight import device_problem, output_file
 class GenerateOptions:
     """What every generation takes: base model, prompts, sampler settings, output."""
 
-    base: str = option("embedded", help="base model: 'embedded', a hub id, a diffusers folder or a single file")
+    base: str | None = option(
+        None,
+        help="base model: 'embedded', a hub id, a diffusers folder or a single file (default: the base the "
+        "adapters' runs trained on, else the embedded one)",
+    )
     family: str = family_option()
     base_dtype: str = base_dtype_option()
     prompt: list[str] = option([], help="a prompt (repeat for several images)", repeat=True)
@@ -135,6 +141,31 @@ def check_arguments(args: argparse.Namespace) -> tuple[Path, Path | None, list[s
     return out, None, arguments
 
 
+def trained_base(folders: list[Path]) -> tuple[str, str]:
+    """(base, family) recorded in the config.yaml of the runs the adapters come from (beside a B4M
+    folder, two levels above runs/<name>/adapter/<kind>); ("embedded", "auto") where none is a run's.
+    Runs of different bases are a UserError: one image has one base model."""
+    found: dict[tuple[str, str], Path] = {}
+    for folder in folders:
+        if folder.is_file():
+            continue  # a LoRA file made elsewhere records no base we can trust
+        for candidate in (folder, folder.parent, folder.parent.parent):
+            config = candidate / "config.yaml"
+            if config.is_file():
+                try:
+                    record = yaml.safe_load(config.read_text(encoding="utf-8"))
+                except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                    record = None
+                if isinstance(record, dict):
+                    key = (str(record.get("base") or "embedded"), str(record.get("family") or "auto"))
+                    found.setdefault(key, candidate)
+                break
+    if len(found) > 1:
+        listed = "; ".join(f"{run} trained on {base}" for (base, _), run in found.items())
+        raise UserError(f"the adapters come from runs on different base models ({listed}); pass --base")
+    return next(iter(found), ("embedded", "auto"))
+
+
 def run(args: argparse.Namespace) -> int:
     from peft_core import get_handle, load
     from pipelines import load_base
@@ -143,8 +174,13 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.train import check_adapters_usable, generate, image_grid, save_image_atomic
 
     out, b4m_folder, arguments = check_arguments(args)  # before the model loads
+    base, family_name = args.base, args.family
+    if base is None:  # the adapters' own base (and family, unless --family says otherwise)
+        folders = [b4m_folder] if b4m_folder is not None else [parse_adapter(a)[0] for a in arguments]
+        base, trained_family = trained_base(folders)
+        family_name = trained_family if family_name == "auto" else family_name
     pipe = load_base(
-        args.base, device=args.device, family=family_override(args.family), torch_dtype=torch_dtype(args.base_dtype)
+        base, device=args.device, family=family_override(family_name), torch_dtype=torch_dtype(args.base_dtype)
     )
     family = family_of(pipe)
     if args.size:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from peft_core.io import read_safetensors
+from pipelines.errors import UserError
 from studio.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
@@ -75,6 +76,9 @@ def test_train_resume_export_and_the_diffusers_pipeline_gives_the_same_image(bas
     ours = tmp_path / "ours.png"
     prompt = ["--prompt", "a moon", "--size", "16", "--steps", "3", "--guidance", "2.0"]
     assert main(["generate", "--base", str(base), "--adapter", str(straight), *prompt, "--out", str(ours)]) == 0
+    implied = tmp_path / "implied.png"  # no --base: the run's own base (and family) from its config.yaml
+    assert main(["generate", "--adapter", str(straight), *prompt, "--out", str(implied)]) == 0
+    assert np.array_equal(_image(implied), _image(ours))
     export = tmp_path / "export"
     assert main(["export", str(straight), "--base", str(base), "--format", "diffusers", "--out", str(export)]) == 0
     from diffusers import DiffusionPipeline
@@ -250,3 +254,22 @@ def test_the_data_and_bottleneck_methods_train_on_every_kind_of_denoiser(bases, 
     run = _run(tmp_path)
     assert json.loads((run / "adapter" / "content" / "adapter_config.json").read_text())["config"]["method"] == method
     assert _adapter(run)
+
+
+def test_generate_defaults_to_the_base_its_adapters_trained_on(tmp_path):
+    from studio.generate import trained_base
+
+    def run(name: str, base: str | None, family: str = "auto") -> Path:
+        folder = tmp_path / name
+        (folder / "adapter" / "style").mkdir(parents=True)
+        (folder / "config.yaml").write_text(f"kind: train-style\nbase: {base or 'null'}\nfamily: {family}\n")
+        return folder / "adapter" / "style"
+
+    sdxl, other_sdxl = run("a", "my/sdxl", "sdxl"), run("b", "my/sdxl", "sdxl")
+    assert trained_base([sdxl, other_sdxl]) == ("my/sdxl", "sdxl")
+    assert trained_base([run("c", None)]) == ("embedded", "auto")
+    loose = tmp_path / "loose"  # an adapter folder outside any run: nothing recorded
+    loose.mkdir()
+    assert trained_base([loose]) == ("embedded", "auto")
+    with pytest.raises(UserError, match=r"different base models .*my/sdxl.*my/flux.*; pass --base"):
+        trained_base([sdxl, run("d", "my/flux", "flux")])
