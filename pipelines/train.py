@@ -166,6 +166,14 @@ class TrainConfig:
     sample_prompts: list[str] = option([], help="prompts of the sample grids", repeat=False)
     sample_steps: int = option(20, help="denoising steps of the sample grids", min=1, max=1000)
     sample_guidance: float = option(5.0, help="classifier-free guidance of the sample grids", min=0, advanced=True)
+    sample_seed: int | None = option(
+        None,
+        help="seed of the sample grids' first image (image i: seed + i; the same in every grid of the run, so "
+        "grids compare step to step); default: --seed",
+        min=0,
+        max=2**32 - 1,
+        advanced=True,
+    )
     train_text_encoder: bool = option(False, help="also adapt the text encoder's attention projections", advanced=True)
     cache_text_embeddings: bool = option(
         False,
@@ -1163,15 +1171,45 @@ def handle_state(checkpoint: Path, component: str, name: str) -> dict[str, torch
 def write_samples(
     pipe, config: TrainConfig, path: Path, accelerator, size: int | None = None, cache: StepCache | None = None
 ) -> Path:
-    """The sample grid of `config.sample_prompts`, at `size` pixels (None: the model's default size); encoders
-    a `cache` moved to the CPU come back to the device for it."""
+    """The sample grid of `config.sample_prompts`, at `size` pixels (None: the model's default size), and
+    beside it <grid>.json: how to draw each picture again (prompt, seed, sampler and its settings, steps,
+    guidance, size). Encoders a `cache` moved to the CPU come back to the device for it."""
+    from peft_core.io import write_json
+
+    seed = config.seed if config.sample_seed is None else config.sample_seed
+    size = size or family_of(pipe).default_size(pipe)
     with cache.offloaded_back() if cache is not None else contextlib.nullcontext():
         images = generate(
             pipe,
             config.sample_prompts,
-            seed=config.seed,
+            seed=seed,
             steps=config.sample_steps,
             guidance=config.sample_guidance,
             size=size,
         )
+    write_json(Path(path).with_suffix(".json"), sample_record(pipe, config, seed, size))
     return save_image_atomic(image_grid(images), path)
+
+
+def sample_record(pipe, config: TrainConfig, seed: int, size: int) -> dict:
+    """What reproduces a sample grid elsewhere: its pictures in grid order, each with prompt and seed (a
+    torch.Generator on the denoiser's device), and the sampler: the diffusers scheduler class and config."""
+    scheduler = pipe.scheduler
+    return {
+        "images": [{"prompt": prompt, "seed": seed + i} for i, prompt in enumerate(config.sample_prompts)],
+        "sampler": type(scheduler).__name__,
+        "sampler_config": {k: _plain(v) for k, v in dict(scheduler.config).items() if not k.startswith("_")},
+        "steps": config.sample_steps,
+        "guidance": config.sample_guidance,
+        "size": size,
+        "adapter": "moving average" if config.ema_decay > 0 else "trained",
+    }
+
+
+def _plain(value: Any) -> Any:
+    """A scheduler config value as JSON can hold it (numbers, strings, lists; anything else as its text)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    return str(value)

@@ -93,6 +93,24 @@ def llm_name(method: str, upload: bool, objective: str = "sft") -> str:
     return f"llm-{method}{f'-{objective}' if preference else ''}-{data}"
 
 
+def sample_note(grid: str | None) -> str:
+    """' · samples: seeds 0-3, EulerDiscreteScheduler, 20 steps, guidance 5.0' from the JSON beside a grid
+    (how to draw its pictures again elsewhere); '' without one."""
+    record_path = Path(grid).with_suffix(".json") if grid else None
+    if record_path is None or not record_path.is_file():
+        return ""
+    try:
+        record = json.loads(record_path.read_text())
+        seeds = [image["seed"] for image in record["images"]]
+        seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+        return (
+            f" · samples: {seed_text}, {record['sampler']}, {record['steps']} steps, guidance {record['guidance']}"
+            f"{' (moving average)' if record.get('adapter') == 'moving average' else ''}"
+        )
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return ""  # a record being written or from elsewhere: the grid itself still shows
+
+
 def cancel_message(job: Job) -> str:
     return {"cancelled": "cancelled before it started", "stopping": "stopping: writing a checkpoint"}.get(
         job.status, job.status
@@ -253,7 +271,7 @@ class Studio:
             status += " · stopped with a checkpoint: resume it from the Runs tab"
         points = loss_points(events_of(job.run_dir)) if job.run_dir else loss_points([])
         sample = self._served(info.get("latest_sample"))
-        return status, points, sample, job.log_tail(12)
+        return status + sample_note(info.get("latest_sample")), points, sample, job.log_tail(12)
 
     def cancel(self, job_id: str | None, owner: str = "", commands: tuple[str, ...] = ()) -> str:
         """Cancel a job: the tab's own (`job_id`), else the newest unfinished one of its `commands` that

@@ -669,3 +669,59 @@ def test_the_graphed_step_takes_masks_weights_and_regularisation_rows_as_inputs(
     assert graphed_losses == eager_losses and len(set(eager_losses)) == 5
     for key, value in eager.items():
         assert torch.equal(graphed[key], value), key
+
+
+# -- validation grids ------------------------------------------------------------------------------------
+
+
+def test_sample_grids_record_how_to_draw_each_picture_again(tmp_path):
+    """Every grid has a JSON beside it (prompt and seed per picture, the sampler and its settings); drawing
+    a picture from that record with the final adapter gives the grid's tile, and --sample-seed fixes the
+    seeds of every grid of the run."""
+    import json
+
+    import numpy as np
+
+    from pipelines.train import generate
+
+    train = TrainConfig(
+        steps=2,
+        batch_size=2,
+        learning_rate=1e-2,
+        sample_every=1,
+        sample_prompts=["red", "blue"],
+        sample_steps=2,
+        sample_guidance=3.0,
+        sample_seed=7,
+    )
+    pipe = micro_pipeline(tmp_path / "tok")
+    train_adapter(pipe, ColourDataset(), LORA, train, tmp_path / "run")
+    samples = tmp_path / "run" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == [
+        "final.json", "final.png", "step-000001.json", "step-000001.png",
+    ]  # fmt: skip
+    record = json.loads((samples / "final.json").read_text())
+    assert record == json.loads((samples / "step-000001.json").read_text())  # fixed prompts and seeds
+    assert record["images"] == [{"prompt": "red", "seed": 7}, {"prompt": "blue", "seed": 8}]
+    assert record["sampler"] == type(pipe.scheduler).__name__
+    assert record["sampler_config"]["num_train_timesteps"] == pipe.scheduler.config.num_train_timesteps
+    assert (record["steps"], record["guidance"], record["adapter"]) == (2, 3.0, "trained")
+
+    fresh = micro_pipeline(tmp_path / "t2")
+    load(fresh.unet, tmp_path / "run" / "adapter" / "default")
+    grid = np.asarray(Image.open(samples / "final.png").convert("RGB"))
+    size = record["size"]
+    for index, picture in enumerate(record["images"]):
+        (again,) = generate(
+            fresh, [picture["prompt"]], seed=picture["seed"], steps=record["steps"], guidance=record["guidance"],
+            size=size,
+        )  # fmt: skip
+        tile = grid[:size, index * size : (index + 1) * size]
+        assert np.array_equal(np.asarray(again.convert("RGB")), tile), picture
+    # The UI's status line names them (ui.studio.sample_note).
+    from ui.studio import sample_note
+
+    assert sample_note(str(samples / "final.png")) == (
+        f" · samples: seeds 7-8, {type(pipe.scheduler).__name__}, 2 steps, guidance 3.0"
+    )
+    assert sample_note(str(tmp_path / "elsewhere.png")) == "" and sample_note(None) == ""
