@@ -9,14 +9,21 @@ brings them back for the sample grids only).
 The random draws do not change: the latent *sample* is still drawn every step from the step's
 generator (mean + std * eps), so a cached run makes the draws of an uncached one and its losses equal
 the uncached losses to float tolerance (a caption encoded alone or in a batch can differ in the last
-bits), and exact resume holds (the cache is rebuilt, deterministically, when a run resumes).
+bits), and exact resume holds.
+
+With a `folder` (the run's `cache/`), every entry is also a safetensors file named by the SHA-256 of
+what was encoded: a caption's text, an image's exact pixel tensor (so its crop, size and bucket are
+in the key). A resumed run, or a rebuild after a crash, reads them instead of running the encoders;
+an edited caption or image is a new key, never a stale hit. Files are written atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,6 +40,8 @@ class StepCache:
     images: int = 1  # distinct images: dataset item i is image i % images (a dataset's `repeats`)
     offload: list[nn.Module] = field(default_factory=list)  # what was moved to the CPU, and the device it left
     device: torch.device | None = None
+    folder: Path | None = None  # on-disk entries (<folder>/text, <folder>/latents), keyed by content
+    read_from_disk: int = 0  # entries found there instead of encoded (a report, and for tests)
 
     @classmethod
     def build(
@@ -44,23 +53,26 @@ class StepCache:
         batch_size: int,
         device: torch.device,
         extra_prompts: Sequence[str] = (),
+        folder: Path | None = None,
     ) -> StepCache | None:
         """Encode every caption (`text`, with `extra_prompts`: the empty prompt of caption dropout, the
         regularisation prompt) and every image (`latents`) of `dataset` once; None when neither. Images of
-        several aspect buckets are encoded a bucket at a time."""
+        several aspect buckets are encoded a bucket at a time. With a `folder`, entries already there are
+        read, new ones written."""
         if not (text or latents):
             return None
         family = family_of(pipe)
         records = getattr(dataset, "records", None)
-        cache = cls(family, images=len(records) if records is not None else len(dataset), device=device)
+        cache = cls(family, images=len(records) if records is not None else len(dataset), device=device, folder=folder)
         if latents:
             check_deterministic_pixels(dataset)
         items = [dataset[i] for i in range(cache.images)]
         with torch.no_grad():
             if text:
                 for prompt in sorted({item["prompt"] for item in items} | set(extra_prompts)):
-                    encoded = family.encode_prompts(pipe, [prompt], device)
-                    cache.conditioning[prompt] = {key: value.cpu() for key, value in encoded.items()}
+                    cache.conditioning[prompt] = cache._stored("text", _digest(prompt.encode())) or cache._store(
+                        "text", _digest(prompt.encode()), family.encode_prompts(pipe, [prompt], device)
+                    )
                 cache.offload += family.text_encoders(pipe)
             if latents:
                 cache.encode_images(pipe, items, batch_size, device)
@@ -70,17 +82,62 @@ class StepCache:
         return cache
 
     def encode_images(self, pipe, items: list[dict], batch_size: int, device) -> None:
-        """The posterior of every item's pixels, `batch_size` images of one size at a time."""
+        """The posterior of every item's pixels, `batch_size` images of one size at a time; identical
+        pictures (the same pixels, e.g. a dataset's repeats) are encoded once and share the entry."""
+        keys = []
+        for item in items:
+            pixels = item["pixel_values"].contiguous()
+            keys.append(
+                _digest(
+                    str((tuple(pixels.shape), str(pixels.dtype))).encode(), pixels.to(torch.float32).numpy().tobytes()
+                )
+            )
+        entries: dict[str, dict[str, torch.Tensor]] = {}
         by_size: dict[tuple[int, ...], list[int]] = {}
-        for index, item in enumerate(items):
-            by_size.setdefault(tuple(item["pixel_values"].shape), []).append(index)
+        pending: set[str] = set()
+        for index, key in enumerate(keys):
+            if key in entries or key in pending:
+                continue
+            stored = self._stored("latents", key)
+            if stored is not None:
+                entries[key] = stored
+            else:
+                pending.add(key)
+                by_size.setdefault(tuple(items[index]["pixel_values"].shape), []).append(index)
         for indices in by_size.values():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start : start + batch_size]
                 pixels = torch.stack([items[i]["pixel_values"] for i in chunk])
                 mean, std = self.family.posterior(pipe, pixels, device)
                 for k, index in enumerate(chunk):
-                    self.posteriors[index] = (mean[k : k + 1].cpu(), std[k : k + 1].cpu())
+                    entries[keys[index]] = self._store(
+                        "latents", keys[index], {"mean": mean[k : k + 1], "std": std[k : k + 1]}
+                    )
+        for index, key in enumerate(keys):
+            self.posteriors[index] = (entries[key]["mean"], entries[key]["std"])
+
+    def _stored(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
+        """The entry `key` of `kind` from the folder, or None (no folder, not there, or unreadable)."""
+        if self.folder is None or not (self.folder / kind / f"{key}.safetensors").is_file():
+            return None
+        from peft_core.io import read_safetensors
+
+        try:
+            entry = read_safetensors(self.folder / kind / f"{key}.safetensors")
+        except Exception:  # noqa: BLE001 - a damaged entry is encoded again, never trusted
+            return None
+        self.read_from_disk += 1
+        return entry
+
+    def _store(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`tensors` on the CPU, contiguous (as they read back from disk: the same memory layout, so a resumed
+        run's convolutions take the same paths), written to the folder (atomically) when there is one."""
+        entry = {name: value.detach().cpu().contiguous() for name, value in tensors.items()}
+        if self.folder is not None:
+            from peft_core.io import write_safetensors
+
+            write_safetensors(self.folder / kind / f"{key}.safetensors", entry)
+        return entry
 
     def encode_prompts(self, pipe, prompts: Sequence[str], device) -> dict[str, torch.Tensor]:
         """The conditioning of `prompts`, from the cache when captions were cached."""
@@ -108,6 +165,13 @@ class StepCache:
         finally:
             for module in self.offload:
                 module.to("cpu")
+
+
+def _digest(*parts: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
 
 
 def check_deterministic_pixels(dataset) -> None:

@@ -178,13 +178,13 @@ class TrainConfig:
     cache_text_embeddings: bool = option(
         False,
         help="encode every caption once before training and move the text encoders to the CPU (back for sample "
-        "grids only): the T5 of SD3/Flux leaves the GPU",
+        "grids only): the T5 of SD3/Flux leaves the GPU; kept in the run's cache/ by content, for resumes",
         advanced=True,
     )
     cache_latents: bool = option(
         False,
         help="encode every image once before training (center crops, no flips) and move the VAE to the CPU (back "
-        "for sample grids only); the latent sample is still drawn every step",
+        "for sample grids only; kept in the run's cache/ by pixel content); the latent sample is drawn every step",
         advanced=True,
     )
     calibration_samples: int = option(
@@ -631,6 +631,7 @@ def train_adapter(
         config.batch_size,
         loop.device,
         _extra_prompts(config, reg_dataset),
+        folder=run_dir / "cache" if run_dir is not None else None,
     )
     loop.emit = on_event or loop.emit
     scale_flag = "--alpha" if hasattr(adapter_config, "alpha") else None

@@ -725,3 +725,47 @@ def test_sample_grids_record_how_to_draw_each_picture_again(tmp_path):
         f" · samples: seeds 7-8, {type(pipe.scheduler).__name__}, 2 steps, guidance 3.0"
     )
     assert sample_note(str(tmp_path / "elsewhere.png")) == "" and sample_note(None) == ""
+
+
+# -- caches on disk ----------------------------------------------------------------------------------------
+
+
+def test_caches_on_disk_are_keyed_by_content_and_serve_a_resumed_run(tmp_path, monkeypatch):
+    from pipelines.families import family_of
+
+    train = TrainConfig(
+        steps=4, batch_size=2, learning_rate=1e-2, checkpoint_every=2, cache_text_embeddings=True, cache_latents=True
+    )
+    straight = train_adapter(micro_pipeline(tmp_path / "t1"), ColourDataset(), LORA, train, tmp_path / "straight")
+    cache = tmp_path / "straight" / "cache"
+    assert len(list((cache / "latents").glob("*.safetensors"))) == 2  # six images, two distinct pictures
+    assert len(list((cache / "text").glob("*.safetensors"))) == 2  # "red" and "blue"
+
+    def stop(event):
+        if event.kind == "step" and event.step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_adapter(micro_pipeline(tmp_path / "t2"), ColourDataset(), LORA, train, tmp_path / "r", on_event=stop)
+    pipe = micro_pipeline(tmp_path / "t3")
+
+    def encoder_ran(*args, **kwargs):
+        raise AssertionError("an encoder ran although its output is in the run's cache")
+
+    monkeypatch.setattr(type(family_of(pipe)), "posterior", encoder_ran)
+    monkeypatch.setattr(type(family_of(pipe)), "encode_prompts", encoder_ran)
+    resumed = train_adapter(pipe, ColourDataset(), LORA, train, tmp_path / "r")
+    assert_same_adapter(resumed, straight)
+
+    # The same pictures and captions are served from the folder; a changed picture is a new key, encoded
+    # (here: refused by the patched encoder), never a stale hit.
+    from pipelines.step_cache import StepCache
+
+    def build(dataset):
+        return StepCache.build(pipe, dataset, True, True, 2, torch.device("cpu"), folder=cache)
+
+    assert build(ColourDataset()).read_from_disk == 4
+    changed = ColourDataset()
+    changed.items[0] = {**changed.items[0], "pixel_values": changed.items[0]["pixel_values"] * 0.5}
+    with pytest.raises(AssertionError, match="an encoder ran"):
+        build(changed)
