@@ -110,6 +110,11 @@ class AdapterHandle:
     def adapter_names(self) -> list[str]:
         return list(self.configs)
 
+    @property
+    def enabled_names(self) -> list[str]:
+        """The adapters that currently act in the forward (not disabled)."""
+        return self._enabled_names()
+
     def enable(self, name: str) -> None:
         self._check_name(name)
         for _, wrapper in self.wrappers(name):

@@ -246,10 +246,16 @@ class TrainConfig:
         ui=False,
     )
     reg_prompt: str | None = option(
-        None, help="the prompt of every regularisation image (the class, e.g. 'a photo of a dog')", ui=False
+        None, help="the prompt of every regularisation image (the class, e.g. 'a photo of a dog')"
     )
     reg_weight: float = option(
-        1.0, help="the loss is the training images' + reg_weight x the regularisation images'", min=0, ui=False
+        1.0, help="the loss is the training images' + reg_weight x the regularisation images'", min=0
+    )
+    reg_count: int = option(
+        0,
+        help="without reg_data: draw this many class images of reg_prompt with the base model (adapters off) "
+        "into the run's class_images/ before training, DreamBooth's prior preservation (0: none)",
+        min=0,
     )
     # "auto": replay the step from a CUDA graph wherever that is possible (one CUDA GPU, adamw, no
     # fp16 scaler, no accumulation, no checkpointing, UNet only), else eager; "on": insist; "off".
@@ -800,6 +806,36 @@ def regularisation_dataset(pipe, dataset, config: TrainConfig):
     return ImageCaptionDataset(
         config.reg_data, resolution, template=literal, seed=config.seed, random_flip=config.random_flip
     )
+
+
+def write_class_images(pipe, config: TrainConfig, folder: Path, size: int) -> Path:
+    """DreamBooth's class images: `config.reg_count` pictures of `config.reg_prompt` drawn by the base model
+    (every adapter of the denoiser switched off meanwhile) into `folder` as class-00000.png, ...; picture i
+    uses seed config.seed + 1_000_000 + i and the sample grids' steps and guidance. Pictures already there
+    (a resumed run) are kept, so a resume draws only what is missing."""
+    from peft_core import get_handle
+
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [i for i in range(config.reg_count) if not (folder / f"class-{i:05d}.png").is_file()]
+    handle = get_handle(family_of(pipe).denoiser(pipe))
+    enabled = [] if handle is None else handle.enabled_names
+    for name in enabled:
+        handle.disable(name)
+    try:
+        for index in missing:  # one seeded picture at a time: the same picture whichever are missing
+            (image,) = generate(
+                pipe,
+                [config.reg_prompt],
+                seed=config.seed + 1_000_000 + index,
+                steps=config.sample_steps,
+                guidance=config.sample_guidance,
+                size=size,
+            )
+            save_image_atomic(image, folder / f"class-{index:05d}.png")
+    finally:
+        for name in enabled:
+            handle.enable(name)
+    return folder
 
 
 def _extra_prompts(config: TrainConfig, reg_dataset) -> list[str]:

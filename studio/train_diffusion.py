@@ -259,12 +259,22 @@ def bucket_step(resolution: int, multiple: int) -> int:
 
 
 def check_regularisation(train: TrainConfig) -> None:
-    """--reg-data and --reg-prompt go together, and the folder's images are usable, before anything loads."""
-    if (train.reg_data is None) != (train.reg_prompt is None):
+    """--reg-prompt goes with --reg-data (a folder of class images) or --reg-count (class images the base
+    draws), and the folder's images are usable, before anything loads."""
+    if train.reg_count and train.reg_data is not None:
+        raise UserError(
+            "--reg-count draws class images when there is no --reg-data; give the folder or the count, not both"
+        )
+    if train.reg_count and train.reg_prompt is None:
+        raise UserError("--reg-count needs --reg-prompt: what to draw (e.g. --reg-prompt 'a photo of a dog')")
+    folder_without_prompt = train.reg_data is not None and train.reg_prompt is None
+    prompt_without_images = train.reg_prompt is not None and train.reg_data is None and not train.reg_count
+    if folder_without_prompt or prompt_without_images:
         given, missing = ("--reg-data", "--reg-prompt") if train.reg_prompt is None else ("--reg-prompt", "--reg-data")
         raise UserError(
             f"{given} needs {missing}: the regularisation images' folder and their prompt "
-            "(e.g. --reg-data class_images/ --reg-prompt 'a photo of a dog')"
+            "(e.g. --reg-data class_images/ --reg-prompt 'a photo of a dog'; or --reg-count 100 to have the base "
+            "model draw them)"
         )
     if train.reg_data is not None:
         from pipelines.data import validate_image_folder
@@ -292,7 +302,7 @@ class _Quiet:
 def run(args: argparse.Namespace) -> int:
     from pipelines import load_base
     from pipelines.data import ImageCaptionDataset, validate_image_folder
-    from pipelines.train import train_adapter
+    from pipelines.train import train_adapter, write_class_images
     from studio.progress import ProgressPrinter
     from studio.runs import Run, safe_run_name
 
@@ -379,11 +389,19 @@ def run(args: argparse.Namespace) -> int:
     progress = ProgressPrinter(settings["train"].steps) if main else None
     resume_command = f"studio train-{args.kind} --resume {run_folder.directory}"
     with run_folder.lifecycle(resume_command, main_process=main) as outcome, contextlib.closing(progress or _Quiet()):
+        train = settings["train"]
+        if train.reg_count:  # DreamBooth's class images, drawn once by the base into the run (a resume tops up)
+            folder = run_folder.directory / "class_images"
+            if main:
+                print(f"class images: {train.reg_count} of {train.reg_prompt!r} -> {folder}", flush=True)
+                write_class_images(pipe, train, folder, resolution)
+            processes.wait_for_everyone()
+            train = dataclasses.replace(train, reg_data=str(folder))
         train_adapter(
             pipe,
             dataset,
             settings["adapter"],
-            settings["train"],
+            train,
             run_folder.directory,
             adapter_name=args.kind,
             handle=handle,

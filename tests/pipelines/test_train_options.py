@@ -582,6 +582,11 @@ def test_the_studio_checks_regularisation_flags_and_picks_a_bucket_step(tmp_path
     with pytest.raises(UserError, match="is empty"):  # the folder is checked before any model loads
         check_regularisation(TrainConfig(reg_data=str(tmp_path), reg_prompt="a dog"))
     check_regularisation(TrainConfig())
+    check_regularisation(TrainConfig(reg_prompt="a dog", reg_count=4))  # the base draws them
+    with pytest.raises(UserError, match="--reg-count needs --reg-prompt"):
+        check_regularisation(TrainConfig(reg_count=4))
+    with pytest.raises(UserError, match="give the folder or the count, not both"):
+        check_regularisation(TrainConfig(reg_data=str(tmp_path), reg_prompt="a dog", reg_count=4))
     assert bucket_step(1024, 16) == 64 and bucket_step(512, 8) == 64 and bucket_step(64, 8) == 8
     assert bucket_step(264, 8) == 8  # not a multiple of 64
 

@@ -273,3 +273,41 @@ def test_generate_defaults_to_the_base_its_adapters_trained_on(tmp_path):
     assert trained_base([loose]) == ("embedded", "auto")
     with pytest.raises(UserError, match=r"different base models .*my/sdxl.*my/flux.*; pass --base"):
         trained_base([sdxl, run("d", "my/flux", "flux")])
+
+
+def test_class_images_are_drawn_by_the_base_once_and_regularise_training(bases, tmp_path):
+    """--reg-prompt P --reg-count N: the base model (no adapter) draws N pictures of P into the run before
+    training, a resume draws only the missing ones, and they take part in training (prior preservation)."""
+    from pipelines import load_base
+    from pipelines.train import generate
+
+    base, data = bases / "sdxl", ASSETS / "sets" / "content-moon"
+    train = ["train-content", str(data), "--base", str(base), "--method", "lora", "--rank", "2", *FAST]
+    regularised = [*train, "--reg-prompt", "a ring", "--reg-count", "3"]
+    assert main([*regularised, "--runs-dir", str(tmp_path / "straight")]) == 0
+    straight = _run(tmp_path / "straight")
+    pictures = sorted((straight / "class_images").glob("*.png"))
+    assert [p.name for p in pictures] == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    pipe = load_base(str(base), device="cpu")
+    (again,) = generate(pipe, ["a ring"], seed=1_000_001, steps=2, guidance=5.0, size=16)
+    assert np.array_equal(_image(pictures[1]), np.asarray(again.convert("RGB"), dtype=np.int16))
+
+    # Interrupted after step 1 with a class image lost: the resume draws that one only, and ends where
+    # the straight run ended.
+    assert main([*regularised, "--runs-dir", str(tmp_path / "killed")]) == 0
+    killed = _run(tmp_path / "killed")
+    shutil.rmtree(killed / "adapter")
+    shutil.rmtree(killed / "checkpoints" / "step-00000002")
+    (killed / "class_images" / "class-00002.png").unlink()
+    kept = (killed / "class_images" / "class-00000.png").stat().st_mtime_ns
+    assert main(["train-content", "--resume", str(killed)]) == 0
+    assert (killed / "class_images" / "class-00000.png").stat().st_mtime_ns == kept
+    assert np.array_equal(_image(killed / "class_images" / "class-00002.png"), _image(pictures[2]))
+    expected, resumed = _adapter(straight), _adapter(killed)
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0)
+
+    # The class images change what is learned.
+    assert main([*train, "--runs-dir", str(tmp_path / "plain")]) == 0
+    plain = _adapter(_run(tmp_path / "plain"))
+    assert any(not torch.equal(plain[key], expected[key]) for key in expected if "lora_B" in key)
