@@ -112,8 +112,9 @@ def llm_defaults(method: str = "lora") -> dict[str, Any]:
 
 
 def validate_jsonl(path: str | Path, for_training: bool = True) -> int:
-    """The number of usable rows of a JSONL file, or the trainer's UserError listing every malformed
-    line by number (the same check `studio train-llm` runs before loading the model)."""
+    """The number of usable rows of an LLM data file (JSONL, JSON, CSV or Parquet), or the trainer's
+    UserError listing every malformed row by number (the same check `studio train-llm` runs before loading
+    the model)."""
     from studio.llm import read_jsonl
 
     return len(read_jsonl(path, for_training=for_training))

@@ -349,22 +349,23 @@ class Studio:
         return to_argv(self._run_words(LLM_KIND, *words, name=name), api.command_sections(LLM_KIND), options)
 
     def llm_dataset(self, source: str, train_file: Any, eval_file: Any) -> tuple[str | None, str | None, str]:
-        """(training JSONL, held-out JSONL, a note). The embedded task is (None, None): train-llm's own
-        default, which also evaluates on the task's test set and the knowledge probe. Uploads are
-        copied into the workspace and checked line by line as the trainer checks them, else deleted."""
+        """(training file, held-out file, a note). The embedded task is (None, None): train-llm's own
+        default, which also evaluates on the task's test set and the knowledge probe. Uploads (JSONL, JSON,
+        CSV or Parquet) are copied into the workspace and checked row by row as the trainer checks them,
+        else deleted."""
         if source == LLM_EMBEDDED:
             return None, None, "the embedded addition task, evaluated on its test set and the knowledge probe"
         copied: list[Path] = []
         uploaded = [_file_path(f) for f in (train_file, eval_file) if f]
         try:
-            data = self.workspace.ingest_jsonl(
+            data = self.workspace.ingest_data_file(
                 _file_path(train_file) if train_file else "", self.limits, label="llm-train"
             )
             copied.append(data)
             note = f"{api.validate_jsonl(data)} training rows"
             held_out = None
             if eval_file:
-                held_out = self.workspace.ingest_jsonl(_file_path(eval_file), self.limits, label="llm-eval")
+                held_out = self.workspace.ingest_data_file(_file_path(eval_file), self.limits, label="llm-eval")
                 copied.append(held_out)
                 note += f", {api.validate_jsonl(held_out, for_training=False)} held-out rows"
         except UserError:

@@ -38,6 +38,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SUFFIXES = (".txt",)
 METADATA_NAME = "metadata.jsonl"
 UPLOAD_SUFFIXES = IMAGE_SUFFIXES + CAPTION_SUFFIXES + (".jsonl",)  # anything else is refused and deleted
+LLM_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # what the LLM trainer reads
 CACHE_MIN_AGE_S = 120.0  # the cache cap never evicts a file younger than this (an upload about to be used)
 
 
@@ -239,24 +240,31 @@ class Workspace:
             )
         return size
 
-    def ingest_jsonl(self, item: str | os.PathLike, limits: UploadLimits, label: str = "data") -> Path:
-        """Copy one uploaded JSONL file (LLM data) into a new uploads/ folder: it must come from the
-        upload cache, end in .jsonl and be within the per-file size limit. Its rows are checked by
-        the caller with the trainer's own JSONL validation before any job starts. Refused: deleted."""
+    def ingest_data_file(self, item: str | os.PathLike, limits: UploadLimits, label: str = "data") -> Path:
+        """Copy one uploaded LLM data file (JSONL, JSON, CSV or Parquet) into a new uploads/ folder: it must
+        come from the upload cache, have one of those suffixes and be within the per-file size limit. Its
+        rows are checked by the caller with the trainer's own validation before any job starts. Refused:
+        deleted."""
         if not item:
-            raise UserError("no file uploaded; add a .jsonl file, or use the embedded task")
+            raise UserError(
+                f"no file uploaded; add a data file ({', '.join(LLM_DATA_SUFFIXES)}), or use the embedded task"
+            )
         try:
             source = self._cached(item)
             original = Path(str(item)).name
-            if source.suffix.lower() != ".jsonl":
-                raise UserError(f"{original}: not accepted; upload a .jsonl file (one JSON object a line)")
+            suffix = source.suffix.lower()
+            if suffix not in LLM_DATA_SUFFIXES:
+                raise UserError(
+                    f"{original}: not accepted; upload a {', '.join(LLM_DATA_SUFFIXES)} file (rows of one format: "
+                    "messages, sharegpt, alpaca, prompt-completion, text or preference pairs)"
+                )
             self._size_within(source, original, limits)
         except UserError:
             self.discard_upload([item])
             raise
         folder = self.uploads / f"{safe_run_name(label)}-{uuid.uuid4().hex[:8]}"
         folder.mkdir(parents=True)
-        target = folder / (safe_run_name(Path(original).stem) + ".jsonl")
+        target = folder / (safe_run_name(Path(original).stem) + suffix)
         shutil.copyfile(source, target)
         return target
 

@@ -40,9 +40,9 @@ PAGE_INPUTS = {
     "Adapter 3",
     "Weight",
     "Training data",
-    "Training JSONL, any format (messages, sharegpt, alpaca, prompt-completion, text; prompt + chosen + rejected "
-    "for dpo / orpo)",
-    "Held-out JSONL (optional; choices + answer give accuracy, chosen + rejected preference accuracy)",
+    "Training data: JSONL, JSON, CSV or Parquet, any format (messages, sharegpt, alpaca, prompt-completion, text; "
+    "prompt + chosen + rejected for dpo / orpo)",
+    "Held-out data (optional; choices + answer give accuracy, chosen + rejected preference accuracy)",
     "Adapter (a finished run)",
     "Yes, delete this run folder for good",
 }

@@ -182,7 +182,7 @@ def test_refused_uploads_are_deleted_and_the_cache_is_capped(studio):
     assert not Path(big).exists()
     bad_jsonl = cached(studio, "data.txt", b"{}")
     with pytest.raises(UserError, match="not accepted"):
-        ws.ingest_jsonl(bad_jsonl, limits)
+        ws.ingest_data_file(bad_jsonl, limits)
     assert not Path(bad_jsonl).exists()
     with pytest.raises(UserError, match="upload it again"):
         ws.ingest_upload([big], limits)

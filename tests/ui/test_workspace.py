@@ -269,3 +269,23 @@ def test_llm_chat_and_export_are_guarded(studio):
         studio.export("llm", "peft")
     assert studio.resume("llm")  # an interrupted LLM run resumes like a diffusion one
     studio.jobs.cancel(studio.jobs.jobs()[0].id)
+
+
+def test_llm_uploads_take_every_file_kind_the_trainer_reads(studio, monkeypatch):
+    """CSV and JSON files (and Parquet, not built here) are uploads like JSONL: copied, checked row by row,
+    queued with their own suffix; a malformed CSV row is named by its row number."""
+    queued: list[list[str]] = []
+    monkeypatch.setattr(
+        studio.jobs, "submit", lambda argv, **kw: queued.append(list(argv)) or type("Q", (), {"id": "job-1"})()
+    )
+    ws = studio.workspace
+    csv = uploaded(ws, "alpaca.csv", b"instruction,input,output\nadd,2 2,4\nadd,3 3,6\n")
+    pairs = uploaded(ws, "pairs.json", b'[{"prompt": "2 + 2 ?", "chosen": "4", "rejected": "5"}]')
+    _, status, _, _ = studio.start_llm("upload", csv, pairs, "", llm_options())
+    assert "queued" in status
+    (argv,) = queued
+    data = Path(next(a for a in argv if a.endswith(".csv")))
+    assert data.is_file() and data.is_relative_to(ws.uploads) and any(a.endswith(".json") for a in argv)
+    bad = uploaded(ws, "bad.csv", b"instruction,input,output\nadd,2 2,\n")
+    with pytest.raises(UserError, match="row 1"):
+        studio.start_llm("upload", bad, None, "", llm_options())

@@ -8,6 +8,7 @@ from ui.forms import Form
 from ui.progress import loss_points
 from ui.studio import FORM_OPTIONS, LLM_BASE_ONLY, LLM_EMBEDDED, LLM_KIND, Studio
 from ui.tabs.common import live_preview, method_text, plot_frame, wire_method_help, wire_run_list, with_owner
+from ui.workspace import LLM_DATA_SUFFIXES
 
 CHAT_PROMPT = "bexa has 8 cheese and buys 2 more . how many cheese does bexa have ?"
 
@@ -31,19 +32,19 @@ def build(studio: Studio, app) -> dict[str, Form]:
                     f"The held-out addition task shipped with the tiny LM (`{task['train'].name}`, never seen "
                     "in pretraining), evaluated before and after on its test set and on the knowledge probe "
                     "(how much pretraining knowledge survives). With the objective dpo or orpo: the same task "
-                    "as preference pairs (`preference_add_train.jsonl`: the right sum chosen, a nearby wrong "
-                    "one rejected), also scored by held-out preference accuracy."
+                    "as preference pairs (`preference_add_train.jsonl`: the right sum chosen, the base model's "
+                    "likeliest wrong one rejected), also scored by held-out preference accuracy."
                 )
                 train_file = gr.File(
-                    file_types=[".jsonl"],
+                    file_types=list(LLM_DATA_SUFFIXES),
                     visible=False,
-                    label="Training JSONL, any format (messages, sharegpt, alpaca, prompt-completion, text; "
-                    "prompt + chosen + rejected for dpo / orpo)",
+                    label="Training data: JSONL, JSON, CSV or Parquet, any format (messages, sharegpt, alpaca, "
+                    "prompt-completion, text; prompt + chosen + rejected for dpo / orpo)",
                 )
                 eval_file = gr.File(
-                    file_types=[".jsonl"],
+                    file_types=list(LLM_DATA_SUFFIXES),
                     visible=False,
-                    label="Held-out JSONL (optional; choices + answer give accuracy, chosen + rejected "
+                    label="Held-out data (optional; choices + answer give accuracy, chosen + rejected "
                     "preference accuracy)",
                 )
                 name = gr.Textbox(label="Run name (optional)", placeholder="llm-lora-task_add_train")
