@@ -25,7 +25,7 @@ class ExportOptions:
     format: str = option(
         "diffusers",
         help="target format: diffusers (pipe.load_lora_weights), peft (PeftModel), kohya (ComfyUI, A1111/Forge, "
-        "kohya; SD 1.x/2.x and SDXL)",
+        "kohya; for SD3 ComfyUI's layout, for Flux.1 kohya's BFL names)",
         choices=("peft", "diffusers", "kohya"),
     )
     out: str | None = option(None, help="output folder (required)")
@@ -83,9 +83,8 @@ def _export_kohya(pipe, args: argparse.Namespace, folder: Path, component: str, 
     import yaml
 
     from peft_core import load
-    from pipelines.kohya import export_kohya, kohya_prefixes
+    from pipelines.kohya import export_kohya
 
-    kohya_prefixes(pipe)  # SD / SDXL only: a one-line error for the other families
     adapters = {component: (handle, name)}
     run_dir = folder.parent.parent if folder.parent.name == "adapter" else None
     text = run_dir / "text_encoder_adapter" / name if run_dir is not None else None
