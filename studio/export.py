@@ -29,7 +29,11 @@ class ExportOptions:
         choices=("peft", "diffusers", "kohya"),
     )
     out: str | None = option(None, help="output folder (required)")
-    base: str = option("embedded", help="the base model the adapter was trained on (its module shapes are needed)")
+    base: str | None = option(
+        None,
+        help="the base model the adapter was trained on (its module shapes are needed; default: the one its "
+        "run's config.yaml names, else the embedded one)",
+    )
     family: str = family_option()
     base_dtype: str = base_dtype_option()
     component: str | None = option(
@@ -49,15 +53,17 @@ def run(args: argparse.Namespace) -> int:
             "name the adapter (or run folder) to export and the output folder: studio export ADAPTER --out DIR"
         )
     from peft_core import load
-    from studio.generate import parse_adapter
+    from studio.generate import parse_adapter, trained_base
 
     folder, _ = parse_adapter(args.adapter)
     writable_folder(args.out, "--out")  # before the model loads
     from pipelines import load_base
 
-    pipe = load_base(
-        args.base, device="cpu", family=family_override(args.family), torch_dtype=torch_dtype(args.base_dtype)
-    )
+    base, family_name = args.base, args.family
+    if base is None:  # the run's own base (and family, unless --family says otherwise)
+        base, trained_family = trained_base([folder])
+        family_name = trained_family if family_name == "auto" else family_name
+    pipe = load_base(base, device="cpu", family=family_override(family_name), torch_dtype=torch_dtype(args.base_dtype))
     family = family_of(pipe)
     component = args.component or family.denoiser_name
     model = getattr(pipe, component, None)
@@ -69,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     handle = load(model, folder)
     name = handle.adapter_names[-1]
     if args.format == "kohya":
-        out = _export_kohya(pipe, args, folder, component, handle, name)
+        out = _export_kohya(pipe, args, folder, component, handle, name, base)
     else:
         options = {"component": component} if args.format == "diffusers" else {}
         out = handle.export(Path(args.out), format=args.format, name=name, **options)
@@ -77,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_kohya(pipe, args: argparse.Namespace, folder: Path, component: str, handle, name: str) -> Path:
+def _export_kohya(pipe, args: argparse.Namespace, folder: Path, component: str, handle, name: str, base: str) -> Path:
     """The run's adapter(s) in one kohya-layout file: the denoiser's and, when the run trained it, the
     text encoder's; the header carries the run's settings (its config.yaml, when the folder is a run's)."""
     import yaml
@@ -92,5 +98,5 @@ def _export_kohya(pipe, args: argparse.Namespace, folder: Path, component: str, 
         adapters["text_encoder"] = (load(pipe.text_encoder, text, name=name), name)
     config = run_dir / "config.yaml" if run_dir is not None else None
     run = yaml.safe_load(config.read_text()) if config is not None and config.is_file() else {}
-    base = Path(args.base) if Path(args.base).is_file() else None
-    return export_kohya(Path(args.out), pipe, adapters, run=run, base_file=base)
+    base_file = Path(base) if Path(base).is_file() else None
+    return export_kohya(Path(args.out), pipe, adapters, run=run, base_file=base_file)

@@ -81,6 +81,10 @@ def test_train_resume_export_and_the_diffusers_pipeline_gives_the_same_image(bas
     assert np.array_equal(_image(implied), _image(ours))
     export = tmp_path / "export"
     assert main(["export", str(straight), "--base", str(base), "--format", "diffusers", "--out", str(export)]) == 0
+    implied_export = tmp_path / "implied-export"  # no --base: the run's own
+    assert main(["export", str(straight), "--format", "diffusers", "--out", str(implied_export)]) == 0
+    exported, implied = (read_safetensors(d / "pytorch_lora_weights.safetensors") for d in (export, implied_export))
+    assert exported.keys() == implied.keys() and all(torch.equal(exported[k], implied[k]) for k in exported)
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(base, local_files_only=True, use_safetensors=True)
