@@ -566,12 +566,13 @@ class ImageCaptionDataset(Dataset):
     """A validated image folder as training items.
 
     Item i: {"pixel_values": float (3, H, W) in [-1, 1], "prompt": str, "path": str,
-    "original_size": long (2,) = (h, w) before resizing, "crop_top_left": long (2,) = (top, left)}
-    (the last two are SDXL's size conditioning), and with `masks=True` "mask": float (1, H, W) in
-    [0, 1], the image's loss mask resized, cropped and flipped with it (all ones for an image without
-    one). Items are square `resolution` crops, or with `buckets=True` the size of the image's aspect
-    bucket (`render(i, size)` draws one at another size). Random crops and flips depend only on
-    (seed, epoch, i), so a resumed run sees the same pixels; call `set_epoch` to vary them.
+    "original_size": long (2,) = (h, w) before resizing, "crop_top_left": long (2,) = (top, left)
+    (these two are SDXL's size conditioning), "flipped": bool (mirrored this epoch)}, and with
+    `masks=True` "mask": float (1, H, W) in [0, 1], the image's loss mask resized, cropped and flipped
+    with it (all ones for an image without one). Items are square `resolution` crops, or with
+    `buckets=True` the size of the image's aspect bucket (`render(i, size)` draws one at another size).
+    Random crops and flips depend only on (seed, epoch, i), so a resumed run sees the same pixels; call
+    `set_epoch` to vary them.
     """
 
     def __init__(
@@ -643,6 +644,7 @@ class ImageCaptionDataset(Dataset):
             "path": str(record.path),
             "original_size": original_size,
             "crop_top_left": torch.tensor(top_left),
+            "flipped": flip,
         }
         if self.masks:
             item["mask"] = self._mask(record, target, top_left, flip, rng)

@@ -7,9 +7,10 @@ conditioning and posteriors (mean, std) from the cache, and the encoders move to
 brings them back for the sample grids only).
 
 The random draws do not change: the latent *sample* is still drawn every step from the step's
-generator (mean + std * eps), so a cached run makes the draws of an uncached one and its losses equal
-the uncached losses to float tolerance (a caption encoded alone or in a batch can differ in the last
-bits), and exact resume holds.
+generator (mean + std * eps); with random flips every image is encoded both ways and the step takes
+the posterior of the orientation its batch drew. So a cached run makes the draws of an uncached one,
+its losses equal the uncached losses to float tolerance (a caption encoded alone or in a batch can
+differ in the last bits), and exact resume holds.
 
 With a `folder` (the run's `cache/`), every entry is also a safetensors file named by the SHA-256 of
 what was encoded: a caption's text, an image's exact pixel tensor (so its crop, size and bucket are
@@ -36,7 +37,8 @@ from pipelines.families import Family, family_of
 class StepCache:
     family: Family
     conditioning: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # caption -> its tensors (CPU)
-    posteriors: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # image -> (mean, std)
+    # (image, mirrored) -> (mean, std); with random flips each image is encoded both ways
+    posteriors: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     images: int = 1  # distinct images: dataset item i is image i % images (a dataset's `repeats`)
     offload: list[nn.Module] = field(default_factory=list)  # what was moved to the CPU, and the device it left
     device: torch.device | None = None
@@ -66,7 +68,8 @@ class StepCache:
         cache = cls(family, images=len(records) if records is not None else len(dataset), device=device, folder=folder)
         if latents:
             check_deterministic_pixels(dataset)
-        items = [dataset[i] for i in range(cache.images)]
+        with _unflipped(dataset):
+            items = [dataset[i] for i in range(cache.images)]
         with torch.no_grad():
             if text:
                 for prompt in sorted({item["prompt"] for item in items} | set(extra_prompts)):
@@ -75,27 +78,27 @@ class StepCache:
                     )
                 cache.offload += family.text_encoders(pipe)
             if latents:
-                cache.encode_images(pipe, items, batch_size, device)
+                pictures = {(i, False): item["pixel_values"] for i, item in enumerate(items)}
+                if getattr(dataset, "random_flip", False):  # mirrored pixels are the exact mirror of the tensor
+                    pictures |= {(i, True): item["pixel_values"].flip(-1) for i, item in enumerate(items)}
+                cache.encode_images(pipe, pictures, batch_size, device)
                 cache.offload.append(pipe.vae)
         for module in cache.offload:
             module.to("cpu")
         return cache
 
-    def encode_images(self, pipe, items: list[dict], batch_size: int, device) -> None:
-        """The posterior of every item's pixels, `batch_size` images of one size at a time; identical
-        pictures (the same pixels, e.g. a dataset's repeats) are encoded once and share the entry."""
-        keys = []
-        for item in items:
-            pixels = item["pixel_values"].contiguous()
-            keys.append(
-                _digest(
-                    str((tuple(pixels.shape), str(pixels.dtype))).encode(), pixels.to(torch.float32).numpy().tobytes()
-                )
-            )
+    def encode_images(self, pipe, pictures: dict[tuple[int, bool], torch.Tensor], batch_size: int, device) -> None:
+        """The posterior of every picture ((image, mirrored) -> pixels), `batch_size` pictures of one size at a
+        time; identical pictures (the same pixels, e.g. a dataset's repeats) are encoded once and share it."""
+        keys = {}
+        for place, pixels in pictures.items():
+            pixels = pixels.contiguous()
+            shape = str((tuple(pixels.shape), str(pixels.dtype))).encode()
+            keys[place] = _digest(shape, pixels.to(torch.float32).numpy().tobytes())
         entries: dict[str, dict[str, torch.Tensor]] = {}
-        by_size: dict[tuple[int, ...], list[int]] = {}
+        by_size: dict[tuple[int, ...], list[tuple[int, bool]]] = {}
         pending: set[str] = set()
-        for index, key in enumerate(keys):
+        for place, key in keys.items():
             if key in entries or key in pending:
                 continue
             stored = self._stored("latents", key)
@@ -103,18 +106,16 @@ class StepCache:
                 entries[key] = stored
             else:
                 pending.add(key)
-                by_size.setdefault(tuple(items[index]["pixel_values"].shape), []).append(index)
-        for indices in by_size.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
-                pixels = torch.stack([items[i]["pixel_values"] for i in chunk])
-                mean, std = self.family.posterior(pipe, pixels, device)
-                for k, index in enumerate(chunk):
-                    entries[keys[index]] = self._store(
-                        "latents", keys[index], {"mean": mean[k : k + 1], "std": std[k : k + 1]}
-                    )
-        for index, key in enumerate(keys):
-            self.posteriors[index] = (entries[key]["mean"], entries[key]["std"])
+                by_size.setdefault(tuple(pictures[place].shape), []).append(place)
+        for places in by_size.values():
+            for start in range(0, len(places), batch_size):
+                chunk = places[start : start + batch_size]
+                mean, std = self.family.posterior(pipe, torch.stack([pictures[p] for p in chunk]), device)
+                for k, place in enumerate(chunk):
+                    entry = {"mean": mean[k : k + 1], "std": std[k : k + 1]}
+                    entries[keys[place]] = self._store("latents", keys[place], entry)
+        for place, key in keys.items():
+            self.posteriors[place] = (entries[key]["mean"], entries[key]["std"])
 
     def _stored(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
         """The entry `key` of `kind` from the folder, or None (no folder, not there, or unreadable)."""
@@ -146,11 +147,15 @@ class StepCache:
         items = [self.conditioning[prompt] for prompt in prompts]
         return {key: value.to(device) for key, value in self.family.batch_conditioning(items).items()}
 
-    def latents(self, pipe, pixels: torch.Tensor, indices: Sequence[int], generator, device, share) -> torch.Tensor:
-        """A latent sample of the batch's images (the step's draw), from cached posteriors when there are."""
+    def latents(
+        self, pipe, pixels: torch.Tensor, indices: Sequence[int], generator, device, share, flipped=()
+    ) -> torch.Tensor:
+        """A latent sample of the batch's images (the step's draw), from cached posteriors when there are
+        (`flipped`: which items are mirrored this step; none when not given)."""
         if not self.posteriors:
             return self.family.image_latents(pipe, pixels, generator, device, share)
-        pairs = [self.posteriors[index % self.images] for index in indices]
+        flipped = list(flipped) or [False] * len(indices)
+        pairs = [self.posteriors[(index % self.images, flip)] for index, flip in zip(indices, flipped)]
         mean = torch.cat([mean for mean, _ in pairs]).to(device)
         std = torch.cat([std for _, std in pairs]).to(device)
         return self.family.sample_latents(pipe, mean, std, generator, share)
@@ -175,9 +180,23 @@ def _digest(*parts: bytes) -> str:
 
 
 def check_deterministic_pixels(dataset) -> None:
-    """Cached latents need every epoch to show an image with the same pixels."""
-    if getattr(dataset, "random_flip", False) or getattr(dataset, "crop", "center") != "center":
+    """Cached latents need every epoch to show an image with the same pixels, up to a mirror (random flips
+    are cached both ways): center crops."""
+    if getattr(dataset, "crop", "center") != "center":
         raise UserError(
-            "cache_latents needs the same pixels every epoch: center crops and no random flips (a random "
-            "crop or flip would need other latents each epoch); turn those off or leave cache_latents off"
+            "cache_latents needs the same pixels every epoch: center crops (a random crop would need other "
+            "latents each epoch; random flips are fine); use center crops or leave cache_latents off"
         )
+
+
+@contextlib.contextmanager
+def _unflipped(dataset) -> Iterator[None]:
+    """The dataset's items as they are without the random mirror, for the block."""
+    flips = getattr(dataset, "random_flip", False)
+    if flips:
+        dataset.random_flip = False
+    try:
+        yield
+    finally:
+        if flips:
+            dataset.random_flip = True

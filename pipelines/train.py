@@ -183,8 +183,8 @@ class TrainConfig:
     )
     cache_latents: bool = option(
         False,
-        help="encode every image once before training (center crops, no flips) and move the VAE to the CPU (back "
-        "for sample grids only; kept in the run's cache/ by pixel content); the latent sample is drawn every step",
+        help="encode every image once before training (center crops; with random_flip both ways) and move the VAE "
+        "to the CPU (back for grids only; kept in the run's cache/ by pixel content); the sample is drawn every step",
         advanced=True,
     )
     calibration_samples: int = option(
@@ -277,6 +277,7 @@ class Batch:
     prompts: list[str]
     indices: list[int] = field(default_factory=list)  # the dataset items (a StepCache looks them up)
     masks: torch.Tensor | None = None  # (N, 1, H, W) in [0, 1]: the loss masks, where the items have them
+    flipped: list[bool] = field(default_factory=list)  # which items are mirrored (a StepCache picks that latent)
 
 
 @dataclass(frozen=True)
@@ -338,7 +339,8 @@ def _bucket_batch(
 def _stack(items: list[dict], indices: list[int]) -> Batch:
     masks = torch.stack([item["mask"] for item in items]) if "mask" in items[0] else None
     pixels = torch.stack([item["pixel_values"] for item in items])
-    return Batch(pixels, [item["prompt"] for item in items], indices, masks)
+    flipped = [bool(item.get("flipped", False)) for item in items]
+    return Batch(pixels, [item["prompt"] for item in items], indices, masks, flipped)
 
 
 def caption_draws(
@@ -423,7 +425,7 @@ def step_inputs(
         latents = family.image_latents(pipe, batch.pixel_values, generator, device, share)
         conditioning = family.encode_prompts(pipe, batch.prompts, device)
     else:
-        latents = cache.latents(pipe, batch.pixel_values, batch.indices, generator, device, share)
+        latents = cache.latents(pipe, batch.pixel_values, batch.indices, generator, device, share, batch.flipped)
         conditioning = cache.encode_prompts(pipe, batch.prompts, device)
     inputs = family.noised_inputs(
         pipe,
@@ -791,6 +793,7 @@ def _with_regularisation(batch: Batch, reg: Batch, prompt: str | None) -> Batch:
         batch.prompts + ([prompt] * len(reg.prompts) if prompt is not None else reg.prompts),
         batch.indices + reg.indices,
         masks,
+        batch.flipped + reg.flipped,
     )
 
 

@@ -774,3 +774,51 @@ def test_caches_on_disk_are_keyed_by_content_and_serve_a_resumed_run(tmp_path, m
     changed.items[0] = {**changed.items[0], "pixel_values": changed.items[0]["pixel_values"] * 0.5}
     with pytest.raises(AssertionError, match="an encoder ran"):
         build(changed)
+
+
+def test_cached_latents_with_random_flips_follow_the_uncached_run_and_resume_exactly(tmp_path):
+    """With random flips each image is cached both ways; a step takes the orientation its batch drew."""
+    from pipelines.step_cache import StepCache
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(5):  # left half coloured, right half grey: a mirror is another picture
+        image = Image.new("RGB", (32, 32), (128, 128, 128))
+        image.paste((40 * i, 200 - 30 * i, 60), (0, 0, 16, 32))
+        image.save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text("red" if i % 2 else "blue")
+
+    def dataset():
+        return ImageCaptionDataset(data, 32, random_flip=True)
+
+    flipped = dataset()
+    assert any(flipped[i]["flipped"] for i in range(len(flipped))) and not all(
+        flipped[i]["flipped"] for i in range(len(flipped))
+    )
+    pipe = micro_pipeline(tmp_path / "t0")
+    cache = StepCache.build(pipe, flipped, False, True, 2, torch.device("cpu"))
+    for i in range(len(flipped)):  # the cached orientation is the one the item shows
+        mean, _ = cache.family.posterior(pipe, flipped[i]["pixel_values"][None], torch.device("cpu"))
+        torch.testing.assert_close(cache.posteriors[(i, flipped[i]["flipped"])][0], mean, rtol=1e-4, atol=1e-5)
+        other = cache.posteriors[(i, not flipped[i]["flipped"])][0]
+        assert (other - mean).abs().max() > 1e-2  # the other orientation is another latent
+
+    plain = TrainConfig(steps=4, batch_size=2, learning_rate=5e-3, checkpoint_every=2, random_flip=True)
+    cached = TrainConfig(**{**plain.__dict__, "cache_latents": True})
+    losses = {}
+
+    def recorder(name):
+        losses[name] = []
+        return lambda event: losses[name].append(event.loss) if event.kind == "step" else None
+
+    a = train_adapter(
+        micro_pipeline(tmp_path / "a"), dataset(), LORA, plain, tmp_path / "plain", on_event=recorder("p")
+    )
+    b = train_adapter(
+        micro_pipeline(tmp_path / "b"), dataset(), LORA, cached, tmp_path / "cached", on_event=recorder("c")
+    )
+    torch.testing.assert_close(torch.tensor(losses["c"]), torch.tensor(losses["p"]), rtol=1e-4, atol=1e-6)
+    for key, value in tensors(a).items():
+        torch.testing.assert_close(tensors(b)[key], value, rtol=1e-3, atol=1e-5)
+    resumed = interrupted_then_resumed(tmp_path, "resumed", dataset, cached, stop_at=2)
+    assert_same_adapter(b, resumed)

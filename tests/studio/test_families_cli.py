@@ -235,15 +235,18 @@ def test_cached_captions_and_latents_train_like_the_uncached_run(bases, tmp_path
     assert (cache / "samples" / "final.png").is_file()  # the grid brought the offloaded encoders back
 
 
-def test_cached_latents_refuse_random_flips():
-    from pipelines.errors import UserError
+def test_cached_latents_refuse_random_crops_and_take_flips():
     from pipelines.step_cache import check_deterministic_pixels
 
     class Flipping:
         random_flip, crop = True, "center"
 
-    with pytest.raises(UserError, match="center crops and no random flips"):
-        check_deterministic_pixels(Flipping())
+    class Cropping:
+        random_flip, crop = False, "random"
+
+    check_deterministic_pixels(Flipping())  # both orientations are cached (test_train_options.py)
+    with pytest.raises(UserError, match="center crops"):
+        check_deterministic_pixels(Cropping())
 
 
 @pytest.mark.parametrize(
