@@ -16,7 +16,7 @@ from pathlib import Path
 from pipelines.b4m import BreakForMakeConfig, upgrade_config
 from pipelines.base import ASSETS
 from pipelines.errors import UserError
-from pipelines.families import family_of, family_option, family_override, resolution_option
+from pipelines.families import base_option, family_of, family_option, family_override, resolution_option
 from pipelines.options import build, option
 from studio.options import Section, resume_flags
 from studio.preflight import device_problem, run_record, writable_folder
@@ -37,9 +37,7 @@ class B4mRunOptions:
         None, help="other content folders the style run pairs with (default: the shipped auxiliary contents)", ui=False
     )
     prompt: list[str] | None = option(None, help="prompt(s) of the final grid", repeat=True)
-    base: str = option(
-        "embedded", help="base model: 'embedded', a hub id, a diffusers folder or a single file", ui=False
-    )
+    base: str = base_option(ui=False)
     family: str = family_option()
     resolution: int | None = resolution_option("training and grid", ui=False)
     name: str | None = option(None, help="run name (default: b4m-<content>-<style>)", ui=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipelines.base import base_dtype_option, torch_dtype
 from pipelines.errors import UserError
-from pipelines.families import family_of, family_option, family_override
+from pipelines.families import base_option, family_of, family_option, family_override
 from pipelines.options import option
 from studio.options import Section
 from studio.preflight import writable_folder
@@ -29,11 +29,7 @@ class ExportOptions:
         choices=("peft", "diffusers", "kohya"),
     )
     out: str | None = option(None, help="output folder (required)")
-    base: str | None = option(
-        None,
-        help="the base model the adapter was trained on (its module shapes are needed; default: the one its "
-        "run's config.yaml names, else the embedded one)",
-    )
+    base: str | None = base_option(from_runs=True)  # the base the adapter trained on: its module shapes
     family: str = family_option()
     base_dtype: str = base_dtype_option()
     component: str | None = option(

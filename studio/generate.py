@@ -19,7 +19,7 @@ import yaml
 
 from pipelines.base import base_dtype_option, torch_dtype
 from pipelines.errors import UserError
-from pipelines.families import family_of, family_option, family_override
+from pipelines.families import base_option, family_of, family_option, family_override
 from pipelines.options import option
 from studio.options import Section
 from studio.preflight import device_problem, output_file
@@ -29,11 +29,7 @@ from studio.preflight import device_problem, output_file
 class GenerateOptions:
     """What every generation takes: base model, prompts, sampler settings, output."""
 
-    base: str | None = option(
-        None,
-        help="base model: 'embedded', a hub id, a diffusers folder or a single file (default: the base the "
-        "adapters' runs trained on, else the embedded one)",
-    )
+    base: str | None = base_option(from_runs=True)
     family: str = family_option()
     base_dtype: str = base_dtype_option()
     prompt: list[str] = option([], help="a prompt (repeat for several images)", repeat=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from peft_core import AdapterConfig
 from pipelines.base import ASSETS, base_dtype_option, quantize_denoiser_nf4, torch_dtype
 from pipelines.errors import UserError
-from pipelines.families import family_of, family_option, family_override, resolution_option
+from pipelines.families import base_option, family_of, family_option, family_override, resolution_option
 from pipelines.options import build, option
 from pipelines.train import UNET_ATTENTION_TARGETS, TrainConfig
 from studio.adapters import AdapterOptions, adapter_config, adapter_section, wrappable_targets
@@ -52,12 +52,7 @@ class ImageRunOptions:
     data: str | None = option(
         None, help="folder of images with captions (sidecar .txt or metadata.jsonl)", positional=True, ui=False
     )
-    base: str = option(
-        "embedded",
-        help="base model: 'embedded' (the shipped tiny SD), a hub id (stable-diffusion-v1-5/stable-diffusion-v1-5, "
-        "stabilityai/stable-diffusion-xl-base-1.0, stabilityai/stable-diffusion-3.5-medium, "
-        "black-forest-labs/FLUX.1-dev), a diffusers folder or a .safetensors file",
-    )
+    base: str = base_option()
     name: str | None = option(None, help="run name (default: <kind>-<data folder name>)", ui=False)
     runs_dir: str = option("runs", help="where run folders go", ui=False)
     family: str = family_option(ui=True)

@@ -28,11 +28,32 @@ __all__ = [
     "family_from_class",
     "family_from_folder",
     "family_of",
+    "base_option",
     "family_option",
     "family_override",
     "resolution_option",
     "get_family",
 ]
+
+
+BASE_EXAMPLES = (
+    "stable-diffusion-v1-5/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0, "
+    "stabilityai/stable-diffusion-3.5-medium, black-forest-labs/FLUX.1-dev"
+)
+
+
+def base_option(from_runs: bool = False, ui: bool = True):
+    """The --base option of every command that loads a diffusion base (one definition): 'embedded' by
+    default, or with `from_runs` (generate, compose, export) the base the given runs trained on."""
+    from pipelines.options import option
+
+    what = (
+        f"base model: 'embedded' (the shipped tiny SD), a hub id ({BASE_EXAMPLES}), a diffusers folder or a "
+        ".safetensors file"
+    )
+    if from_runs:
+        return option(None, help=what + "; default: the base the adapters' runs trained on, else 'embedded'", ui=ui)
+    return option("embedded", help=what, ui=ui)
 
 
 def family_option(ui: bool = False):
