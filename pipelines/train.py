@@ -825,16 +825,17 @@ def write_class_images(pipe, config: TrainConfig, folder: Path, size: int) -> Pa
     for name in enabled:
         handle.disable(name)
     try:
-        for index in missing:  # one seeded picture at a time: the same picture whichever are missing
-            (image,) = generate(
-                pipe,
-                [config.reg_prompt],
-                seed=config.seed + 1_000_000 + index,
-                steps=config.sample_steps,
-                guidance=config.sample_guidance,
-                size=size,
-            )
-            save_image_atomic(image, folder / f"class-{index:05d}.png")
+        with _quiet(pipe):
+            for index in missing:  # one seeded picture at a time: the same picture whichever are missing
+                (image,) = generate(
+                    pipe,
+                    [config.reg_prompt],
+                    seed=config.seed + 1_000_000 + index,
+                    steps=config.sample_steps,
+                    guidance=config.sample_guidance,
+                    size=size,
+                )
+                save_image_atomic(image, folder / f"class-{index:05d}.png")
     finally:
         for name in enabled:
             handle.enable(name)
@@ -1218,7 +1219,7 @@ def write_samples(
 
     seed = config.seed if config.sample_seed is None else config.sample_seed
     size = size or family_of(pipe).default_size(pipe)
-    with cache.offloaded_back() if cache is not None else contextlib.nullcontext():
+    with cache.offloaded_back() if cache is not None else contextlib.nullcontext(), _quiet(pipe):
         images = generate(
             pipe,
             config.sample_prompts,
@@ -1229,6 +1230,21 @@ def write_samples(
         )
     write_json(Path(path).with_suffix(".json"), sample_record(pipe, config, seed, size))
     return save_image_atomic(image_grid(images), path)
+
+
+@contextlib.contextmanager
+def _quiet(pipe) -> Iterator[None]:
+    """The pipeline's own denoising progress bar off for the block (inside the training loop's bar it
+    only interleaves with it), as it was after."""
+    if not hasattr(pipe, "set_progress_bar_config"):
+        yield
+        return
+    previous = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        yield
+    finally:
+        pipe._progress_bar_config = previous
 
 
 def sample_record(pipe, config: TrainConfig, seed: int, size: int) -> dict:
