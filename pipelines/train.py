@@ -278,6 +278,9 @@ class Batch:
     indices: list[int] = field(default_factory=list)  # the dataset items (a StepCache looks them up)
     masks: torch.Tensor | None = None  # (N, 1, H, W) in [0, 1]: the loss masks, where the items have them
     flipped: list[bool] = field(default_factory=list)  # which items are mirrored (a StepCache picks that latent)
+    # (N, 4): each image's original (height, width) and crop (top, left), SDXL's size conditioning; None
+    # where the dataset does not say (the target size is used then)
+    sizes: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -340,7 +343,10 @@ def _stack(items: list[dict], indices: list[int]) -> Batch:
     masks = torch.stack([item["mask"] for item in items]) if "mask" in items[0] else None
     pixels = torch.stack([item["pixel_values"] for item in items])
     flipped = [bool(item.get("flipped", False)) for item in items]
-    return Batch(pixels, [item["prompt"] for item in items], indices, masks, flipped)
+    sizes = None
+    if all("original_size" in item and "crop_top_left" in item for item in items):
+        sizes = torch.stack([torch.cat([item["original_size"], item["crop_top_left"]]) for item in items])
+    return Batch(pixels, [item["prompt"] for item in items], indices, masks, flipped, sizes)
 
 
 def caption_draws(
@@ -427,6 +433,8 @@ def step_inputs(
     else:
         latents = cache.latents(pipe, batch.pixel_values, batch.indices, generator, device, share, batch.flipped)
         conditioning = cache.encode_prompts(pipe, batch.prompts, device)
+    if family.size_conditioned and batch.sizes is not None:  # SDXL: each image's own original size and crop
+        conditioning = {**conditioning, "size_ids": batch.sizes.to(device)}
     inputs = family.noised_inputs(
         pipe,
         latents,
@@ -794,6 +802,7 @@ def _with_regularisation(batch: Batch, reg: Batch, prompt: str | None) -> Batch:
         batch.indices + reg.indices,
         masks,
         batch.flipped + reg.flipped,
+        torch.cat([batch.sizes, reg.sizes]) if batch.sizes is not None and reg.sizes is not None else None,
     )
 
 

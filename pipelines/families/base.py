@@ -66,6 +66,7 @@ class Family:
     patch_size: int = 1  # latent pixels per token side (2 for the DiTs): image sides are multiples of VAE factor x this
     trains_text_encoder: bool = False  # whether --train-text-encoder is supported on this family
     shared_conditioning: tuple[str, ...] = ()  # conditioning tensors with no batch dimension (Flux's txt_ids)
+    size_conditioned: bool = False  # the denoiser takes each image's original size and crop (SDXL's "size_ids")
 
     def denoiser(self, pipe) -> nn.Module:
         return getattr(pipe, self.denoiser_name)

@@ -17,11 +17,18 @@ class StableDiffusionXL(NoisePrediction):
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}
 
     def model_inputs(self, pipe, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> dict:
-        # SDXL's micro-conditioning: (original h, w, crop top, left, target h, w). Training crops are
-        # square crops at the training size, so all of them are the image itself at that size.
+        # SDXL's micro-conditioning: (original h, w, crop top, left, target h, w), as SDXL was trained
+        # and as diffusers' SDXL training scripts give it: each image's size before resizing and the
+        # corner of its crop ("size_ids", from the batch), the target being the training size. Without
+        # them (a dataset that does not say) the image is taken as already at the target size.
         height, width = (side * pipe.vae_scale_factor for side in noisy.shape[-2:])
-        sizes = [height, width, 0, 0, height, width]
-        time_ids = torch.tensor([sizes] * noisy.shape[0], device=noisy.device, dtype=noisy.dtype)
+        target = torch.tensor([height, width], device=noisy.device, dtype=noisy.dtype).expand(noisy.shape[0], 2)
+        given = conditioning.get("size_ids")
+        if given is None:
+            given = torch.tensor([height, width, 0, 0], device=noisy.device, dtype=noisy.dtype).expand(
+                noisy.shape[0], 4
+            )
+        time_ids = torch.cat([given.to(noisy.device, noisy.dtype), target], dim=1)
         added = {"text_embeds": conditioning["text_embeds"], "time_ids": time_ids}
         return {
             "sample": noisy,
@@ -40,4 +47,5 @@ FAMILY = StableDiffusionXL(
     default_targets=UNET_ATTENTION_TARGETS,
     single_file_keys=("conditioner.embedders.1.", "add_embedding.linear_1."),
     objective="noise prediction",
+    size_conditioned=True,
 )

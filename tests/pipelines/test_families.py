@@ -126,3 +126,33 @@ def test_image_sides_must_be_a_multiple_of_vae_factor_times_patch(folders):
     family_of(pipe).check_size(pipe, 16)
     with pytest.raises(UserError, match="18 is not a multiple of 4"):
         family_of(pipe).check_size(pipe, 18, "--resolution")
+
+
+def test_sdxl_is_conditioned_on_each_images_original_size_and_crop(folders, tmp_path):
+    """time_ids = (original h, w, crop top, left, target h, w) per image, as SDXL was trained; an
+    ImageCaptionDataset's items carry the first four, and a batch without them uses the target size."""
+    from PIL import Image
+
+    from pipelines.data import ImageCaptionDataset
+    from pipelines.train import sample_batch
+
+    pipe = load_base(str(folders["sdxl"]), device="cpu")
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, size in (("wide", (40, 24)), ("tall", (24, 48))):
+        Image.new("RGB", size, (200, 40, 40)).save(data / f"{name}.png")
+        (data / f"{name}.txt").write_text("a red star")
+    dataset = ImageCaptionDataset(data, 16)
+    batch = sample_batch(dataset, 2, 0, 0)
+    inputs = step_inputs(pipe, batch, step_generator(0, 0), "cpu", torch.float32)
+    time_ids = inputs.model_inputs["added_cond_kwargs"]["time_ids"]
+    expected = [
+        [*dataset[i]["original_size"].tolist(), *dataset[i]["crop_top_left"].tolist(), 16, 16] for i in batch.indices
+    ]
+    assert time_ids.tolist() == expected
+    assert {tuple(row[:2]) for row in expected} == {(24, 40), (48, 24)} and any(row[2] or row[3] for row in expected)
+
+    plain = step_inputs(pipe, _batch(0), step_generator(0, 0), "cpu", torch.float32)
+    assert plain.model_inputs["added_cond_kwargs"]["time_ids"].tolist() == [[16, 16, 0, 0, 16, 16]] * 2
+    sd3 = step_inputs(load_base(str(folders["sd3"]), device="cpu"), batch, step_generator(0, 0), "cpu", torch.float32)
+    assert "size_ids" not in sd3.model_inputs  # only SDXL takes them
