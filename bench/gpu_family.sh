@@ -6,7 +6,12 @@
 #   TINY=1 PYTHON=.venv/bin/python bash bench/gpu_family.sh     # CPU smoke test of this driver -> /tmp
 #
 # Carried wheels: when .whl/*.whl exist (diffusers, bitsandbytes: the GPU image has neither), they are
-# installed into $SITE (default /tmp/site) first and PYTHONPATH=$SITE:$PWD.
+# installed into $SITE (default /tmp/site) first and PYTHONPATH=$SITE:$PWD. .whl/ is git-excluded (the
+# device call carries it: run(..., carry=[".whl"])); to fit the 64 MiB a call carries, the wheels are
+# slimmed: `pip download --no-deps diffusers==0.42.1 bitsandbytes==0.50.2`, then drop from the diffusers
+# wheel every diffusers/pipelines/<x>/ but stable_diffusion*, flux and the shared modules, and from the
+# bitsandbytes wheel every libbitsandbytes_cuda*.so but the device's CUDA (cuda130 for torch 2.11 there),
+# fixing each wheel's RECORD (drop the removed files' lines) before zipping it again.
 # Four stages, the most important numbers first, each its own process under its own `timeout`, so a
 # slow or crashing stage cannot starve the next; family_step.py rewrites the JSON after every variant and
 # the later stages merge into it (--append), so a stage cut short keeps what it measured:
