@@ -101,6 +101,8 @@ def check(options: DataCheckOptions) -> tuple[list[str], bool]:
     if not data.rows:
         return lines, False
     tokenizer = load_tokenizer(argparse.Namespace(base=options.base))  # it reads only the base
+    if data.format == "preference":
+        return lines + preference_report(data.rows, tokenizer, options), not data.problems
     examples = encode_rows(data.rows, tokenizer, options.file)
     lengths = sorted(len(e.input_ids) for e in examples)
     lines.append(
@@ -118,6 +120,33 @@ def check(options: DataCheckOptions) -> tuple[list[str], bool]:
     for yes, text in loss_spans(first, tokenizer):
         lines.append(f"  loss: {'yes' if yes else 'no '} | {json.dumps(text, ensure_ascii=False)}")
     return lines, not data.problems
+
+
+def preference_report(rows: list[dict], tokenizer, options: DataCheckOptions) -> list[str]:
+    """Token lengths (the longer side of each pair), what max_length would cut, and the first pair's two
+    sequences with their loss masks: what --objective dpo / orpo would train on."""
+    from studio.llm.preference import encode_pair, tokenize_pairs
+
+    first = encode_pair(rows[0], tokenizer)
+    whole = tokenize_pairs(rows, tokenizer, 10**9, str(options.file))  # every pair, uncut (and row errors)
+    lengths = sorted(max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in whole.examples)
+    lines = [
+        f"tokens per pair, longer side ({options.base} tokenizer): p50 {percentile(lengths, 50)}, "
+        f"p90 {percentile(lengths, 90)}, p99 {percentile(lengths, 99)}, max {lengths[-1]}"
+    ]
+    try:
+        fitted = tokenize_pairs(rows, tokenizer, options.max_length, str(options.file))
+        lines.append(
+            f"max_length {options.max_length}: {fitted.truncated} pair(s) would be truncated, {fitted.dropped} "
+            f"dropped (a side with no response token left), {len(fitted.examples)} train"
+        )
+    except UserError as error:
+        lines.append(f"max_length {options.max_length}: {error}")
+    for side, example in (("chosen", first.chosen), ("rejected", first.rejected)):
+        lines.append(f"first pair, {side} ({len(example.input_ids)} tokens, {example.label_count} with loss):")
+        for yes, text in loss_spans(example, tokenizer):
+            lines.append(f"  loss: {'yes' if yes else 'no '} | {json.dumps(text, ensure_ascii=False)}")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:

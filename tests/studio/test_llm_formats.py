@@ -289,3 +289,23 @@ def test_train_llm_on_parquet_sharegpt_with_a_prompt_completion_eval(tmp_path):
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "finished" and "test/loss" in info["after"]
     assert "format: sharegpt" in (run_dir / "config.yaml").read_text()
+
+
+def test_data_check_of_preference_pairs_shows_both_sides_and_the_trainers_counts(tmp_path, tokenizer, capsys):
+    from studio.llm.preference import tokenize_pairs
+
+    rows = [json.loads(line) for line in embedded_lm_data("preference_add_train.jsonl").read_text().splitlines()[:6]]
+    rows[2]["rejected"] = [{"role": "assistant", "content": " ".join(["mira has 2 cakes ."] * 8)}]  # long side
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    assert main(["data", "check", str(path), "--max-length", "30"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{path}: 6 usable rows, format preference (detected from line 1)"
+    fitted = tokenize_pairs(load_rows(path).rows, tokenizer, 30)
+    assert fitted.truncated == 1
+    assert out[2] == (
+        f"max_length 30: {fitted.truncated} pair(s) would be truncated, {fitted.dropped} dropped "
+        f"(a side with no response token left), {len(fitted.examples)} train"
+    )
+    chosen, rejected = rows[0]["chosen"][0]["content"], rows[0]["rejected"][0]["content"]
+    assert out[3].startswith("first pair, chosen (") and out[5] == f'  loss: yes | "{chosen} </s>"'
+    assert out[6].startswith("first pair, rejected (") and out[8] == f'  loss: yes | "{rejected} </s>"'
