@@ -11,8 +11,9 @@ JSON types). Its upload route, `/gradio_api/upload`, stores any file a logged-in
   response is hardened: a type other than a plain image, text or JSON is sent as an attachment of
   type application/octet-stream, with `X-Content-Type-Options: nosniff` and `Content-Security-Policy:
   sandbox`, so no uploaded or generated file runs as HTML, SVG or script in a user's browser;
-- upload route: files whose suffix is not an image, `.txt` or `.jsonl` are deleted at once and the
-  upload answers 415; after every upload the cache is trimmed to its size cap (oldest first).
+- upload route: files whose suffix is not an image, `.txt` or LLM data (`.jsonl`, `.json`, `.csv`,
+  `.parquet`) are deleted at once and the upload answers 415; after every upload the cache is trimmed to
+  its size cap (oldest first).
 
 The user is gradio's own: the login cookie's token looked up in the app's tokens, as gradio's
 `/gradio_api/user` route does.

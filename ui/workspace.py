@@ -37,8 +37,10 @@ from studio.runs import list_runs, safe_run_name
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SUFFIXES = (".txt",)
 METADATA_NAME = "metadata.jsonl"
-UPLOAD_SUFFIXES = IMAGE_SUFFIXES + CAPTION_SUFFIXES + (".jsonl",)  # anything else is refused and deleted
+UPLOAD_SUFFIXES = IMAGE_SUFFIXES + CAPTION_SUFFIXES + (".jsonl",)  # an image set: anything else is refused
 LLM_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # what the LLM trainer reads
+# What gradio's upload route may store at all (screen_upload): anything else is deleted at once.
+STORABLE_SUFFIXES = tuple(dict.fromkeys(UPLOAD_SUFFIXES + LLM_DATA_SUFFIXES))
 CACHE_MIN_AGE_S = 120.0  # the cache cap never evicts a file younger than this (an upload about to be used)
 
 
@@ -317,16 +319,16 @@ class Workspace:
 
     def screen_upload(self, paths: list) -> str | None:
         """After gradio's upload route stored `paths`: None if every file has a suffix the studio takes
-        (images, .txt, .jsonl); else all of them are deleted and the answer says why. Either way the
-        cache is then trimmed to its cap."""
+        (images, .txt captions, LLM data: .jsonl, .json, .csv, .parquet); else all of them are deleted and
+        the answer says why. Either way the cache is then trimmed to its cap."""
         names = [Path(str(p)).name for p in paths]
-        refused = [name for name in names if Path(name).suffix.lower() not in UPLOAD_SUFFIXES]
+        refused = [name for name in names if Path(name).suffix.lower() not in STORABLE_SUFFIXES]
         message = None
         if refused:
             self.discard_upload([str(p) for p in paths])
             message = (
                 f"{', '.join(refused)}: not accepted; upload images ({', '.join(IMAGE_SUFFIXES)}), "
-                ".txt captions or .jsonl data"
+                f".txt captions or LLM data ({', '.join(LLM_DATA_SUFFIXES)})"
             )
         self.trim_cache()
         return message

@@ -289,3 +289,15 @@ def test_llm_uploads_take_every_file_kind_the_trainer_reads(studio, monkeypatch)
     bad = uploaded(ws, "bad.csv", b"instruction,input,output\nadd,2 2,\n")
     with pytest.raises(UserError, match="row 1"):
         studio.start_llm("upload", bad, None, "", llm_options())
+
+
+def test_the_upload_route_stores_llm_data_files_and_nothing_else(studio):
+    """screen_upload (the guard's check of gradio's upload route): images, captions and every LLM data
+    kind are kept; anything else is deleted with the whole upload, and the answer names it."""
+    ws = studio.workspace
+    kept = [uploaded(ws, name, b"x") for name in ("a.csv", "b.json", "c.parquet", "d.jsonl", "e.txt")]
+    assert ws.screen_upload(kept) is None and all(Path(p).exists() for p in kept)
+    mixed = [uploaded(ws, "f.csv", b"x"), uploaded(ws, "evil.html", b"<script></script>")]
+    message = ws.screen_upload(mixed)
+    assert message.startswith("evil.html: not accepted") and ".parquet" in message
+    assert not any(Path(p).exists() for p in mixed)
