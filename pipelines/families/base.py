@@ -35,6 +35,7 @@ does not arise), and its timesteps are already weighted by the logit-normal draw
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,8 +53,9 @@ Share = tuple[int, ...]
 
 
 @dataclass(frozen=True)
-class Family:
-    """One model family. Subclasses implement `encode_prompts` and the objective."""
+class Family(ABC):
+    """One model family. Subclasses implement `encode_prompts`, `model_inputs` and the objective
+    (`training_scheduler`, `draw_noised`); `noised_inputs` is the same for all."""
 
     name: str  # "sd", "sdxl", "sd3", "flux": what --family takes
     title: str  # for people: "Stable Diffusion XL"
@@ -75,8 +77,9 @@ class Family:
         """Latents as the denoiser reads and writes them (Flux packs 2x2 patches into tokens)."""
         return latents
 
-    def check_objective_options(self, noise_offset: float = 0.0, min_snr_gamma: float = 0.0) -> None:
-        """UserError if this family's objective cannot take these options (see the module docstring)."""
+    def check_objective_options(self, noise_offset: float = 0.0, min_snr_gamma: float = 0.0) -> None:  # noqa: B027
+        """UserError if this family's objective cannot take these options (see the module docstring); the
+        noise-prediction objective takes both, so by default nothing is refused."""
 
     def default_size(self, pipe) -> int:
         """The image side the model was trained at (pixels)."""
@@ -106,8 +109,9 @@ class Family:
                 f"(the VAE's factor times the patch size); use e.g. {nearest}"
             )
 
+    @abstractmethod
     def encode_prompts(self, pipe, prompts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The denoiser's conditioning for `prompts` as keyword tensors."""
 
     def posterior(self, pipe, pixels: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of the VAE's posterior for `pixels` (N, 3, H, W) in [-1, 1]."""
@@ -142,10 +146,19 @@ class Family:
             for key in items[0]
         }
 
+    @abstractmethod
     def training_scheduler(self, pipe):
         """The noise schedule training draws from, owned by the loop (never `pipe.scheduler`, whose
         sampler state changes whenever sample grids are drawn)."""
-        raise NotImplementedError
+
+    @abstractmethod
+    def model_inputs(self, pipe, noisy: torch.Tensor, time: torch.Tensor, conditioning: dict) -> dict[str, Any]:
+        """The denoiser's keyword inputs: the noisy latents, the timestep (or sigma) and the conditioning."""
+
+    @abstractmethod
+    def draw_noised(self, latents, generator, scheduler, dtype, share, noise_offset, min_snr_gamma):
+        """The objective's draws for `latents`: (noisy latents in `dtype`, the denoiser's time input, the
+        target, per-sample loss weights or None)."""
 
     def noised_inputs(
         self,
@@ -160,7 +173,14 @@ class Family:
         noise_offset: float = 0.0,
         min_snr_gamma: float = 0.0,
     ) -> StepInputs:
-        raise NotImplementedError
+        """One step's training inputs: the objective's draws and what the denoiser is given and should
+        predict (options this family's objective cannot take are a UserError first)."""
+        self.check_objective_options(noise_offset, min_snr_gamma)
+        noisy, time, target, weight = self.draw_noised(
+            latents, generator, scheduler, dtype, share, noise_offset, min_snr_gamma
+        )
+        conditioning = {key: _cast(value, dtype) for key, value in conditioning.items()}
+        return StepInputs(self.model_inputs(pipe, noisy, time, conditioning), target, weight)
 
 
 class NoisePrediction(Family):
@@ -174,19 +194,7 @@ class NoisePrediction(Family):
     def model_inputs(self, pipe, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> dict[str, Any]:
         return {"sample": noisy, "timestep": timesteps, **conditioning}
 
-    def noised_inputs(
-        self,
-        pipe,
-        latents,
-        conditioning,
-        generator,
-        scheduler,
-        dtype,
-        share=(0, 1),
-        *,
-        noise_offset: float = 0.0,
-        min_snr_gamma: float = 0.0,
-    ) -> StepInputs:
+    def draw_noised(self, latents, generator, scheduler, dtype, share, noise_offset, min_snr_gamma):
         device = latents.device
         latents = latents.to(dtype)
         noise = randn_share(latents.shape, generator, share).to(device, dtype)
@@ -208,9 +216,8 @@ class NoisePrediction(Family):
             raise UserError(
                 f"the scheduler's prediction_type {prediction_type!r} is not supported (epsilon, v_prediction, sample)"
             )
-        conditioning = {key: _cast(value, dtype) for key, value in conditioning.items()}
         weight = min_snr_weights(scheduler, timesteps, min_snr_gamma) if min_snr_gamma else None
-        return StepInputs(self.model_inputs(pipe, noisy, timesteps, conditioning), target, weight)
+        return noisy, timesteps, target, weight
 
 
 class RectifiedFlow(Family):
@@ -255,23 +262,7 @@ class RectifiedFlow(Family):
         u = torch.sigmoid(randn_share((count,), generator, share) * self.logit_std + self.logit_mean)
         return shift * u / (1 + (shift - 1) * u)
 
-    def model_inputs(self, pipe, noisy: torch.Tensor, sigmas: torch.Tensor, conditioning: dict) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def noised_inputs(
-        self,
-        pipe,
-        latents,
-        conditioning,
-        generator,
-        scheduler,
-        dtype,
-        share=(0, 1),
-        *,
-        noise_offset: float = 0.0,
-        min_snr_gamma: float = 0.0,
-    ) -> StepInputs:
-        self.check_objective_options(noise_offset, min_snr_gamma)
+    def draw_noised(self, latents, generator, scheduler, dtype, share, noise_offset, min_snr_gamma):
         device = latents.device
         latents = latents.float()
         noise = randn_share(latents.shape, generator, share).to(device)
@@ -280,9 +271,7 @@ class RectifiedFlow(Family):
         sigma = sigmas.view(-1, *[1] * (latents.dim() - 1))
         noisy = (1 - sigma) * latents + sigma * noise
         target = noise - latents
-        conditioning = {key: _cast(value, dtype) for key, value in conditioning.items()}
-        inputs = self.model_inputs(pipe, noisy.to(dtype), sigmas, conditioning)
-        return StepInputs(inputs, self.pack(target).to(dtype))
+        return noisy.to(dtype), sigmas, self.pack(target).to(dtype), None
 
 
 def randn_share(shape: Sequence[int], generator: torch.Generator, share: Share = (0, 1)) -> torch.Tensor:
