@@ -43,8 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_core import AdapterHandle, LoraConfig, attach, get_handle
+from peft_core import AdapterHandle
 from peft_core.export import lora_factors
+from peft_core.factors import attach_lora_factors
 from peft_core.io import write_safetensors
 from pipelines.errors import UserError
 from pipelines.families import family_of
@@ -246,7 +247,7 @@ def load_lora_file(pipe, path: str | os.PathLike, name: str, weight: float = 1.0
     handles = {}
     for component, factors in modules.items():
         model = getattr(pipe, component)
-        handles[component] = _attach_factors(model, factors, name, weight, trainable)
+        handles[component] = attach_lora_factors(model, factors, name, weight, trainable)
     return handles
 
 
@@ -385,27 +386,3 @@ def _module(model: nn.Module, name: str) -> nn.Module | None:
     except AttributeError:
         return None
     return module if isinstance(getattr(module, "base_layer", module), (nn.Linear, nn.Conv2d)) else None
-
-
-def _attach_factors(model: nn.Module, factors: dict[str, tuple], name: str, weight: float, trainable: bool):
-    """A peft_core LoRA of rank max(ranks), scaling 1, holding these exact factors (zero-padded)."""
-    rank = max(A.shape[0] for A, _ in factors.values())
-    config = LoraConfig(targets=list(factors), r=rank, alpha=float(rank))
-    handle = get_handle(model)
-    if handle is None:
-        handle = attach(model, config, name=name, weight=weight, trainable=trainable)
-    else:
-        handle.add(config, name=name, weight=weight, trainable=trainable)
-    with torch.no_grad():
-        for module_name, wrapper in handle.wrappers(name):
-            A, B = factors[module_name]
-            adapter = wrapper.adapters[name]
-            if adapter.lora_A.shape[1:] != A.shape[1:] or adapter.lora_B.shape[0] != B.shape[0]:
-                raise UserError(
-                    f"LoRA for {module_name!r} has shapes {tuple(A.shape)} / {tuple(B.shape)}, but the module "
-                    f"takes {tuple(adapter.lora_A.shape)} / {tuple(adapter.lora_B.shape)}; is it for another base?"
-                )
-            adapter.lora_A.zero_()[: A.shape[0]].copy_(A)
-            adapter.lora_B.zero_()[:, : B.shape[1]].copy_(B.reshape(B.shape[0], B.shape[1], *adapter.lora_B.shape[2:]))
-    handle.after_optimizer_step()  # cached views of the factors are stale
-    return handle

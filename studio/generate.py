@@ -3,6 +3,8 @@
     studio generate --prompt "a star in neon style" --adapter runs/style-neon
     studio compose --content runs/content-moon --style runs/style-neon --prompt "a moon in neon style"
     studio compose --b4m runs/b4m-moon-neon --prompt "a moon in neon style" --style-weight 1.2
+    studio compose --content runs/content-moon --style runs/style-neon --combine ziplora \
+        --save-merged runs/zip-moon-neon --prompt "a moon in neon style"
 
 An adapter argument is an adapter folder (adapter_config.json), a run folder (its final
 adapter), optionally followed by ":WEIGHT".
@@ -11,6 +13,7 @@ adapter), optionally followed by ":WEIGHT".
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +24,11 @@ from pipelines.base import base_dtype_option, torch_dtype
 from pipelines.errors import UserError
 from pipelines.families import base_option, family_of, family_option, family_override
 from pipelines.options import option
+from pipelines.ziplora import ZipLoraConfig
 from studio.options import Section
 from studio.preflight import device_problem, output_file
+
+COMBINE_METHODS = ("sum", "ziplora")
 
 
 @dataclass
@@ -71,6 +77,21 @@ class Composition:
     b4m: str | None = option(None, help="a Break-for-Make folder (its joint adapter)", metavar="DIR")
     content_weight: float = option(1.0, help="B4M: weight of the content factor")
     style_weight: float = option(1.0, help="B4M: weight of the style factor")
+    combine: str = option(
+        "sum",
+        help="--content with --style: 'sum' (both adapters at their weights) or 'ziplora' (one LoRA merged "
+        "column by column, its coefficients learned on the two runs' training images; LoRA-shaped methods)",
+        choices=COMBINE_METHODS,
+    )
+    content_data: str | None = option(
+        None, help="ziplora: the content adapter's training images (default: its run's data)", ui=False
+    )
+    style_data: str | None = option(
+        None, help="ziplora: the style adapter's training images (default: its run's data)", ui=False
+    )
+    save_merged: str | None = option(
+        None, help="ziplora: also save the merged LoRA as an adapter folder here (for generate --adapter)", ui=False
+    )
 
 
 @dataclass
@@ -79,7 +100,7 @@ class GenerateCommand(AdapterList, GenerateOptions):
 
 
 @dataclass
-class ComposeCommand(Composition, GenerateOptions):
+class ComposeCommand(Composition, ZipLoraConfig, GenerateOptions):
     """The options of `studio compose`."""
 
 
@@ -132,9 +153,32 @@ def check_arguments(args: argparse.Namespace) -> tuple[Path, Path | None, list[s
     arguments = args.adapter if args.mode == "generate" else [a for a in (args.content, args.style) if a]
     if args.mode == "compose" and not arguments:
         raise UserError("compose needs --content and/or --style adapters, or --b4m")
+    if args.mode == "compose" and args.combine == "ziplora":
+        if len(arguments) != 2:
+            raise UserError("--combine ziplora merges two adapters: pass both --content and --style")
+        if any(parse_adapter(a)[0].is_file() for a in arguments):
+            raise UserError("--combine ziplora merges studio adapters (run or adapter folders), not LoRA files")
+    elif args.mode == "compose" and (args.save_merged or args.content_data or args.style_data):
+        raise UserError("--save-merged, --content-data and --style-data go with --combine ziplora")
     for argument in arguments:
         parse_adapter(argument)
     return out, None, arguments
+
+
+def run_record(folder: Path) -> tuple[Path, dict] | None:
+    """(run folder, its config.yaml) of the run an adapter folder comes from: the folder itself, or one or
+    two levels above (runs/<name>/adapter/<kind>, a B4M folder); None for a bare adapter or a LoRA file."""
+    if folder.is_file():
+        return None  # a LoRA file made elsewhere records no run we can trust
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        config = candidate / "config.yaml"
+        if config.is_file():
+            try:
+                record = yaml.safe_load(config.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                record = None
+            return (candidate, record) if isinstance(record, dict) else None
+    return None
 
 
 def trained_base(folders: list[Path]) -> tuple[str, str]:
@@ -143,23 +187,77 @@ def trained_base(folders: list[Path]) -> tuple[str, str]:
     Runs of different bases are a UserError: one image has one base model."""
     found: dict[tuple[str, str], Path] = {}
     for folder in folders:
-        if folder.is_file():
-            continue  # a LoRA file made elsewhere records no base we can trust
-        for candidate in (folder, folder.parent, folder.parent.parent):
-            config = candidate / "config.yaml"
-            if config.is_file():
-                try:
-                    record = yaml.safe_load(config.read_text(encoding="utf-8"))
-                except (OSError, UnicodeDecodeError, yaml.YAMLError):
-                    record = None
-                if isinstance(record, dict):
-                    key = (str(record.get("base") or "embedded"), str(record.get("family") or "auto"))
-                    found.setdefault(key, candidate)
-                break
+        run = run_record(folder)
+        if run is not None:
+            candidate, record = run
+            key = (str(record.get("base") or "embedded"), str(record.get("family") or "auto"))
+            found.setdefault(key, candidate)
     if len(found) > 1:
         listed = "; ".join(f"{run} trained on {base}" for (base, _), run in found.items())
         raise UserError(f"the adapters come from runs on different base models ({listed}); pass --base")
     return next(iter(found), ("embedded", "auto"))
+
+
+def training_images(argument: str, data: str | None, option_name: str, resolution: int, seed: int):
+    """ZipLoRA's images for one adapter: `data` if given, else the data folder its run trained on (with
+    the run's resolution, caption template and trigger)."""
+    from pipelines.data import ImageCaptionDataset
+
+    folder, _ = parse_adapter(argument)
+    run = run_record(folder)
+    record = run[1] if run is not None else {}
+    source = data or record.get("data")
+    if not source:
+        raise UserError(
+            f"--combine ziplora learns on each adapter's training images, and {argument} is not from a studio run "
+            f"that records them; pass {option_name} FOLDER"
+        )
+    if not Path(source).is_dir():
+        raise UserError(f"{option_name}: the training images {source} are not a folder (moved?); pass {option_name}")
+    return ImageCaptionDataset(
+        source,
+        resolution=int(record.get("resolution") or resolution) if not data else resolution,
+        template=None if data else record.get("template"),
+        trigger=None if data else record.get("trigger"),
+        seed=seed,
+    )
+
+
+def ziplora_merge(pipe, args: argparse.Namespace, arguments: list[str]):
+    """Replace the loaded content and style adapters (adapter_0, adapter_1) by their ZipLoRA merge; save it
+    where --save-merged says. Returns the denoiser's handle."""
+    from tqdm import tqdm
+
+    from peft_core import get_handle
+    from peft_core.factors import attach_lora_factors
+    from pipelines.ziplora import zip_merge
+
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    size = args.size or family.default_size(pipe)
+    content_data = training_images(arguments[0], args.content_data, "--content-data", size, args.zip_seed)
+    style_data = training_images(arguments[1], args.style_data, "--style-data", size, args.zip_seed)
+    weights = [parse_adapter(argument)[1] for argument in arguments]
+    config = ZipLoraConfig(**{name: getattr(args, name) for name in ZipLoraConfig.__dataclass_fields__})
+    with tqdm(total=config.zip_steps, desc="ziplora merge", unit="step", leave=False) as bar:
+
+        def progress(step: int, loss: float) -> None:
+            bar.set_postfix(loss=f"{loss:.4g}")
+            bar.update(1)
+
+        factors, log = zip_merge(
+            pipe, "adapter_0", "adapter_1", content_data, style_data, config, weights[0], weights[1], progress
+        )
+    handle = get_handle(denoiser)
+    for name in ("adapter_0", "adapter_1"):
+        handle.remove(name)
+    handle = attach_lora_factors(denoiser, factors, name="ziplora")
+    if args.save_merged:
+        folder = handle.save(args.save_merged, name="ziplora")
+        record = {"content": arguments[0], "style": arguments[1], "config": vars(config), "loss_log": log}
+        (Path(folder) / "ziplora.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+        print(f"merged LoRA saved: {folder} (studio generate --adapter {folder})")
+    return handle
 
 
 def run(args: argparse.Namespace) -> int:
@@ -195,11 +293,15 @@ def run(args: argparse.Namespace) -> int:
                 handles = {"denoiser": load(family.denoiser(pipe), folder, name=name, weight=weight)}
             for handle in handles.values():
                 check_adapters_usable(handle, {name: str(folder)})  # NaN/inf weights: refused, named
+        if args.mode == "compose" and args.combine == "ziplora":
+            ziplora_merge(pipe, args, arguments)
         if args.merge and arguments:
             for model in [family.denoiser(pipe), *family.text_encoders(pipe)]:
                 if get_handle(model) is not None:
                     get_handle(model).merge()
         label = ", ".join(arguments) or "base model"
+        if args.mode == "compose" and args.combine == "ziplora":
+            label = f"ziplora({label})"
     images = generate(pipe, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, size=args.size)
     save_image_atomic(image_grid(images) if len(images) > 1 else images[0], out)
     print(f"{len(images)} image(s) with {label}: {out}")
