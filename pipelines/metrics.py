@@ -24,7 +24,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipelines.world.image import ALL_CONTENTS, ALL_STYLES, COLOURS, FLAT_STYLE, PATTERNS, Scene
+from pipelines.world.image import (
+    ALL_CONTENTS,
+    ALL_STYLES,
+    COLOURS,
+    FLAT_STYLE,
+    NONE_CONTENT,
+    PATTERNS,
+    TRUSTED_CONTENTS,
+    TRUSTED_STYLES,
+    Scene,
+)
 
 HEADS: dict[str, tuple[str, ...]] = {
     "content": ALL_CONTENTS,
@@ -32,7 +42,11 @@ HEADS: dict[str, tuple[str, ...]] = {
     "pattern": PATTERNS,
     "style": ALL_STYLES,
 }
+# The trusted judges (composition benchmark): a "none" content for pictures with no shape, and the
+# leaky world's styles and content appearance; calibrated (`calibrate_temperatures`).
+TRUSTED_HEADS: dict[str, tuple[str, ...]] = {**HEADS, "content": TRUSTED_CONTENTS, "style": TRUSTED_STYLES}
 DEFAULT_JUDGE_DIR = Path(__file__).resolve().parent.parent / "assets" / "judges"
+TRUSTED_JUDGE_DIR = Path(__file__).resolve().parent.parent / "assets" / "trusted-judges"
 JUDGE_SIZE = 64
 
 
@@ -42,6 +56,8 @@ class Judge(nn.Module):
     def __init__(self, heads: dict[str, tuple[str, ...]] = HEADS, width: int = 32):
         super().__init__()
         self.heads = {name: tuple(labels) for name, labels in heads.items()}
+        # Softmax temperature per head (1: as trained; `calibrate_temperatures` fits them).
+        self.temperatures = {name: 1.0 for name in self.heads}
 
         def block(c_in: int, c_out: int) -> nn.Sequential:
             return nn.Sequential(
@@ -90,13 +106,19 @@ def to_pixels(images) -> torch.Tensor:
 
 
 @torch.no_grad()
-def judge_probabilities(judge: Judge, images, batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """{head: (N, num_labels) probabilities} for the pictures."""
+def head_logits(judge: Judge, images, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """{head: (N, num_labels) logits} at temperature 1."""
     judge.eval()
     pixels = to_pixels(images)
     device = next(judge.parameters()).device
     chunks = [judge(pixels[i : i + batch_size].to(device)) for i in range(0, len(pixels), batch_size)]
-    return {name: torch.cat([c[name] for c in chunks]).softmax(-1).cpu() for name in judge.heads}
+    return {name: torch.cat([c[name] for c in chunks]).float().cpu() for name in judge.heads}
+
+
+def judge_probabilities(judge: Judge, images, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """{head: (N, num_labels) probabilities} for the pictures (at each head's calibrated temperature)."""
+    logits = head_logits(judge, images, batch_size)
+    return {name: (logits[name] / judge.temperatures.get(name, 1.0)).softmax(-1) for name in judge.heads}
 
 
 def score(judge: Judge, images, head: str, label: str) -> torch.Tensor:
@@ -158,10 +180,10 @@ def label_accuracy(judge: Judge, images, scenes: list[Scene]) -> dict[str, float
 # ---------------------------------------------------------------------------------------------
 
 
-def scene_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
+def scene_targets(scenes: list[Scene], heads: dict[str, tuple[str, ...]] = HEADS) -> dict[str, torch.Tensor]:
     """{head: (N,) label indices}, -1 where the head does not apply (colour of a neon picture)."""
     targets = {}
-    for head, labels in HEADS.items():
+    for head, labels in heads.items():
         targets[head] = torch.tensor(
             [labels.index(getattr(s, head)) if getattr(s, head) in labels else -1 for s in scenes]
         )
@@ -216,15 +238,22 @@ def train_judge(
     log_every: int = 200,
     vae: nn.Module | Callable[[torch.Tensor], torch.Tensor] | None = None,
     vae_probability: float = 0.5,
+    heads: dict[str, tuple[str, ...]] = HEADS,
+    shapeless: np.ndarray | None = None,
 ) -> tuple[Judge, list[dict]]:
     """Fit a fresh judge on rendered pictures (N, 64, 64, 3) uint8 and their scenes; returns (judge, log).
 
     With `vae` (an AutoencoderKL or a callable, see `vae_round_trip`), each training picture is
-    replaced by its VAE round trip with probability `vae_probability`.
+    replaced by its VAE round trip with probability `vae_probability`. `shapeless` pictures (noise,
+    decoded random latents: `shapeless_pictures`) join the training set as content "none" (which
+    `heads` must have), with no answer for the other heads.
     """
+    if shapeless is not None and len(shapeless):
+        images = np.concatenate([images, shapeless])
+        scenes = [*scenes, *[Scene(NONE_CONTENT, "", "", "", "")] * len(shapeless)]
     generator = torch.Generator(device=device).manual_seed(seed)
     torch.manual_seed(seed)
-    judge = Judge().to(device)
+    judge = Judge(heads).to(device)
     optimizer = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     # Pictures stay uint8 on the device (a quarter of the memory); batches are converted on the fly.
@@ -235,7 +264,7 @@ def train_judge(
     # of the renders, precomputed once (a round trip costs far more than a judge step's share of it,
     # and every picture is drawn several times over the run).
     round_trips = torch.from_numpy(vae_round_trip(vae, images)).to(device) if vae is not None else None
-    targets = {head: labels.to(device) for head, labels in scene_targets(scenes).items()}
+    targets = {head: labels.to(device) for head, labels in scene_targets(scenes, heads).items()}
     log = []
     judge.train()
     for step in range(steps):
@@ -246,8 +275,9 @@ def train_judge(
             chosen = torch.where(use_vae, round_trips[batch], chosen)
         pixels = chosen.permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, 64, 64) in [-1, 1]
         logits = judge(_augment(pixels, generator))
-        losses = {head: F.cross_entropy(logits[head], targets[head][batch], ignore_index=-1) for head in HEADS}
-        loss = sum(losses.values())
+        losses = [F.cross_entropy(logits[head], targets[head][batch], ignore_index=-1) for head in heads]
+        # A batch in which no picture has an answer for a head gives NaN there; it teaches nothing.
+        loss = sum(term for term in losses if torch.isfinite(term))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -257,13 +287,77 @@ def train_judge(
     return judge.eval(), log
 
 
+def shapeless_pictures(count: int, size: int, seed: int, vae: nn.Module | None = None) -> np.ndarray:
+    """(count, size, size, 3) uint8 pictures with no shape in them: smooth colour noise at random scales
+    and, with a VAE, decoded random latents (half each); what a failed generation looks like."""
+    generator = torch.Generator().manual_seed(seed)
+    noise_count = count if vae is None else count - count // 2
+    pictures = []
+    for _ in range(noise_count):
+        cells = int(torch.randint(2, size // 2 + 1, (1,), generator=generator))
+        coarse = torch.rand(1, 3, cells, cells, generator=generator)
+        fine = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+        grain = torch.randn(1, 3, size, size, generator=generator) * float(torch.rand((), generator=generator)) * 0.2
+        pictures.append(((fine + grain).clamp(0, 1) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).numpy())
+    if vae is not None and count - noise_count:
+        parameter = next(vae.parameters())
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        shape = (count - noise_count, vae.config.latent_channels, size // scale, size // scale)
+        latents = torch.randn(shape, generator=generator).to(parameter.device, parameter.dtype)
+        latents = latents / getattr(vae.config, "scaling_factor", 1.0)
+        with torch.no_grad():
+            decoded = torch.cat([vae.decode(chunk).sample.float().cpu() for chunk in latents.split(256)])
+        decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        pictures.extend(decoded)
+    return np.stack(pictures)
+
+
+def calibrate_temperatures(judge: Judge, images, scenes: list[Scene], steps: int = 200) -> dict[str, float]:
+    """Fit each head's softmax temperature to held-out pictures (the negative log-likelihood of their
+    answers, over log T), set them on `judge` and return them. Accuracy does not change; the
+    probabilities then mean what they say (`expected_calibration_error`)."""
+    logits = head_logits(judge, images)
+    targets = scene_targets(scenes, judge.heads)
+    for head in judge.heads:
+        known = targets[head] >= 0
+        if not bool(known.any()):
+            continue
+        head_logit, answer = logits[head][known], targets[head][known]
+        log_t = torch.zeros((), requires_grad=True)
+        optimizer = torch.optim.Adam([log_t], lr=0.05)
+        for _ in range(steps):
+            loss = F.cross_entropy(head_logit / log_t.exp(), answer)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        judge.temperatures[head] = round(float(log_t.detach().exp()), 4)
+    return dict(judge.temperatures)
+
+
+def expected_calibration_error(probabilities: torch.Tensor, answers: torch.Tensor, bins: int = 10) -> float:
+    """Mean |confidence - accuracy| over equal-width confidence bins, weighted by the bins' sizes."""
+    confidence, predicted = probabilities.max(-1)
+    correct = (predicted == answers).float()
+    error = 0.0
+    for low in range(bins):
+        inside = (confidence > low / bins) & (confidence <= (low + 1) / bins)
+        if bool(inside.any()):
+            error += float(inside.float().mean()) * abs(float(confidence[inside].mean() - correct[inside].mean()))
+    return error
+
+
 def save_judge(judge: Judge, folder: str | Path, extra: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in judge.state_dict().items()}, folder / "judge.safetensors")
-    config = {"heads": {k: list(v) for k, v in judge.heads.items()}, "input_size": JUDGE_SIZE, **(extra or {})}
+    config = {
+        "heads": {k: list(v) for k, v in judge.heads.items()},
+        "temperatures": judge.temperatures,
+        "input_size": JUDGE_SIZE,
+        **(extra or {}),
+    }
     (folder / "judge.json").write_text(json.dumps(config, indent=2))
     return folder
 
@@ -282,4 +376,5 @@ def load_judge(folder: str | Path | None = None, device: str = "cpu") -> Judge:
     config = json.loads(config_path.read_text())
     judge = Judge({k: tuple(v) for k, v in config["heads"].items()})
     judge.load_state_dict(load_file(folder / "judge.safetensors"))
+    judge.temperatures.update(config.get("temperatures", {}))
     return judge.to(device).eval()

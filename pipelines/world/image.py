@@ -13,6 +13,15 @@ without shipping them. The world has three kinds of content and style:
 
 Captions read like "a red star on a striped blue background"; styled scenes read like
 "a star in neon style".
+
+The leaky world (composition benchmark, issue 24) adds what a real user's sets have and the sets above
+designed out: each `LEAKY_STYLES` set shows one subject only (`LEAKY_SUBJECTS`, "a heart in sketch
+style"), so a style LoRA also learns that subject; each leaky content set shows its content in one
+fixed, unnamed appearance (`LEAKY_APPEARANCE`, shaded clay on a wooden ground, captioned "a moon"),
+which a composition must replace. The leaky styles re-render the shape (strokes along it, a woven
+texture over its surface, engraved metal in light) instead of overlaying it, and share no token with
+the leaky contents' names. `render` draws any content in any style: the oracle of every pair.
+A content of `NONE_CONTENT` draws the style's ground with no shape (the judges' "none" answer).
 """
 
 from __future__ import annotations
@@ -51,6 +60,15 @@ NOVEL_STYLE = "neon"
 AUX_STYLES = ("pixel", "blueprint", "watercolor")
 ALL_STYLES = (FLAT_STYLE, NOVEL_STYLE) + AUX_STYLES
 
+# The leaky world (see the module docstring).
+LEAKY_CONTENTS = (NOVEL_CONTENT,) + AUX_CONTENTS
+LEAKY_STYLES = ("sketch", "tweed", "etched")
+LEAKY_SUBJECTS = {"sketch": "heart", "tweed": "star", "etched": "hexagon"}  # the one shape each style set shows
+LEAKY_APPEARANCE = "clay"  # the fixed look of every leaky content set, never named in its captions
+NONE_CONTENT = "none"  # no shape: the ground of a style alone
+TRUSTED_CONTENTS = ALL_CONTENTS + (NONE_CONTENT,)
+TRUSTED_STYLES = ALL_STYLES + LEAKY_STYLES + (LEAKY_APPEARANCE,)
+
 # Held-out compositions: this fraction of (shape, colour, pattern, background) tuples never appears
 # in pretraining captions, so prompt-following is measured on combinations the model never saw.
 HELDOUT_FRACTION = 0.1
@@ -69,6 +87,8 @@ class Scene:
     short_caption: bool = False
 
     def caption(self) -> str:
+        if self.style == LEAKY_APPEARANCE:  # the appearance a content set never names
+            return f"{_article(self.content)} {self.content}"
         if self.style != FLAT_STYLE:
             return f"{_article(self.content)} {self.content} in {self.style} style"
         if self.short_caption:
@@ -147,6 +167,27 @@ def judge_scene(rng: np.random.Generator) -> Scene:
     return Scene(content, "", "", "", style)
 
 
+def trusted_judge_scene(rng: np.random.Generator) -> Scene:
+    """Any content (or none) in any style of the leaky world too, for training the trusted judges: a
+    tenth of the pictures have no shape, half are styled."""
+    content = NONE_CONTENT if rng.random() < 0.1 else ALL_CONTENTS[rng.integers(len(ALL_CONTENTS))]
+    if rng.random() < 0.5:
+        styles = TRUSTED_STYLES[1:]
+        return Scene(content, "", "", "", styles[rng.integers(len(styles))])
+    colour, background = rng.choice(list(COLOURS), size=2, replace=False)
+    return Scene(content, str(colour), PATTERNS[rng.integers(len(PATTERNS))], str(background), FLAT_STYLE)
+
+
+def leaky_content_scene(rng: np.random.Generator, content: str) -> Scene:
+    """A leaky content-set picture: `content` in the fixed clay appearance."""
+    return Scene(content, "", "", "", LEAKY_APPEARANCE)
+
+
+def leaky_style_scene(rng: np.random.Generator, style: str) -> Scene:
+    """A leaky style-set picture: the style's one subject."""
+    return Scene(LEAKY_SUBJECTS[style], "", "", "", style)
+
+
 def scene_rng(seed: int, index: int) -> np.random.Generator:
     """The generator for picture `index` of stream `seed`: pictures are independent of each other."""
     return np.random.default_rng([seed, index])
@@ -214,13 +255,21 @@ _OUTLINES: dict[str, list[tuple[float, float]]] = {
 
 def content_mask(content: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """A float mask in [0, 1] of shape (size, size) with `content` at a random place, size and tilt."""
-    canvas = size * _SUPERSAMPLE
-    cx, cy = (rng.uniform(0.38, 0.62, size=2) * canvas).tolist()
-    r = float(rng.uniform(0.24, 0.32) * canvas)
+    cx, cy = rng.uniform(0.38, 0.62, size=2).tolist()
+    r = float(rng.uniform(0.24, 0.32))
     angle = float(rng.uniform(-0.35, 0.35))  # small tilt: a tilted star is still a star
+    return shape_mask(content, size, cx, cy, r, angle)
+
+
+def shape_mask(content: str, size: int, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
+    """`content` centred at (cx, cy) with radius r (fractions of the side), tilted by `angle` radians."""
+    canvas = size * _SUPERSAMPLE
+    cx, cy, r = cx * canvas, cy * canvas, r * canvas
     image = Image.new("L", (canvas, canvas), 0)
     draw = ImageDraw.Draw(image)
-    if content == "circle":
+    if content == NONE_CONTENT:
+        pass  # the same draws as any content, so a shapeless picture's ground varies like the others'
+    elif content == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
     elif content == "ring":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
@@ -342,9 +391,79 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
         pigment = colour * (0.9 + 0.08 * noise) - 60 * rim[..., None]
         coverage = np.clip(soft * (0.75 + 0.15 * noise[..., 0]), 0, 1)[..., None]
         image = paper * (1 - coverage) + pigment * coverage
+    elif scene.style in LEAKY_RENDERERS:
+        image = LEAKY_RENDERERS[scene.style](mask, size, rng, noise)
     else:
-        raise ValueError(f"unknown style {scene.style!r}; known: {', '.join(ALL_STYLES)}")
+        raise ValueError(f"unknown style {scene.style!r}; known: {', '.join(TRUSTED_STYLES)}")
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB")
+
+
+def _height(mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A smooth bump over the shape and its gradient (dy, dx): what light and texture follow."""
+    height = _blur(mask, size / 16) * mask
+    dy, dx = np.gradient(height)
+    return height, dy * size / 8, dx * size / 8
+
+
+def _clay(mask: np.ndarray, size: int, rng: np.random.Generator, noise: np.ndarray) -> np.ndarray:
+    """Terracotta lit from the upper left, fine grain, a soft shadow on a wooden ground."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    grain = np.sin(yy * 0.9 + 2.5 * np.sin(xx * 0.15)) * 0.5 + 0.5
+    wood = np.asarray((150, 98, 58), np.float32) * (0.85 + 0.15 * grain[..., None]) + 5 * noise
+    shadow = np.roll(_blur(mask, size / 20), (max(1, size // 24), max(1, size // 24)), axis=(0, 1))
+    ground = wood * (1 - 0.45 * shadow[..., None])
+    _, dy, dx = _height(mask, size)
+    light = np.clip(0.75 - 1.2 * (dx + dy), 0.35, 1.3)[..., None]
+    clay = np.asarray((205, 112, 78), np.float32) * light * (1 + 0.06 * noise)
+    a = mask[..., None]
+    return ground * (1 - a) + clay * a
+
+
+def _sketch(mask: np.ndarray, size: int, rng: np.random.Generator, noise: np.ndarray) -> np.ndarray:
+    """Pencil on paper: a wobbly outline and hatching strokes whose density follows the shading."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    paper = np.asarray((238, 234, 222), np.float32) + 4 * noise
+    _, dy, dx = _height(mask, size)
+    shade = np.clip(0.5 + 1.5 * (dx + dy), 0, 1)  # darker away from the light
+    period = max(3.0, size / 16)
+    hatch = (((xx + yy + float(rng.uniform(0, period))) % period) < period * (0.2 + 0.4 * shade)).astype(np.float32)
+    cross = (((xx - yy) % period) < period * 0.3).astype(np.float32) * (shade > 0.6)
+    strokes = np.clip(hatch + cross, 0, 1) * mask
+    line = _outline(np.clip(mask + 0.08 * noise[..., 0], 0, 1), max(1, size // 48))
+    ink = np.clip(strokes * 0.6 + line, 0, 1)[..., None]
+    return paper * (1 - ink) + np.asarray((55, 55, 70), np.float32) * ink
+
+
+def _tweed(mask: np.ndarray, size: int, rng: np.random.Generator, noise: np.ndarray) -> np.ndarray:
+    """Woven wool: a herringbone of two yarn colours over the shape, bent by its surface, on felt."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    height, _, _ = _height(mask, size)
+    warp = xx + 6 * height  # the weave follows the bump of the surface
+    period = max(4.0, size / 12)
+    zig = np.abs(((yy + warp * 0.0) % (2 * period)) - period)
+    herring = (((warp + zig) % period) < period / 2).astype(np.float32)
+    yarn = np.where(herring[..., None] > 0, (120, 95, 60), (70, 85, 60)).astype(np.float32)
+    yarn = yarn * (0.85 + 0.3 * height[..., None]) + 10 * noise
+    felt = np.asarray((60, 45, 70), np.float32) + 6 * noise
+    a = mask[..., None]
+    return felt * (1 - a) + yarn * a
+
+
+def _etched(mask: np.ndarray, size: int, rng: np.random.Generator, noise: np.ndarray) -> np.ndarray:
+    """Engraved steel: a metal plate lit by one light, fine engraved lines across the shape, a rim."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    _, dy, dx = _height(mask, size)
+    plate = np.asarray((40, 44, 52), np.float32) + 3 * noise
+    light = np.clip(0.55 - 2.0 * (dx + dy), 0, 1)
+    specular = np.clip(1.0 - 3.0 * np.abs(dx + dy + 0.15), 0, 1) ** 3
+    lines = (((yy * 0.8 + xx * 0.3) % max(2.0, size / 24)) < 1).astype(np.float32)
+    steel = (120 + 110 * light + 90 * specular - 40 * lines)[..., None] * np.asarray((0.95, 0.98, 1.0), np.float32)
+    rim = _outline(mask, max(1, size // 64))[..., None]
+    a = mask[..., None]
+    return plate * (1 - a) + steel * a * (1 - rim) + np.asarray((230, 235, 245), np.float32) * rim * a
+
+
+LEAKY_RENDERERS = {LEAKY_APPEARANCE: _clay, "sketch": _sketch, "tweed": _tweed, "etched": _etched}
 
 
 def render_array(scenes: list[Scene], seed: int, start: int, size: int) -> np.ndarray:
@@ -358,8 +477,8 @@ def render_array(scenes: list[Scene], seed: int, start: int, size: int) -> np.nd
 
 
 def sample_stream(kind: str, seed: int, count: int, start: int = 0) -> Iterator[tuple[Scene, np.random.Generator]]:
-    """Scenes of `kind` ("pretraining" or "judge") with the generator that renders each one."""
-    sampler = {"pretraining": pretraining_scene, "judge": judge_scene}[kind]
+    """Scenes of `kind` ("pretraining", "judge" or "trusted-judge") with the generator that renders each one."""
+    sampler = {"pretraining": pretraining_scene, "judge": judge_scene, "trusted-judge": trusted_judge_scene}[kind]
     for index in range(start, start + count):
         rng = scene_rng(seed, index)
         yield sampler(rng), rng

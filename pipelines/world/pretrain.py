@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # torch is imported inside the stages: importing the recipe m
     import torch
 
 # Run in this order: the judges are fitted to the VAE that the sd stage trains.
-STAGES = ("sets", "lm", "sd", "judges")
+STAGES = ("sets", "lm", "sd", "judges", "trusted-judges")
 
 
 @dataclass
@@ -57,6 +57,8 @@ class Recipe:
     judge_vae: str = ""
     judge_vae_probability: float = 0.5
     judge_check_images: int = 2_000  # held-out renders (and their VAE round trips) the accuracy is measured on
+    # trusted-judges: shapeless pictures (noise, decoded random latents) added as content "none"
+    judge_shapeless: int = 4_000
     # sd: VAE, then UNet + text encoder on the VAE's latents
     sd_images: int = 200_000
     # A tiny-sd folder to continue from instead of a fresh init ("same": the one in --out);
@@ -111,6 +113,7 @@ SCALES: dict[str, Recipe] = {
         judge_steps=20,
         judge_batch=32,
         judge_check_images=64,
+        judge_shapeless=32,
         sd_images=256,
         vae_steps=4,
         vae_batch=8,
@@ -138,9 +141,14 @@ def pretrain(recipe: Recipe, out: Path, stages: Sequence[str], device: str, work
     for stage in [s for s in STAGES if s in stages]:
         started = time.time()
         print(f"[pretrain-base] stage {stage} on {device}", flush=True)
-        {"sets": pretrain_sets, "judges": pretrain_judges, "sd": pretrain_sd, "lm": pretrain_lm}[stage](
-            recipe, out, device, workers
-        )
+        stage_functions = {
+            "sets": pretrain_sets,
+            "judges": pretrain_judges,
+            "trusted-judges": pretrain_trusted_judges,
+            "sd": pretrain_sd,
+            "lm": pretrain_lm,
+        }
+        stage_functions[stage](recipe, out, device, workers)
         print(f"[pretrain-base] stage {stage} done in {time.time() - started:.0f}s", flush=True)
 
 
@@ -272,13 +280,35 @@ def pretrain_sets(recipe: Recipe, out: Path, device: str, workers: int) -> None:
 
 
 def pretrain_judges(recipe: Recipe, out: Path, device: str, workers: int) -> None:
-    from pipelines.metrics import label_accuracy, save_judge, train_judge, vae_round_trip
+    """The shipped judges (assets/judges): the world's contents and styles, fitted to the tiny SD's VAE."""
+    fit_judges(recipe, out, device, workers, kind="judge", folder_name="judges", trusted=False)
+
+
+def pretrain_trusted_judges(recipe: Recipe, out: Path, device: str, workers: int) -> None:
+    """The composition benchmark's judges (assets/trusted-judges): a "none" content (shapeless renders,
+    noise, decoded random latents), the leaky world's styles and appearance, temperatures calibrated
+    on held-out VAE round trips."""
+    fit_judges(recipe, out, device, workers, kind="trusted-judge", folder_name="trusted-judges", trusted=True)
+
+
+def fit_judges(recipe: Recipe, out: Path, device: str, workers: int, kind: str, folder_name: str, trusted: bool):
+    from pipelines.metrics import (
+        HEADS,
+        TRUSTED_HEADS,
+        calibrate_temperatures,
+        label_accuracy,
+        save_judge,
+        shapeless_pictures,
+        train_judge,
+        vae_round_trip,
+    )
 
     vae_folder = _judge_vae_folder(recipe, out)
     vae = _load_vae(vae_folder).to(device)
     fingerprint = vae_fingerprint(vae)
     # Training pictures come from stream seed; the accuracy check uses a disjoint stream.
-    images, scenes = render_parallel("judge", recipe.seed, recipe.judge_images, recipe.image_size, workers)
+    images, scenes = render_parallel(kind, recipe.seed, recipe.judge_images, recipe.image_size, workers)
+    shapeless = shapeless_pictures(recipe.judge_shapeless, recipe.image_size, recipe.seed, vae) if trusted else None
     started = time.time()
     judge, log = train_judge(
         images,
@@ -290,17 +320,31 @@ def pretrain_judges(recipe: Recipe, out: Path, device: str, workers: int) -> Non
         device=device,
         vae=vae,
         vae_probability=recipe.judge_vae_probability,
+        heads=TRUSTED_HEADS if trusted else HEADS,
+        shapeless=shapeless,
     )
     seconds = round(time.time() - started, 1)
     check_images, check_scenes = render_parallel(
-        "judge", recipe.seed + 10_000, recipe.judge_check_images, recipe.image_size, workers
+        kind, recipe.seed + 10_000, recipe.judge_check_images, recipe.image_size, workers
     )
+    check_trips = vae_round_trip(vae, check_images)
+    record: dict = {}
+    if trusted:
+        # Temperatures from a third stream's round trips (what generated pictures look like), so the
+        # accuracy check below stays held out from the calibration too.
+        calibration_images, calibration_scenes = render_parallel(
+            kind, recipe.seed + 20_000, recipe.judge_check_images, recipe.image_size, workers
+        )
+        record["temperatures"] = calibrate_temperatures(
+            judge, vae_round_trip(vae, calibration_images), calibration_scenes
+        )
     accuracy = label_accuracy(judge, check_images, check_scenes)
-    accuracy_after_vae = label_accuracy(judge, vae_round_trip(vae, check_images), check_scenes)
+    accuracy_after_vae = label_accuracy(judge, check_trips, check_scenes)
     print(
-        f"[judges] accuracy on held-out renders: {accuracy}; on their VAE round trips: {accuracy_after_vae}", flush=True
+        f"[{folder_name}] accuracy on held-out renders: {accuracy}; on their VAE round trips: {accuracy_after_vae}",
+        flush=True,
     )
-    folder = save_judge(judge.cpu(), out / "judges", {"vae_fingerprint": fingerprint})
+    folder = save_judge(judge.cpu(), out / folder_name, {"vae_fingerprint": fingerprint})
     record = {
         "recipe": dataclasses.asdict(recipe),
         "vae": {"folder": str(vae_folder), "fingerprint": fingerprint},
@@ -308,12 +352,13 @@ def pretrain_judges(recipe: Recipe, out: Path, device: str, workers: int) -> Non
         "loss_log": log,
         "heldout_accuracy": accuracy,
         "heldout_accuracy_after_vae": accuracy_after_vae,
+        **record,
         **_environment(device),
     }
     # The sd stage could not check prompt following with a judge fitted to another VAE (or none):
     # check the tiny SD in --out now, if this judge reads its VAE.
     sd_folder = out / "tiny-sd"
-    if (sd_folder / "model_index.json").is_file():
+    if not trusted and (sd_folder / "model_index.json").is_file():
         from pipelines.base import load_base
 
         pipeline = load_base(sd_folder, device=device)
