@@ -217,9 +217,10 @@ def zip_merge(
     content_weight: float = 1.0,
     style_weight: float = 1.0,
     progress: Callable[[int, float], None] | None = None,
-) -> tuple[Factors, list[dict]]:
+) -> tuple[ZipMergers, list[dict]]:
     """Learn the merger vectors of adapters `content` and `style` (LoRA-shaped adapters on the
-    pipeline's denoiser) on their training sets; returns (the merged LoRA's factors, the loss log).
+    pipeline's denoiser) on their training sets; returns (the mergers, the loss log): the merged LoRA
+    is `mergers.merged_factors()`.
     The two adapters stay attached at these weights, enabled afterwards as they were before."""
     from pipelines.train import sample_batch, step_generator, step_inputs
 
@@ -276,4 +277,4 @@ def zip_merge(
     finally:
         for name in handle.adapter_names:
             (handle.enable if name in was_enabled else handle.disable)(name)
-    return mergers.merged_factors(), log
+    return mergers, log

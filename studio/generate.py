@@ -245,13 +245,13 @@ def ziplora_merge(pipe, args: argparse.Namespace, arguments: list[str]):
             bar.set_postfix(loss=f"{loss:.4g}")
             bar.update(1)
 
-        factors, log = zip_merge(
+        mergers, log = zip_merge(
             pipe, "adapter_0", "adapter_1", content_data, style_data, config, weights[0], weights[1], progress
         )
     handle = get_handle(denoiser)
     for name in ("adapter_0", "adapter_1"):
         handle.remove(name)
-    handle = attach_lora_factors(denoiser, factors, name="ziplora")
+    handle = attach_lora_factors(denoiser, mergers.merged_factors(), name="ziplora")
     if args.save_merged:
         folder = handle.save(args.save_merged, name="ziplora")
         record = {"content": arguments[0], "style": arguments[1], "config": vars(config), "loss_log": log}

@@ -504,9 +504,16 @@ def concept_sets() -> dict[str, dict[str, str]]:
     return sets
 
 
+def leaky_sets() -> dict[str, dict[str, str]]:
+    """Name -> description of the leaky world's sets (rendered on demand, not shipped)."""
+    sets = {f"leaky-content-{c}": {"kind": "content", "concept": c, "role": "leaky"} for c in LEAKY_CONTENTS}
+    sets.update({f"leaky-style-{s}": {"kind": "style", "concept": s, "role": "leaky"} for s in LEAKY_STYLES})
+    return sets
+
+
 def write_concept_set(folder: str | Path, name: str, count: int, seed: int, size: int = 64) -> Path:
-    """Render shipped set `name` into `folder` as PNGs plus a `metadata.jsonl` of captions and labels."""
-    spec = concept_sets()[name]
+    """Render set `name` (shipped or leaky) into `folder` as PNGs plus a `metadata.jsonl` of captions and labels."""
+    spec = {**concept_sets(), **leaky_sets()}[name]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # Each set gets its own stream so adding a set never changes another set's pictures.
@@ -514,7 +521,11 @@ def write_concept_set(folder: str | Path, name: str, count: int, seed: int, size
     rows = []
     for index in range(count):
         rng = scene_rng(set_seed, index)
-        scene = content_scene(rng, spec["concept"]) if spec["kind"] == "content" else style_scene(rng, spec["concept"])
+        if spec["role"] == "leaky":
+            draw = leaky_content_scene if spec["kind"] == "content" else leaky_style_scene
+        else:
+            draw = content_scene if spec["kind"] == "content" else style_scene
+        scene = draw(rng, spec["concept"])
         file_name = f"{index:03d}.png"
         render(scene, size, rng).save(folder / file_name, optimize=True)
         rows.append({"file_name": file_name, "text": scene.caption(), **asdict(scene)})

@@ -162,7 +162,8 @@ def test_learned_mergers_reproduce_each_lora_better_than_the_naive_sum(tmp_path)
 
     naive = {name: zipped_factors(content[name], style[name], None, None) for name in content}
     config = ZipLoraConfig(zip_steps=40, zip_lr=0.05, zip_batch=2)
-    factors, log = zip_merge(pipe, "content", "style", ColourDataset(4), ColourDataset(4), config)
+    mergers, log = zip_merge(pipe, "content", "style", ColourDataset(4), ColourDataset(4), config)
+    factors = mergers.merged_factors()
     assert error(factors) < 0.9 * error(naive), (error(factors), error(naive))
     assert log[0]["similarity"] == 1.0 and log[-1]["similarity"] < 1.0  # the mergers moved apart
     assert handle.enabled_names == ["content", "style"]  # as before the merge
