@@ -301,6 +301,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=len(LEAKY_CONTENTS) * len(LEAKY_STYLES))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="to split the seeds over several calls")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="only combine earlier runs' rows into --out")
     parser.add_argument("--steps", type=int, default=300, help="S: steps of each B4M break run")
     parser.add_argument("--make-steps", type=int, default=300, help="M: B4M make steps (the released default)")
     parser.add_argument("--zip-steps", type=int, default=100)
@@ -315,16 +317,26 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "composition.json"))
     args = parser.parse_args()
+    if args.merge:
+        reports = [json.loads(Path(path).read_text()) for path in args.merge]
+        if any(r["settings"] | {"first_seed": 0} != reports[0]["settings"] | {"first_seed": 0} for r in reports):
+            raise SystemExit("--merge: the runs used different settings")
+        rows = [row for r in reports for row in r["rows"]]
+        merged = {**reports[0], **summarize(rows), "rows": rows, "wall_s": sum(r["wall_s"] for r in reports)}
+        merged["seeds_done"] = len({row["seed"] for row in rows})
+        Path(args.out).write_text(json.dumps(merged, indent=1) + "\n")
+        print(json.dumps({k: merged[k] for k in ("mean", "ci_vs_naive", "headroom", "recommended")}, indent=1))
+        return
     judge = load_judge(args.judge, device=args.device)
     pairs = list(itertools.product(LEAKY_CONTENTS, LEAKY_STYLES))[: args.pairs]
     started, rows = time.time(), []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         with tempfile.TemporaryDirectory() as scratch:
             rows += run_seed(args, judge, seed, pairs, Path(scratch))
         report = {
             "protocol": __doc__.split("The protocol, fixed before any run:")[1].strip(),
             "pairs": [f"{c} x {s}" for c, s in pairs],
-            "seeds_done": seed + 1,
+            "seeds_done": len({row["seed"] for row in rows}),
             "settings": {k: v for k, v in vars(args).items() if k != "out"},
             "compute_steps": {
                 "naive_sum": 2 * (args.steps + args.make_steps // 2),
