@@ -18,6 +18,7 @@ without one (everything is shared; the session only bounds how many jobs one pag
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 import time
@@ -45,21 +46,48 @@ ANALYZE_MODELS = ("embedded-sd", "embedded-lm")  # the browser analyzes the ship
 # The options the quick-job forms show (the rest are the server's: outputs, devices, adapters by path).
 FORM_OPTIONS: dict[str, tuple[str, ...]] = {
     "generate": ("prompt", "seed", "steps", "guidance", "size", "merge"),
-    "compose": ("content_weight", "style_weight", "prompt", "seed"),
+    "compose": ("content_weight", "style_weight", "prompt", "seed"),  # Break-for-Make (its two factors' weights)
+    # compose a content run and a style run (their weights are the page's, in --content/--style RUN:WEIGHT)
+    "compose-pair": ("combine", "prompt", "seed", "zip_steps", "zip_lr", "zip_similarity", "zip_batch", "zip_seed"),
     "chat": ("prompt", "raw", "max_new_tokens", "temperature", "top_p", "seed"),
     "analyze": ("model", "batches", "batch_size", "seq_len", "steps", "guidance", "seed"),
 }
+# The command of a form whose FORM_OPTIONS key is not a command's name (a second form of one command).
+FORM_COMMANDS: dict[str, str] = {"compose-pair": "compose"}
 
 
-def form_values(command: str, values: dict[str, Any]) -> dict[str, Any]:
-    """The values of `command`'s form, typed and checked against the controls it has."""
-    return clean_values(command_controls(command, only=FORM_OPTIONS.get(command)).values(), values)
+def form_command(form: str) -> str:
+    """The `studio` command whose options form `form` (a FORM_OPTIONS key, or a command's name) shows."""
+    return FORM_COMMANDS.get(form, form)
 
 
-def command_argv(command_words: list[str], values: dict[str, Any]) -> list[str]:
-    """`command_words` (what the studio fills in) + a flag per form value that differs from its default."""
+def form_values(form: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The values of form `form` (a command's name, or a FORM_OPTIONS key such as "compose-pair"),
+    typed and checked against the controls it has."""
+    return clean_values(command_controls(form_command(form), only=FORM_OPTIONS.get(form)).values(), values)
+
+
+def command_argv(command_words: list[str], values: dict[str, Any], form: str | None = None) -> list[str]:
+    """`command_words` (what the studio fills in) + a flag per value of form `form` (default: the command's
+    own, command_words[0]) that differs from its default."""
     command = command_words[0]
-    return to_argv(command_words, api.command_sections(command), form_values(command, values))
+    form = form or command
+    if form_command(form) != command:
+        raise ValueError(f"form {form!r} is of `studio {form_command(form)}`, not of `studio {command}`")
+    return to_argv(command_words, api.command_sections(command), form_values(form, values))
+
+
+def adapter_weight(weight: Any, which: str) -> float:
+    """A weight slider's value as the float of RUN:WEIGHT (empty: 1.0, as the CLI's PATH alone)."""
+    if weight is None or (isinstance(weight, str) and not weight.strip()):
+        return 1.0
+    try:
+        number = float(weight)
+    except (TypeError, ValueError):
+        raise UserError(f"{which} weight: enter a number, not {weight!r}") from None
+    if not math.isfinite(number):
+        raise UserError(f"{which} weight must be a finite number, not {weight!r}")
+    return number
 
 
 def adapter_values(command: str, values: dict[str, Any], trainer: str) -> dict[str, Any]:
@@ -482,6 +510,52 @@ class Studio:
         out = self.workspace.new_output(stem=f"compose-{run_name}", user=self.user(owner))
         self.run_light(self.compose_argv(run_name, values, out, owner), owner=owner)
         return str(out)
+
+    def compose_pair_argv(
+        self,
+        content_run: str | None,
+        content_weight: Any,
+        style_run: str | None,
+        style_weight: Any,
+        values: dict[str, Any],
+        out: Path,
+        owner: str = "",
+    ) -> list[str]:
+        """`studio compose --content RUN:W --style RUN:W [--combine ziplora ...]` of two of the user's runs."""
+        missing = [
+            kind for kind, run in (("content", content_run), ("style", style_run)) if run in (None, "", NO_ADAPTER)
+        ]
+        if missing:
+            raise UserError(
+                f"pick a {' and a '.join(missing)} run: compose needs both a content run and a style run "
+                "(finished train-content / train-style runs)"
+            )
+        options = form_values("compose-pair", values)
+        if not options.get("prompt"):
+            raise UserError("write a prompt (one per line for several images)")
+        user = self.user(owner)
+        words = ["compose"]
+        for kind, run, weight in (("content", content_run, content_weight), ("style", style_run, style_weight)):
+            words += [f"--{kind}", f"{self.workspace.run_dir(run, user)}:{adapter_weight(weight, kind)}"]
+        return [*command_argv(words, options, form="compose-pair"), "--out", str(out)]
+
+    def compose_pair(
+        self,
+        content_run: str | None,
+        content_weight: Any,
+        style_run: str | None,
+        style_weight: Any,
+        values: dict[str, Any],
+        owner: str = "",
+    ) -> tuple[str, str]:
+        """(image, the `studio compose` command) of a content run and a style run, summed or ZipLoRA-merged:
+        a quick job in the light lane, like generate."""
+        out = self.workspace.new_output(stem="compose-pair", user=self.user(owner))
+        argv = self.compose_pair_argv(content_run, content_weight, style_run, style_weight, values, out, owner)
+        # A ZipLoRA merge trains its merger vectors first (100 steps: minutes on a small CPU).
+        ziplora = form_values("compose-pair", values).get("combine") == "ziplora"
+        self.run_light(argv, owner=owner, timeout=3600.0 if ziplora else 600.0)
+        return str(out), api.command_line(argv)
 
     def run_light(self, argv: list[str], owner: str = "", timeout: float = 600.0) -> Job:
         """Queue a quick command and wait for it (the handler thread sleeps; the work is in a worker)."""

@@ -23,7 +23,8 @@ TRAINING = ("train-style", "train-content", "train-llm", "break-for-make")
 # The app's form of each training command (train-style and train-content share one: same options).
 APP_FORM = {"train-style": "train-style", "train-content": "train-style", "train-llm": "train-llm"}
 # The page's own inputs, none of them an option field: where the data comes from, run names and
-# picks (the browser names runs, never paths), and generate's adapters as finished runs + weights.
+# picks (the browser names runs, never paths), and generate's adapters (and compose's content and style
+# runs) as finished runs + weights.
 PAGE_INPUTS = {
     "What to learn",
     "Training images",
@@ -39,6 +40,8 @@ PAGE_INPUTS = {
     "Adapter 2",
     "Adapter 3",
     "Weight",
+    "Content run",
+    "Style run",
     "Training data",
     "Training data: JSONL, JSON, CSV or Parquet, any format (messages, sharegpt, alpaca, prompt-completion, text; "
     "prompt + chosen + rejected for dpo / orpo)",
