@@ -300,6 +300,7 @@ def summarize(rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=len(LEAKY_CONTENTS) * len(LEAKY_STYLES))
+    parser.add_argument("--first-pair", type=int, default=0, help="to split the pairs over processes")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="to split the seeds over several calls")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="only combine earlier runs' rows into --out")
@@ -319,16 +320,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.merge:
         reports = [json.loads(Path(path).read_text()) for path in args.merge]
-        if any(r["settings"] | {"first_seed": 0} != reports[0]["settings"] | {"first_seed": 0} for r in reports):
+        split = {"first_seed": 0, "seeds": 0, "first_pair": 0, "pairs": 0}  # how a run was split, not what it ran
+        if any(r["settings"] | split != reports[0]["settings"] | split for r in reports):
             raise SystemExit("--merge: the runs used different settings")
         rows = [row for r in reports for row in r["rows"]]
+        reports[0]["pairs"] = sorted({f"{row['content']} x {row['style']}" for row in rows})
         merged = {**reports[0], **summarize(rows), "rows": rows, "wall_s": sum(r["wall_s"] for r in reports)}
         merged["seeds_done"] = len({row["seed"] for row in rows})
         Path(args.out).write_text(json.dumps(merged, indent=1) + "\n")
         print(json.dumps({k: merged[k] for k in ("mean", "ci_vs_naive", "headroom", "recommended")}, indent=1))
         return
     judge = load_judge(args.judge, device=args.device)
-    pairs = list(itertools.product(LEAKY_CONTENTS, LEAKY_STYLES))[: args.pairs]
+    pairs = list(itertools.product(LEAKY_CONTENTS, LEAKY_STYLES))[args.first_pair : args.first_pair + args.pairs]
     started, rows = time.time(), []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         with tempfile.TemporaryDirectory() as scratch:

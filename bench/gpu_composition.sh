@@ -29,8 +29,19 @@ if [[ ! -f assets/trusted-judges/judge.json ]]; then
     mkdir -p assets/trusted-judges "$OUT/trusted-judges"
     cp /tmp/pretrain/trusted-judges/* assets/trusted-judges/ && cp /tmp/pretrain/trusted-judges/* "$OUT/trusted-judges/"
 fi
-LEFT=$((BUDGET_S - ($(date +%s) - START)))
-echo "== composition seed $SEED (cap ${LEFT}s)"
-timeout -k 10 "$LEFT" "$PYTHON" bench/composition.py --first-seed "$SEED" --seeds 1 \
-    --out "$OUT/composition_seed$SEED.json" "${EXTRA_ARGS[@]}" 2>&1 | grep -v "it/s\|step/s" | tail -60
+LEFT=$((BUDGET_S - ($(date +%s) - START) - 15))
+# The tiny SD leaves an H100 mostly idle (launch-bound): PROCS processes, each a share of the 12 pairs.
+PROCS=${PROCS:-4}
+PER=$(((12 + PROCS - 1) / PROCS))
+echo "== composition seed $SEED: $PROCS processes x $PER pairs (cap ${LEFT}s)"
+PARTS=()
+for ((i = 0; i < PROCS; i++)); do
+    part="$OUT/composition_seed${SEED}_part$i.json"
+    PARTS+=("$part")
+    timeout -k 10 "$LEFT" "$PYTHON" bench/composition.py --first-seed "$SEED" --seeds 1 --first-pair $((i * PER)) \
+        --pairs "$PER" --out "$part" "${EXTRA_ARGS[@]}" >"$OUT/composition_seed${SEED}_part$i.log" 2>&1 &
+done
+wait
+tail -5 "$OUT"/composition_seed"${SEED}"_part*.log
+"$PYTHON" bench/composition.py --merge "${PARTS[@]}" --out "$OUT/composition_seed$SEED.json" | tail -40
 echo "== done in $(($(date +%s) - START))s"
