@@ -44,6 +44,7 @@ import torch
 
 from peft_core import PlpConfig, attach, get_handle, load, make_joint, precondition_gradients
 from peft_core.io import read_json, write_json
+from peft_core.methods.plp import SQUARE_QKV
 from pipelines.errors import UserError
 from pipelines.families import family_of
 from pipelines.options import option
@@ -98,6 +99,16 @@ class BreakForMakeConfig:
         "down",
         help="PLP factor that learns the content: 'down' (D, the released code) or 'up' (B; the style then trains D)",
         choices=("down", "up"),
+        advanced=True,
+    )
+    # Which layers draw their frozen halves from an orthonormal basis (PlpConfig.orthogonal_init): the
+    # released code only square to_q/to_k/to_v (A = 0 and a Gaussian C elsewhere, so there the content
+    # D learns only once B has moved); "all" every layer (the spec's reading).
+    orthogonal_init: str = option(
+        "released",
+        help="PLPs' orthonormal frozen halves: 'released' (square to_q/to_k/to_v only, A = 0 elsewhere) or "
+        "'all' (every layer)",
+        choices=("released", "all"),
         advanced=True,
     )
     # Rows of the orthonormal basis every layer's frozen halves are cut from (PlpConfig.basis_rows).
@@ -171,6 +182,7 @@ class BreakForMakeConfig:
 
 # What a config written before these options existed meant (a resumed or reloaded run keeps it).
 LEGACY_CONFIG = {
+    "orthogonal_init": "all",
     "make_steps": 100,
     "basis_rows": 0,
     "make_optimizer": "adamw",
@@ -186,6 +198,7 @@ def upgrade_config(record: dict) -> dict:
     record = dict(record)
     if "make_init" not in record:  # written before the released behaviour became the default
         record = {**LEGACY_CONFIG, **record}
+    record.setdefault("orthogonal_init", "all")  # written before the released init mix became the default
     return record
 
 
@@ -277,6 +290,7 @@ class BreakForMakePipeline:
             seed=self.config.seed,
             centered=self.config.centered,
             basis_rows=self.config.basis_rows,
+            orthogonal_init=SQUARE_QKV if self.config.orthogonal_init == "released" else True,
         )
         torch.manual_seed(
             self.config.seed

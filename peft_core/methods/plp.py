@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 @dataclass
 class PlpConfig(RankConfig):
     """r: rank of U V (the paper uses 64 on SDXL); seed: frozen bases are a function of (seed, layer),
-    so content and style runs must share it; orthogonal_init: draw A, C from one orthonormal basis
-    on every layer (the official code does so only on square layers; see spec pitfall 7).
+    so content and style runs must share it; orthogonal_init: True draws A, C from one orthonormal basis
+    on every layer (spec pitfall 7); False gives A = 0 and a Gaussian C everywhere; "square_qkv" is the
+    released code's mix: orthonormal on square to_q/to_k/to_v layers, A = 0 and a Gaussian C elsewhere.
 
     basis_rows: rows N of the orthonormal basis the frozen halves are cut from. The released code
     always uses 1280 (SDXL's widest attention layer); 0 means the tightest, out/2 + in/2 rows (the
@@ -58,14 +59,28 @@ class PlpConfig(RankConfig):
 
     r: int = 64
     seed: int = 0
-    orthogonal_init: bool = True
+    orthogonal_init: bool | str = True
     centered: bool = False
     basis_rows: int = 1280
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.orthogonal_init not in (True, False, SQUARE_QKV):
+            raise AdapterError(
+                f"plp: orthogonal_init must be true, false or {SQUARE_QKV!r}, got {self.orthogonal_init!r}"
+            )
         if self.basis_rows < 0:
             raise AdapterError(f"plp: basis_rows must be >= 0 (0: out/2 + in/2), got {self.basis_rows}")
+
+
+SQUARE_QKV = "square_qkv"  # orthogonal_init as released: only square to_q / to_k / to_v layers
+
+
+def orthogonal_layer(setting: bool | str, module_name: str, out_features: int, in_features: int) -> bool:
+    """Whether layer `module_name` draws its frozen halves from an orthonormal basis under `setting`."""
+    if setting == SQUARE_QKV:
+        return module_name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") and out_features == in_features
+    return bool(setting)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,8 +288,9 @@ class PlpAdapter(layer.Adapter):
         if out_features < 2 or in_features < 2:
             raise AdapterError(f"plp: {module_name!r} ({in_features}->{out_features}) is too small to split in halves")
         dtype, device = layer.master_dtype(base.weight), base.weight.device
+        orthogonal = orthogonal_layer(config.orthogonal_init, module_name, out_features, in_features)
         a, c = frozen_bases(
-            out_features, in_features, config.r, config.seed, module_name, config.orthogonal_init, config.basis_rows
+            out_features, in_features, config.r, config.seed, module_name, orthogonal, config.basis_rows
         )
         self.register_buffer("frozen_up", a.to(device, dtype))  # A
         self.register_buffer("frozen_down", c.to(device, dtype))  # C

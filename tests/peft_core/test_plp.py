@@ -500,3 +500,29 @@ def test_riemannian_scaling_leaves_a_gradient_unscaled_when_the_other_factor_is_
     torch.testing.assert_close(scaled_down, grad_down, rtol=0, atol=0)  # U^T U = 0: unscaled
     want_up = grad_up @ torch.linalg.inv(down @ down.t())
     torch.testing.assert_close(scaled_up, want_up, rtol=1e-10, atol=1e-12)
+
+
+def test_square_qkv_init_is_orthonormal_on_square_qkv_layers_only_as_released():
+    from peft_core.methods.plp import SQUARE_QKV
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.to_q, self.to_k = nn.Linear(16, 16), nn.Linear(8, 16)  # to_k: not square (cross-attention)
+            self.to_v, self.to_out = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    seed = int(torch.randint(0, 1000, ()))
+    handle = attach(
+        Attention(), PlpConfig(targets=["to_q", "to_k", "to_v", "to_out"], r=4, seed=seed, orthogonal_init=SQUARE_QKV)
+    )
+    everywhere = attach(Attention(), PlpConfig(targets=["to_q", "to_k", "to_v", "to_out"], r=4, seed=seed))
+    for (name, wrapper), (_, reference) in zip(handle.wrappers(), everywhere.wrappers()):
+        adapter, orthogonal = wrapper.adapters["default"], reference.adapters["default"]
+        if name in ("to_q", "to_v"):
+            torch.testing.assert_close(adapter.frozen_up, orthogonal.frozen_up, rtol=0, atol=0)
+            torch.testing.assert_close(adapter.frozen_down, orthogonal.frozen_down, rtol=0, atol=0)
+        else:  # the released zero up init and a Gaussian down half
+            assert torch.count_nonzero(adapter.frozen_up) == 0
+            assert adapter.frozen_down.abs().sum() > 0 and not torch.equal(adapter.frozen_down, orthogonal.frozen_down)
+    with pytest.raises(AdapterError, match="orthogonal_init"):
+        PlpConfig(targets=["to_q"], orthogonal_init="sometimes")

@@ -24,6 +24,10 @@ def test_break_make_compose_save_and_reload(tmp_path):
     )
     assert stages.count("break-content") == 3 and stages.count("break-style") == 3 and stages.count("make") == 2
     assert b4m.handle.adapter_names == ["content", "style", "joint"]
+    for module_name, wrapper in b4m.handle.wrappers("content"):  # the released init mix (the default)
+        base = wrapper.base_layer
+        square_qkv = module_name.endswith(("to_q", "to_k", "to_v")) and base.in_features == base.out_features
+        assert bool(torch.count_nonzero(wrapper.adapters["content"].frozen_up)) == square_qkv, module_name
     for _, wrapper in b4m.handle.wrappers("joint"):
         style, joint = wrapper.adapters["style"], wrapper.adapters["joint"]
         assert torch.count_nonzero(style.learnable_up) > 0  # the style run trained B
@@ -328,7 +332,9 @@ def test_a_config_saved_before_the_released_defaults_keeps_its_behaviour():
         "adamw",
     )
     assert BreakForMakeConfig(**upgrade_config({"rank": 4})).make_steps == 100
-    current = {"rank": 4, "make_init": "released"}
+    assert BreakForMakeConfig(**upgrade_config({"rank": 4, "make_init": "released"})).orthogonal_init == "all"
+    assert BreakForMakeConfig().orthogonal_init == "released"
+    current = {"rank": 4, "make_init": "released", "orthogonal_init": "released"}
     assert upgrade_config(current) == current and set(LEGACY_CONFIG) <= {
         f for f in BreakForMakeConfig.__dataclass_fields__
     }
