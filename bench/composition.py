@@ -133,8 +133,8 @@ def leaky_data(folder: Path, resolution: int, seed: int) -> dict[str, ImageCapti
     return sets
 
 
-def train_loras(args, sets, seed: int, scratch: Path) -> dict[str, Path]:
-    """A LoRA per leaky content and style (S + M/2 steps each): the naive sum's and ZipLoRA's adapters."""
+def train_loras(args, sets, seed: int, scratch: Path, concepts: set[str]) -> dict[str, Path]:
+    """A LoRA per content and style of `concepts` (S + M/2 steps each): the naive sum's and ZipLoRA's."""
     lora = LoraConfig(targets=list(UNET_ATTENTION_TARGETS), r=args.rank, alpha=float(args.rank))
     config = TrainConfig(
         steps=args.steps + args.make_steps // 2,
@@ -144,7 +144,8 @@ def train_loras(args, sets, seed: int, scratch: Path) -> dict[str, Path]:
         learning_rate=args.lr,
     )
     folders = {}
-    for concept, dataset in sets.items():
+    for concept in sorted(concepts):
+        dataset = sets[concept]
         pipe = load_base("embedded", device=args.device)
         run = scratch / f"lora-{concept}"
         train_adapter(pipe, dataset, lora, config, run, adapter_name="lora")
@@ -156,7 +157,7 @@ def run_seed(args, judge, seed: int, pairs: list[tuple[str, str]], scratch: Path
     pipe = load_base("embedded", device=args.device)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     sets = leaky_data(scratch / "sets", resolution, seed)
-    loras = train_loras(args, sets, seed, scratch)
+    loras = train_loras(args, sets, seed, scratch, {concept for pair in pairs for concept in pair})
     results = []
     for content, style in pairs:
         print(f"[seed {seed}] {content} x {style}", flush=True)

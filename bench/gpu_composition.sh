@@ -30,7 +30,8 @@ if [[ ! -f assets/trusted-judges/judge.json ]]; then
     cp /tmp/pretrain/trusted-judges/* assets/trusted-judges/ && cp /tmp/pretrain/trusted-judges/* "$OUT/trusted-judges/"
 fi
 LEFT=$((BUDGET_S - ($(date +%s) - START) - 15))
-# The tiny SD leaves an H100 mostly idle (launch-bound): PROCS processes, each a share of the 12 pairs.
+# The tiny SD leaves an H100 mostly idle (launch-bound): PROCS processes, each a share of the 12 pairs
+# (4: one content and its three styles each, so a process trains 4 LoRAs, not 7).
 PROCS=${PROCS:-4}
 PER=$(((12 + PROCS - 1) / PROCS))
 echo "== composition seed $SEED: $PROCS processes x $PER pairs (cap ${LEFT}s)"
