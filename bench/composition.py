@@ -153,7 +153,8 @@ def train_loras(args, sets, seed: int, scratch: Path, concepts: set[str]) -> dic
     return folders
 
 
-def run_seed(args, judge, seed: int, pairs: list[tuple[str, str]], scratch: Path) -> list[dict]:
+def run_seed(args, judge, seed: int, pairs: list[tuple[str, str]], scratch: Path, done=lambda rows: None) -> list[dict]:
+    """Every method on every pair for one training seed; `done(rows so far)` after each pair."""
     pipe = load_base("embedded", device=args.device)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     sets = leaky_data(scratch / "sets", resolution, seed)
@@ -233,6 +234,7 @@ def run_seed(args, judge, seed: int, pairs: list[tuple[str, str]], scratch: Path
         images = draw(pipe, content, style, args.pictures, first, args.sample_steps)
         scores["b4m"] = picture_scores(judge, images, content, style)
         results.append({"content": content, "style": style, "seed": seed, "scores": scores, "weights": weights})
+        done(results)
         print(json.dumps({m: {k: round(float(np.mean(v)), 3) for k, v in s.items()} for m, s in scores.items()}))
     return results
 
@@ -334,13 +336,12 @@ def main() -> None:
     judge = load_judge(args.judge, device=args.device)
     pairs = list(itertools.product(LEAKY_CONTENTS, LEAKY_STYLES))[args.first_pair : args.first_pair + args.pairs]
     started, rows = time.time(), []
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-        with tempfile.TemporaryDirectory() as scratch:
-            rows += run_seed(args, judge, seed, pairs, Path(scratch))
+
+    def write(new_rows: list[dict]) -> None:  # after every pair: a run cut short keeps what it measured
         report = {
             "protocol": __doc__.split("The protocol, fixed before any run:")[1].strip(),
             "pairs": [f"{c} x {s}" for c, s in pairs],
-            "seeds_done": len({row["seed"] for row in rows}),
+            "seeds_done": len({row["seed"] for row in rows + new_rows}),
             "settings": {k: v for k, v in vars(args).items() if k != "out"},
             "compute_steps": {
                 "naive_sum": 2 * (args.steps + args.make_steps // 2),
@@ -348,14 +349,18 @@ def main() -> None:
                 "ziplora_extra_steps": args.zip_steps,
                 "b4m": 2 * args.steps + args.make_steps,
             },
-            **summarize(rows),
+            **summarize(rows + new_rows),
             "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
             "wall_s": round(time.time() - started, 1),
-            "rows": rows,
+            "rows": rows + new_rows,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")  # after every seed: a cut run keeps it
-        print(json.dumps({k: report[k] for k in ("mean", "ci_vs_naive", "headroom", "recommended")}, indent=1))
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        with tempfile.TemporaryDirectory() as scratch:
+            rows += run_seed(args, judge, seed, pairs, Path(scratch), write)
+    print(json.dumps({k: v for k, v in summarize(rows).items()}, indent=1))
 
 
 if __name__ == "__main__":

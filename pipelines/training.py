@@ -214,13 +214,16 @@ def make_accelerator(mixed_precision: str, **options):
 
 def process_state(cpu: bool = False):
     """accelerate's `PartialState` (device, process count), on the CPU when `cpu`: a single-process state
-    an earlier call set up for the GPU is dropped first (accelerate would keep the GPU, or refuse)."""
+    an earlier call set up for the other device is dropped first (accelerate would keep it, or refuse):
+    a run on a CPU pipeline, then one on a GPU pipeline in the same process, trains the second on the GPU."""
     from accelerate.state import AcceleratorState, PartialState
 
     shared = PartialState._shared_state
     device = shared.get("device")
-    if cpu and device is not None and device.type != "cpu" and shared.get("num_processes", 1) == 1:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    if device is not None and shared.get("num_processes", 1) == 1:
+        wants_gpu = not cpu and torch.cuda.is_available()
+        if (cpu and device.type != "cpu") or (wants_gpu and device.type == "cpu"):
+            AcceleratorState._reset_state(reset_partial_state=True)
     return PartialState(cpu=cpu)
 
 

@@ -227,7 +227,8 @@ def test_checkpoint_of_an_optimizer_with_a_tensor_learning_rate(tmp_path):
 def _train(tmp_path, name: str, config, cuda_graph: str, steps: int = 8, **options):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    pipe = micro_pipeline(tmp_path / f"tok-{name}")
+    # On the GPU: a pipeline left on the CPU trains there (pipelines.train._set_up), graphs or not.
+    pipe = micro_pipeline(tmp_path / f"tok-{name}").to("cuda")
     losses = []
     handle = train_adapter(
         pipe,
@@ -274,7 +275,7 @@ def test_cuda_graph_training_resumes_exactly(tmp_path):
     config = PacaConfig(targets=["to_q", "to_v"], r=4)
     _, whole, _ = _train(tmp_path, "whole", config, "on", steps=8)
     stops = iter([False] * 3 + [True])
-    pipe = micro_pipeline(tmp_path / "tok-part")
+    pipe = micro_pipeline(tmp_path / "tok-part").to("cuda")
     from pipelines.train import StopRequested
 
     with pytest.raises(StopRequested):
@@ -364,7 +365,7 @@ def test_a_graphed_run_resumes_a_checkpoint_written_eagerly(tmp_path):
     stops = iter([False] * 3 + [True])
     with pytest.raises(StopRequested):
         train_adapter(
-            micro_pipeline(tmp_path / "tok-part"),
+            micro_pipeline(tmp_path / "tok-part").to("cuda"),
             ColourDataset(6),
             config,
             TrainConfig(steps=8, batch_size=2, learning_rate=1e-2, cuda_graph="off"),
@@ -374,3 +375,17 @@ def test_a_graphed_run_resumes_a_checkpoint_written_eagerly(tmp_path):
     _, resumed, _ = _train(tmp_path, "part", config, "on", steps=8)
     for key, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-3, atol=1e-4)
+
+
+@cuda
+def test_a_run_on_a_cpu_pipeline_then_one_on_the_gpu_trains_the_second_on_the_gpu(tmp_path):
+    """accelerate keeps one process-wide device: a CPU run first must not pin the next run to the CPU."""
+    train_adapter(
+        micro_pipeline(tmp_path / "tok-cpu"),
+        ColourDataset(4),
+        LoraConfig(targets=["to_q"], r=2),
+        TrainConfig(steps=1, batch_size=2, cuda_graph="off"),
+        tmp_path / "cpu",
+    )
+    pipe, handle, losses = _train(tmp_path, "gpu", LoraConfig(targets=["to_q"], r=2), "on", steps=4)
+    assert len(losses) == 4 and next(pipe.unet.parameters()).device.type == "cuda"
