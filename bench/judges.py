@@ -137,6 +137,15 @@ def generated_check(judge, args) -> dict:
     content_right = [r["content"] == r["label"] for r in certain]
     style_right = [r["style"] == FLAT_STYLE for r in certain]
     joint = [c and s for c, s in zip(content_right, style_right)]
+    by_label = {}
+    for label in sorted({r["label"] for r in rows}):
+        mine = [r for r in rows if r["label"] == label]
+        sure = [r for r in mine if r["certain"]]
+        by_label[label] = {
+            "pictures": len(mine),
+            "certain": len(sure),
+            "content_accuracy": round(float(np.mean([r["content"] == label for r in sure])), 4) if sure else None,
+        }
     return {
         "pictures": len(rows),
         "certain": len(certain),
@@ -146,6 +155,7 @@ def generated_check(judge, args) -> dict:
         "uncertain_answered_none": round(
             float(np.mean([r["content"] == NONE_CONTENT for r in rows if not r["certain"]] or [0.0])), 4
         ),
+        "by_label": by_label,
         "rows": rows,
     }
 
