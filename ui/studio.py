@@ -52,6 +52,7 @@ FORM_OPTIONS: dict[str, tuple[str, ...]] = {
     "chat": ("prompt", "raw", "max_new_tokens", "temperature", "top_p", "seed"),
     "analyze": ("model", "batches", "batch_size", "seq_len", "steps", "guidance", "seed"),
 }
+RunPick = tuple[str | None, Any]  # (a finished run's name, the weight its slider gives it)
 # The command of a form whose FORM_OPTIONS key is not a command's name (a second form of one command).
 FORM_COMMANDS: dict[str, str] = {"compose-pair": "compose"}
 
@@ -512,19 +513,11 @@ class Studio:
         return str(out)
 
     def compose_pair_argv(
-        self,
-        content_run: str | None,
-        content_weight: Any,
-        style_run: str | None,
-        style_weight: Any,
-        values: dict[str, Any],
-        out: Path,
-        owner: str = "",
+        self, content: RunPick, style: RunPick, values: dict[str, Any], out: Path, owner: str = ""
     ) -> list[str]:
-        """`studio compose --content RUN:W --style RUN:W [--combine ziplora ...]` of two of the user's runs."""
-        missing = [
-            kind for kind, run in (("content", content_run), ("style", style_run)) if run in (None, "", NO_ADAPTER)
-        ]
+        """`studio compose --content RUN:W --style RUN:W [--combine ziplora ...]` of two of the user's runs,
+        each picked as (run name, weight)."""
+        missing = [kind for kind, (run, _) in (("content", content), ("style", style)) if run in (None, "", NO_ADAPTER)]
         if missing:
             raise UserError(
                 f"pick a {' and a '.join(missing)} run: compose needs both a content run and a style run "
@@ -535,23 +528,17 @@ class Studio:
             raise UserError("write a prompt (one per line for several images)")
         user = self.user(owner)
         words = ["compose"]
-        for kind, run, weight in (("content", content_run, content_weight), ("style", style_run, style_weight)):
+        for kind, (run, weight) in (("content", content), ("style", style)):
             words += [f"--{kind}", f"{self.workspace.run_dir(run, user)}:{adapter_weight(weight, kind)}"]
         return [*command_argv(words, options, form="compose-pair"), "--out", str(out)]
 
     def compose_pair(
-        self,
-        content_run: str | None,
-        content_weight: Any,
-        style_run: str | None,
-        style_weight: Any,
-        values: dict[str, Any],
-        owner: str = "",
+        self, content: RunPick, style: RunPick, values: dict[str, Any], owner: str = ""
     ) -> tuple[str, str]:
         """(image, the `studio compose` command) of a content run and a style run, summed or ZipLoRA-merged:
         a quick job in the light lane, like generate."""
         out = self.workspace.new_output(stem="compose-pair", user=self.user(owner))
-        argv = self.compose_pair_argv(content_run, content_weight, style_run, style_weight, values, out, owner)
+        argv = self.compose_pair_argv(content, style, values, out, owner)
         # A ZipLoRA merge trains its merger vectors first (100 steps: minutes on a small CPU).
         ziplora = form_values("compose-pair", values).get("combine") == "ziplora"
         self.run_light(argv, owner=owner, timeout=3600.0 if ziplora else 600.0)

@@ -35,7 +35,7 @@ def test_a_content_and_a_style_run_become_the_compose_command(studio):
     runs, out = studio.workspace.runs, studio.workspace.new_output()
     # As the form holds them: a Number's float, the prompt as lines.
     values = {"combine": "ziplora", "zip_steps": 3.0, "prompt": "a moon in neon style", "seed": 0}
-    argv = studio.compose_pair_argv("content-moon", 1.0, "style-neon", 0.8, values, out)
+    argv = studio.compose_pair_argv(("content-moon", 1.0), ("style-neon", 0.8), values, out)
     assert argv == [
         "compose",
         "--content",
@@ -60,7 +60,9 @@ def test_a_content_and_a_style_run_become_the_compose_command(studio):
         f"{runs / 'style-neon'}:0.8",
     )
     # sum is the default: no --combine flag; every other option at its default adds nothing.
-    summed = studio.compose_pair_argv("content-moon", 0.5, "style-neon", 1, {"prompt": "a\nb", "combine": "sum"}, out)
+    summed = studio.compose_pair_argv(
+        ("content-moon", 0.5), ("style-neon", 1), {"prompt": "a\nb", "combine": "sum"}, out
+    )
     assert summed[5:] == ["--prompt", "a", "--prompt", "b", "--out", str(out)]
     assert parse(summed).combine == "sum" and summed[2].endswith(":0.5") and summed[4].endswith(":1.0")
 
@@ -76,19 +78,19 @@ def test_compose_pair_refuses_a_missing_run_a_prompt_or_an_option_it_does_not_sh
         (NO_ADAPTER, None, "pick a content and a style run"),
     ]:
         with pytest.raises(UserError, match=missing):
-            studio.compose_pair_argv(content, 1.0, style, 1.0, values, out)
+            studio.compose_pair_argv((content, 1.0), (style, 1.0), values, out)
     with pytest.raises(UserError, match="no run named 'gone'"):
-        studio.compose_pair_argv("content-moon", 1.0, "gone", 1.0, values, out)
+        studio.compose_pair_argv(("content-moon", 1.0), ("gone", 1.0), values, out)
     with pytest.raises(UserError, match="write a prompt"):
-        studio.compose_pair_argv("content-moon", 1.0, "style-neon", 1.0, {"combine": "ziplora"}, out)
+        studio.compose_pair_argv(("content-moon", 1.0), ("style-neon", 1.0), {"combine": "ziplora"}, out)
     with pytest.raises(UserError, match="style weight must be a finite number"):
-        studio.compose_pair_argv("content-moon", 1.0, "style-neon", float("nan"), values, out)
+        studio.compose_pair_argv(("content-moon", 1.0), ("style-neon", float("nan")), values, out)
     # Server-side and B4M-only options are not this form's: --save-merged, --out, --b4m's factor weights.
     for other in ("save_merged", "out", "content_weight", "b4m", "steps"):
         with pytest.raises(UserError, match="has no option"):
-            studio.compose_pair_argv("content-moon", 1.0, "style-neon", 1.0, {**values, other: "x"}, out)
+            studio.compose_pair_argv(("content-moon", 1.0), ("style-neon", 1.0), {**values, other: "x"}, out)
     with pytest.raises(UserError, match="whole number"):
-        studio.compose_pair_argv("content-moon", 1.0, "style-neon", 1.0, {**values, "zip_steps": 2.5}, out)
+        studio.compose_pair_argv(("content-moon", 1.0), ("style-neon", 1.0), {**values, "zip_steps": 2.5}, out)
     assert studio.jobs.jobs() == []
 
 
@@ -103,10 +105,10 @@ def test_compose_pair_runs_the_command_it_shows(studio, monkeypatch):
         timeouts.append(timeout)
 
     monkeypatch.setattr(studio, "run_light", run_light)
-    image, command = studio.compose_pair("content-moon", 1.0, "style-neon", 1.2, {"prompt": "a moon"})
+    image, command = studio.compose_pair(("content-moon", 1.0), ("style-neon", 1.2), {"prompt": "a moon"})
     assert command == api.command_line(ran[0]) and ran[0][-2:] == ["--out", image]
     assert command.startswith("studio compose --content ") and "style-neon:1.2" in command
-    studio.compose_pair("content-moon", 1.0, "style-neon", 1.2, {"prompt": "a moon", "combine": "ziplora"})
+    studio.compose_pair(("content-moon", 1.0), ("style-neon", 1.2), {"prompt": "a moon", "combine": "ziplora"})
     assert timeouts[0] == 600.0 and timeouts[1] > 600.0  # the merge trains first: a longer wait
 
 

@@ -71,7 +71,7 @@ def test_each_user_sees_and_touches_only_their_own_runs(studio, tmp_path):
         "analyze": lambda: studio.analyze_argv("alices", {"model": "embedded-sd"}, out, "bob"),
         "chat": lambda: studio.chat_argv("llm-of-alice", {"prompt": "hi"}, out, "bob"),
         "compose": lambda: studio.compose_argv("b4m-of-alice", {}, out, "bob"),
-        "compose-pair": lambda: studio.compose_pair_argv("alices", 1.0, "alices", 1.0, {"prompt": "a"}, out, "bob"),
+        "compose-pair": lambda: studio.compose_pair_argv(("alices", 1.0), ("alices", 1.0), {"prompt": "a"}, out, "bob"),
     }
     for action, call in refused.items():
         with pytest.raises(UserError, match="no run named"):  # another user's run reads exactly like a missing one

@@ -92,7 +92,7 @@ def build(studio: Studio, app) -> dict[str, Form]:
             pair_command = gr.Code(label="Equivalent command", language="shell", elem_id="compose-pair-command")
 
         def compose_pair(content, content_w, style, style_w, *raw, owner: str):
-            return studio.compose_pair(content, content_w, style, style_w, pair.values(*raw), owner=owner)
+            return studio.compose_pair((content, content_w), (style, style_w), pair.values(*raw), owner=owner)
 
         pair_named = {"content_run": content_run, "content_weight": content_weight}
         pair_named.update({"style_run": style_run, "style_weight": style_weight, **pair.named_inputs})
