@@ -11,7 +11,9 @@
 # slimmed: `pip download --no-deps diffusers==0.42.1 bitsandbytes==0.50.2`, then drop from the diffusers
 # wheel every diffusers/pipelines/<x>/ but stable_diffusion*, flux and the shared modules, and from the
 # bitsandbytes wheel every libbitsandbytes_cuda*.so but the device's CUDA (cuda130 for torch 2.11 there),
-# fixing each wheel's RECORD (drop the removed files' lines) before zipping it again.
+# fixing each wheel's RECORD (drop the removed files' lines) before zipping it again. Since assets/ grew
+# to ~53 MB the tree plus both wheels is at the 64 MiB limit (a call carrying both was refused once):
+# carry only what a script needs (gpu_composition.sh: the diffusers wheel alone).
 # Four stages, the most important numbers first, each its own process under its own `timeout`, so a
 # slow or crashing stage cannot starve the next; family_step.py rewrites the JSON after every variant and
 # the later stages merge into it (--append), so a stage cut short keeps what it measured:
