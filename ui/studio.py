@@ -548,7 +548,14 @@ class Studio:
         """Queue a quick command and wait for it (the handler thread sleeps; the work is in a worker)."""
         api.check_command(argv)
         job = self.jobs.submit(argv, lane="light", owner=owner)
-        job = self.jobs.wait(job.id, timeout=timeout)
+        try:
+            job = self.jobs.wait(job.id, timeout=timeout)
+        except TimeoutError:
+            self.jobs.cancel(job.id)  # nobody is waiting for its picture any more
+            raise UserError(
+                f"`{api.command_line(argv)}` ran longer than {timeout / 60:.0f} minutes and was stopped; "
+                "ask for less (fewer steps or pictures), or run the command in a terminal"
+            ) from None
         if job.status != "finished":
             raise UserError(job.error or f"the job {job.status}")
         return job

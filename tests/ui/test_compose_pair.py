@@ -151,3 +151,17 @@ def test_the_app_builds_with_the_pair_form(studio):
     assert form.components["zip_steps"].elem_id == "compose-pair-zip-steps"
     endpoints = {fn.api_name for fn in app.fns.values()}
     assert {"compose", "compose_pair", "compose_pair_runs", "generate"} <= endpoints
+
+
+def test_a_quick_job_that_runs_too_long_is_stopped_with_a_message(studio, monkeypatch):
+    cancelled = []
+
+    def too_long(job_id, timeout=None):
+        raise TimeoutError(f"job {job_id} still running after {timeout} s")
+
+    monkeypatch.setattr(studio.jobs, "submit", lambda argv, lane, owner: type("J", (), {"id": "j1"})())
+    monkeypatch.setattr(studio.jobs, "wait", too_long)
+    monkeypatch.setattr(studio.jobs, "cancel", cancelled.append)
+    with pytest.raises(UserError, match="ran longer than 10 minutes and was stopped"):
+        studio.run_light(["generate", "--prompt", "a star"], timeout=600.0)
+    assert cancelled == ["j1"]
