@@ -62,7 +62,7 @@ from pipelines.world.image import (  # noqa: E402
     scene_rng,
     write_concept_set,
 )
-from pipelines.ziplora import ZipLoraConfig, zip_merge, zipped_factors  # noqa: E402
+from pipelines.ziplora import ZipLoraConfig, zip_merge  # noqa: E402
 
 METHODS = ("oracle", "naive_sum", "ziplora", "b4m")
 VALIDATION_SEED = 500_000  # validation pictures' seeds start here; scored pictures' seeds below 100_000
@@ -199,10 +199,7 @@ def run_seed(args, judge, seed: int, pairs: list[tuple[str, str]], scratch: Path
         )
         handle.remove("content")
         handle.remove("style")
-        content_part = {
-            n: zipped_factors(mergers.content.get(n), None, mergers.mergers(n)[0], None) for n in mergers.content
-        }
-        style_part = {n: zipped_factors(None, mergers.style.get(n), None, mergers.mergers(n)[1]) for n in mergers.style}
+        content_part, style_part = mergers.side_factors("content"), mergers.side_factors("style")
         attach_lora_factors(pipe.unet, content_part, name="content")
         attach_lora_factors(pipe.unet, style_part, name="style")
         weights["ziplora"] = tune(pipe, judge, set_sum, content, style, args, seed)

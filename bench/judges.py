@@ -48,6 +48,7 @@ from pipelines.world.image import (  # noqa: E402
     COLOURS,
     FLAT_STYLE,
     NONE_CONTENT,
+    background_tones,
     heldout_prompt_scenes,
     render_stream,
     shape_mask,
@@ -63,15 +64,6 @@ def templates(size: int) -> dict[str, np.ndarray]:
     """{content: (K, size, size) bool masks} over the grid."""
     grid = list(itertools.product(PLACES, PLACES, RADII, TILTS))
     return {c: np.stack([shape_mask(c, size, x, y, r, a) > 0.5 for x, y, r, a in grid]) for c in ALL_CONTENTS}
-
-
-def background_tones(colour: str) -> list[np.ndarray]:
-    """The two tones of a patterned background of `colour` (pipelines.world.image._background)."""
-    base = np.asarray(COLOURS[colour], np.float32)
-    tint = base * 0.55 + (255 - base) * 0.25 if colour != "black" else np.full(3, 85, np.float32)
-    if colour == "white":
-        tint = np.full(3, 175, np.float32)
-    return [base, tint]
 
 
 def certain_label(picture: np.ndarray, scene, shapes: dict[str, np.ndarray], iou: float, margin: float):

@@ -158,11 +158,24 @@ class ZipMergers(nn.Module):
         ):
             if name not in factors:
                 continue
-            A, B = (t.to(x.device) for t in factors[name])
+            A, B = factors[name]
             inputs = x if merger is None else column_scaled_input(x, merger, conv)
             part = weight * low_rank_forward(base, A, B, inputs)
             total = part if total is None else total + part
         return total
+
+    def side_factors(self, side: str) -> Factors:
+        """One LoRA's part of the merge, its columns scaled by its merger, at weight 1 ("content" or
+        "style"): the two parts summed at the mergers' weights are `merged_factors`."""
+        factors = self.content if side == "content" else self.style
+        parts = {}
+        with torch.no_grad():
+            for name, factor in factors.items():
+                merger = self.mergers(name)[0 if side == "content" else 1]
+                merger = None if merger is None else merger.detach().float().cpu()
+                A, B = zipped_factors(factor, None, merger, None)
+                parts[name] = (A.float().cpu(), B.float().cpu())
+        return parts
 
     def merged_factors(self) -> Factors:
         """The merged update of every layer as exact LoRA factors (float32, CPU)."""
@@ -238,7 +251,9 @@ def zip_merge(
             raise UserError(f"ZipLoRA merges LoRA-shaped adapters: {str(error).splitlines()[0]}") from None
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    mergers = ZipMergers(factors[content], factors[style], content_weight, style_weight).to(device)
+    # The frozen factors live on the model's device (float32, so the merge saved from them is exact).
+    on_device = {name: {m: tuple(t.to(device) for t in pair) for m, pair in f.items()} for name, f in factors.items()}
+    mergers = ZipMergers(on_device[content], on_device[style], content_weight, style_weight).to(device)
     optimizer = torch.optim.Adam(mergers.parameters(), lr=config.zip_lr)
     was_enabled = handle.enabled_names
     handle.set_weight(content, content_weight)  # the teachers act at the weights the merge keeps

@@ -203,9 +203,9 @@ def training_images(argument: str, data: str | None, option_name: str, resolutio
     the run's resolution, caption template and trigger)."""
     from pipelines.data import ImageCaptionDataset
 
-    folder, _ = parse_adapter(argument)
-    run = run_record(folder)
-    record = run[1] if run is not None else {}
+    run = run_record(parse_adapter(argument)[0])
+    # The run's own captioning and size go with its own images only, not with a folder given instead.
+    record = run[1] if run is not None and not data else {}
     source = data or record.get("data")
     if not source:
         raise UserError(
@@ -216,9 +216,9 @@ def training_images(argument: str, data: str | None, option_name: str, resolutio
         raise UserError(f"{option_name}: the training images {source} are not a folder (moved?); pass {option_name}")
     return ImageCaptionDataset(
         source,
-        resolution=int(record.get("resolution") or resolution) if not data else resolution,
-        template=None if data else record.get("template"),
-        trigger=None if data else record.get("trigger"),
+        resolution=int(record.get("resolution") or resolution),
+        template=record.get("template"),
+        trigger=record.get("trigger"),
         seed=seed,
     )
 

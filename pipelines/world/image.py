@@ -296,13 +296,19 @@ def _rgb(name: str) -> np.ndarray:
     return np.asarray(COLOURS[name], dtype=np.float32)
 
 
-def _background(pattern: str, colour: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """(size, size, 3) float RGB: `colour` alternating with a tint of itself in `pattern`."""
+def background_tones(colour: str) -> tuple[np.ndarray, np.ndarray]:
+    """The two float RGB tones of a patterned `colour` background: the colour and a tint of it."""
     base = _rgb(colour)
     # The second tone moves the colour towards grey-ish contrast so the base colour stays readable.
     tint = base * 0.55 + (255 - base) * 0.25 if colour != "black" else np.full(3, 85, np.float32)
     if colour == "white":
         tint = np.full(3, 175, np.float32)
+    return base, tint
+
+
+def _background(pattern: str, colour: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size, 3) float RGB: `colour` alternating with a tint of itself in `pattern`."""
+    base, tint = background_tones(colour)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     period = float(rng.uniform(10, 14)) * size / 64
     offset = float(rng.uniform(0, period))

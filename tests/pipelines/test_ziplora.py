@@ -108,6 +108,11 @@ def test_hooked_mergers_add_the_merged_update_and_the_saved_merge_reloads_as_a_p
     # The merged factors as a peft_core LoRA on the base weights: same output; saved and loaded on a
     # fresh copy of the base: the same again.
     merged = mergers.merged_factors()
+    # The two sides' parts, at the mergers' weights, add up to the merge.
+    content_part, style_part = mergers.side_factors("content"), mergers.side_factors("style")
+    for name, (A, B) in merged.items():
+        parts = 0.8 * dense(*content_part[name]) + (1.1 * dense(*style_part[name]) if name in style_part else 0)
+        torch.testing.assert_close(parts, dense(A, B), rtol=1e-5, atol=1e-5)
     base_state = {key: value.float() for key, value in model.state_dict().items()}
     adapted = Small()
     adapted.load_state_dict(base_state)
