@@ -158,11 +158,14 @@ def run_seed(args, judge, seed: int, pairs: list[tuple[str, str]], scratch: Path
     pipe = load_base("embedded", device=args.device)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     sets = leaky_data(scratch / "sets", resolution, seed)
+    clock = time.time()
     loras = train_loras(args, sets, seed, scratch, {concept for pair in pairs for concept in pair})
+    print(f"[seed {seed}] LoRAs of {len(loras)} concepts trained in {time.time() - clock:.0f} s", flush=True)
     results = []
     for content, style in pairs:
         print(f"[seed {seed}] {content} x {style}", flush=True)
-        scores, weights = {}, {}
+        scores, weights, seconds = {}, {}, {}
+        clock = time.time()
         first = 1000 * seed
         # oracle: the renderer's exact picture of the pair, through the VAE like every generated one
         oracle = np.stack(
@@ -186,6 +189,7 @@ def run_seed(args, judge, seed: int, pairs: list[tuple[str, str]], scratch: Path
         weights["naive_sum"] = tune(pipe, judge, set_sum, content, style, args, seed)
         images = draw(pipe, content, style, args.pictures, first, args.sample_steps)
         scores["naive_sum"] = picture_scores(judge, images, content, style)
+        seconds["naive_sum"], clock = round(time.time() - clock, 1), time.time()
 
         # ZipLoRA: the same two LoRAs merged (at weights 1), then its two parts weighted like the sum's
         set_sum(1.0, 1.0)
@@ -206,6 +210,7 @@ def run_seed(args, judge, seed: int, pairs: list[tuple[str, str]], scratch: Path
         weights["ziplora"]["merge_log"] = [log[0], log[-1]]
         images = draw(pipe, content, style, args.pictures, first, args.sample_steps)
         scores["ziplora"] = picture_scores(judge, images, content, style)
+        seconds["ziplora"], clock = round(time.time() - clock, 1), time.time()
 
         # Break-for-Make as released (its defaults), partners: the other leaky sets
         pipe = load_base("embedded", device=args.device)
@@ -230,9 +235,13 @@ def run_seed(args, judge, seed: int, pairs: list[tuple[str, str]], scratch: Path
         weights["b4m"] = tune(pipe, judge, b4m.set_mix, content, style, args, seed)
         images = draw(pipe, content, style, args.pictures, first, args.sample_steps)
         scores["b4m"] = picture_scores(judge, images, content, style)
-        results.append({"content": content, "style": style, "seed": seed, "scores": scores, "weights": weights})
+        seconds["b4m"] = round(time.time() - clock, 1)
+        results.append(
+            {"content": content, "style": style, "seed": seed, "scores": scores, "weights": weights, "seconds": seconds}
+        )
         done(results)
         print(json.dumps({m: {k: round(float(np.mean(v)), 3) for k, v in s.items()} for m, s in scores.items()}))
+        print(f"[seed {seed}] {content} x {style} seconds (tuning + pictures included): {seconds}", flush=True)
     return results
 
 

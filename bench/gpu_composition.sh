@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
-# Issue 24's composition protocol (bench/composition.py) on a device machine, one training seed per call:
+# Issue 24's composition protocol (bench/composition.py) on a device machine, one or more training seeds per call:
 #
-#   SEED=0 bash bench/gpu_composition.sh     # -> $OUT/composition_seed0.json (+ the trusted judges if trained here)
+#   SEEDS="0" bash bench/gpu_composition.sh   # -> $OUT/composition_seed0.json, $OUT/composition_logs.tar.gz
 #   then, here: python bench/composition.py --merge composition_seed{0,1,2}.json   # -> bench/results/composition.json
 #
-# The device image has no diffusers: carry the slim wheel in .whl/ (see bench/gpu_family.sh's header;
-# run(..., carry=[".whl"])). Without assets/trusted-judges (trained on a CPU with `studio pretrain-base
-# --stages trusted-judges`, about 40 minutes there), the full judge recipe runs here first (a few minutes).
-# Knobs: SEED (default 0), BUDGET_S (default 540), EXTRA (more composition.py flags), PYTHON, SITE.
+# The device image has no diffusers: carry only the slim diffusers wheel (the tree is ~60 MB, both wheels
+# pass the 64 MiB limit): run(..., carry=[".whl/diffusers-0.42.1-py3-none-any.whl"]).
+# Without assets/trusted-judges the full judge recipe runs here first (a few minutes).
+# Knobs: SEEDS (default "0"), PROCS per seed (default 12: one pair each), BUDGET_S (default 560),
+# EXTRA (more composition.py flags), PYTHON, SITE. At most 8 files come back from $OUT: the parts and
+# logs travel as one archive.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
-SEED=${SEED:-0}
-BUDGET_S=${BUDGET_S:-540}
+SEEDS=${SEEDS:-${SEED:-0}}
+BUDGET_S=${BUDGET_S:-560}
 OUT=${OUT:-/tmp}
+WORK=/tmp/composition
 START=$(date +%s)
 # shellcheck disable=SC2206
 EXTRA_ARGS=(${EXTRA:-})
+mkdir -p "$WORK"
 if compgen -G ".whl/*.whl" >/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
         && export PYTHONPATH=$SITE:$PWD
@@ -26,23 +30,33 @@ if [[ ! -f assets/trusted-judges/judge.json ]]; then
     echo "== trusted judges (full recipe, cuda)"
     timeout -k 10 240 "$PYTHON" -m studio.cli pretrain-base --scale full --stages trusted-judges --device cuda \
         --out /tmp/pretrain --set judge_vae=assets/tiny-sd 2>&1 | tail -5
-    mkdir -p assets/trusted-judges "$OUT/trusted-judges"
-    cp /tmp/pretrain/trusted-judges/* assets/trusted-judges/ && cp /tmp/pretrain/trusted-judges/* "$OUT/trusted-judges/"
+    mkdir -p assets/trusted-judges "$WORK/trusted-judges"
+    cp /tmp/pretrain/trusted-judges/* assets/trusted-judges/ && cp /tmp/pretrain/trusted-judges/* "$WORK/trusted-judges/"
 fi
-LEFT=$((BUDGET_S - ($(date +%s) - START) - 15))
-# The tiny SD leaves an H100 mostly idle (launch-bound): PROCS processes, each a share of the 12 pairs
-# (4: one content and its three styles each, so a process trains 4 LoRAs, not 7).
-PROCS=${PROCS:-4}
+# GPU use over the run, to size the next call (the tiny SD is launch-bound: many processes share the card).
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 >"$WORK/gpu_use.csv" 2>&1 &
+SMI=$!
+LEFT=$((BUDGET_S - ($(date +%s) - START) - 20))
+PROCS=${PROCS:-12}
 PER=$(((12 + PROCS - 1) / PROCS))
-echo "== composition seed $SEED: $PROCS processes x $PER pairs (cap ${LEFT}s)"
-PARTS=()
-for ((i = 0; i < PROCS; i++)); do
-    part="$OUT/composition_seed${SEED}_part$i.json"
-    PARTS+=("$part")
-    timeout -k 10 "$LEFT" "$PYTHON" bench/composition.py --first-seed "$SEED" --seeds 1 --first-pair $((i * PER)) \
-        --pairs "$PER" --out "$part" "${EXTRA_ARGS[@]}" >"$OUT/composition_seed${SEED}_part$i.log" 2>&1 &
+export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1  # a process per pair: no thread pools fighting over 16 cores
+PIDS=()
+for SEED in $SEEDS; do
+    echo "== composition seed $SEED: $PROCS processes x $PER pairs (cap ${LEFT}s)"
+    for ((i = 0; i < PROCS; i++)); do
+        timeout -k 10 "$LEFT" "$PYTHON" bench/composition.py --first-seed "$SEED" --seeds 1 --first-pair $((i * PER)) \
+            --pairs "$PER" --out "$WORK/seed${SEED}_part$i.json" "${EXTRA_ARGS[@]}" >"$WORK/seed${SEED}_part$i.log" 2>&1 &
+        PIDS+=($!)
+    done
 done
-wait
-tail -5 "$OUT"/composition_seed"${SEED}"_part*.log
-"$PYTHON" bench/composition.py --merge "${PARTS[@]}" --out "$OUT/composition_seed$SEED.json" | tail -40
+wait "${PIDS[@]}"
+kill "$SMI" 2>/dev/null
+for SEED in $SEEDS; do
+    tail -3 "$WORK"/seed"${SEED}"_part*.log
+    parts=("$WORK"/seed"${SEED}"_part*.json)  # a process cut short before its first pair wrote none
+    [[ -e ${parts[0]} ]] || { echo "seed $SEED: no pair finished"; continue; }
+    "$PYTHON" bench/composition.py --merge "${parts[@]}" --out "$OUT/composition_seed$SEED.json" | tail -40
+done
+tail -30 "$WORK/gpu_use.csv"
+tar -czf "$OUT/composition_logs.tar.gz" -C "$WORK" --exclude sets .
 echo "== done in $(($(date +%s) - START))s"
