@@ -43,6 +43,9 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
+    # What a saved config meant by a field it does not record, for fields added after configs of the
+    # method were first saved (the field's default for new configs may differ): {field: value then}.
+    saved_before: ClassVar[dict[str, Any]] = {}
 
     targets: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from peft_core.config import AdapterConfig, config_from_dict
+from peft_core.config import AdapterConfig, config_from_dict, get_method
 from peft_core.errors import AdapterError
 from peft_core.io import read_json, read_safetensors, write_json, write_safetensors
 
@@ -46,7 +46,10 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[AdapterConfig, st
         raise AdapterError(
             f"{directory} was written by a newer peft_core (format {data['format_version']}); upgrade peft-studio"
         )
-    return config_from_dict(data["config"]), data.get("adapter_name", "default")
+    record = data["config"]
+    if isinstance(record, dict) and "method" in record:  # a field the record lacks means what it meant then
+        record = {**get_method(record["method"]).config_class.saved_before, **record}
+    return config_from_dict(record), data.get("adapter_name", "default")
 
 
 def read_adapter_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:

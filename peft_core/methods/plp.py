@@ -56,6 +56,7 @@ class PlpConfig(RankConfig):
     by A C and A D_0: on the embedded tiny SD that is ~35% of each adapted weight's norm."""
 
     method: ClassVar[str] = "plp"
+    saved_before: ClassVar[dict] = {"basis_rows": 0}  # adapters saved before basis_rows cut out/2 + in/2 rows
 
     r: int = 64
     seed: int = 0

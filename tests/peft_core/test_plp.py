@@ -472,6 +472,39 @@ def test_the_config_default_is_the_released_1280_row_basis():
         PlpConfig(targets=["to_q"], basis_rows=-1)
 
 
+def test_an_adapter_saved_before_basis_rows_existed_reloads_and_resaves_with_its_tight_basis(tmp_path):
+    """A folder written before basis_rows was a field recorded none; its bases were cut from
+    out/2 + in/2 rows. Loading it must say basis_rows=0 (not the new default 1280), so a re-save and
+    a fresh attach from its config reproduce those bases."""
+    import copy
+
+    from peft_core import load
+    from peft_core.io import read_json, write_json
+
+    base = two_layer_model()
+    model, fresh = copy.deepcopy(base), copy.deepcopy(base)
+    handle = attach(model, PlpConfig(targets=["to_q", "to_k"], r=3, basis_rows=0))
+    with torch.no_grad():
+        for parameter in handle.trainable_parameters():
+            parameter.normal_()
+    handle.save(tmp_path / "old")
+    record = read_json(tmp_path / "old" / "adapter_config.json")
+    del record["config"]["basis_rows"]
+    write_json(tmp_path / "old" / "adapter_config.json", record)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    expected = model(x)
+
+    reloaded = load(fresh, tmp_path / "old")
+    assert reloaded.configs["default"].basis_rows == 0
+    torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+    reloaded.save(tmp_path / "resaved")
+    assert read_json(tmp_path / "resaved" / "adapter_config.json")["config"]["basis_rows"] == 0
+    again = attach(two_layer_model(), reloaded.configs["default"])
+    a, c = frozen_bases(10, 12, 3, seed=0, key="to_q", basis_rows=0)
+    torch.testing.assert_close(again.model.to_q.adapters["default"].frozen_up, a.double(), rtol=0, atol=0)
+    torch.testing.assert_close(again.model.to_q.adapters["default"].frozen_down, c.double(), rtol=0, atol=0)
+
+
 def test_make_joint_keeps_the_initial_down_in_the_named_layers():
     """initial_down_in (the released make's re-initialisation): those layers' joint D is the seeded
     D_0 both break runs started from; the other layers get the content run's trained D."""
