@@ -333,6 +333,16 @@ def main() -> None:
         if any(r["settings"] | split != reports[0]["settings"] | split for r in reports):
             raise SystemExit("--merge: the runs used different settings")
         rows = [row for r in reports for row in r["rows"]]
+        cells = {(row["content"], row["style"], row["seed"]) for row in rows}
+        pairs, seeds = {cell[:2] for cell in cells}, {cell[2] for cell in cells}
+        missing = sorted(
+            f"{c} x {s} seed {seed}" for (c, s), seed in itertools.product(pairs, seeds) if (c, s, seed) not in cells
+        )
+        if missing:  # the bootstrap pairs every pair with every seed
+            raise SystemExit(
+                f"--merge: {len(missing)} (pair, seed) cells missing ({', '.join(missing[:4])}, ...); "
+                "merge only the seeds that finished every pair"
+            )
         reports[0]["pairs"] = sorted({f"{row['content']} x {row['style']}" for row in rows})
         merged = {**reports[0], **summarize(rows), "rows": rows, "wall_s": sum(r["wall_s"] for r in reports)}
         merged["seeds_done"] = len({row["seed"] for row in rows})

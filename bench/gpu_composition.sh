@@ -7,6 +7,7 @@
 # The device image has no diffusers: carry only the slim diffusers wheel (the tree is ~60 MB, both wheels
 # pass the 64 MiB limit): run(..., carry=[".whl/diffusers-0.42.1-py3-none-any.whl"]).
 # Without assets/trusted-judges the full judge recipe runs here first (a few minutes).
+# Several seeds per call: the first runs at normal priority, the rest niced (they use what it leaves).
 # Knobs: SEEDS (default "0"), PROCS per seed (default 12: one pair each), BUDGET_S (default 560),
 # EXTRA (more composition.py flags), PYTHON, SITE. At most 8 files come back from $OUT: the parts and
 # logs travel as one archive.
@@ -41,13 +42,15 @@ PROCS=${PROCS:-12}
 PER=$(((12 + PROCS - 1) / PROCS))
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1  # a process per pair: no thread pools fighting over 16 cores
 PIDS=()
+NICENESS=0  # the first seed has the CPUs first; later seeds run on what it leaves (a seed counts only whole)
 for SEED in $SEEDS; do
-    echo "== composition seed $SEED: $PROCS processes x $PER pairs (cap ${LEFT}s)"
+    echo "== composition seed $SEED: $PROCS processes x $PER pairs (cap ${LEFT}s, nice $NICENESS)"
     for ((i = 0; i < PROCS; i++)); do
-        timeout -k 10 "$LEFT" "$PYTHON" bench/composition.py --first-seed "$SEED" --seeds 1 --first-pair $((i * PER)) \
+        nice -n "$NICENESS" timeout -k 10 "$LEFT" "$PYTHON" bench/composition.py --first-seed "$SEED" --seeds 1 --first-pair $((i * PER)) \
             --pairs "$PER" --out "$WORK/seed${SEED}_part$i.json" "${EXTRA_ARGS[@]}" >"$WORK/seed${SEED}_part$i.log" 2>&1 &
         PIDS+=($!)
     done
+    NICENESS=19
 done
 wait "${PIDS[@]}"
 kill "$SMI" 2>/dev/null
