@@ -48,6 +48,7 @@ from peft_core.methods.plp import SQUARE_QKV
 from pipelines.errors import UserError
 from pipelines.families import family_of
 from pipelines.options import option
+from pipelines.step_cache import StepCache
 from pipelines.train import (
     UNET_ATTENTION_TARGETS,
     diffusion_loss,
@@ -178,6 +179,15 @@ class BreakForMakeConfig:
         choices=("shared", "independent"),
         advanced=True,
     )
+    # Every step encodes 1 + K batches of images with the VAE (a main batch and K partner batches); the
+    # sets are fixed, so their posteriors can be encoded once. The latent sample is still drawn every step
+    # from the step's generator, so the draws do not change (the losses agree to float tolerance).
+    encode_once: bool = option(
+        True,
+        help="encode every set's images with the VAE once before training (center crops); the step still draws "
+        "its latent sample",
+        advanced=True,
+    )
 
 
 # What a config written before these options existed meant (a resumed or reloaded run keeps it).
@@ -296,6 +306,7 @@ class BreakForMakePipeline:
             self.config.seed
         )  # PLP's learnable D is drawn from its own seeded generator; this covers the rest
         self._noise = training_scheduler(self.pipe)
+        self._encoded = self._encode_once([content, style, *aux_styles, *aux_contents])
 
         content_main, style_main = (DOWN, UP) if self.config.content_factor == "down" else (UP, DOWN)
         # 2. Break: content run (main D on content, partner B on other styles).
@@ -436,10 +447,33 @@ class BreakForMakePipeline:
         optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def _encode_once(self, datasets: Sequence) -> dict[int, StepCache]:
+        """The VAE posteriors of every image of each set whose pixels are the same every epoch (center
+        crops), by the set's id; none with encode_once off. The encoders stay where they are."""
+        if not self.config.encode_once:
+            return {}
+        device = self.model.device
+        return {
+            id(data): StepCache.build(
+                self.pipe,
+                data,
+                text=False,
+                latents=True,
+                batch_size=self.config.batch_size,
+                device=device,
+                offload=False,
+            )
+            for data in datasets
+            if getattr(data, "crop", "center") == "center"
+        }
+
     def _loss(self, data, seed: int, step: int, generator: torch.Generator) -> torch.Tensor:
         """The diffusion loss of step `step`'s batch of `data` (an epoch-wise order from `seed`)."""
         batch = sample_batch(data, self.config.batch_size, seed, step)
-        return diffusion_loss(self.pipe, self.model, batch, generator, self.model.device, torch.float32, self._noise)
+        cache = self._encoded.get(id(data))
+        return diffusion_loss(
+            self.pipe, self.model, batch, generator, self.model.device, torch.float32, self._noise, cache=cache
+        )
 
     def _make(self, content, style, emit) -> None:
         config, handle = self.config, self.handle

@@ -56,11 +56,13 @@ class StepCache:
         device: torch.device,
         extra_prompts: Sequence[str] = (),
         folder: Path | None = None,
+        offload: bool = True,
     ) -> StepCache | None:
         """Encode every caption (`text`, with `extra_prompts`: the empty prompt of caption dropout, the
         regularisation prompt) and every image (`latents`) of `dataset` once; None when neither. Images of
         several aspect buckets are encoded a bucket at a time. With a `folder`, entries already there are
-        read, new ones written."""
+        read, new ones written. With `offload` the encoders then move to the CPU (`offloaded_back`
+        brings them back)."""
         if not (text or latents):
             return None
         family = family_of(pipe)
@@ -83,6 +85,8 @@ class StepCache:
                     pictures |= {(i, True): item["pixel_values"].flip(-1) for i, item in enumerate(items)}
                 cache.encode_images(pipe, pictures, batch_size, device)
                 cache.offload.append(pipe.vae)
+        if not offload:
+            cache.offload = []
         for module in cache.offload:
             module.to("cpu")
         return cache

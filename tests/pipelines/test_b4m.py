@@ -338,3 +338,32 @@ def test_a_config_saved_before_the_released_defaults_keeps_its_behaviour():
     assert upgrade_config(current) == current and set(LEGACY_CONFIG) <= {
         f for f in BreakForMakeConfig.__dataclass_fields__
     }
+
+
+def test_encode_once_encodes_each_image_once_and_trains_like_encoding_every_step(tmp_path, monkeypatch):
+    """encode_once (the default) keeps each set's VAE posteriors from one pass; the step still draws its
+    latent sample from the step's generator, so losses and trained factors match a run that encodes
+    every batch every step, to float tolerance."""
+    data = (ColourDataset(4), ColourDataset(4), [ColourDataset(2)], [ColourDataset(2)])
+
+    def run(encode_once: bool, folder: str) -> tuple[list[float], dict[str, torch.Tensor], int]:
+        pipe = micro_pipeline(tmp_path / folder)
+        calls = []
+        encode = pipe.vae.encode
+        monkeypatch.setattr(
+            pipe.vae, "encode", lambda pixels, *a, **k: calls.append(len(pixels)) or encode(pixels, *a, **k)
+        )
+        losses = []
+        b4m = BreakForMakePipeline(
+            pipe, BreakForMakeConfig(rank=4, break_steps=3, make_steps=2, batch_size=2, encode_once=encode_once)
+        )
+        b4m(*data, on_event=lambda e: losses.append(e.loss))
+        return losses, {k: v.clone() for k, v in b4m.handle.state_dict(name="joint").items()}, sum(calls)
+
+    every_step, every_state, every_encoded = run(False, "tok1")
+    once, once_state, once_encoded = run(True, "tok2")
+    assert once_encoded == 2 + 2 + 2 + 2  # each distinct image of each set once (ColourDataset: red, blue)
+    assert every_encoded > 3 * once_encoded  # 1 + K batches a step, every step
+    torch.testing.assert_close(torch.tensor(once), torch.tensor(every_step), rtol=1e-5, atol=1e-6)
+    for key, value in every_state.items():
+        torch.testing.assert_close(once_state[key], value, rtol=1e-4, atol=1e-5)
