@@ -10,7 +10,8 @@ The protocol, fixed before any run:
   "a heart in sketch style"): 12 pairs never seen in pretraining. Prompt: "a <content> in <style> style".
 - Training seeds 0, 1, 2: every adapter is trained once per seed (a content LoRA per content, a style
   LoRA per style, a B4M run per pair), with the same learning rate, batch and targets (the attention
-  projections, as the released B4M adapts).
+  projections, as the released B4M adapts). Run as one process per (pair, seed) (bench/gpu_composition.sh),
+  a pair trains its own two LoRAs with that recipe and seed.
 - Equal training compute: B4M's break (S content + S style steps) and make (M steps) is S + S + M
   steps; each LoRA of the naive sum trains S + M/2 steps, so the pair's two LoRAs take the same total.
   ZipLoRA adds its merger steps on top of the naive sum's LoRAs (reported as `extra_steps`).

@@ -1,27 +1,33 @@
 #!/usr/bin/env bash
-# Issue 24's composition protocol (bench/composition.py) on a device machine, one or more training seeds per call:
+# Issue 24's composition protocol (bench/composition.py) on a device machine, as a queue of units (one
+# training seed x one pair each), run PROCS at a time until the call's budget is spent:
 #
-#   SEEDS="0" bash bench/gpu_composition.sh   # -> $OUT/composition_seed0.json, $OUT/composition_logs.tar.gz
-#   then, here: python bench/composition.py --merge composition_seed{0,1,2}.json   # -> bench/results/composition.json
+#   SEEDS="0 1 2" bash bench/gpu_composition.sh     # -> $OUT/composition_units.tar.gz (a JSON + log per unit)
+#   DONE="0:0 0:1 ..." skips units an earlier call finished (seed:pair)
+#   then, here: python bench/composition.py --merge <every unit JSON> --out bench/results/composition.json
 #
+# Units run in order (seed 0's pairs, then seed 1's, ...), so the first seed finishes first; a unit is not
+# started with less than MIN_UNIT_S left. A unit trains its pair's own two LoRAs (cheap next to B4M; the
+# same recipe and seed as every unit that shares one), so units are independent and any call's finished
+# units add up.
 # The device image has no diffusers: carry only the slim diffusers wheel (the tree is ~60 MB, both wheels
 # pass the 64 MiB limit): run(..., carry=[".whl/diffusers-0.42.1-py3-none-any.whl"]).
 # Without assets/trusted-judges the full judge recipe runs here first (a few minutes).
-# Several seeds per call: the first runs at normal priority, the rest niced (they use what it leaves).
-# Knobs: SEEDS (default "0"), PROCS per seed (default 12: one pair each), BUDGET_S (default 560),
-# EXTRA (more composition.py flags), PYTHON, SITE. At most 8 files come back from $OUT: the parts and
-# logs travel as one archive.
+# Knobs: SEEDS (default "0 1 2"), DONE, PROCS (default 12), BUDGET_S (default 560), MIN_UNIT_S (default
+# 240), EXTRA (more composition.py flags), PYTHON, SITE. At most 8 files come back from $OUT: the units
+# travel as one archive, with the GPU-use log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
-SEEDS=${SEEDS:-${SEED:-0}}
+SEEDS=${SEEDS:-0 1 2}
+DONE=${DONE:-}
 BUDGET_S=${BUDGET_S:-560}
+MIN_UNIT_S=${MIN_UNIT_S:-240}
+PROCS=${PROCS:-12}
 OUT=${OUT:-/tmp}
 WORK=/tmp/composition
 START=$(date +%s)
-# shellcheck disable=SC2206
-EXTRA_ARGS=(${EXTRA:-})
 mkdir -p "$WORK"
 if compgen -G ".whl/*.whl" >/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
@@ -37,29 +43,33 @@ fi
 # GPU use over the run, to size the next call (the tiny SD is launch-bound: many processes share the card).
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 >"$WORK/gpu_use.csv" 2>&1 &
 SMI=$!
-LEFT=$((BUDGET_S - ($(date +%s) - START) - 20))
-PROCS=${PROCS:-12}
-PER=$(((12 + PROCS - 1) / PROCS))
-export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1  # a process per pair: no thread pools fighting over 16 cores
-PIDS=()
-NICENESS=0  # the first seed has the CPUs first; later seeds run on what it leaves (a seed counts only whole)
+export DEADLINE=$((START + BUDGET_S - 15)) MIN_UNIT_S PYTHON WORK EXTRA="${EXTRA:-}"
+export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1  # a process per unit: no thread pools fighting over 16 cores
+run_unit() {  # seed pair
+    local left=$((DEADLINE - $(date +%s)))
+    if ((left < MIN_UNIT_S)); then
+        echo "unit $1:$2 not started (${left}s left)"
+        return 0
+    fi
+    # shellcheck disable=SC2086
+    timeout -k 10 "$left" "$PYTHON" bench/composition.py --first-seed "$1" --seeds 1 --first-pair "$2" --pairs 1 \
+        --out "$WORK/unit_s$1_p$2.json" $EXTRA >"$WORK/unit_s$1_p$2.log" 2>&1
+    echo "unit $1:$2 exit $? after $(($(date +%s) - START))s"
+}
+export -f run_unit
+export START
+UNITS=()
 for SEED in $SEEDS; do
-    echo "== composition seed $SEED: $PROCS processes x $PER pairs (cap ${LEFT}s, nice $NICENESS)"
-    for ((i = 0; i < PROCS; i++)); do
-        nice -n "$NICENESS" timeout -k 10 "$LEFT" "$PYTHON" bench/composition.py --first-seed "$SEED" --seeds 1 --first-pair $((i * PER)) \
-            --pairs "$PER" --out "$WORK/seed${SEED}_part$i.json" "${EXTRA_ARGS[@]}" >"$WORK/seed${SEED}_part$i.log" 2>&1 &
-        PIDS+=($!)
+    for PAIR in $(seq 0 11); do
+        [[ " $DONE " == *" $SEED:$PAIR "* ]] || UNITS+=("$SEED $PAIR")
     done
-    NICENESS=19
 done
-wait "${PIDS[@]}"
+echo "== ${#UNITS[@]} units, $PROCS at a time, until $((DEADLINE - START))s"
+printf '%s\n' "${UNITS[@]}" | xargs -P "$PROCS" -L 1 bash -c 'run_unit "$0" "$1"'
 kill "$SMI" 2>/dev/null
-for SEED in $SEEDS; do
-    tail -3 "$WORK"/seed"${SEED}"_part*.log
-    parts=("$WORK"/seed"${SEED}"_part*.json)  # a process cut short before its first pair wrote none
-    [[ -e ${parts[0]} ]] || { echo "seed $SEED: no pair finished"; continue; }
-    "$PYTHON" bench/composition.py --merge "${parts[@]}" --out "$OUT/composition_seed$SEED.json" | tail -40
-done
-tail -30 "$WORK/gpu_use.csv"
-tar -czf "$OUT/composition_logs.tar.gz" -C "$WORK" --exclude sets .
+tail -40 "$WORK/gpu_use.csv"
+grep -h "seconds" "$WORK"/unit_*.log | tail -12
+echo -n "finished units (DONE for the next call): "; ls "$WORK"/unit_*.json 2>/dev/null | sed 's/.*unit_s\([0-9]*\)_p\([0-9]*\).json/\1:\2/' | sort -t: -k1,1n -k2,2n | tr '\n' ' '
+echo
+tar -czf "$OUT/composition_units.tar.gz" -C "$WORK" --exclude sets .
 echo "== done in $(($(date +%s) - START))s"
