@@ -7,7 +7,7 @@
 #   then, here: python bench/composition.py --merge <every unit JSON> --out bench/results/composition.json
 #
 # Units run in order (seed 0's pairs, then seed 1's, ...), so the first seed finishes first; a unit is not
-# started with less than MIN_UNIT_S left. A unit trains its pair's own two LoRAs (cheap next to B4M; the
+# started with less time left than the quickest finished unit took (MIN_UNIT_S before one has). A unit trains its pair's own two LoRAs (cheap next to B4M; the
 # same recipe and seed as every unit that shares one), so units are independent and any call's finished
 # units add up.
 # The device image has no diffusers: carry only the slim diffusers wheel (the tree is ~60 MB, both wheels
@@ -46,15 +46,22 @@ SMI=$!
 export DEADLINE=$((START + BUDGET_S - 15)) MIN_UNIT_S PYTHON WORK EXTRA="${EXTRA:-}"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1  # a process per unit: no thread pools fighting over 16 cores
 run_unit() {  # seed pair
-    local left=$((DEADLINE - $(date +%s)))
-    if ((left < MIN_UNIT_S)); then
-        echo "unit $1:$2 not started (${left}s left)"
+    local began left need status
+    began=$(date +%s)
+    left=$((DEADLINE - began))
+    # Start only what can finish: as long as the quickest unit so far took (MIN_UNIT_S before any has).
+    need=$(sort -n "$WORK/durations" 2>/dev/null | head -1)
+    need=${need:-$MIN_UNIT_S}
+    if ((left < need)); then
+        echo "unit $1:$2 not started (${left}s left, a unit takes ${need}s)"
         return 0
     fi
     # shellcheck disable=SC2086
     timeout -k 10 "$left" "$PYTHON" bench/composition.py --first-seed "$1" --seeds 1 --first-pair "$2" --pairs 1 \
         --out "$WORK/unit_s$1_p$2.json" $EXTRA >"$WORK/unit_s$1_p$2.log" 2>&1
-    echo "unit $1:$2 exit $? after $(($(date +%s) - START))s"
+    status=$?
+    ((status == 0)) && echo $(($(date +%s) - began)) >>"$WORK/durations"
+    echo "unit $1:$2 exit $status in $(($(date +%s) - began))s (at $(($(date +%s) - START))s)"
 }
 export -f run_unit
 export START
