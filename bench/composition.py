@@ -93,6 +93,17 @@ def picture_scores(judge, pictures, content: str, style: str) -> dict[str, list[
     }
 
 
+def progress(label: str):
+    """An on_event that prints every 100th step of each stage and its last, with the seconds since it was made."""
+    began = time.time()
+
+    def show(event) -> None:
+        if event.step % 100 == 0 or event.step == event.total_steps:
+            print(f"{label} {event.kind} {event.step}/{event.total_steps} at {time.time() - began:.0f} s", flush=True)
+
+    return show
+
+
 def draw(pipe, content: str, style: str, count: int, first_seed: int, steps: int) -> list:
     return generate(pipe, [f"a {content} in {style} style"] * count, seed=first_seed, steps=steps)
 
@@ -191,6 +202,7 @@ def run_seed(args, judge, seed: int, pairs: list[tuple[str, str]], scratch: Path
         images = draw(pipe, content, style, args.pictures, first, args.sample_steps)
         scores["naive_sum"] = picture_scores(judge, images, content, style)
         seconds["naive_sum"], clock = round(time.time() - clock, 1), time.time()
+        print(f"[seed {seed}] {content} x {style}: naive_sum done in {seconds['naive_sum']} s", flush=True)
 
         # ZipLoRA: the same two LoRAs merged (at weights 1), then its two parts weighted like the sum's
         set_sum(1.0, 1.0)
@@ -212,6 +224,7 @@ def run_seed(args, judge, seed: int, pairs: list[tuple[str, str]], scratch: Path
         images = draw(pipe, content, style, args.pictures, first, args.sample_steps)
         scores["ziplora"] = picture_scores(judge, images, content, style)
         seconds["ziplora"], clock = round(time.time() - clock, 1), time.time()
+        print(f"[seed {seed}] {content} x {style}: ziplora done in {seconds['ziplora']} s", flush=True)
 
         # Break-for-Make as released (its defaults), partners: the other leaky sets
         pipe = load_base("embedded", device=args.device)
@@ -232,6 +245,7 @@ def run_seed(args, judge, seed: int, pairs: list[tuple[str, str]], scratch: Path
             sets[style],
             aux_styles=[sets[s] for s in LEAKY_STYLES if s != style],
             aux_contents=[sets[c] for c in LEAKY_CONTENTS if c != content],
+            on_event=progress(f"[seed {seed}] {content} x {style}: b4m"),
         )
         weights["b4m"] = tune(pipe, judge, b4m.set_mix, content, style, args, seed)
         images = draw(pipe, content, style, args.pictures, first, args.sample_steps)
