@@ -48,7 +48,7 @@ from peft_core.methods.plp import SQUARE_QKV
 from pipelines.errors import UserError
 from pipelines.families import family_of
 from pipelines.options import option
-from pipelines.step_cache import StepCache
+from pipelines.step_cache import StepCache, deterministic_pixels
 from pipelines.train import (
     UNET_ATTENTION_TARGETS,
     diffusion_loss,
@@ -464,7 +464,7 @@ class BreakForMakePipeline:
                 offload=False,
             )
             for data in datasets
-            if getattr(data, "crop", "center") == "center"
+            if deterministic_pixels(data)
         }
 
     def _loss(self, data, seed: int, step: int, generator: torch.Generator) -> torch.Tensor:

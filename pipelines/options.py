@@ -18,7 +18,7 @@ too, which is how peft_core's method configs document theirs without importing t
     label      the UI's label (default: the field name, spaced)
     positional the CLI takes it as a positional argument instead of a --flag
     repeat     a list given as a repeated flag (--prompt a --prompt b) instead of one flag with values
-    metavar    the CLI's placeholder
+    metavar    the name --help shows for the flag's value
     advanced   the UI shows it folded away
     cli=False  not on the command line (set by the program, e.g. from another flag)
     ui=False   not in the UI's forms (paths on the server's disk, devices, ...)

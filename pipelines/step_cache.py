@@ -86,7 +86,7 @@ class StepCache:
                 cache.encode_images(pipe, pictures, batch_size, device)
                 cache.offload.append(pipe.vae)
         if not offload:
-            cache.offload = []
+            cache.offload = []  # nothing moved, nothing to bring back
         for module in cache.offload:
             module.to("cpu")
         return cache
@@ -183,10 +183,15 @@ def _digest(*parts: bytes) -> str:
     return digest.hexdigest()
 
 
+def deterministic_pixels(dataset) -> bool:
+    """Whether every epoch shows each image with the same pixels, up to a mirror (random flips are cached
+    both ways): center crops. What cached latents need."""
+    return getattr(dataset, "crop", "center") == "center"
+
+
 def check_deterministic_pixels(dataset) -> None:
-    """Cached latents need every epoch to show an image with the same pixels, up to a mirror (random flips
-    are cached both ways): center crops."""
-    if getattr(dataset, "crop", "center") != "center":
+    """A clear error where cached latents were asked for a dataset whose pixels change every epoch."""
+    if not deterministic_pixels(dataset):
         raise UserError(
             "cache_latents needs the same pixels every epoch: center crops (a random crop would need other "
             "latents each epoch; random flips are fine); use center crops or leave cache_latents off"

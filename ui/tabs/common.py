@@ -122,7 +122,7 @@ def method_text(method: str, trainer: str) -> str:
 
 def method_updates(method: str, trainer: str) -> tuple:
     """(rank, alpha, help) after the method changed: rank/alpha greyed out where the method has none,
-    their placeholders the method's own defaults (an empty box means that default)."""
+    their empty boxes hinting the method's own defaults (an empty box means that default)."""
     import gradio as gr
 
     defaults = api.adapter_defaults(method, trainer)
